@@ -1,0 +1,47 @@
+"""The basic measurement: slice count and HU statistics inside the body.
+
+It is deliberately simple and always runs first: it proves the pipeline wiring end to end and
+gives a physicist a sanity check (a water phantom should read about 0 HU inside the body).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from analysis.mask import body_mask
+from analysis.results import ModelOutput, RunContext
+from analysis.volume import CTVolume
+
+ALGORITHM = "CTQA basic body statistics"
+VERSION = "1.0"
+
+
+def run(volume: CTVolume, ctx: RunContext) -> ModelOutput:
+    out = ModelOutput(name="basic", algorithm=ALGORITHM, version=VERSION)
+    out.set_metric("n_slices", float(volume.n_slices))
+    means = np.full(volume.n_slices, np.nan)
+    sds = np.full(volume.n_slices, np.nan)
+    total = 0
+    acc_sum = 0.0
+    acc_sq = 0.0
+    for i in range(volume.n_slices):
+        m = body_mask(volume.hu[i], volume.pixel_spacing_mm)
+        k = int(m.sum())
+        if k == 0:
+            continue
+        vals = volume.hu[i][m].astype(np.float64)
+        means[i] = vals.mean()
+        sds[i] = vals.std()
+        total += k
+        acc_sum += vals.sum()
+        acc_sq += np.square(vals).sum()
+    out.slice_metrics["body_mean_hu"] = means
+    out.slice_metrics["body_sd_hu"] = sds
+    if total == 0:
+        out.set_metric("body_mean_hu", None, "no body found in any slice")
+        out.set_metric("body_sd_hu", None, "no body found in any slice")
+    else:
+        mean = acc_sum / total
+        out.set_metric("body_mean_hu", mean)
+        out.set_metric("body_sd_hu", float(np.sqrt(max(acc_sq / total - mean * mean, 0.0))))
+    return out
