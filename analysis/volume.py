@@ -27,8 +27,13 @@ class CTVolume:
     frame_numbers: list[int | None]  # per slice; 1-based frame number for multi-frame, else None
     sop_class_uids: list[str]  # per slice
     ctdivol_mgy: np.ndarray  # (n_slices,) float, nan where the slice has no CTDIvol
-    header: object  # pydicom Dataset of the first slice WITHOUT PixelData (patient/study/series modules)
+    headers: list  # per slice: pydicom Dataset WITHOUT PixelData (multi-frame: the one dataset, repeated)
     meta: dict = field(default_factory=dict)  # kvp, kernel, slice_thickness_mm, body_part, protocol, ...
+
+    @property
+    def header(self):
+        """The first slice's header: patient, study, series and equipment modules."""
+        return self.headers[0]
 
     @property
     def n_slices(self) -> int:
