@@ -1,0 +1,337 @@
+"""The ``qa-node`` and ``qa-report`` command lines.
+
+Configuration problems and bad input end with a one-line message on stderr and exit code 2; a
+traceback means a bug in the node.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import signal
+import sys
+import threading
+from collections import defaultdict
+from collections.abc import Sequence
+from pathlib import Path
+
+from node.config import ConfigError, Settings, load_settings, resolve_config_path, settings_from_dict
+
+log = logging.getLogger("node")
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+
+
+class UsageError(Exception):
+    """Bad input from the user: printed as one line, exit 2."""
+
+
+def setup_logging(level: str = "INFO") -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO),
+        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    # pynetdicom logs every PDU at INFO; keep its warnings only.
+    logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+    logging.getLogger("apscheduler").setLevel(logging.WARNING)
+
+
+def _load(args) -> Settings:
+    return load_settings(getattr(args, "config", None))
+
+
+def _load_optional(args) -> Settings:
+    """For offline commands: the config if there is one, else the defaults."""
+    explicit = getattr(args, "config", None) or os.environ.get("CTQA_CONFIG")
+    path = resolve_config_path(getattr(args, "config", None))
+    if not explicit and not path.exists():
+        return settings_from_dict({"node": {}}, "<defaults>")
+    return load_settings(getattr(args, "config", None))
+
+
+# -- analyze ---------------------------------------------------------------------------------------
+def _collect_files(paths: Sequence[str]) -> list[Path]:
+    files: list[Path] = []
+    for p in paths:
+        path = Path(p)
+        if path.is_dir():
+            files.extend(sorted(f for f in path.rglob("*") if f.is_file()))
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise UsageError(f"{p}: no such file or folder")
+    return files
+
+
+def group_by_series(files: Sequence[Path]) -> tuple[dict[str, list[Path]], list[tuple[Path, str]]]:
+    """Read headers only; group files by SeriesInstanceUID. Unreadable files are returned apart."""
+    from pydicom import dcmread
+    from pydicom.errors import InvalidDicomError
+
+    groups: dict[str, list[Path]] = defaultdict(list)
+    bad: list[tuple[Path, str]] = []
+    for f in files:
+        try:
+            ds = dcmread(f, stop_before_pixels=True, specific_tags=["SeriesInstanceUID"])
+            uid = str(ds.get("SeriesInstanceUID", "") or "")
+        except (InvalidDicomError, OSError, ValueError, EOFError) as exc:
+            bad.append((f, f"not a readable DICOM file ({type(exc).__name__})"))
+            continue
+        if not uid:
+            bad.append((f, "no SeriesInstanceUID"))
+            continue
+        groups[uid].append(f)
+    return dict(groups), bad
+
+
+def _identity(hdr) -> dict:
+    def g(k):
+        v = hdr.get(k) if hdr is not None else None
+        return str(v) if v not in (None, "") else None
+
+    return {"manufacturer": g("Manufacturer"), "model": g("ManufacturerModelName"),
+            "device_serial": g("DeviceSerialNumber"), "station_name": g("StationName")}
+
+
+def result_to_json(result, scanner: str | None = None) -> dict:
+    hdr = result.volume.header if result.volume is not None else None
+    metrics = {k: (None if v is None or not math.isfinite(v) else v) for k, v in result.metrics.items()}
+    return {
+        "series_instance_uid": result.series_instance_uid,
+        "study_instance_uid": result.study_instance_uid,
+        "scanner": scanner,
+        "scanner_identity": _identity(hdr),
+        "n_instances": result.n_instances,
+        "status": result.status,
+        "reason": result.reason,
+        "metrics": metrics,
+        "metric_reasons": result.reasons,
+        "models": [{"name": o.name, "algorithm": o.algorithm, "version": o.version,
+                    "weights_sha256": o.weights_sha256} for o in result.outputs],
+    }
+
+
+def _fmt(v) -> str:
+    if v is None:
+        return "-"
+    if abs(v) >= 1000 or v == int(v):
+        return f"{v:.0f}"
+    return f"{v:.4g}"
+
+
+def print_text(items: list[dict], out=sys.stdout) -> None:
+    for it in items:
+        out.write(f"series {it['series_instance_uid']}  ({it['n_instances']} instances)\n")
+        ident = it.get("scanner_identity") or {}
+        who = " ".join(str(v) for v in ident.values() if v)
+        out.write(f"  scanner   {it.get('scanner') or '-'}  {who}\n")
+        out.write(f"  status    {it['status']}{'  (' + it['reason'] + ')' if it.get('reason') else ''}\n")
+        for k, v in it["metrics"].items():
+            why = it["metric_reasons"].get(k)
+            out.write(f"  {k:<26} {_fmt(v):>12}{'   ' + why if v is None and why else ''}\n")
+        out.write("\n")
+
+
+def cmd_analyze(args) -> int:
+    from analysis.pipeline import analyse_series, parse_models
+    from node.worker import run_context
+
+    settings = _load_optional(args)
+    try:
+        models = parse_models(args.models if args.models else settings.analysis.models)
+        ctx = run_context(settings, args.device)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    files = _collect_files(args.paths)
+    if not files:
+        raise UsageError("no files found under the given paths")
+    groups, bad = group_by_series(files)
+    for f, why in bad:
+        log.warning("%s: skipped: %s", f, why)
+    items = []
+    for uid, paths in groups.items():
+        result = analyse_series(paths, models, ctx, series_instance_uid=uid)
+        items.append(result_to_json(result))
+    if args.json:
+        json.dump(items, sys.stdout, indent=2)
+        sys.stdout.write("\n")
+    else:
+        print_text(items)
+    failed = any(it["status"] == "failed" for it in items)
+    return EXIT_FAILED if failed or (bad and not items) else EXIT_OK
+
+
+# -- serve -----------------------------------------------------------------------------------------
+def cmd_serve(args) -> int:
+    from node.service import Node
+
+    settings = _load(args)
+    setup_logging(settings.node.log_level)
+    node = Node(settings, min_free_bytes=int(args.min_free_mb * 1024 * 1024))
+    stop = threading.Event()
+
+    def _signal(signum, _frame):
+        log.info("received %s: stopping", signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, _signal)
+    signal.signal(signal.SIGINT, _signal)
+    try:
+        port = node.start()
+    except OSError as exc:
+        raise UsageError(f"cannot listen on {settings.node.host}:{settings.node.port}: {exc.strerror or exc}") from None
+    log.info("node %s ready on %s:%d (data in %s)", settings.node.ae_title, settings.node.host, port,
+             settings.node.data_dir)
+    if args.port_file:
+        Path(args.port_file).write_text(str(port))
+    stop.wait()
+    node.stop()
+    log.info("stopped")
+    return EXIT_OK
+
+
+# -- status ----------------------------------------------------------------------------------------
+def cmd_status(args) -> int:
+    from sqlalchemy import func, select
+
+    from storage.db import Database
+    from storage.models import InstanceConflict, Job, Series
+
+    settings = _load(args)
+    db = Database(settings.node.database)
+    db.create_all()
+    with db.session() as s:
+        series = s.scalars(select(Series).order_by(Series.id)).all()
+        last_job = {}
+        for j in s.scalars(select(Job).order_by(Job.id)):
+            last_job[j.series_id] = j
+        counts = dict(s.execute(select(Job.state, func.count()).group_by(Job.state)).all())
+        conflicts = s.scalar(select(func.count()).select_from(InstanceConflict))
+        rows = [{
+            "series_instance_uid": x.series_instance_uid, "scanner": x.scanner_name, "state": x.state,
+            "n_instances": x.n_instances, "generation": x.generation, "completions": x.completions,
+            "last_received_at": x.last_received_at.isoformat(),
+            "job": None if x.id not in last_job else {
+                "id": last_job[x.id].id, "state": last_job[x.id].state, "outcome": last_job[x.id].outcome,
+                "error": last_job[x.id].error},
+        } for x in series]
+    if args.json:
+        json.dump({"series": rows, "jobs": counts, "instance_conflicts": conflicts}, sys.stdout, indent=2)
+        sys.stdout.write("\n")
+        return EXIT_OK
+    print(f"{'series':<66} {'scanner':<8} {'state':<10} {'n':>5} {'gen':>3}  job")
+    for r in rows:
+        j = r["job"]
+        js = "-" if j is None else f"{j['state']}{'/' + j['outcome'] if j['outcome'] else ''}"
+        print(f"{r['series_instance_uid']:<66} {r['scanner'] or '-':<8} {r['state']:<10} {r['n_instances']:>5} "
+              f"{r['generation']:>3}  {js}")
+    print("jobs: " + (", ".join(f"{k} {v}" for k, v in sorted(counts.items())) or "none"))
+    print(f"instance conflicts (same UID, different bytes): {conflicts}")
+    return EXIT_OK
+
+
+# -- train -----------------------------------------------------------------------------------------
+TRAINERS = {"n2q": "analysis.n2q_train", "d2iqa": "analysis.d2iqa_train"}
+
+
+def cmd_train(args) -> int:
+    import importlib
+
+    module = importlib.import_module(TRAINERS[args.model])
+    parser = argparse.ArgumentParser(prog=f"qa-node train {args.model}")
+    module.add_arguments(parser)
+    targs = parser.parse_args(args.rest)
+    setup_logging("INFO")
+    return int(module.run(targs))
+
+
+# -- demo (the README's main job) --------------------------------------------------------------------
+def cmd_demo(args) -> int:
+    from node.demo import run_demo
+
+    settings = _load(args)
+    setup_logging("WARNING" if args.quiet else settings.node.log_level)
+    return run_demo(settings, series_dir=Path(args.series), out=sys.stdout, stable_age_s=args.stable_age)
+
+
+# -- parser ----------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="qa-node", description="CT QA Node: receive CT series over DICOM, "
+                                "measure image quality, send the results back to PACS.")
+    p.add_argument("--config", help="configuration file (default: $CTQA_CONFIG, else ./config.toml)")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    sp = sub.add_parser("serve", help="run the storage SCP, the scheduler and the analysis worker")
+    sp.add_argument("--port-file", help="write the bound port here (useful with port = 0)")
+    sp.add_argument("--min-free-mb", type=float, default=200.0,
+                    help="refuse instances (Out of Resources) when less disk is free (default 200)")
+    sp.set_defaults(func=cmd_serve)
+
+    sp = sub.add_parser("analyze", help="run the analysis pipeline on files or folders, without the network")
+    sp.add_argument("paths", nargs="+", help="DICOM files or folders (grouped by series)")
+    sp.add_argument("--json", action="store_true", help="print a JSON array, one object per series")
+    sp.add_argument("--models", help="comma-separated models to run (default: [analysis] models)")
+    sp.add_argument("--device", choices=["auto", "cpu", "cuda"], help="override [analysis] device")
+    sp.set_defaults(func=cmd_analyze)
+
+    sp = sub.add_parser("status", help="show received series, their state and analysis jobs")
+    sp.add_argument("--json", action="store_true")
+    sp.set_defaults(func=cmd_status)
+
+    sp = sub.add_parser("train", help="train a model (n2q or d2iqa); see `qa-node train MODEL --help`",
+                        add_help=False)
+    sp.add_argument("model", choices=sorted(TRAINERS))
+    sp.add_argument("rest", nargs=argparse.REMAINDER)
+    sp.set_defaults(func=cmd_train)
+
+    sp = sub.add_parser("demo", help="start the node, push a series to it with a real SCU, print the results")
+    sp.add_argument("--series", default=str(Path("..") / "shared" / "data" / "ct" / "philips_head_phantom" / "S2020_1mm_std"),
+                    help="folder of the series to push (default: the shared 140-slice phantom series)")
+    sp.add_argument("--stable-age", type=float, default=3.0,
+                    help="series completion idle time for the demo in seconds (default 3)")
+    sp.add_argument("--quiet", action="store_true", help="log warnings only")
+    sp.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not logging.getLogger().handlers:
+        setup_logging("WARNING" if args.command in ("analyze", "status") else "INFO")
+    try:
+        return args.func(args)
+    except ConfigError as exc:
+        print(f"qa-node: configuration error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except UsageError as exc:
+        print(f"qa-node: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return 130
+
+
+def report_main(argv: Sequence[str] | None = None) -> int:
+    """``qa-report``: the physicist's trend report (see reports.qa_report)."""
+    from reports import qa_report
+    from storage.db import Database
+
+    parser = argparse.ArgumentParser(prog="qa-report", description="Per-scanner image-quality trend report.")
+    parser.add_argument("--config", help="configuration file (default: $CTQA_CONFIG, else ./config.toml)")
+    qa_report.add_arguments(parser)
+    args = parser.parse_args(argv)
+    setup_logging("WARNING")
+    try:
+        settings = _load(args)
+        db = Database(settings.node.database)
+        db.create_all()
+        return int(qa_report.run(args, db, [s.name for s in settings.scanners]))
+    except ConfigError as exc:
+        print(f"qa-report: configuration error: {exc}", file=sys.stderr)
+        return EXIT_USAGE

@@ -1,0 +1,289 @@
+"""config.toml -> frozen, typed settings.
+
+Every section is a frozen dataclass. Loading rejects unknown keys, wrong types and missing required
+keys with a ``ConfigError`` that names the file, the key and what is expected; the CLI prints that
+message and exits 2 (never a traceback). Relative paths in ``data_dir`` and in a ``sqlite:///``
+database URL are resolved against the directory the process runs in, as the README says.
+
+Resolution of the file: ``--config`` flag > ``CTQA_CONFIG`` environment variable > ``./config.toml``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import os
+import re
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ENV_VAR = "CTQA_CONFIG"
+DEFAULT_FILE = "config.toml"
+_AE_RE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # DICOM AE: 16 chars, no backslash/control
+
+
+class ConfigError(ValueError):
+    """A problem in the configuration file, phrased for the person who edits it."""
+
+
+@dataclass(frozen=True)
+class NodeSettings:
+    ae_title: str = "CTQA"
+    host: str = "127.0.0.1"
+    port: int = 11112
+    data_dir: str = "./var"
+    database: str = "sqlite:///./var/ctqa.sqlite"
+    stable_age_s: float = 30.0
+    max_pdu: int = 1048576
+    max_associations: int = 10
+    log_level: str = "INFO"
+
+
+@dataclass(frozen=True)
+class ScannerSettings:
+    name: str
+    ae_title: str
+    hosts: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class DestinationSettings:
+    name: str
+    ae_title: str
+    host: str
+    port: int
+
+
+@dataclass(frozen=True)
+class AnalysisSettings:
+    device: str = "auto"
+    models: list[str] = field(default_factory=lambda: ["basic", "classical"])
+    workers: int = 1
+    torch_threads: int = 0  # 0 = number of CPU cores available to the process
+    n2q_low_threshold: float = 0.8
+    d2iqa_trials: int = 0  # 0 = the model's documented default
+    d2iqa_max_slices: int = 0  # 0 = the model's documented default
+
+
+@dataclass(frozen=True)
+class OutboxSettings:
+    retry_initial_s: float = 30.0
+    retry_max_s: float = 3600.0
+    give_up_after_s: float = 7 * 24 * 3600.0
+    poll_s: float = 5.0
+
+
+@dataclass(frozen=True)
+class Settings:
+    file: str
+    node: NodeSettings
+    scanners: list[ScannerSettings]
+    destinations: list[DestinationSettings]
+    analysis: AnalysisSettings
+    outbox: OutboxSettings
+    extra: dict[str, Any] = field(default_factory=dict)  # validated sections owned by other packages
+
+    @property
+    def data_path(self) -> Path:
+        return Path(self.node.data_dir)
+
+    def scanner_by_ae(self, ae_title: str) -> ScannerSettings | None:
+        for s in self.scanners:
+            if s.ae_title == ae_title:
+                return s
+        return None
+
+    def scanner_by_name(self, name: str) -> ScannerSettings | None:
+        for s in self.scanners:
+            if s.name == name:
+                return s
+        return None
+
+
+_TYPE_NAMES = {str: "a string", int: "an integer", float: "a number", bool: "true or false"}
+
+
+def _describe(tp: Any) -> str:
+    if typing.get_origin(tp) is list:
+        (inner,) = typing.get_args(tp)
+        return f"a list of {_describe(inner).removeprefix('a ').removeprefix('an ')}s"
+    return _TYPE_NAMES.get(tp, str(tp))
+
+
+def _check_value(value: Any, tp: Any, file: str, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin is list:
+        (inner,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise ConfigError(f"{file}: key '{key}' must be {_describe(tp)}, got {value!r}")
+        return [_check_value(v, inner, file, f"{key}[{i}]") for i, v in enumerate(value)]
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{file}: key '{key}' must be a number, got {value!r}")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{file}: key '{key}' must be an integer, got {value!r}")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{file}: key '{key}' must be true or false, got {value!r}")
+        return value
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{file}: key '{key}' must be a string, got {value!r}")
+        return value
+    raise TypeError(f"unsupported settings type {tp!r}")  # programming error, not user input
+
+
+def _build(cls: type, data: Any, file: str, section: str):
+    if not isinstance(data, dict):
+        raise ConfigError(f"{file}: '{section}' must be a table, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ConfigError(
+            f"{file}: unknown key '{section}.{unknown[0]}'; expected one of: {', '.join(sorted(fields))}"
+        )
+    kwargs = {}
+    for name, f in fields.items():
+        key = f"{section}.{name}"
+        if name in data:
+            kwargs[name] = _check_value(data[name], hints[name], file, key)
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise ConfigError(f"{file}: missing required key '{key}' ({_describe(hints[name])})")
+    return cls(**kwargs)
+
+
+def _validate_ae(value: str, file: str, key: str) -> None:
+    if not _AE_RE.match(value) or value.strip() == "":
+        raise ConfigError(
+            f"{file}: key '{key}' must be a DICOM AE title (1-16 printable characters, no backslash), got {value!r}"
+        )
+
+
+def _validate_port(value: int, file: str, key: str, allow_zero: bool = False) -> None:
+    if not ((allow_zero and value == 0) or 1 <= value <= 65535):
+        raise ConfigError(f"{file}: key '{key}' must be a TCP port 1-65535, got {value}")
+
+
+# Sections owned by other packages register a validator here: name -> callable(section_dict, file).
+SECTION_VALIDATORS: dict[str, typing.Callable[[Any, str], Any]] = {}
+
+
+def _register_optional_sections() -> None:
+    """Hook for sections validated by other packages (trends, alerts, reports)."""
+
+
+def parse_settings(data: dict, file: str) -> Settings:
+    _register_optional_sections()
+    known = {"node", "scanners", "destinations", "analysis", "outbox", *SECTION_VALIDATORS}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ConfigError(f"{file}: unknown section or key '{unknown[0]}'; expected one of: {', '.join(sorted(known))}")
+    if "node" not in data:
+        raise ConfigError(f"{file}: missing required section '[node]'")
+    node = _build(NodeSettings, data["node"], file, "node")
+    _validate_ae(node.ae_title, file, "node.ae_title")
+    _validate_port(node.port, file, "node.port", allow_zero=True)
+    if node.stable_age_s <= 0:
+        raise ConfigError(f"{file}: key 'node.stable_age_s' must be > 0 seconds, got {node.stable_age_s}")
+    if node.max_pdu < 0:
+        raise ConfigError(f"{file}: key 'node.max_pdu' must be >= 0 bytes (0 = unlimited), got {node.max_pdu}")
+    if node.log_level.upper() not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
+        raise ConfigError(f"{file}: key 'node.log_level' must be DEBUG, INFO, WARNING or ERROR, got {node.log_level!r}")
+    if "://" not in node.database:
+        raise ConfigError(f"{file}: key 'node.database' must be an SQLAlchemy URL such as sqlite:///./var/ctqa.sqlite, got {node.database!r}")
+
+    raw_scanners = data.get("scanners", [])
+    if not isinstance(raw_scanners, list):
+        raise ConfigError(f"{file}: 'scanners' must be an array of tables ([[scanners]]), got {raw_scanners!r}")
+    scanners = [_build(ScannerSettings, s, file, f"scanners[{i}]") for i, s in enumerate(raw_scanners)]
+    seen_names: set[str] = set()
+    seen_aes: set[str] = set()
+    for i, s in enumerate(scanners):
+        _validate_ae(s.ae_title, file, f"scanners[{i}].ae_title")
+        if not s.name.strip():
+            raise ConfigError(f"{file}: key 'scanners[{i}].name' must not be empty")
+        if s.name in seen_names:
+            raise ConfigError(f"{file}: key 'scanners[{i}].name' repeats the scanner name {s.name!r}; names must be unique")
+        if s.ae_title in seen_aes:
+            raise ConfigError(f"{file}: key 'scanners[{i}].ae_title' repeats the AE title {s.ae_title!r}; AE titles must be unique")
+        seen_names.add(s.name)
+        seen_aes.add(s.ae_title)
+        for j, h in enumerate(s.hosts):
+            try:
+                ipaddress.ip_address(h)
+            except ValueError:
+                raise ConfigError(
+                    f"{file}: key 'scanners[{i}].hosts[{j}]' must be an IP address such as 127.0.0.1, got {h!r}"
+                ) from None
+
+    raw_dest = data.get("destinations", [])
+    if not isinstance(raw_dest, list):
+        raise ConfigError(f"{file}: 'destinations' must be an array of tables ([[destinations]]), got {raw_dest!r}")
+    destinations = [_build(DestinationSettings, d, file, f"destinations[{i}]") for i, d in enumerate(raw_dest)]
+    dest_names: set[str] = set()
+    for i, d in enumerate(destinations):
+        _validate_ae(d.ae_title, file, f"destinations[{i}].ae_title")
+        _validate_port(d.port, file, f"destinations[{i}].port")
+        if d.name in dest_names:
+            raise ConfigError(f"{file}: key 'destinations[{i}].name' repeats {d.name!r}; names must be unique")
+        dest_names.add(d.name)
+
+    analysis = _build(AnalysisSettings, data.get("analysis", {}), file, "analysis")
+    if analysis.device not in {"auto", "cpu", "cuda"}:
+        raise ConfigError(f"{file}: key 'analysis.device' must be one of auto, cpu, cuda, got {analysis.device!r}")
+    from analysis.pipeline import MODEL_REGISTRY
+
+    for m in analysis.models:
+        if m not in MODEL_REGISTRY:
+            raise ConfigError(
+                f"{file}: key 'analysis.models' names unknown model {m!r}; known: {', '.join(MODEL_REGISTRY)}"
+            )
+    if analysis.workers < 1:
+        raise ConfigError(f"{file}: key 'analysis.workers' must be >= 1, got {analysis.workers}")
+
+    outbox = _build(OutboxSettings, data.get("outbox", {}), file, "outbox")
+    if not 0 < outbox.retry_initial_s <= outbox.retry_max_s:
+        raise ConfigError(f"{file}: keys 'outbox.retry_initial_s' and 'outbox.retry_max_s' must satisfy 0 < initial <= max")
+
+    extra = {name: fn(data[name], file) for name, fn in SECTION_VALIDATORS.items() if name in data}
+    return Settings(file, node, scanners, destinations, analysis, outbox, extra)
+
+
+def resolve_config_path(flag: str | None) -> Path:
+    if flag:
+        return Path(flag)
+    env = os.environ.get(ENV_VAR)
+    if env:
+        return Path(env)
+    return Path(DEFAULT_FILE)
+
+
+def load_settings(flag: str | None = None) -> Settings:
+    path = resolve_config_path(flag)
+    file = str(path)
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise ConfigError(
+            f"{file}: configuration file not found (give --config FILE or set {ENV_VAR}; an example is config.toml in the project)"
+        ) from None
+    except OSError as exc:
+        raise ConfigError(f"{file}: cannot read configuration file: {exc.strerror}") from None
+    try:
+        data = tomllib.loads(raw.decode("utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{file}: not valid TOML: {exc}") from None
+    return parse_settings(data, file)
+
+
+def settings_from_dict(data: dict, file: str = "<dict>") -> Settings:
+    """For tests and programmatic use: the same validation as a file."""
+    return parse_settings(data, file)
+

@@ -1,0 +1,91 @@
+"""Wiring of the running node: storage SCP + scheduler (series completion) + analysis worker."""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+from apscheduler.schedulers.background import BackgroundScheduler
+
+from analysis.pipeline import parse_models
+from node.config import Settings
+from node.worker import AnalysisWorker
+from scp.ingest import Ingestor
+from scp.server import AllowedPeer, StorageSCP
+from storage.db import Database
+from storage.filestore import FileStore
+from storage.repo import complete_due_series, requeue_running_jobs
+
+log = logging.getLogger(__name__)
+
+
+def sweep_completed_series(db: Database, stable_age_s: float, models: list[str], worker: AnalysisWorker | None) -> list[str]:
+    """Scheduler job: complete idle (or fully counted) series and queue their analysis."""
+    done = complete_due_series(db, stable_age_s, models)
+    for uid in done:
+        log.info("series %s complete; analysis queued", uid)
+    if done and worker is not None:
+        worker.wake()
+    return done
+
+
+class Node:
+    def __init__(self, settings: Settings, *, min_free_bytes: int = 0) -> None:
+        self.settings = settings
+        self.db = Database(settings.node.database)
+        self.store = FileStore(settings.node.data_dir)
+        self.min_free_bytes = min_free_bytes
+        self.models = parse_models(settings.analysis.models)
+        self.scp: StorageSCP | None = None
+        self.scheduler: BackgroundScheduler | None = None
+        self.worker: AnalysisWorker | None = None
+        self.stopped = threading.Event()
+
+    def prepare(self) -> None:
+        """Create folders and tables, and pick up what a crash or stop left behind."""
+        self.store.prepare()
+        n_spool = self.store.clean_spool()
+        n_tmp = self.store.remove_tmp_files()
+        if n_spool or n_tmp:
+            log.info("removed %d unacknowledged spool files and %d temporary files", n_spool, n_tmp)
+        self.db.create_all()
+        n_jobs = requeue_running_jobs(self.db)
+        if n_jobs:
+            log.info("re-queued %d analysis jobs left running", n_jobs)
+
+    def start(self, *, run_worker: bool = True) -> int:
+        self.prepare()
+        self.worker = AnalysisWorker(self.settings, self.db, self.store) if run_worker else None
+        peers = [AllowedPeer(s.name, s.ae_title, tuple(s.hosts)) for s in self.settings.scanners]
+        self.scp = StorageSCP(
+            ae_title=self.settings.node.ae_title, host=self.settings.node.host, port=self.settings.node.port,
+            peers=peers, ingestor=Ingestor(self.db, self.store, min_free_bytes=self.min_free_bytes),
+            spool_dir=self.store.spool, max_pdu=self.settings.node.max_pdu,
+            max_associations=self.settings.node.max_associations,
+        )
+        port = self.scp.start()
+        self.scheduler = BackgroundScheduler(timezone="UTC")
+        interval = max(0.5, min(5.0, self.settings.node.stable_age_s / 4))
+        self.scheduler.add_job(
+            sweep_completed_series, "interval", seconds=interval, id="sweep_completed_series",
+            args=[self.db, self.settings.node.stable_age_s, self.models, self.worker],
+            coalesce=True, max_instances=1, misfire_grace_time=60,
+        )
+        self.scheduler.start()
+        if self.worker is not None:
+            self.worker.start()
+        return port
+
+    def stop(self) -> None:
+        """Stop receiving, stop the scheduler and worker, and put unfinished work back in the queue."""
+        if self.scp is not None:
+            self.scp.stop()
+        if self.scheduler is not None:
+            self.scheduler.shutdown(wait=False)
+        if self.worker is not None:
+            self.worker.stop()
+            n = requeue_running_jobs(self.db, self.worker.worker_id)
+            if n:
+                log.info("re-queued %d unfinished analysis job(s)", n)
+        self.db.dispose()
+        self.stopped.set()

@@ -1,0 +1,125 @@
+"""The analysis worker: claims jobs from the database queue and runs the pipeline on them."""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import uuid
+from collections.abc import Callable
+
+from analysis.pipeline import SeriesResult, analyse_series, parse_models
+from analysis.results import RunContext
+from node.config import Settings
+from storage.db import Database
+from storage.filestore import FileStore
+from storage.models import JobState
+from storage.repo import RunRecord, claim_job, finish_job, job_files
+
+log = logging.getLogger(__name__)
+
+
+def resolve_device(requested: str) -> str:
+    """``auto`` -> ``cuda`` when torch sees a GPU, else ``cpu``. ``cuda`` without a GPU is an error."""
+    if requested == "cpu":
+        return "cpu"
+    try:
+        import torch
+    except ModuleNotFoundError:
+        if requested == "cuda":
+            raise ValueError("analysis.device = 'cuda' but torch is not installed") from None
+        return "cpu"
+    has_cuda = torch.cuda.is_available()
+    if requested == "cuda" and not has_cuda:
+        raise ValueError("analysis.device = 'cuda' but no CUDA device is available; use 'auto' or 'cpu'")
+    return "cuda" if has_cuda else "cpu"
+
+
+def run_context(settings: Settings, device: str | None = None) -> RunContext:
+    a = settings.analysis
+    options = {"n2q_low_threshold": a.n2q_low_threshold, "torch_threads": a.torch_threads}
+    if a.d2iqa_trials:
+        options["d2iqa_trials"] = a.d2iqa_trials
+    if a.d2iqa_max_slices:
+        options["d2iqa_max_slices"] = a.d2iqa_max_slices
+    return RunContext(device=resolve_device(device or a.device), options=options)
+
+
+def run_records(result: SeriesResult) -> list[RunRecord]:
+    return [
+        RunRecord(model=o.name, algorithm=o.algorithm, version=o.version, weights_sha256=o.weights_sha256,
+                  series_metrics=dict(o.series_metrics), reasons=dict(o.reasons),
+                  slice_metrics={k: list(v) for k, v in o.slice_metrics.items()})
+        for o in result.outputs
+    ]
+
+
+# Called after a job's results are stored: (job_id, series_result) -> None. Used by the results
+# stage (SR / maps / outbox); kept as a hook so the worker does not depend on reports.
+AfterJobHook = Callable[[int, SeriesResult], None]
+
+
+class AnalysisWorker:
+    def __init__(self, settings: Settings, db: Database, store: FileStore, *,
+                 after_job: AfterJobHook | None = None, poll_s: float = 1.0) -> None:
+        self.settings = settings
+        self.db = db
+        self.store = store
+        self.after_job = after_job
+        self.poll_s = poll_s
+        self.worker_id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self._stop = threading.Event()
+        self._wake = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._ctx: RunContext | None = None
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="analysis-worker", daemon=True)
+        self._thread.start()
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def stop(self, timeout: float = 0.0) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None and timeout:
+            self._thread.join(timeout)
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            job_id = claim_job(self.db, self.worker_id)
+            if job_id is None:
+                self._wake.wait(self.poll_s)
+                self._wake.clear()
+                continue
+            self.process(job_id)
+
+    def process(self, job_id: int) -> SeriesResult | None:
+        job, series, rel_paths = job_files(self.db, job_id)
+        try:
+            if self._ctx is None:
+                self._ctx = run_context(self.settings)
+            models = parse_models(job.models)
+            result = analyse_series([self.store.abs(p) for p in rel_paths], models, self._ctx,
+                                    series_instance_uid=series.series_instance_uid,
+                                    study_instance_uid=series.study_instance_uid)
+        except ValueError as exc:  # bad model list or device: a configuration problem, not the data's
+            finish_job(self.db, job_id, self.worker_id, state=JobState.FAILED, error=str(exc), outcome="failed")
+            log.error("series %s: analysis failed: %s", series.series_instance_uid, exc)
+            return None
+        vol = result.volume
+        refs = list(zip(vol.sop_instance_uids, vol.frame_numbers)) if vol is not None else []
+        state = JobState.FAILED if result.status == "failed" else JobState.DONE
+        kept = finish_job(self.db, job_id, self.worker_id, state=state, error=result.reason,
+                          outcome=result.status, runs=run_records(result), slice_refs=refs)
+        if not kept:
+            log.info("series %s: job %d was re-queued while running; results discarded", series.series_instance_uid, job_id)
+            return None
+        log.info("series %s (scanner %s): %d instances, analysis %s%s", series.series_instance_uid,
+                 series.scanner_name, len(rel_paths), result.status,
+                 f" ({result.reason})" if result.reason else "")
+        if self.after_job is not None and result.status == "done":
+            self.after_job(job_id, result)
+        return result

@@ -1,0 +1,238 @@
+"""Store one received instance: parse its header, validate, make it durable, index it.
+
+This is the whole of the C-STORE handler's work, kept out of pynetdicom callbacks so that it can be
+tested directly. No pixel data is decoded here; pixel decoding happens in analysis.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import logging
+import os
+import struct
+import threading
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from enum import IntEnum
+from pathlib import Path
+
+from pydicom import dcmread
+from pydicom.errors import InvalidDicomError
+from sqlalchemy.exc import SQLAlchemyError
+
+from storage.db import Database
+from storage.filestore import FileStore, InvalidUID, check_uid
+from storage.repo import InstanceInfo, StoreOutcome, add_instance, find_instance, record_conflict
+
+log = logging.getLogger(__name__)
+
+CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
+ENHANCED_CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2.1"
+LEGACY_CONVERTED_ENHANCED_CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2.2"
+ACCEPTED_SOP_CLASSES = (CT_IMAGE_STORAGE, ENHANCED_CT_IMAGE_STORAGE, LEGACY_CONVERTED_ENHANCED_CT_IMAGE_STORAGE)
+MULTIFRAME_SOP_CLASSES = (ENHANCED_CT_IMAGE_STORAGE, LEGACY_CONVERTED_ENHANCED_CT_IMAGE_STORAGE)
+
+ENOSPC_LIKE = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO, errno.EROFS}
+
+
+class StoreStatus(IntEnum):
+    """DIMSE C-STORE status codes used by the node (PS3.4 Annex B.2.3)."""
+
+    SUCCESS = 0x0000
+    OUT_OF_RESOURCES = 0xA700
+    DATASET_MISMATCH = 0xA900  # Data Set does not match SOP Class
+    CANNOT_UNDERSTAND = 0xC000
+    CANNOT_PARSE = 0xC210  # "Cannot understand": the dataset does not parse
+    INVALID_UID = 0xC220  # "Cannot understand": a UID violates the grammar or does not match
+    MISSING_ATTRIBUTE = 0xC230  # "Cannot understand": a required attribute is absent
+    PROCESSING_FAILURE = 0xC211  # unexpected error in the node (logged)
+
+
+@dataclass(frozen=True)
+class StoreResult:
+    status: StoreStatus
+    outcome: str | None = None
+    detail: str = ""
+    series_id: int | None = None
+
+
+def _str(ds, keyword: str) -> str | None:
+    v = ds.get(keyword)
+    if v is None or v == "":
+        return None
+    return str(v).strip()[:64] or None
+
+
+def _acquired_at(ds) -> datetime | None:
+    for date_kw, time_kw in (("SeriesDate", "SeriesTime"), ("AcquisitionDate", "AcquisitionTime"),
+                             ("StudyDate", "StudyTime")):
+        d = _str(ds, date_kw)
+        if not d or len(d) < 8 or not d[:8].isdigit():
+            continue
+        t = (_str(ds, time_kw) or "000000").split(".")[0].ljust(6, "0")[:6]
+        try:
+            return datetime.strptime(d[:8] + t, "%Y%m%d%H%M%S").replace(tzinfo=timezone.utc)
+        except ValueError:
+            continue
+    return None
+
+
+def _positive_int(ds, keyword: str) -> int | None:
+    try:
+        v = int(ds.get(keyword))
+    except (TypeError, ValueError):
+        return None
+    return v if v > 0 else None
+
+
+def read_instance_info(path: Path, *, affected_sop_class: str, affected_sop_instance: str,
+                       transfer_syntax: str) -> InstanceInfo:
+    """Parse the header (never the pixels) and validate what becomes part of a path.
+
+    Raises InvalidUID, KeyError (missing attribute), _Mismatch, or a parse error."""
+    check_uid(affected_sop_instance, "Affected SOP Instance UID")
+    # defer_size: large values (pixel data) are not read into memory; their extent is checked below.
+    ds = dcmread(path, defer_size=4096, force=True)
+    if "PixelData" in ds:
+        elem = ds.get_item("PixelData")
+        tell = getattr(elem, "value_tell", None)
+        length = getattr(elem, "length", None)
+        if tell is not None and length not in (None, 0xFFFFFFFF) and tell + length > path.stat().st_size:
+            raise ValueError(f"dataset truncated: Pixel Data needs {length} bytes, file ends early")
+    for kw in ("SOPInstanceUID", "SeriesInstanceUID", "StudyInstanceUID"):
+        if kw not in ds:
+            raise KeyError(kw)
+    sop_uid = check_uid(str(ds.SOPInstanceUID), "SOPInstanceUID")
+    if sop_uid != affected_sop_instance:
+        raise InvalidUID(f"SOPInstanceUID {sop_uid} differs from the request's Affected SOP Instance UID")
+    sop_class = str(ds.get("SOPClassUID", ""))
+    if sop_class != affected_sop_class:
+        raise _Mismatch(f"SOPClassUID {sop_class!r} differs from the request's Affected SOP Class UID {affected_sop_class}")
+    frames = _positive_int(ds, "NumberOfFrames") or 1
+    expected = _positive_int(ds, "ImagesInAcquisition")
+    if expected is None and affected_sop_class in MULTIFRAME_SOP_CLASSES:
+        expected = 1  # one multi-frame instance normally carries the whole series
+    return InstanceInfo(
+        sop_instance_uid=sop_uid,
+        sop_class_uid=sop_class,
+        series_instance_uid=check_uid(str(ds.SeriesInstanceUID), "SeriesInstanceUID"),
+        study_instance_uid=check_uid(str(ds.StudyInstanceUID), "StudyInstanceUID"),
+        transfer_syntax_uid=transfer_syntax,
+        number_of_frames=frames,
+        modality=_str(ds, "Modality"),
+        manufacturer=_str(ds, "Manufacturer"),
+        model_name=_str(ds, "ManufacturerModelName"),
+        device_serial=_str(ds, "DeviceSerialNumber"),
+        station_name=_str(ds, "StationName"),
+        series_description=_str(ds, "SeriesDescription"),
+        protocol_name=_str(ds, "ProtocolName"),
+        acquired_at=_acquired_at(ds),
+        expected_instances=expected,
+    )
+
+
+class _Mismatch(ValueError):
+    pass
+
+
+def _sha256(path: Path) -> tuple[str, int]:
+    h = hashlib.sha256()
+    n = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+            n += len(chunk)
+    return h.hexdigest(), n
+
+
+class Ingestor:
+    """Durable storage of received instances; shared by all association threads."""
+
+    def __init__(self, db: Database, store: FileStore, *, min_free_bytes: int = 0) -> None:
+        self.db = db
+        self.store = store
+        self.min_free_bytes = min_free_bytes
+        # One SOP Instance UID is stored by one thread at a time (striped locks).
+        self._locks = [threading.Lock() for _ in range(64)]
+
+    def store_file(
+        self,
+        spooled: Path,
+        *,
+        affected_sop_class: str,
+        affected_sop_instance: str,
+        transfer_syntax: str,
+        scanner: str | None,
+        calling_ae: str | None,
+        peer_host: str | None,
+    ) -> StoreResult:
+        """Take ownership of ``spooled`` (a complete file in the spool): it is moved into the store
+        or removed. Returns the DIMSE status to send."""
+        try:
+            return self._store(spooled, affected_sop_class, affected_sop_instance, transfer_syntax,
+                               scanner, calling_ae, peer_host)
+        finally:
+            spooled.unlink(missing_ok=True)
+
+    def _store(self, spooled, sop_class, sop_instance, ts, scanner, calling_ae, peer_host) -> StoreResult:
+        try:
+            info = read_instance_info(spooled, affected_sop_class=sop_class, affected_sop_instance=sop_instance,
+                                      transfer_syntax=ts)
+        except InvalidUID as exc:
+            log.warning("C-STORE refused: %s", exc)
+            return StoreResult(StoreStatus.INVALID_UID, detail=str(exc))
+        except _Mismatch as exc:
+            log.warning("C-STORE refused: %s", exc)
+            return StoreResult(StoreStatus.DATASET_MISMATCH, detail=str(exc))
+        except KeyError as exc:
+            log.warning("C-STORE refused: required attribute %s missing", exc)
+            return StoreResult(StoreStatus.MISSING_ATTRIBUTE, detail=f"required attribute {exc} missing")
+        except (InvalidDicomError, ValueError, EOFError, struct.error, TypeError, AttributeError, OSError,
+                NotImplementedError) as exc:
+            log.warning("C-STORE refused: dataset cannot be parsed (%s: %s)", type(exc).__name__, exc)
+            return StoreResult(StoreStatus.CANNOT_PARSE, detail=f"dataset cannot be parsed: {exc}")
+
+        with self._locks[hash(info.sop_instance_uid) % len(self._locks)]:
+            return self._commit(spooled, info, scanner, calling_ae, peer_host)
+
+    def _commit(self, spooled: Path, info: InstanceInfo, scanner, calling_ae, peer_host) -> StoreResult:
+        sha, size = _sha256(spooled)
+        with self.db.session() as s:
+            existing = find_instance(s, info.sop_instance_uid)
+            prior = (existing.sha256, existing.series_id) if existing is not None else None
+        if prior is not None:
+            return self._duplicate(info, sha, prior, calling_ae)
+
+        if self.min_free_bytes and self.store.free_bytes() - size < self.min_free_bytes:
+            log.error("C-STORE refused: free disk space below node.min_free_mb")
+            return StoreResult(StoreStatus.OUT_OF_RESOURCES, detail="disk space below the configured minimum")
+
+        rel = self.store.instance_rel_path(info.study_instance_uid, info.series_instance_uid, info.sop_instance_uid)
+        try:
+            self.store.commit_file(spooled, rel)
+        except OSError as exc:
+            self.store.abs(rel).unlink(missing_ok=True)
+            log.error("C-STORE failed: cannot write instance (%s)", os.strerror(exc.errno) if exc.errno else exc)
+            return StoreResult(StoreStatus.OUT_OF_RESOURCES, detail=f"write failed: {exc}")
+        try:
+            outcome, series_id = add_instance(self.db, info, rel_path=rel, size_bytes=size, sha256=sha,
+                                              scanner=scanner, calling_ae=calling_ae, peer_host=peer_host)
+        except (SQLAlchemyError, OSError) as exc:  # database down, disk full under the DB: acknowledge nothing
+            self.store.abs(rel).unlink(missing_ok=True)
+            log.error("C-STORE failed: cannot index instance (%s)", type(exc).__name__)
+            log.debug("index failure", exc_info=True)
+            return StoreResult(StoreStatus.OUT_OF_RESOURCES, detail=f"index failed: {type(exc).__name__}")
+        if outcome != StoreOutcome.STORED:  # lost a race with a concurrent identical store
+            return StoreResult(StoreStatus.SUCCESS, outcome, series_id=series_id)
+        return StoreResult(StoreStatus.SUCCESS, StoreOutcome.STORED, series_id=series_id)
+
+    def _duplicate(self, info: InstanceInfo, sha: str, prior: tuple[str, int], calling_ae: str | None) -> StoreResult:
+        prior_sha, series_id = prior
+        if prior_sha == sha:
+            log.info("duplicate instance with identical bytes acknowledged (no second copy)")
+            return StoreResult(StoreStatus.SUCCESS, StoreOutcome.DUPLICATE, series_id=series_id)
+        record_conflict(self.db, info.sop_instance_uid, sha, calling_ae)
+        log.warning("instance %s received again with different bytes: first copy kept, conflict counted",
+                    info.sop_instance_uid)
+        return StoreResult(StoreStatus.SUCCESS, StoreOutcome.CONFLICT, series_id=series_id)

@@ -1,0 +1,149 @@
+"""The durable file store.
+
+Layout under ``data_dir``::
+
+    spool/                         incoming C-STORE data while an association receives it
+    store/<study>/<series>/<sop>.dcm   received instances, exactly as received (file meta + dataset)
+    outputs/<study>/<series>/<sop>.dcm objects the node made (SR, maps, reports)
+
+Every UID is checked against the DICOM UID grammar before it becomes part of a path. A file is
+made durable by: write to a temporary file in the target directory, fsync it, atomically rename it,
+fsync the directory. On any error the temporary file is removed, so no partial file is left.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import re
+import secrets
+import shutil
+from collections.abc import Iterable
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+_UID_RE = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
+TMP_PREFIX = ".tmp-"
+CHUNK = 1 << 20
+
+
+class InvalidUID(ValueError):
+    pass
+
+
+def is_valid_uid(uid: object) -> bool:
+    """DICOM PS3.5 9.1: digits and dots, no leading zero in a component, at most 64 characters."""
+    return isinstance(uid, str) and 0 < len(uid) <= 64 and _UID_RE.match(uid) is not None
+
+
+def check_uid(uid: object, what: str) -> str:
+    if not is_valid_uid(uid):
+        shown = repr(uid)[:80]
+        raise InvalidUID(f"{what} {shown} is not a valid DICOM UID (digits and dots, at most 64 characters)")
+    return str(uid)
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+class FileStore:
+    def __init__(self, data_dir: str | Path) -> None:
+        self.root = Path(data_dir)
+        self.spool = self.root / "spool"
+        self.store = self.root / "store"
+        self.outputs = self.root / "outputs"
+
+    def prepare(self) -> None:
+        for d in (self.root, self.spool, self.store, self.outputs):
+            d.mkdir(parents=True, exist_ok=True)
+
+    def clean_spool(self) -> int:
+        """Remove data left in the spool by an interrupted association (never acknowledged)."""
+        n = 0
+        if self.spool.exists():
+            for p in self.spool.iterdir():
+                if p.is_file():
+                    p.unlink(missing_ok=True)
+                    n += 1
+        return n
+
+    # -- paths --------------------------------------------------------------------------------
+    def _rel(self, study_uid: str, series_uid: str, sop_uid: str) -> Path:
+        check_uid(study_uid, "StudyInstanceUID")
+        check_uid(series_uid, "SeriesInstanceUID")
+        check_uid(sop_uid, "SOPInstanceUID")
+        return Path(study_uid) / series_uid / f"{sop_uid}.dcm"
+
+    def instance_rel_path(self, study_uid: str, series_uid: str, sop_uid: str) -> str:
+        return str(Path("store") / self._rel(study_uid, series_uid, sop_uid))
+
+    def output_rel_path(self, study_uid: str, series_uid: str, sop_uid: str) -> str:
+        return str(Path("outputs") / self._rel(study_uid, series_uid, sop_uid))
+
+    def abs(self, rel_path: str) -> Path:
+        return self.root / rel_path
+
+    # -- durable writes ------------------------------------------------------------------------
+    def commit_file(self, src: Path, rel_path: str) -> None:
+        """Durably move ``src`` (a file on the same filesystem, e.g. in the spool) to ``rel_path``.
+        An existing file there is replaced: the database, not the file system, says what is stored
+        (a file without an index row was never acknowledged)."""
+        dst = self.abs(rel_path)
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        with open(src, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(src, dst)
+        fsync_dir(dst.parent)
+
+    def write_bytes(self, rel_path: str, chunks: Iterable[bytes] | bytes) -> int:
+        """Durably write bytes to ``rel_path`` (temp file, fsync, rename, fsync dir). Returns size."""
+        dst = self.abs(rel_path)
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dst.parent / f"{TMP_PREFIX}{secrets.token_hex(8)}"
+        size = 0
+        try:
+            with open(tmp, "wb") as f:
+                for chunk in [chunks] if isinstance(chunks, (bytes, bytearray, memoryview)) else chunks:
+                    f.write(chunk)
+                    size += len(chunk)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, dst)
+            fsync_dir(dst.parent)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        return size
+
+    def copy_in(self, src: Path, rel_path: str) -> int:
+        """Durably copy a file into the store (for offline imports)."""
+        with open(src, "rb") as f:
+            return self.write_bytes(rel_path, iter(lambda: f.read(CHUNK), b""))
+
+    def remove_tmp_files(self) -> int:
+        """Remove temporary files an interrupted write left next to stored files."""
+        n = 0
+        for base in (self.store, self.outputs):
+            if base.exists():
+                for p in base.rglob(f"{TMP_PREFIX}*"):
+                    p.unlink(missing_ok=True)
+                    n += 1
+        return n
+
+    def free_bytes(self) -> int:
+        return shutil.disk_usage(self.root).free

@@ -1,0 +1,213 @@
+"""The node's schema: received series and instances, the analysis job queue, results, outputs and
+their deliveries. SQLAlchemy 2.0 typed models; the same schema runs on SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import Mapped, mapped_column, relationship
+
+from storage.db import Base, UTCDateTime, utcnow
+
+UID_LEN = 64
+
+
+class SeriesState:
+    RECEIVING = "receiving"
+    COMPLETE = "complete"
+
+
+class JobState:
+    PENDING = "pending"
+    RUNNING = "running"
+    DONE = "done"
+    FAILED = "failed"
+
+
+class Series(Base):
+    __tablename__ = "series"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    series_instance_uid: Mapped[str] = mapped_column(String(UID_LEN), unique=True)
+    study_instance_uid: Mapped[str] = mapped_column(String(UID_LEN))
+    scanner_name: Mapped[str | None] = mapped_column(String(64))  # config name; None for offline imports
+    calling_ae: Mapped[str | None] = mapped_column(String(16))
+    peer_host: Mapped[str | None] = mapped_column(String(64))
+    manufacturer: Mapped[str | None] = mapped_column(String(64))
+    model_name: Mapped[str | None] = mapped_column(String(64))
+    device_serial: Mapped[str | None] = mapped_column(String(64))
+    station_name: Mapped[str | None] = mapped_column(String(64))
+    modality: Mapped[str | None] = mapped_column(String(16))
+    series_description: Mapped[str | None] = mapped_column(String(64))
+    protocol_name: Mapped[str | None] = mapped_column(String(64))
+    acquired_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    state: Mapped[str] = mapped_column(String(16), default=SeriesState.RECEIVING)
+    n_instances: Mapped[int] = mapped_column(Integer, default=0)
+    expected_instances: Mapped[int | None] = mapped_column(Integer)
+    generation: Mapped[int] = mapped_column(Integer, default=1)  # +1 each time a late instance re-opens it
+    completions: Mapped[int] = mapped_column(Integer, default=0)
+    first_received_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    last_received_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    completed_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+    instances: Mapped[list[Instance]] = relationship(back_populates="series", order_by="Instance.id")
+
+    __table_args__ = (
+        # the completion sweep: receiving series ordered by their last arrival
+        Index("ix_series_state_last_received", "state", "last_received_at"),
+        Index("ix_series_scanner_acquired", "scanner_name", "acquired_at"),
+    )
+
+
+class Instance(Base):
+    __tablename__ = "instances"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    series_id: Mapped[int] = mapped_column(ForeignKey("series.id"), index=True)
+    sop_instance_uid: Mapped[str] = mapped_column(String(UID_LEN), unique=True)
+    sop_class_uid: Mapped[str] = mapped_column(String(UID_LEN))
+    transfer_syntax_uid: Mapped[str] = mapped_column(String(UID_LEN))
+    rel_path: Mapped[str] = mapped_column(String(512))
+    size_bytes: Mapped[int] = mapped_column(BigInteger)
+    sha256: Mapped[str] = mapped_column(String(64))
+    number_of_frames: Mapped[int] = mapped_column(Integer, default=1)
+    received_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+    series: Mapped[Series] = relationship(back_populates="instances")
+
+
+class InstanceConflict(Base):
+    """A second copy of a SOP Instance UID with different bytes: the first is kept, this is counted."""
+
+    __tablename__ = "instance_conflicts"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    sop_instance_uid: Mapped[str] = mapped_column(String(UID_LEN), index=True)
+    sha256: Mapped[str] = mapped_column(String(64))
+    calling_ae: Mapped[str | None] = mapped_column(String(16))
+    received_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class Job(Base):
+    """The database-backed analysis queue: pending -> running -> done | failed."""
+
+    __tablename__ = "jobs"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    series_id: Mapped[int] = mapped_column(ForeignKey("series.id"), index=True)
+    generation: Mapped[int] = mapped_column(Integer)
+    state: Mapped[str] = mapped_column(String(16), default=JobState.PENDING)
+    models: Mapped[str] = mapped_column(String(256))
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    outcome: Mapped[str | None] = mapped_column(String(16))  # analysis result: done | skipped | failed
+    worker: Mapped[str | None] = mapped_column(String(128))  # who holds it while running
+    error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    started_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+    series: Mapped[Series] = relationship()
+
+    __table_args__ = (Index("ix_jobs_state_created", "state", "created_at"),)
+
+
+class AnalysisRun(Base):
+    """One model's results for one series. A re-analysis marks older runs ``current = False``."""
+
+    __tablename__ = "analysis_runs"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    series_id: Mapped[int] = mapped_column(ForeignKey("series.id"))
+    job_id: Mapped[int | None] = mapped_column(ForeignKey("jobs.id"))
+    model: Mapped[str] = mapped_column(String(32))
+    algorithm: Mapped[str] = mapped_column(String(128))
+    version: Mapped[str] = mapped_column(String(32))
+    weights_sha256: Mapped[str | None] = mapped_column(String(64))
+    current: Mapped[bool] = mapped_column(Boolean, default=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+    metrics: Mapped[list[SeriesMetric]] = relationship(back_populates="run", cascade="all, delete-orphan")
+
+    __table_args__ = (Index("ix_runs_series_current", "series_id", "current"),)
+
+
+class SeriesMetric(Base):
+    __tablename__ = "series_metrics"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    run_id: Mapped[int] = mapped_column(ForeignKey("analysis_runs.id"), index=True)
+    name: Mapped[str] = mapped_column(String(64))
+    value: Mapped[float | None] = mapped_column(Float)
+    reason: Mapped[str | None] = mapped_column(Text)
+
+    run: Mapped[AnalysisRun] = relationship(back_populates="metrics")
+
+    __table_args__ = (UniqueConstraint("run_id", "name", name="uq_series_metric_run_name"),)
+
+
+class SliceMetric(Base):
+    __tablename__ = "slice_metrics"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    run_id: Mapped[int] = mapped_column(ForeignKey("analysis_runs.id"), index=True)
+    slice_index: Mapped[int] = mapped_column(Integer)
+    sop_instance_uid: Mapped[str] = mapped_column(String(UID_LEN))
+    frame_number: Mapped[int | None] = mapped_column(Integer)
+    name: Mapped[str] = mapped_column(String(64))
+    value: Mapped[float | None] = mapped_column(Float)
+
+
+class OutputObject(Base):
+    """A DICOM object the node made (SR, Parametric Map, readable report), written before any send."""
+
+    __tablename__ = "outputs"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    series_id: Mapped[int] = mapped_column(ForeignKey("series.id"), index=True)
+    job_id: Mapped[int | None] = mapped_column(ForeignKey("jobs.id"))
+    kind: Mapped[str] = mapped_column(String(16))  # sr | pmap | pdf
+    sop_class_uid: Mapped[str] = mapped_column(String(UID_LEN))
+    sop_instance_uid: Mapped[str] = mapped_column(String(UID_LEN), unique=True)
+    rel_path: Mapped[str] = mapped_column(String(512))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class DeliveryState:
+    PENDING = "pending"
+    SENT = "sent"
+    DEAD = "dead"
+
+
+class Delivery(Base):
+    """One output to one destination: the outbox row the sender works on."""
+
+    __tablename__ = "deliveries"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    output_id: Mapped[int] = mapped_column(ForeignKey("outputs.id"))
+    destination: Mapped[str] = mapped_column(String(64))
+    state: Mapped[str] = mapped_column(String(16), default=DeliveryState.PENDING)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    sent_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+    output: Mapped[OutputObject] = relationship()
+
+    __table_args__ = (
+        UniqueConstraint("output_id", "destination", name="uq_delivery_output_destination"),
+        # the sender's poll: due pending deliveries
+        Index("ix_deliveries_state_next_attempt", "state", "next_attempt_at"),
+    )
