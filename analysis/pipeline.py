@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from analysis.results import ModelOutput, RunContext, SeriesSkipped
-from analysis.volume import CTVolume, load_series
+from analysis.volume import CTVolume
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +96,8 @@ def analyse_series(
 ) -> SeriesResult:
     """Run the selected models on the files of one series. Never raises for bad data: the
     result's status says ``skipped`` or ``failed`` with the reason."""
+    from analysis.volume import load_series
+
     n = len(paths)
     try:
         volume = load_series(paths)

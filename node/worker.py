@@ -94,7 +94,12 @@ class AnalysisWorker:
                 self._wake.wait(self.poll_s)
                 self._wake.clear()
                 continue
-            self.process(job_id)
+            try:
+                self.process(job_id)
+            except Exception as exc:  # the worker outlives any one job; the job records why it failed
+                log.exception("analysis job %d failed unexpectedly", job_id)
+                finish_job(self.db, job_id, self.worker_id, state=JobState.FAILED,
+                           error=f"{type(exc).__name__}: {exc}", outcome="failed")
 
     def process(self, job_id: int) -> SeriesResult | None:
         job, series, rel_paths = job_files(self.db, job_id)

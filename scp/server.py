@@ -123,6 +123,7 @@ class StorageSCP:
             (evt.EVT_REQUESTED, self._on_requested),
             (evt.EVT_RELEASED, self._on_closed),
             (evt.EVT_ABORTED, self._on_closed),
+            (evt.EVT_REJECTED, self._on_rejected),
             (evt.EVT_C_ECHO, self._on_echo),
             (evt.EVT_C_STORE, self._on_store),
         ]
@@ -157,17 +158,22 @@ class StorageSCP:
             why = "unknown calling AE title" if peer is None else "host not allowed for this AE title"
             log.warning("association rejected: %s (calling AE %r from %s)", why, calling, host)
             assoc.acse.send_reject(*RejectReason.CALLING_AE_NOT_RECOGNISED)
+            assoc.kill()  # as pynetdicom's own ACSE does: lets the DUL deliver the A-ASSOCIATE-RJ
             return
         with self._lock:
             self._stats[id(assoc)] = _AssocStats(peer.name, calling, host)
+
+    def _on_rejected(self, event) -> None:
+        rq = event.assoc.requestor.primitive
+        called = (rq.called_ae_title or "").strip() if rq is not None else ""
+        if called != self.ae_title:
+            log.warning("association rejected: called AE title %r is not ours (from %s)", called,
+                        event.assoc.requestor.address)
 
     def _on_closed(self, event) -> None:
         with self._lock:
             st = self._stats.pop(id(event.assoc), None)
         if st is None:
-            called = (event.assoc.requestor.primitive.called_ae_title or "").strip() if event.assoc.requestor.primitive else ""
-            if called and called != self.ae_title:
-                log.warning("association rejected: called AE title %r is not ours", called)
             return
         how = "released" if event.event is evt.EVT_RELEASED else "aborted"
         log.info(
