@@ -95,7 +95,7 @@ def read_instance_info(path: Path, *, affected_sop_class: str, affected_sop_inst
     # defer_size: large values (pixel data) are not read into memory; their extent is checked below.
     ds = dcmread(path, defer_size=4096, force=True)
     if "PixelData" in ds:
-        elem = ds.get_item("PixelData")
+        elem = ds.get_item("PixelData", keep_deferred=True)
         tell = getattr(elem, "value_tell", None)
         length = getattr(elem, "length", None)
         if tell is not None and length not in (None, 0xFFFFFFFF) and tell + length > path.stat().st_size:
