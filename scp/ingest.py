@@ -194,7 +194,11 @@ class Ingestor:
             return StoreResult(StoreStatus.CANNOT_PARSE, detail=f"dataset cannot be parsed: {exc}")
 
         with self._locks[hash(info.sop_instance_uid) % len(self._locks)]:
-            return self._commit(spooled, info, scanner, calling_ae, peer_host)
+            try:
+                return self._commit(spooled, info, scanner, calling_ae, peer_host)
+            except SQLAlchemyError as exc:  # database down or full: acknowledge nothing
+                log.error("C-STORE failed: database unavailable (%s)", type(exc).__name__)
+                return StoreResult(StoreStatus.OUT_OF_RESOURCES, detail=f"database unavailable: {type(exc).__name__}")
 
     def _commit(self, spooled: Path, info: InstanceInfo, scanner, calling_ae, peer_host) -> StoreResult:
         sha, size = _sha256(spooled)

@@ -34,7 +34,7 @@ def require_tool(name: str) -> str:
     return exe
 
 
-def testdata_file(name: str) -> Path:
+def pydicom_file(name: str) -> Path:
     from pydicom.data import get_testdata_file
 
     path = get_testdata_file(name, download=False)

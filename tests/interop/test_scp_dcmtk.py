@@ -20,7 +20,7 @@ from tests.helpers import (
     require,
     require_tool,
     storescu,
-    testdata_file,
+    pydicom_file,
     wait_until,
     write_config,
 )
@@ -191,7 +191,7 @@ def test_bad_inputs_get_failure_status_and_node_keeps_serving(node, tmp_path):
     finally:
         _config.STORE_SEND_CHUNKED_DATASET = False
     # pydicom-data's bad_sequence.dcm (a real CT slice with invalid UIDs), sent as its bytes are
-    bad = testdata_file("bad_sequence.dcm")
+    bad = pydicom_file("bad_sequence.dcm")
     bad_ds = pydicom.dcmread(bad, stop_before_pixels=True)
     ae.add_requested_context(CTImageStorage, [bad_ds.file_meta.TransferSyntaxUID])
     _config.STORE_SEND_CHUNKED_DATASET = True
