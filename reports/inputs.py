@@ -1,0 +1,170 @@
+"""Small, frozen input types of the DICOM output builders (SR, Parametric Map, readable report).
+
+``reports`` must not import ``analysis``: the node converts analysis results into these types
+(see ``slice_metrics_from_array`` for the per-slice arrays of a ``CTVolume``).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from importlib import metadata
+from enum import StrEnum
+
+import numpy as np
+
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+_UID = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
+
+
+def _package_version() -> str:
+    try:
+        return metadata.version("ctqa-node")
+    except metadata.PackageNotFoundError:
+        return "0.1.0"
+
+
+def _check_uid(argument: str, value: str) -> None:
+    if not isinstance(value, str) or len(value) > 64 or not _UID.match(value):
+        raise ValueError(f'Argument "{argument}" must be a DICOM UID (digits and dots, <= 64 chars), got {value!r}')
+
+
+@dataclass(frozen=True)
+class AlgorithmId:
+    """Provenance of a measurement or map (TID 4019 Algorithm Identification).
+
+    ``weights_sha256`` is the lower-case hex SHA-256 of the model weights file, or None for an
+    algorithm without learned weights (classical metrics).
+    """
+
+    name: str
+    version: str
+    weights_sha256: str | None = None
+
+    def __post_init__(self) -> None:
+        if not self.name or len(self.name) > 64:
+            raise ValueError(f'Argument "name" must be 1-64 characters, got {self.name!r}')
+        if not self.version or len(self.version) > 64:
+            raise ValueError(f'Argument "version" must be 1-64 characters, got {self.version!r}')
+        if self.weights_sha256 is not None and not _SHA256.match(self.weights_sha256):
+            raise ValueError(
+                'Argument "weights_sha256" must be 64 lower-case hex digits (hashlib.sha256().hexdigest()), '
+                f"got {self.weights_sha256!r}"
+            )
+
+    @property
+    def parameters(self) -> list[str]:
+        """TID 4019 "Algorithm Parameters" text items: where the weights checksum is recorded."""
+        return [f"weights_sha256={self.weights_sha256}"] if self.weights_sha256 else []
+
+
+class Evaluation(StrEnum):
+    """Qualitative evaluation of a series metric against its trend control limits."""
+
+    WITHIN = "within"
+    OUTSIDE = "outside"
+
+
+@dataclass(frozen=True)
+class MetricValue:
+    """One series-level measurement: catalogue ``key`` (see ``reports.codes``), finite ``value``."""
+
+    key: str
+    value: float
+    algorithm: AlgorithmId
+    evaluation: Evaluation | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.value, (int, float, np.floating, np.integer)) or not math.isfinite(self.value):
+            raise ValueError(
+                f'Argument "value" of metric "{self.key}" must be a finite number, got {self.value!r}; '
+                "leave an absent metric out of the report instead"
+            )
+        if self.evaluation is not None and not isinstance(self.evaluation, Evaluation):
+            raise ValueError(f'Argument "evaluation" must be an Evaluation or None, got {self.evaluation!r}')
+
+
+@dataclass(frozen=True)
+class SliceMetricValue:
+    """One per-slice measurement with the image it was measured on.
+
+    ``frame_number`` (1-based) is required for a multi-frame source and must be None otherwise.
+    """
+
+    key: str
+    value: float
+    sop_class_uid: str
+    sop_instance_uid: str
+    algorithm: AlgorithmId
+    frame_number: int | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.value, (int, float, np.floating, np.integer)) or not math.isfinite(self.value):
+            raise ValueError(
+                f'Argument "value" of slice metric "{self.key}" must be a finite number, got {self.value!r}'
+            )
+        _check_uid("sop_class_uid", self.sop_class_uid)
+        _check_uid("sop_instance_uid", self.sop_instance_uid)
+        if self.frame_number is not None and (not isinstance(self.frame_number, int) or self.frame_number < 1):
+            raise ValueError(f'Argument "frame_number" must be a positive int or None, got {self.frame_number!r}')
+
+
+@dataclass(frozen=True)
+class ReportMetric:
+    """One row of the human-readable report: ``value`` None is printed as "n/a" with ``note``."""
+
+    key: str
+    value: float | None
+    unit: str
+    label: str
+    evaluation: Evaluation | None = None
+    note: str = ""
+
+
+@dataclass(frozen=True)
+class DeviceInfo:
+    """Our own equipment (General Equipment module of every object we write)."""
+
+    manufacturer: str = "CT QA Node project"
+    model_name: str = "CT QA Node"
+    software_version: str = field(default_factory=lambda: _package_version())
+    device_serial_number: str = "ctqa-node"
+    institution_name: str | None = None
+    institutional_department_name: str | None = None
+    station_name: str | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("manufacturer", "model_name", "software_version", "device_serial_number"):
+            value = getattr(self, name)
+            if not value or len(value) > 64 or "\\" in value:
+                raise ValueError(f'Argument "{name}" must be 1-64 characters without backslash, got {value!r}')
+
+
+def slice_metrics_from_array(
+    key: str,
+    values: Sequence[float] | np.ndarray,
+    sop_class_uids: Sequence[str],
+    sop_instance_uids: Sequence[str],
+    frame_numbers: Sequence[int | None],
+    algorithm: AlgorithmId,
+) -> list[SliceMetricValue]:
+    """Per-slice array (``nan`` = no value for that slice) -> SliceMetricValue list.
+
+    The sequences are those of a ``CTVolume`` (one entry per slice, same order). Slices whose value
+    is not finite are left out on purpose: ``nan`` means "not measured on this slice".
+    """
+    arr = np.asarray(values, dtype=float)
+    n = arr.shape[0] if arr.ndim == 1 else -1
+    if n < 0 or not (len(sop_class_uids) == len(sop_instance_uids) == len(frame_numbers) == n):
+        raise ValueError(
+            f'Argument "values" of "{key}" must be 1-D with one value per slice: got shape {arr.shape}, '
+            f"{len(sop_instance_uids)} SOP instance UIDs, {len(sop_class_uids)} SOP class UIDs, "
+            f"{len(frame_numbers)} frame numbers"
+        )
+    return [
+        SliceMetricValue(key, float(v), cls, inst, algorithm, fr)
+        for v, cls, inst, fr in zip(arr, sop_class_uids, sop_instance_uids, frame_numbers)
+        if math.isfinite(v)
+    ]

@@ -1,0 +1,197 @@
+"""Parametric Map (highdicom) of a pixel-wise map over an analysed series.
+
+One float32 frame per source slice (or per frame of a multi-frame source), in the source's Frame of
+Reference with the source's plane positions, orientation and pixel spacing; each frame references
+its source image (Derivation Image / Source Image Sequence). The Real World Value Mapping is the
+identity with the map's UCUM unit and its quantity code (``reports.codes.MAPS``, or a private
+concept named after ``name``). Provenance: the algorithm goes into the Contributing Equipment
+Sequence (model name = algorithm name, software version = algorithm version, contribution
+description = weights SHA-256) and into Content Description.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+import highdicom as hd
+import numpy as np
+from highdicom.pm import ParametricMap, RealWorldValueMapping
+from highdicom.sr import CodedConcept
+from pydicom import Dataset
+from pydicom.sr.codedict import codes as pydicom_codes
+
+from reports.codes import map_code
+from reports.common import is_multiframe, n_frames, new_uid, no_person_name_warnings, unique_sources
+from reports.inputs import AlgorithmId, DeviceInfo
+
+logger = logging.getLogger(__name__)
+
+
+def _source_frame_count(sources: Sequence[Dataset]) -> tuple[int, bool]:
+    """(number of frames the map must have, whether the source is one multi-frame image)."""
+    if len(sources) == 1 and is_multiframe(sources[0]):
+        return n_frames(sources[0]), True
+    multi = [str(ds.SOPInstanceUID) for ds in sources if is_multiframe(ds) and n_frames(ds) > 1]
+    if multi:
+        raise ValueError(
+            'Argument "source_images" mixes several images with a multi-frame one '
+            f"({len(sources)} images): give either single-frame slices or one multi-frame image"
+        )
+    return len(sources), False
+
+
+def _frame_order(frame_numbers: Sequence[int | None] | None, n: int) -> np.ndarray | None:
+    if frame_numbers is None or all(f is None for f in frame_numbers):
+        return None
+    if len(frame_numbers) != n or any(f is None for f in frame_numbers):
+        raise ValueError(f'Argument "frame_numbers" must give one frame number per map slice ({n}), got {frame_numbers!r}')
+    order = np.asarray(frame_numbers, dtype=int) - 1
+    if sorted(order.tolist()) != list(range(n)):
+        raise ValueError(f'Argument "frame_numbers" must be a permutation of 1..{n}, got {list(frame_numbers)!r}')
+    return order
+
+
+def build_parametric_map(
+    source_images: Sequence[Dataset],
+    values: np.ndarray,
+    *,
+    name: str,
+    label: str,
+    unit_code: str,
+    unit_meaning: str,
+    algorithm: AlgorithmId,
+    series_number: int,
+    instance_number: int = 1,
+    frame_numbers: Sequence[int | None] | None = None,
+    fill_value: float | None = None,
+    window: tuple[float, float] | None = None,
+    device: DeviceInfo | None = None,
+    series_instance_uid: str | None = None,
+    sop_instance_uid: str | None = None,
+) -> ParametricMap:
+    """Build a float32 Parametric Map of ``values`` (n, rows, cols) over ``source_images``.
+
+    ``source_images``: the analysed headers (PixelData may be absent), either n single-frame images
+    in the order of ``values`` or one multi-frame image (repeated per frame, as a ``CTVolume`` holds
+    it, is fine). For a multi-frame source, ``frame_numbers`` (1-based, one per map slice, e.g.
+    ``CTVolume.frame_numbers``) says which frame each map slice belongs to; without it map slice i
+    is frame i+1. ``name``: map key (``reports.codes.MAPS`` gives its quantity code; another name
+    gets a private quantity concept only if listed there, else ValueError). ``unit_code``/``unit_meaning``:
+    UCUM unit. ``fill_value``: what to write for non-finite pixels; with None, non-finite pixels
+    are an error. ``window``: (center, width) for display; default the 1st-99th percentile.
+    """
+    if not isinstance(series_number, int) or series_number < 1:
+        raise ValueError(f'Argument "series_number" must be a positive int, got {series_number!r}')
+    if not isinstance(values, np.ndarray) or values.dtype != np.float32 or values.ndim != 3:
+        raise ValueError(
+            'Argument "values" must be a float32 numpy array (n_slices, rows, cols), got '
+            f"{type(values).__name__} {getattr(values, 'dtype', None)} {getattr(values, 'shape', None)}"
+        )
+    if not label or len(label) > 64:
+        raise ValueError(f'Argument "label" must be 1-64 characters, got {label!r}')
+    if not unit_code or not unit_meaning:
+        raise ValueError(f'Arguments "unit_code" and "unit_meaning" must be given, got {unit_code!r}, {unit_meaning!r}')
+    quantity = map_code(name).quantity
+    device = device or DeviceInfo()
+    sources = unique_sources(source_images)
+    n_expected, multiframe = _source_frame_count(sources)
+    if values.shape[0] != n_expected:
+        raise ValueError(
+            f'Argument "values" has {values.shape[0]} slices, the source has {n_expected} '
+            f"{'frames' if multiframe else 'images'}: one map slice per source slice is required"
+        )
+    rows, cols = int(sources[0].Rows), int(sources[0].Columns)
+    if values.shape[1:] != (rows, cols):
+        raise ValueError(f'Argument "values" slices are {values.shape[1:]}, the source images are {(rows, cols)}')
+    if not multiframe and frame_numbers is not None and any(f is not None for f in frame_numbers):
+        raise ValueError('Argument "frame_numbers" is only for a multi-frame source; the source is single-frame')
+    order = _frame_order(frame_numbers, n_expected) if multiframe else None
+
+    pixels = values
+    bad = ~np.isfinite(pixels)
+    if bad.any():
+        if fill_value is None or not np.isfinite(fill_value):
+            raise ValueError(
+                f'Argument "values" holds {int(bad.sum())} non-finite pixels; pass a finite "fill_value" '
+                f"to write in their place (got fill_value={fill_value!r})"
+            )
+        pixels = np.where(bad, np.float32(fill_value), pixels).astype(np.float32)
+        logger.info("parametric map %s: %d non-finite pixels written as %g", name, int(bad.sum()), fill_value)
+    if order is not None:
+        framed = np.empty_like(pixels)
+        framed[order] = pixels
+        pixels = framed
+    pixels = np.ascontiguousarray(pixels, dtype=np.float32)
+
+    lo, hi = float(pixels.min()), float(pixels.max())
+    if window is None:
+        p1, p99 = (float(v) for v in np.percentile(pixels, [1, 99]))
+        width = max(p99 - p1, 1e-3)
+        window = ((p1 + p99) / 2.0, width)
+    center, width = float(window[0]), float(window[1])
+    if not width > 0:
+        raise ValueError(f'Argument "window" width must be > 0, got {window!r}')
+
+    unit = CodedConcept(unit_code, "UCUM", unit_meaning)
+    rwvm = RealWorldValueMapping(
+        lut_label=name[:16],
+        lut_explanation=label,
+        unit=unit,
+        value_range=(lo, hi) if hi > lo else (lo, lo + 1.0),
+        slope=1.0,
+        intercept=0.0,
+        quantity_definition=CodedConcept(quantity.value, quantity.scheme_designator, quantity.meaning),
+    )
+    provenance = hd.ContributingEquipment(
+        manufacturer=device.manufacturer,
+        purpose_of_reference=pydicom_codes.DCM.ProcessingEquipment,
+        manufacturer_model_name=algorithm.name,
+        software_versions=algorithm.version,
+        device_serial_number=device.device_serial_number,
+        contribution_description=(
+            f"{algorithm.name} {algorithm.version}"
+            + (f" weights_sha256={algorithm.weights_sha256}" if algorithm.weights_sha256 else " (no learned weights)")
+        ),
+    )
+    with no_person_name_warnings():
+        pm = ParametricMap(
+            source_images=sources,
+            pixel_array=pixels,
+            series_instance_uid=series_instance_uid or new_uid(),
+            series_number=series_number,
+            sop_instance_uid=sop_instance_uid or new_uid(),
+            instance_number=instance_number,
+            manufacturer=device.manufacturer,
+            manufacturer_model_name=device.model_name,
+            software_versions=device.software_version,
+            device_serial_number=device.device_serial_number,
+            contains_recognizable_visual_features=True,
+            real_world_value_mappings=[rwvm],
+            voi_lut_transformations=[
+                hd.VOILUTTransformation(
+                    window_center=center,
+                    window_width=width,
+                    # a window narrower than 1 (unit-less maps in [0, 1]) needs LINEAR_EXACT (PS3.3 C.11.2.1.3)
+                    voi_lut_function="LINEAR" if width >= 1.0 else "LINEAR_EXACT",
+                )
+            ],
+            content_label=_content_label(name),
+            content_description=f"{label} ({algorithm.name} {algorithm.version})"[:64],
+            contributing_equipment=[provenance],
+            series_description=f"QA map: {label}"[:64],
+        )
+    if "Laterality" not in pm and "Laterality" in sources[0]:
+        pm.Laterality = sources[0].Laterality
+    elif "Laterality" not in pm:
+        pm.Laterality = None  # Type 2C in General Series; empty = unknown / unpaired body part
+    if device.institution_name:
+        pm.InstitutionName = device.institution_name
+    logger.info("built parametric map %s (%s): %d frames", pm.SOPInstanceUID, name, pixels.shape[0])
+    return pm
+
+
+def _content_label(name: str) -> str:
+    """Content Label (CS, 16 chars, upper case letters, digits, space, underscore)."""
+    out = "".join(c if c.isalnum() else "_" for c in name.upper())[:16]
+    return out or "MAP"

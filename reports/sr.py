@@ -1,0 +1,287 @@
+"""TID 1500 Measurement Report (Comprehensive 3D SR) of one analysed series, built with highdicom.
+
+Layout of the content tree (PS3.16 TID 1500):
+
+- Observation context: our node as the device observer (TID 1004).
+- Procedure reported: SCT 133887000 "Image quality analysis".
+- Image library (TID 1600): every analysed source image.
+- Imaging measurements: one TID 1501 "Measurement and Qualitative Evaluation Group" per algorithm
+  for the series-level metrics (tracking identifier "Series QA: <algorithm>"), with TID 4019
+  algorithm identification on the group and on each TID 300 measurement; where a metric has a
+  control-limit evaluation, a qualitative evaluation named by the metric's concept with the value
+  99CTQA WITHIN_CL / OUTSIDE_CL.
+- Per-slice metrics: one TID 1501 group per (algorithm, metric) (tracking identifier
+  "Per slice: <key> (<algorithm>)"); each TID 300 measurement references its image (and frame) as
+  "Source of measurement".
+
+The SR goes into the source study: highdicom copies the Patient, General Study and Patient Study
+modules from the first source header and lists all sources in the Current Requested Procedure
+Evidence Sequence. The private scheme 99CTQA is declared in the Coding Scheme Identification Sequence.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+
+from highdicom.sr import (
+    AlgorithmIdentification,
+    CodedConcept,
+    Comprehensive3DSR,
+    DeviceObserverIdentifyingAttributes,
+    Measurement,
+    MeasurementReport,
+    MeasurementsAndQualitativeEvaluations,
+    ObservationContext,
+    ObserverContext,
+    QualitativeEvaluation,
+    SourceImageForMeasurement,
+    TrackingIdentifier,
+)
+from pydicom import Dataset
+from pydicom.sr.codedict import codes
+from pydicom.sr.coding import Code
+
+from reports.codes import (
+    PROCEDURE_IMAGE_QUALITY_ANALYSIS,
+    evaluation_code,
+    metric_code,
+    private_coding_scheme,
+)
+from reports.common import is_multiframe, n_frames, new_uid, stable_uid, unique_sources
+from reports.inputs import AlgorithmId, DeviceInfo, Evaluation, MetricValue, SliceMetricValue
+
+logger = logging.getLogger(__name__)
+
+SERIES_GROUP_PREFIX = "Series QA: "
+SLICE_GROUP_PREFIX = "Per slice: "
+
+
+def _cc(code: Code) -> CodedConcept:
+    return CodedConcept(code.value, code.scheme_designator, code.meaning)
+
+
+def algorithm_identification(algorithm: AlgorithmId) -> AlgorithmIdentification:
+    """TID 4019: name, version and (for a learned model) the weights checksum as a parameter."""
+    return AlgorithmIdentification(
+        name=algorithm.name, version=algorithm.version, parameters=algorithm.parameters or None
+    )
+
+
+def _observation_context(device: DeviceInfo) -> ObservationContext:
+    return ObservationContext(
+        observer_device_context=ObserverContext(
+            observer_type=codes.DCM.Device,
+            observer_identifying_attributes=DeviceObserverIdentifyingAttributes(
+                uid=stable_uid("ctqa-node-device", device.manufacturer, device.device_serial_number),
+                name=device.model_name,
+                manufacturer_name=device.manufacturer,
+                model_name=device.model_name,
+                serial_number=device.device_serial_number,
+            ),
+        )
+    )
+
+
+def _merge_evaluations(
+    series_metrics: Sequence[MetricValue], evaluations: Mapping[str, Evaluation] | None
+) -> list[tuple[MetricValue, Evaluation | None]]:
+    evaluations = dict(evaluations or {})
+    keys = {m.key for m in series_metrics}
+    unknown = sorted(set(evaluations) - keys)
+    if unknown:
+        raise ValueError(f'Argument "evaluations" names metrics that are not in "series_metrics": {unknown}')
+    out: list[tuple[MetricValue, Evaluation | None]] = []
+    for m in series_metrics:
+        ev = m.evaluation
+        extra = evaluations.get(m.key)
+        if extra is not None:
+            extra = Evaluation(extra)
+            if ev is not None and ev != extra:
+                raise ValueError(
+                    f'Metric "{m.key}": evaluation {ev.value!r} on the MetricValue contradicts '
+                    f'{extra.value!r} in argument "evaluations"'
+                )
+            ev = extra
+        out.append((m, ev))
+    return out
+
+
+def _source_index(sources: Sequence[Dataset]) -> dict[str, tuple[str, int | None]]:
+    """SOPInstanceUID -> (SOPClassUID, number of frames or None for single-frame)."""
+    return {
+        str(ds.SOPInstanceUID): (str(ds.SOPClassUID), n_frames(ds) if is_multiframe(ds) else None) for ds in sources
+    }
+
+
+def _check_slice_reference(s: SliceMetricValue, index: Mapping[str, tuple[str, int | None]]) -> None:
+    if s.sop_instance_uid not in index:
+        raise ValueError(
+            f'Slice metric "{s.key}" references SOP instance {s.sop_instance_uid}, which is not among '
+            '"source_images"'
+        )
+    sop_class, frames = index[s.sop_instance_uid]
+    if s.sop_class_uid != sop_class:
+        raise ValueError(
+            f'Slice metric "{s.key}" gives SOP class {s.sop_class_uid} for {s.sop_instance_uid}, the source has {sop_class}'
+        )
+    if frames is None and s.frame_number is not None:
+        raise ValueError(
+            f'Slice metric "{s.key}": frame_number {s.frame_number} given for single-frame image {s.sop_instance_uid}'
+        )
+    if frames is not None and (s.frame_number is None or not 1 <= s.frame_number <= frames):
+        raise ValueError(
+            f'Slice metric "{s.key}": multi-frame image {s.sop_instance_uid} has frames 1..{frames}, '
+            f"got frame_number {s.frame_number!r}"
+        )
+
+
+def build_measurement_report(
+    source_images: Sequence[Dataset],
+    series_metrics: Sequence[MetricValue],
+    slice_metrics: Sequence[SliceMetricValue] = (),
+    *,
+    series_number: int,
+    instance_number: int = 1,
+    evaluations: Mapping[str, Evaluation] | None = None,
+    device: DeviceInfo | None = None,
+    series_description: str = "CT QA measurements",
+    series_instance_uid: str | None = None,
+    sop_instance_uid: str | None = None,
+) -> Comprehensive3DSR:
+    """Build the TID 1500 Measurement Report SR of one analysed series.
+
+    ``source_images``: headers (PixelData may be absent) of the analysed images, all of one study;
+    a multi-frame header repeated per frame is fine. ``series_metrics``: at most one value per
+    (key, algorithm). ``slice_metrics``: each must reference one of ``source_images``.
+    ``evaluations``: metric key -> within/outside control limits (alternative to
+    ``MetricValue.evaluation``; the two must not contradict). Returns a highdicom
+    ``Comprehensive3DSR`` (a pydicom Dataset with file meta) ready for ``save_as``.
+    """
+    if not isinstance(series_number, int) or series_number < 1:
+        raise ValueError(f'Argument "series_number" must be a positive int, got {series_number!r}')
+    if not isinstance(instance_number, int) or instance_number < 1:
+        raise ValueError(f'Argument "instance_number" must be a positive int, got {instance_number!r}')
+    if not series_metrics and not slice_metrics:
+        raise ValueError('Arguments "series_metrics" and "slice_metrics" are both empty: nothing to report')
+    device = device or DeviceInfo()
+    sources = unique_sources(source_images)
+    index = _source_index(sources)
+
+    seen: set[tuple[str, AlgorithmId]] = set()
+    for m in series_metrics:
+        metric_code(m.key)  # unknown key -> ValueError
+        if (m.key, m.algorithm) in seen:
+            raise ValueError(f'Argument "series_metrics" holds metric "{m.key}" of {m.algorithm.name} twice')
+        seen.add((m.key, m.algorithm))
+    seen_slices: set[tuple[str, AlgorithmId, str, int | None]] = set()
+    for s in slice_metrics:
+        metric_code(s.key)
+        _check_slice_reference(s, index)
+        k = (s.key, s.algorithm, s.sop_instance_uid, s.frame_number)
+        if k in seen_slices:
+            raise ValueError(
+                f'Argument "slice_metrics" holds "{s.key}" of {s.algorithm.name} twice for image '
+                f"{s.sop_instance_uid} frame {s.frame_number}"
+            )
+        seen_slices.add(k)
+
+    groups: list[MeasurementsAndQualitativeEvaluations] = []
+
+    # series-level: one group per algorithm, in order of first appearance
+    by_algo: dict[AlgorithmId, list[tuple[MetricValue, Evaluation | None]]] = {}
+    for m, ev in _merge_evaluations(series_metrics, evaluations):
+        by_algo.setdefault(m.algorithm, []).append((m, ev))
+    for algo, items in by_algo.items():
+        algo_id = algorithm_identification(algo)
+        measurements = []
+        qualitative = []
+        for m, ev in items:
+            mc = metric_code(m.key)
+            measurements.append(
+                Measurement(name=_cc(mc.concept), value=float(m.value), unit=_cc(mc.unit), algorithm_id=algo_id)
+            )
+            if ev is not None:
+                qualitative.append(
+                    QualitativeEvaluation(name=_cc(mc.concept), value=_cc(evaluation_code(ev is Evaluation.WITHIN)))
+                )
+        groups.append(
+            MeasurementsAndQualitativeEvaluations(
+                tracking_identifier=TrackingIdentifier(uid=new_uid(), identifier=f"{SERIES_GROUP_PREFIX}{algo.name}"),
+                algorithm_id=algo_id,
+                measurements=measurements,
+                qualitative_evaluations=qualitative or None,
+            )
+        )
+
+    # per-slice: one group per (algorithm, key)
+    by_key: dict[tuple[AlgorithmId, str], list[SliceMetricValue]] = {}
+    for s in slice_metrics:
+        by_key.setdefault((s.algorithm, s.key), []).append(s)
+    for (algo, key), items in by_key.items():
+        algo_id = algorithm_identification(algo)
+        mc = metric_code(key)
+        measurements = [
+            Measurement(
+                name=_cc(mc.concept),
+                value=float(s.value),
+                unit=_cc(mc.unit),
+                algorithm_id=algo_id,
+                referenced_images=[
+                    SourceImageForMeasurement(
+                        referenced_sop_class_uid=s.sop_class_uid,
+                        referenced_sop_instance_uid=s.sop_instance_uid,
+                        referenced_frame_numbers=[s.frame_number] if s.frame_number is not None else None,
+                    )
+                ],
+            )
+            for s in items
+        ]
+        groups.append(
+            MeasurementsAndQualitativeEvaluations(
+                tracking_identifier=TrackingIdentifier(
+                    uid=new_uid(), identifier=f"{SLICE_GROUP_PREFIX}{key} ({algo.name})"
+                ),
+                algorithm_id=algo_id,
+                measurements=measurements,
+            )
+        )
+
+    report = MeasurementReport(
+        observation_context=_observation_context(device),
+        procedure_reported=_cc(PROCEDURE_IMAGE_QUALITY_ANALYSIS),
+        imaging_measurements=groups,
+        referenced_images=sources,
+    )
+    sr = Comprehensive3DSR(
+        evidence=sources,
+        content=report,
+        series_instance_uid=series_instance_uid or new_uid(),
+        series_number=series_number,
+        sop_instance_uid=sop_instance_uid or new_uid(),
+        instance_number=instance_number,
+        manufacturer=device.manufacturer,
+        is_complete=True,
+        is_final=False,
+        is_verified=False,
+        institution_name=device.institution_name,
+        institutional_department_name=device.institutional_department_name,
+        coding_schemes=[private_coding_scheme()],
+        series_description=series_description,
+        manufacturer_model_name=device.model_name,
+        software_versions=device.software_version,
+        device_serial_number=device.device_serial_number,
+    )
+    if device.station_name:
+        sr.StationName = device.station_name
+    logger.info(
+        "built measurement report %s: %d series metrics, %d slice metrics, %d source images",
+        sr.SOPInstanceUID,
+        len(series_metrics),
+        len(slice_metrics),
+        len(sources),
+    )
+    return sr
+
+
+__all__ = ["build_measurement_report", "algorithm_identification"]
