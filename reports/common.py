@@ -71,3 +71,4 @@ def no_person_name_warnings() -> Iterator[None]:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=r"The string .* is unlikely to represent the intended person name")
         yield
+
