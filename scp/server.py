@@ -162,6 +162,24 @@ class StorageSCP:
             return
         with self._lock:
             self._stats[id(assoc)] = _AssocStats(peer.name, calling, host)
+        self._prefer_requestor_syntaxes(assoc)
+
+    @staticmethod
+    def _prefer_requestor_syntaxes(assoc) -> None:
+        """Accept, for each context, the first transfer syntax the SCU proposed that we support.
+
+        pynetdicom picks by the acceptor's order; a scanner lists its native (as-stored) syntax
+        first, and choosing it is what lets us store every instance exactly as the scanner has it
+        (an SCU asked for a syntax it cannot convert to fails the store)."""
+        order: list[str] = []
+        for rq_cx in assoc.requestor.primitive.presentation_context_definition_list or []:
+            for ts in rq_cx.transfer_syntax:
+                if ts not in order:
+                    order.append(str(ts))
+        for cx in assoc.acceptor.supported_contexts:
+            ours = list(cx.transfer_syntax)
+            ranked = [ts for ts in order if ts in ours] + [ts for ts in ours if ts not in order]
+            cx.transfer_syntax = ranked
 
     def _on_rejected(self, event) -> None:
         rq = event.assoc.requestor.primitive
