@@ -10,13 +10,17 @@ Method (per axial slice, after AAPM TG-220 section 2):
    still enclose its inside. Filling comes *before* the opening so that a thin closed shell becomes
    a solid region and survives step 3, while an open shell (a U-shaped head holder, a curved couch
    top) stays thin.
-3. Opening with a square of ``OPENING_MM`` = 5 mm: thin dense structures such as couch skins, a
-   head-holder shell or a cable detach and disappear.
-4. Connected components (4-connectivity). The largest one is the body. Other components are kept when
-   they are at least ``SECONDARY_FRACTION`` (10 %) of the largest and at least ``MIN_COMPONENT_MM2``
-   (400 mm^2): the arms beside a chest or separate parts of a phantom, which attenuate the beam and
-   belong in the water-equivalent diameter; small debris and table remnants are dropped.
-5. The final mask is, inside the kept components, every pixel above the threshold plus every pixel
+3. Opening with a square of ``OPENING_MM`` = 5 mm gives the *core*: thin dense structures such as
+   couch skins, a head-holder shell or a cable vanish from it.
+4. Connected components (4-connectivity) of the filled mask. A component of which less than
+   ``MIN_CORE_FRACTION`` (20 %) survives the opening is a thin shell (table, holder) and is
+   dropped. Of the rest, the largest is the body; others are kept when they are at least
+   ``SECONDARY_FRACTION`` (2 %) of the largest and at least ``MIN_COMPONENT_MM2`` (50 mm^2):
+   the arms beside a chest or separate parts of a phantom, which attenuate the beam and belong in
+   the water-equivalent diameter; small debris is dropped. Inside a kept component only pixels
+   within ``REACH_MM`` = 10 mm of its core are kept, which cuts off a holder or couch shell that
+   touches the body while keeping thin parts of the body itself (a thin skull wall).
+5. The final mask is, inside the selection, every pixel above the threshold plus every pixel
    enclosed by the body (filled holes). Pixels that only the closing added (air in a concavity
    next to the body) are left out.
 
@@ -38,8 +42,10 @@ log = logging.getLogger(__name__)
 BODY_THRESHOLD_HU = -260.0
 CLOSING_MM = 8.0
 OPENING_MM = 5.0
-SECONDARY_FRACTION = 0.10
-MIN_COMPONENT_MM2 = 400.0
+SECONDARY_FRACTION = 0.02
+MIN_COMPONENT_MM2 = 50.0
+MIN_CORE_FRACTION = 0.2
+REACH_MM = 10.0
 POOLED_SPACING_MM = 0.8  # pool 2x2 while the pooled spacing stays at or below ~1 mm
 
 _FOUR = ndimage.generate_binary_structure(2, 1)
@@ -121,18 +127,27 @@ def body_mask(hu2d: np.ndarray, pixel_spacing_mm: tuple[float, float]) -> np.nda
                     (_odd(CLOSING_MM / wr), _odd(CLOSING_MM / wc)))
     filled = _fill_holes(closed)
     osize = (_odd(OPENING_MM / wr), _odd(OPENING_MM / wc))
-    opened = _dilate(_erode(filled, osize), osize) & filled
-    labels, n = ndimage.label(opened, structure=_FOUR)
+    core = _dilate(_erode(filled, osize), osize) & filled
+    labels, n = ndimage.label(filled, structure=_FOUR)
     if n == 0:
         return np.zeros_like(thr)
-    counts = np.bincount(labels.ravel())
-    counts[0] = 0
-    largest = int(counts.max())
+    area = np.bincount(labels.ravel(), minlength=n + 1).astype(np.float64)
+    core_area = np.bincount(labels[core], minlength=n + 1).astype(np.float64)
+    area[0] = 0.0
+    # thin shells (table skins, head holder, cables): almost nothing survives the opening
+    solid = core_area >= MIN_CORE_FRACTION * area
+    solid[0] = False
+    if not solid.any():
+        return np.zeros_like(thr)
+    cand = np.where(solid, area, 0.0)
+    largest = float(cand.max())
     min_px = max(SECONDARY_FRACTION * largest, MIN_COMPONENT_MM2 / (wr * wc))
-    keep = counts >= min_px
-    keep[int(np.argmax(counts))] = True
-    keep[0] = False
-    selected = keep[labels]
+    keep = solid & (cand >= min_px)
+    keep[int(np.argmax(cand))] = True
+    kept = keep[labels]
+    # strip thin appendages (a holder or couch touching the body) further than REACH_MM from the core
+    rsize = (_odd(2 * REACH_MM / wr + 1), _odd(2 * REACH_MM / wc + 1))
+    selected = kept & _dilate(core & kept, rsize)
     enclosed = filled & ~closed  # holes inside the body
     if pooled:
         # the interior (selected and not at its edge) is taken whole at full resolution; at the
