@@ -23,7 +23,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from storage.db import Database
 from storage.filestore import FileStore, InvalidUID, check_uid
-from storage.repo import InstanceInfo, StoreOutcome, add_instance, find_instance, record_conflict
+from storage.repo import InstanceInfo, StoreOutcome, add_instance, record_conflict
 
 log = logging.getLogger(__name__)
 
@@ -194,49 +194,43 @@ class Ingestor:
             return StoreResult(StoreStatus.CANNOT_PARSE, detail=f"dataset cannot be parsed: {exc}")
 
         with self._locks[hash(info.sop_instance_uid) % len(self._locks)]:
-            try:
-                return self._commit(spooled, info, scanner, calling_ae, peer_host)
-            except SQLAlchemyError as exc:  # database down or full: acknowledge nothing
-                log.error("C-STORE failed: database unavailable (%s)", type(exc).__name__)
-                return StoreResult(StoreStatus.OUT_OF_RESOURCES, detail=f"database unavailable: {type(exc).__name__}")
+            return self._commit(spooled, info, scanner, calling_ae, peer_host)
 
     def _commit(self, spooled: Path, info: InstanceInfo, scanner, calling_ae, peer_host) -> StoreResult:
         sha, size = _sha256(spooled)
-        with self.db.session() as s:
-            existing = find_instance(s, info.sop_instance_uid)
-            prior = (existing.sha256, existing.series_id) if existing is not None else None
-        if prior is not None:
-            return self._duplicate(info, sha, prior, calling_ae)
-
         if self.min_free_bytes and self.store.free_bytes() - size < self.min_free_bytes:
-            log.error("C-STORE refused: free disk space below node.min_free_mb")
+            log.error("C-STORE refused: free disk space below the configured minimum")
             return StoreResult(StoreStatus.OUT_OF_RESOURCES, detail="disk space below the configured minimum")
-
         rel = self.store.instance_rel_path(info.study_instance_uid, info.series_instance_uid, info.sop_instance_uid)
-        try:
+        placed: list[bool] = []
+
+        def place() -> None:
             self.store.commit_file(spooled, rel)
-        except OSError as exc:
-            self.store.abs(rel).unlink(missing_ok=True)
-            log.error("C-STORE failed: cannot write instance (%s)", os.strerror(exc.errno) if exc.errno else exc)
-            return StoreResult(StoreStatus.OUT_OF_RESOURCES, detail=f"write failed: {exc}")
+            placed.append(True)
+
         try:
             outcome, series_id = add_instance(self.db, info, rel_path=rel, size_bytes=size, sha256=sha,
-                                              scanner=scanner, calling_ae=calling_ae, peer_host=peer_host)
-        except (SQLAlchemyError, OSError) as exc:  # database down, disk full under the DB: acknowledge nothing
-            self.store.abs(rel).unlink(missing_ok=True)
-            log.error("C-STORE failed: cannot index instance (%s)", type(exc).__name__)
-            log.debug("index failure", exc_info=True)
-            return StoreResult(StoreStatus.OUT_OF_RESOURCES, detail=f"index failed: {type(exc).__name__}")
-        if outcome != StoreOutcome.STORED:  # lost a race with a concurrent identical store
+                                              scanner=scanner, calling_ae=calling_ae, peer_host=peer_host,
+                                              place_file=place)
+        except (SQLAlchemyError, OSError) as exc:  # disk full, write error, database down: acknowledge nothing
+            if placed:
+                self.store.abs(rel).unlink(missing_ok=True)
+            what = os.strerror(exc.errno) if isinstance(exc, OSError) and exc.errno else type(exc).__name__
+            log.error("C-STORE failed: instance not stored (%s)", what)
+            return StoreResult(StoreStatus.OUT_OF_RESOURCES, detail=f"not stored: {what}")
+        if outcome == StoreOutcome.STORED:
             return StoreResult(StoreStatus.SUCCESS, outcome, series_id=series_id)
-        return StoreResult(StoreStatus.SUCCESS, StoreOutcome.STORED, series_id=series_id)
+        return self._duplicate(info, sha, outcome, series_id, calling_ae)
 
-    def _duplicate(self, info: InstanceInfo, sha: str, prior: tuple[str, int], calling_ae: str | None) -> StoreResult:
-        prior_sha, series_id = prior
-        if prior_sha == sha:
-            log.info("duplicate instance with identical bytes acknowledged (no second copy)")
+    def _duplicate(self, info: InstanceInfo, sha: str, outcome: str, series_id: int,
+                   calling_ae: str | None) -> StoreResult:
+        if outcome == StoreOutcome.DUPLICATE:
+            log.debug("duplicate instance with identical bytes acknowledged (no second copy)")
             return StoreResult(StoreStatus.SUCCESS, StoreOutcome.DUPLICATE, series_id=series_id)
-        record_conflict(self.db, info.sop_instance_uid, sha, calling_ae)
+        try:
+            record_conflict(self.db, info.sop_instance_uid, sha, calling_ae)
+        except SQLAlchemyError as exc:
+            log.error("could not count the conflicting copy (%s)", type(exc).__name__)
         log.warning("instance %s received again with different bytes: first copy kept, conflict counted",
                     info.sop_instance_uid)
         return StoreResult(StoreStatus.SUCCESS, StoreOutcome.CONFLICT, series_id=series_id)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -104,10 +104,15 @@ def add_instance(
     scanner: str | None,
     calling_ae: str | None,
     peer_host: str | None,
+    place_file: Callable[[], None] | None = None,
 ) -> tuple[str, int]:
-    """Index a stored instance. Returns (outcome, series id). Re-opens a completed series.
+    """Index an instance in one transaction. Returns (outcome, series id); re-opens a completed series.
 
-    Two associations may create the same series concurrently: a unique-constraint race is retried."""
+    ``place_file`` makes the file durable; it runs only when the SOP Instance UID is new, after the
+    duplicate check and before the row is written, so that an index row never points at a missing
+    file and a duplicate never touches the stored copy. Two associations may create the same series
+    concurrently: a unique-constraint race is retried."""
+    placed = False
     for attempt in range(3):
         try:
             with db.session() as s:
@@ -115,6 +120,9 @@ def add_instance(
                 if existing is not None:
                     return (StoreOutcome.DUPLICATE if existing.sha256 == sha256 else StoreOutcome.CONFLICT,
                             existing.series_id)
+                if place_file is not None and not placed:
+                    place_file()
+                    placed = True
                 series = _get_or_create_series(s, info, scanner, calling_ae, peer_host)
                 if series.state == SeriesState.COMPLETE:
                     series.state = SeriesState.RECEIVING
