@@ -14,7 +14,7 @@ The objects follow the D2IQA paper (Lee et al., see ``../shared/REFERENCE.md`` s
 
 Placement ("inside the patient"). The paper thresholds a saliency map (Perazzi et al.) at 0.4 and
 intersects it with a body mask. We use a cheaper, deterministic texture criterion instead: a centre is
-allowed where the whole object footprint (a (2 * r_max + 5)-px square) lies inside the filled body
+allowed where the whole object footprint (a (2 * r_max + 7)-px square: the object and its soft edge) lies inside the filled body
 mask *and* the 5 x 5 box-smoothed HU over that footprint stays within [-300, 350] HU. That keeps
 objects on soft-tissue-like background (brain, muscle, organs, a phantom's plastic) and away from air,
 lung, and bone edges, where an additive +/-140 HU object would be clipped by the window or hidden by
@@ -207,7 +207,7 @@ def placement_mask(hu: np.ndarray, config: InsertionConfig = InsertionConfig(), 
         raise ValueError(f'Argument "hu" must be a 2-D slice, got shape {hu.shape}')
     if body is None:
         body = body_mask_simple(hu, config.body_threshold_hu)
-    half = int(math.ceil(config.max_radius)) + 2
+    half = int(math.ceil(config.max_radius)) + 3
     size = 2 * half + 1
     smooth = ndimage.uniform_filter(hu.astype(np.float32), size=5, mode="nearest")
     lo = ndimage.minimum_filter(smooth, size=size, mode="nearest")
