@@ -1,0 +1,297 @@
+"""N2Q (Noise2Quality): a no-reference, pixel-wise CT image-quality map.
+
+The model predicts, from a single slice, the SSIM map that slice would have against its (unseen)
+full-dose twin (Gaussian 11 x 11, sigma 1.5, W300/L40 window to [0, 1], see ``analysis.ssim``).
+Architecture (../shared/REFERENCE.md section 1): U-Net, encoder 16-32-64-128-256, each block
+(conv3x3, InstanceNorm, LeakyReLU 0.2) x 2 then dropout; 4 max-pools; bilinear x2 decoder with skip
+connections; 1 x 1 conv; tanh. Input: 2 channels = the windowed slice and its high-pass copy
+(image minus its Gaussian-blurred, 2x down- and up-sampled version). An auxiliary head after the
+bottleneck (global average pool + Linear(256, 5)) classifies the dose among 5, 10, 25, 50, 75 %.
+The network output lives in [-1, 1] (``2 * SSIM - 1``); the node reports ``(out + 1) / 2``, i.e.
+SSIM units in [0, 1] where 1 means "indistinguishable from full dose".
+
+Node use: ``run(volume, ctx) -> ModelOutput`` resizes each slice to 256 x 256 (square-padded with
+air), predicts in batches (CUDA + autocast when ``ctx.device == "cuda"``), upsamples the map to the
+native matrix and reports, over the body mask (``analysis.mask.body_mask``):
+
+- ``n2q_mean_quality``: mean predicted SSIM quality inside the body, all slices;
+- ``n2q_p05_quality``: its 5th percentile;
+- ``n2q_low_fraction``: fraction of body pixels below ``ctx.options["n2q_low_threshold"]``
+  (default 0.8: on the simulated doses of the held-out real slices, body-mean SSIM is about 0.9 at
+  50-75 % dose and about 0.6-0.7 at 5-10 %, so 0.8 separates "noticeably degraded" tissue).
+
+Options read from ``ctx.options``: ``n2q_weights`` (path, default ``analysis/weights/n2q.pt``),
+``n2q_batch`` (default 8), ``n2q_low_threshold`` (default 0.8), ``n2q_threads`` (CPU threads; default
+left to torch).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from analysis.results import MapOutput, ModelOutput, RunContext, SeriesSkipped
+from analysis.ssim import window_hu
+from analysis.volume import CTVolume
+
+log = logging.getLogger(__name__)
+
+ALGORITHM = "N2Q Noise2Quality SSIM-map U-Net"
+VERSION = "1.0"
+MODEL_SIZE = 256
+DOSE_CLASSES: tuple[float, ...] = (0.05, 0.10, 0.25, 0.50, 0.75)
+DEFAULT_WEIGHTS = Path(__file__).resolve().parent / "weights" / "n2q.pt"
+DEFAULT_LOW_THRESHOLD = 0.8
+MAP_NAME = "n2q_quality"
+MAP_LABEL = "N2Q SSIM quality"
+
+
+# ----------------------------------------------------------------------------------------- model
+def _block(cin: int, cout: int, dropout: float) -> nn.Sequential:
+    layers: list[nn.Module] = [
+        nn.Conv2d(cin, cout, 3, padding=1),
+        nn.InstanceNorm2d(cout),
+        nn.LeakyReLU(0.2, inplace=True),
+        nn.Conv2d(cout, cout, 3, padding=1),
+        nn.InstanceNorm2d(cout),
+        nn.LeakyReLU(0.2, inplace=True),
+    ]
+    if dropout > 0:
+        layers.append(nn.Dropout(dropout))
+    return nn.Sequential(*layers)
+
+
+class N2QNet(nn.Module):
+    """U-Net 16-32-64-128-256 with a dose-classification head; ``forward`` -> (map, dose_logits)."""
+
+    def __init__(self, in_channels: int = 2, n_doses: int = 5, dropout: float = 0.25, dose_head: bool = True):
+        super().__init__()
+        if in_channels not in (1, 2):
+            raise ValueError(f'Argument "in_channels" must be 1 or 2, got {in_channels}')
+        ch = (16, 32, 64, 128, 256)
+        self.in_channels = in_channels
+        self.enc = nn.ModuleList()
+        cin = in_channels
+        for c in ch:
+            self.enc.append(_block(cin, c, dropout))
+            cin = c
+        self.dec = nn.ModuleList(_block(ch[i + 1] + ch[i], ch[i], dropout) for i in reversed(range(4)))
+        self.out = nn.Conv2d(ch[0], 1, 1)
+        self.dose_head = nn.Linear(ch[-1], n_doses) if dose_head else None
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        skips = []
+        for i, blk in enumerate(self.enc):
+            x = blk(x)
+            if i < 4:
+                skips.append(x)
+                x = F.max_pool2d(x, 2)
+        logits = self.dose_head(x.mean(dim=(2, 3))) if self.dose_head is not None else None
+        for blk in self.dec:
+            skip = skips.pop()
+            x = F.interpolate(x, size=skip.shape[-2:], mode="bilinear", align_corners=False)
+            x = blk(torch.cat((x, skip), dim=1))
+        return torch.tanh(self.out(x)), logits
+
+
+def high_pass(x: torch.Tensor) -> torch.Tensor:
+    """x minus its Gaussian-blurred (sigma 1 px), 2x down- then up-sampled version. x: (B, 1, H, W)."""
+    r = 3
+    g = torch.exp(-0.5 * torch.arange(-r, r + 1, dtype=x.dtype, device=x.device) ** 2)
+    g = g / g.sum()
+    xp = F.pad(x, (r, r, r, r), mode="replicate")
+    blur = F.conv2d(F.conv2d(xp, g.view(1, 1, 1, -1)), g.view(1, 1, -1, 1))
+    low = F.interpolate(F.avg_pool2d(blur, 2), size=x.shape[-2:], mode="bilinear", align_corners=False)
+    return x - low
+
+
+def make_input(windowed: torch.Tensor, in_channels: int = 2) -> torch.Tensor:
+    """(B, H, W) or (B, 1, H, W) windowed slices in [0, 1] -> network input (B, in_channels, H, W)."""
+    x = windowed.unsqueeze(1) if windowed.ndim == 3 else windowed
+    if in_channels == 1:
+        return x
+    return torch.cat((x, high_pass(x)), dim=1)
+
+
+def resize_to_model(hu: np.ndarray, size: int = MODEL_SIZE) -> tuple[torch.Tensor, tuple[int, int, int, int]]:
+    """(B, H, W) HU -> (B, size, size) HU tensor: padded to a square with air, then area-resized.
+    Returns the tensor and (top, left, H, W) to undo the padding."""
+    b, h, w = hu.shape
+    n = max(h, w)
+    top, left = (n - h) // 2, (n - w) // 2
+    t = torch.from_numpy(np.ascontiguousarray(hu, dtype=np.float32))
+    if h != w:
+        sq = torch.full((b, n, n), -1000.0)
+        sq[:, top : top + h, left : left + w] = t
+        t = sq
+    if n != size:
+        t = F.interpolate(t.unsqueeze(1), size=(size, size), mode="bilinear", antialias=True, align_corners=False)[:, 0]
+    return t, (top, left, h, w)
+
+
+def map_to_native(q: torch.Tensor, geom: tuple[int, int, int, int]) -> np.ndarray:
+    """(B, size, size) map -> (B, H, W) at the native matrix (bilinear, padding removed)."""
+    top, left, h, w = geom
+    n = max(h, w)
+    up = F.interpolate(q.unsqueeze(1).float(), size=(n, n), mode="bilinear", align_corners=False)[:, 0]
+    return up[:, top : top + h, left : left + w].cpu().numpy()
+
+
+# ------------------------------------------------------------------------------------- weights
+@dataclass(frozen=True)
+class LoadedModel:
+    net: N2QNet
+    sha256: str
+    config: dict
+    path: str
+    device: str
+
+
+_CACHE: dict[tuple[str, str], LoadedModel] = {}
+_LOCK = threading.Lock()
+
+
+def file_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def build_from_config(config: dict) -> N2QNet:
+    return N2QNet(
+        in_channels=int(config.get("in_channels", 2)),
+        n_doses=int(config.get("n_doses", 5)),
+        dropout=float(config.get("dropout", 0.25)),
+        dose_head=bool(config.get("dose_head", True)),
+    )
+
+
+def save_weights(net: N2QNet, path: str | Path, config: dict, meta: dict | None = None, fp16: bool = True) -> str:
+    """Store a model for inference (fp16 by default). Returns the file's SHA-256."""
+    state = {k: (v.detach().cpu().half() if fp16 and v.is_floating_point() else v.detach().cpu()) for k, v in net.state_dict().items()}
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save({"format": "n2q-weights-1", "config": dict(config), "meta": dict(meta or {}), "state_dict": state}, tmp)
+    tmp.replace(path)
+    return file_sha256(path)
+
+
+def load_model(path: str | Path | None = None, device: str = "cpu") -> LoadedModel:
+    """Load (once per process and device) the weights file; raises ValueError with the path on failure."""
+    p = Path(path) if path else DEFAULT_WEIGHTS
+    key = (str(p.resolve()), device)
+    with _LOCK:
+        if key in _CACHE:
+            return _CACHE[key]
+        if not p.is_file():
+            raise ValueError(f"N2Q weights not found at {p}; train them with `qa-node train n2q` or set [analysis] n2q_weights")
+        try:
+            blob = torch.load(p, map_location="cpu", weights_only=True)
+        except (RuntimeError, OSError, EOFError) as exc:
+            raise ValueError(f"N2Q weights at {p} cannot be read: {exc}") from exc
+        if not isinstance(blob, dict) or blob.get("format") != "n2q-weights-1":
+            raise ValueError(f"{p} is not an N2Q weights file (format n2q-weights-1)")
+        net = build_from_config(blob["config"])
+        net.load_state_dict({k: v.float() for k, v in blob["state_dict"].items()})
+        net.eval().to(device)
+        loaded = LoadedModel(net, file_sha256(p), dict(blob["config"]), str(p), device)
+        _CACHE[key] = loaded
+        log.info("loaded N2Q weights %s (sha256 %s) on %s", p, loaded.sha256[:12], device)
+        return loaded
+
+
+# ----------------------------------------------------------------------------------- inference
+def predict_model_res(net: N2QNet, hu_model: torch.Tensor, device: str = "cpu", batch: int = 8) -> tuple[np.ndarray, np.ndarray]:
+    """HU at model resolution (B, S, S) -> (raw map in [-1, 1] (B, S, S) float32, dose probs (B, 5))."""
+    maps, probs = [], []
+    in_ch = net.in_channels
+    with torch.inference_mode():
+        for i in range(0, hu_model.shape[0], batch):
+            x = make_input(window_hu(hu_model[i : i + batch].to(device)), in_ch)
+            if device.startswith("cuda"):
+                with torch.autocast("cuda", dtype=torch.float16):
+                    m, lg = net(x)
+            else:
+                m, lg = net(x)
+            maps.append(m[:, 0].float().cpu())
+            if lg is not None:
+                probs.append(torch.softmax(lg.float(), dim=1).cpu())
+            else:
+                probs.append(torch.full((m.shape[0], len(DOSE_CLASSES)), float("nan")))
+    return torch.cat(maps).numpy(), torch.cat(probs).numpy()
+
+
+def predict_quality(
+    hu: np.ndarray, *, weights: str | Path | None = None, device: str = "cpu", batch: int = 8
+) -> tuple[np.ndarray, np.ndarray, str]:
+    """HU slices (B, H, W) or (H, W) -> (quality map in SSIM units at the native matrix, dose probs, sha256)."""
+    arr = np.asarray(hu, dtype=np.float32)
+    single = arr.ndim == 2
+    if single:
+        arr = arr[None]
+    if arr.ndim != 3:
+        raise ValueError(f'Argument "hu" must be (H, W) or (B, H, W), got shape {arr.shape}')
+    if batch < 1:
+        raise ValueError(f'Argument "batch" must be >= 1, got {batch}')
+    model = load_model(weights, device)
+    t, geom = resize_to_model(arr)
+    raw, probs = predict_model_res(model.net, t, device, batch)
+    q = map_to_native(torch.from_numpy((raw + 1.0) / 2.0), geom).astype(np.float32)
+    return (q[0] if single else q), (probs[0] if single else probs), model.sha256
+
+
+def summarise(quality: np.ndarray, body: np.ndarray, threshold: float) -> tuple[float | None, float | None, float | None]:
+    """(mean, 5th percentile, fraction below threshold) of quality over the body pixels."""
+    vals = quality[body]
+    if vals.size == 0:
+        return None, None, None
+    return float(vals.mean()), float(np.percentile(vals, 5)), float((vals < threshold).mean())
+
+
+def run(volume: CTVolume, ctx: RunContext) -> ModelOutput:
+    """N2Q over one series: a quality map per slice and the body summary (see the module docstring)."""
+    opts = ctx.options or {}
+    threshold = float(opts.get("n2q_low_threshold", DEFAULT_LOW_THRESHOLD))
+    if not 0.0 < threshold <= 1.0:
+        raise ValueError(f'Option "n2q_low_threshold" must be in (0, 1], got {threshold}')
+    batch = int(opts.get("n2q_batch", 8))
+    threads = opts.get("n2q_threads")
+    if threads:
+        torch.set_num_threads(int(threads))
+    device = "cuda" if ctx.device == "cuda" and torch.cuda.is_available() else "cpu"
+    if ctx.device == "cuda" and device == "cpu":
+        log.warning("CUDA requested but not available: N2Q runs on the CPU")
+    if volume.n_slices == 0:
+        raise SeriesSkipped("no slices")
+    quality, probs, sha = predict_quality(volume.hu, weights=opts.get("n2q_weights"), device=device, batch=batch)
+    from analysis.mask import body_mask  # local import keeps module import light for tests
+
+    body = np.stack([body_mask(s, volume.pixel_spacing_mm) for s in volume.hu])
+    out = ModelOutput(name="n2q", algorithm=ALGORITHM, version=VERSION, weights_sha256=sha)
+    mean, p05, low = summarise(quality, body, threshold)
+    reason = "no body pixels found in any slice"
+    out.set_metric("n2q_mean_quality", mean, reason)
+    out.set_metric("n2q_p05_quality", p05, reason)
+    out.set_metric("n2q_low_fraction", low, reason)
+    per_slice = np.full(volume.n_slices, np.nan)
+    for i in range(volume.n_slices):
+        if body[i].any():
+            per_slice[i] = float(quality[i][body[i]].mean())
+    out.slice_metrics["n2q_mean_quality"] = per_slice
+    dose_idx = np.argmax(np.nan_to_num(probs, nan=-1.0), axis=1)
+    expected = np.array([DOSE_CLASSES[k] for k in dose_idx], dtype=float)
+    if not np.isnan(probs).all():
+        out.slice_metrics["n2q_dose_class"] = expected
+    out.maps.append(MapOutput(name=MAP_NAME, label=MAP_LABEL, values=quality.astype(np.float32), unit_code="1", unit_meaning="no units"))
+    return out

@@ -1,0 +1,363 @@
+"""Self-supervised N2Q training: ``qa-node train n2q --data DIR... --out FILE [--epochs N] ...``.
+
+No labels are needed. Training pairs come from routine-dose slices alone:
+
+1. a *pool* of base slices at the model resolution (256 x 256): real routine-dose CT slices found
+   under ``--data`` (every CT file, recursively; ``--exclude`` glob patterns on file names keep
+   held-out files out) and synthetic phantoms (``analysis.phantoms``: body and head, several sizes);
+   for each base slice two projection-domain noise realisations at I0 = 1 are simulated once
+   (``analysis.dose_sim.unit_noise``) and cached;
+2. each sample draws a base slice, a random flip/rotation, a dose class among 5, 10, 25, 50, 75 %
+   (and with a small probability full dose, whose target map is all ones and which has no dose
+   class), and forms ``full`` (the real slice, or phantom + noise at a random I0_full) and
+   ``low = full + noise * 1/sqrt(I0_add)`` with ``I0_add = I0_full d / (1 - d)``. I0_full of a real
+   series is calibrated against its measured noise (``dose_sim.calibrate_i0``);
+3. the target is ``2 * SSIM_map(window(low), window(full)) - 1`` (``analysis.ssim``); the loss is
+   L1(map) + alpha * CE(dose class), alpha = 0.01.
+
+Deterministic for a given ``--seed`` (pool, sampling and initialisation are seeded; resume replays
+the same per-epoch random streams). A checkpoint is written after every epoch (``--out`` + ``.ckpt``)
+and ``--resume`` continues from one. Runs on CPU (``torch.set_num_threads`` = free cores unless
+``--threads``) or CUDA (``--device auto`` picks CUDA when present); mixed precision: bf16 autocast on
+CPU, fp16 on CUDA (``--no-amp`` to disable).
+
+The lead mounts this as ``qa-node train n2q`` with :func:`add_arguments` and :func:`run`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fnmatch
+import logging
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from analysis import dose_sim
+from analysis.n2q import DOSE_CLASSES, MODEL_SIZE, N2QNet, make_input, save_weights
+from analysis.phantoms import make_phantom
+from analysis.ssim import ssim_map_torch, window_hu
+
+log = logging.getLogger(__name__)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data", nargs="*", default=[], metavar="DIR", help="folders with routine-dose CT DICOM (searched recursively)")
+    parser.add_argument("--out", required=True, metavar="FILE", help="weights file to write (e.g. analysis/weights/n2q.pt)")
+    parser.add_argument("--epochs", type=int, default=12)
+    parser.add_argument("--samples-per-epoch", type=int, default=800)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--size", type=int, default=MODEL_SIZE, help="training resolution (default 256)")
+    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--resume", metavar="CKPT", help="checkpoint to continue from")
+    parser.add_argument("--checkpoint", metavar="FILE", help="checkpoint path (default: OUT.ckpt)")
+    parser.add_argument("--phantoms", type=int, default=240, help="synthetic phantom slices in the pool")
+    parser.add_argument("--max-real-per-series", type=int, default=12, help="real slices taken per series (evenly spaced)")
+    parser.add_argument("--real-fraction", type=float, default=0.3, help="share of samples drawn from real slices")
+    parser.add_argument("--exclude", nargs="*", default=[], metavar="GLOB", help="file-name patterns never trained on")
+    parser.add_argument("--pool-cache", metavar="FILE", help="npz to save/load the pool (reuse between runs)")
+    parser.add_argument("--lr", type=float, default=4e-4)
+    parser.add_argument("--weight-decay", type=float, default=1e-5)
+    parser.add_argument("--alpha", type=float, default=0.01, help="weight of the dose-class CE")
+    parser.add_argument("--dropout", type=float, default=0.1)
+    parser.add_argument("--full-dose-prob", type=float, default=0.1)
+    parser.add_argument("--no-hpf", action="store_true", help="ablation: 1-channel input (no high-pass copy)")
+    parser.add_argument("--no-dose-head", action="store_true", help="ablation: no auxiliary dose head")
+    parser.add_argument("--no-amp", action="store_true", help="disable mixed precision")
+    parser.add_argument("--threads", type=int, default=0, help="CPU threads (0: the free cores)")
+    parser.add_argument("--max-minutes", type=float, default=0.0, help="stop training after this many minutes (0: no limit)")
+
+
+# ------------------------------------------------------------------------------------------ pool
+@dataclass
+class Pool:
+    """Base slices at the model resolution. ``real[i]`` True: ``hu`` is a routine-dose slice that
+    already carries its noise; False: a noise-free phantom. ``noise`` is (N, 2, S, S) at I0 = 1."""
+
+    hu: np.ndarray  # (N, S, S) float32
+    noise: np.ndarray  # (N, 2, S, S) float16
+    i0_full: np.ndarray  # (N,) calibrated I0 for real slices; nan for phantoms
+    unit_sd: np.ndarray  # (N,) SD of the unit noise in the body (phantoms: to pick I0_full)
+    real: np.ndarray  # (N,) bool
+    names: list[str]
+
+
+def _free_cores() -> int:
+    n = os.cpu_count() or 1
+    try:
+        load = os.getloadavg()[0]
+    except OSError:
+        load = 0.0
+    return max(1, int(round(n - load)))
+
+
+def _read_ct_files(dirs: list[str], exclude: list[str], max_per_series: int) -> list[tuple[str, str, np.ndarray, float]]:
+    """(series key, name, HU 2D, pixel spacing) for CT slices under ``dirs``, at most ``max_per_series`` per series."""
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
+    by_series: dict[str, list[Path]] = {}
+    for d in dirs:
+        root = Path(d)
+        if not root.exists():
+            raise ValueError(f'Argument "--data": folder {root} does not exist')
+        for p in sorted(root.rglob("*")):
+            if not p.is_file() or any(fnmatch.fnmatch(p.name, pat) for pat in exclude):
+                continue
+            try:
+                ds = pydicom.dcmread(p, stop_before_pixels=True)
+            except (InvalidDicomError, OSError, ValueError, AttributeError, KeyError, TypeError):
+                continue
+            if str(getattr(ds, "Modality", "")) != "CT" or int(getattr(ds, "Rows", 0) or 0) < 128:
+                continue
+            by_series.setdefault(str(getattr(ds, "SeriesInstanceUID", p.parent)), []).append(p)
+    out = []
+    for uid, paths in sorted(by_series.items()):
+        idx = np.linspace(0, len(paths) - 1, min(max_per_series, len(paths))).round().astype(int)
+        for i in sorted(set(idx.tolist())):
+            p = paths[i]
+            try:
+                ds = pydicom.dcmread(p)
+                arr = ds.pixel_array.astype(np.float32)
+            except (OSError, ValueError, RuntimeError, AttributeError, NotImplementedError) as exc:
+                log.warning("skipping %s: cannot decode pixels (%s)", p.name, exc)
+                continue
+            frames = arr if arr.ndim == 3 else arr[None]
+            slope = float(getattr(ds, "RescaleSlope", 1) or 1)
+            icpt = float(getattr(ds, "RescaleIntercept", 0) or 0)
+            ps = getattr(ds, "PixelSpacing", None)
+            if ps is None:
+                try:
+                    ps = ds.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0].PixelSpacing
+                except (AttributeError, IndexError):
+                    ps = None
+            if ps is None:
+                log.warning("skipping %s: no PixelSpacing", p.name)
+                continue
+            for k, fr in enumerate(frames):
+                if fr.shape[0] != fr.shape[1]:
+                    continue
+                out.append((uid, f"{p.name}#{k}", np.maximum(fr * slope + icpt, -1024.0), float(ps[0])))
+    return out
+
+
+def _body_sd(noise: np.ndarray, hu: np.ndarray) -> float:
+    m = (hu > -300) & (hu < 300)
+    if m.sum() < 100:
+        m = hu > -500
+    return float(noise[m].std()) if m.any() else float(noise.std())
+
+
+def build_pool(args: argparse.Namespace, rng: np.random.Generator) -> Pool:
+    size = args.size
+    hus, noises, i0s, sds, real, names = [], [], [], [], [], []
+    slices = _read_ct_files(args.data, args.exclude, args.max_real_per_series) if args.data else []
+    log.info("pool: %d real slices, %d phantoms", len(slices), args.phantoms)
+    from tqdm import tqdm
+
+    series_i0: dict[str, float] = {}
+    for uid, name, hu, ps in tqdm(slices, desc="real slices"):
+        if uid not in series_i0:  # I0_full is calibrated once per series, on its first usable slice
+            meas = dose_sim.estimate_noise_hu(hu, ps)
+            try:
+                series_i0[uid] = dose_sim.calibrate_i0(hu, meas if math.isfinite(meas) else None, pixel_spacing_mm=ps, rng=rng, max_slices=1)
+            except ValueError:
+                series_i0[uid] = dose_sim.DEFAULT_I0_FULL
+                log.info("%s: no soft tissue to measure noise; I0_full = %.3g", name, series_i0[uid])
+            log.info("series of %s: noise %.1f HU -> I0_full %.3g", name, meas, series_i0[uid])
+        i0 = series_i0[uid]
+        t = torch.from_numpy(hu)[None, None]
+        small = F.interpolate(t, size=(size, size), mode="bilinear", antialias=True, align_corners=False)[0, 0].numpy()
+        ps_small = ps * hu.shape[0] / size
+        nz = dose_sim.unit_noise(small, pixel_spacing_mm=ps_small, rng=rng, n_realisations=2)
+        hus.append(small.astype(np.float32)); noises.append(nz.astype(np.float16)); i0s.append(i0)
+        sds.append(_body_sd(nz[0], small)); real.append(True); names.append(name)
+    for k in tqdm(range(args.phantoms), desc="phantoms"):
+        kind = "body" if k % 2 == 0 else "head"
+        hu, ps = make_phantom(kind, size, rng)
+        nz = dose_sim.unit_noise(hu, pixel_spacing_mm=ps, rng=rng, n_realisations=2)
+        hus.append(hu); noises.append(nz.astype(np.float16)); i0s.append(float("nan"))
+        sds.append(_body_sd(nz[0], hu)); real.append(False); names.append(f"phantom-{kind}-{k}")
+    return Pool(np.stack(hus), np.stack(noises), np.array(i0s), np.array(sds), np.array(real), names)
+
+
+def save_pool(pool: Pool, path: str) -> None:
+    np.savez(path, hu=pool.hu, noise=pool.noise, i0_full=pool.i0_full, unit_sd=pool.unit_sd, real=pool.real, names=np.array(pool.names))
+
+
+def load_pool(path: str) -> Pool:
+    z = np.load(path)
+    return Pool(z["hu"], z["noise"], z["i0_full"], z["unit_sd"], z["real"], [str(s) for s in z["names"]])
+
+
+# --------------------------------------------------------------------------------------- samples
+PHANTOM_FULL_NOISE_HU = (2.0, 14.0)  # full-dose noise SD of phantoms at 256, log-uniform
+
+
+def make_batch(pool: Pool, rng: np.random.Generator, batch: int, real_fraction: float, full_dose_prob: float):
+    """-> (low HU (B,S,S), full HU (B,S,S), dose class (B,) with -1 for full dose)."""
+    real_idx = np.flatnonzero(pool.real)
+    ph_idx = np.flatnonzero(~pool.real)
+    lows, fulls, cls = [], [], []
+    for _ in range(batch):
+        use_real = real_idx.size > 0 and (ph_idx.size == 0 or rng.random() < real_fraction)
+        i = int(rng.choice(real_idx if use_real else ph_idx))
+        r = int(rng.integers(2))
+        n_full = pool.noise[i, r].astype(np.float32) * (1 if rng.random() < 0.5 else -1)
+        n_add = pool.noise[i, 1 - r].astype(np.float32) * (1 if rng.random() < 0.5 else -1)
+        if pool.real[i]:
+            i0 = float(pool.i0_full[i]) * math.exp(rng.normal(0.0, 0.3))
+            full = pool.hu[i]
+        else:
+            sd = math.exp(rng.uniform(*np.log(PHANTOM_FULL_NOISE_HU)))
+            i0 = (float(pool.unit_sd[i]) / sd) ** 2
+            full = pool.hu[i] + n_full / math.sqrt(i0)
+        if rng.random() < full_dose_prob:
+            c, low = -1, full
+        else:
+            c = int(rng.integers(len(DOSE_CLASSES)))
+            low = full + n_add / math.sqrt(dose_sim.added_i0(i0, DOSE_CLASSES[c]))
+        k = int(rng.integers(4))
+        flip = rng.random() < 0.5
+        low, full = np.rot90(low, k), np.rot90(full, k)
+        if flip:
+            low, full = low[:, ::-1], full[:, ::-1]
+        lows.append(np.ascontiguousarray(low)); fulls.append(np.ascontiguousarray(full)); cls.append(c)
+    return torch.from_numpy(np.stack(lows)), torch.from_numpy(np.stack(fulls)), torch.tensor(cls)
+
+
+def target_map(low: torch.Tensor, full: torch.Tensor) -> torch.Tensor:
+    """Training target in [-1, 1]: 2 * SSIM(window(low), window(full)) - 1, (B, 1, S, S)."""
+    return 2.0 * ssim_map_torch(window_hu(low), window_hu(full)).unsqueeze(1).float() - 1.0
+
+
+# ----------------------------------------------------------------------------------------- train
+def _config(args: argparse.Namespace) -> dict:
+    return {
+        "in_channels": 1 if args.no_hpf else 2,
+        "n_doses": len(DOSE_CLASSES),
+        "dropout": args.dropout,
+        "dose_head": not args.no_dose_head,
+        "size": args.size,
+        "window": [40.0, 300.0],
+        "dose_classes": list(DOSE_CLASSES),
+    }
+
+
+def run(args: argparse.Namespace) -> int:
+    """Train; returns a process exit status (0 on success)."""
+    for name in ("epochs", "samples_per_epoch", "batch", "size"):
+        if getattr(args, name) < 1:
+            raise ValueError(f'Argument "--{name.replace("_", "-")}" must be >= 1, got {getattr(args, name)}')
+    if args.size % 16:
+        raise ValueError(f'Argument "--size" must be a multiple of 16, got {args.size}')
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise ValueError('Argument "--device cuda": no CUDA device is available; use --device auto or cpu')
+    device = "cuda" if args.device in ("auto", "cuda") and torch.cuda.is_available() else "cpu"
+    threads = args.threads or _free_cores()
+    torch.set_num_threads(threads)
+    torch.manual_seed(args.seed)
+    from tqdm import tqdm
+
+    t_start = time.time()
+    if args.pool_cache and Path(args.pool_cache).is_file():
+        pool = load_pool(args.pool_cache)
+        log.info("pool loaded from %s (%d slices)", args.pool_cache, len(pool.names))
+    else:
+        pool = build_pool(args, np.random.default_rng([args.seed, 1]))
+        if args.pool_cache:
+            save_pool(pool, args.pool_cache)
+    t_pool = time.time() - t_start
+    log.info("pool ready: %d slices (%d real) in %.0f s", len(pool.names), int(pool.real.sum()), t_pool)
+
+    cfg = _config(args)
+    net = N2QNet(cfg["in_channels"], cfg["n_doses"], cfg["dropout"], cfg["dose_head"]).to(device)
+    opt = torch.optim.Adam(net.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    steps_per_epoch = max(1, args.samples_per_epoch // args.batch)
+    total_steps = steps_per_epoch * args.epochs
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=args.lr, total_steps=total_steps, pct_start=0.05)
+    start_epoch, train_seconds, history = 0, 0.0, []
+    ckpt_path = Path(args.checkpoint or (str(args.out) + ".ckpt"))
+    if args.resume:
+        ck = torch.load(args.resume, map_location="cpu", weights_only=False)
+        net.load_state_dict(ck["model"]); opt.load_state_dict(ck["opt"]); sched.load_state_dict(ck["sched"])
+        start_epoch, train_seconds, history = int(ck["epoch"]), float(ck["train_seconds"]), list(ck["history"])
+        torch.set_rng_state(ck["torch_rng"])
+        log.info("resumed from %s at epoch %d", args.resume, start_epoch)
+    amp = not args.no_amp
+    amp_dtype = torch.float16 if device == "cuda" else torch.bfloat16
+    scaler = torch.amp.GradScaler("cuda", enabled=amp and device == "cuda")
+    stopped_early = False
+    for epoch in range(start_epoch, args.epochs):
+        rng = np.random.default_rng([args.seed, 2, epoch])
+        net.train()
+        t0 = time.time()
+        sums = np.zeros(3)
+        bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{args.epochs}", leave=False)
+        for _ in bar:
+            low, full, cls = make_batch(pool, rng, args.batch, args.real_fraction, args.full_dose_prob)
+            tgt = target_map(low, full).to(device)
+            x = make_input(window_hu(low).to(device), cfg["in_channels"])
+            cls = cls.to(device)
+            with torch.autocast(device, dtype=amp_dtype, enabled=amp):
+                pred, logits = net(x)
+            map_loss = (pred.float() - tgt).abs().mean()
+            ce = torch.zeros((), device=device)
+            if logits is not None and (cls >= 0).any():
+                ce = F.cross_entropy(logits.float(), cls, ignore_index=-1)
+            loss = map_loss + args.alpha * ce
+            opt.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+            sched.step()
+            acc = float((logits.argmax(1) == cls)[cls >= 0].float().mean()) if logits is not None and (cls >= 0).any() else float("nan")
+            sums += (float(map_loss.detach()), float(ce.detach()), acc)
+            bar.set_postfix(l1=f"{float(map_loss):.4f}", ce=f"{float(ce):.3f}")
+        train_seconds += time.time() - t0
+        mean = sums / steps_per_epoch
+        history.append({"epoch": epoch + 1, "l1": mean[0], "ce": mean[1], "dose_acc": mean[2], "seconds": train_seconds})
+        log.info("epoch %d: L1 %.4f CE %.3f dose acc %.2f (%.0f s so far)", epoch + 1, *mean, train_seconds)
+        ckpt_path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save({"model": net.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(), "epoch": epoch + 1,
+                    "train_seconds": train_seconds, "history": history, "torch_rng": torch.get_rng_state(),
+                    "config": cfg}, ckpt_path)
+        if args.max_minutes and train_seconds > args.max_minutes * 60 and epoch + 1 < args.epochs:
+            log.warning("stopping after epoch %d: --max-minutes %.0f reached", epoch + 1, args.max_minutes)
+            stopped_early = True
+            break
+    meta = {
+        "seed": args.seed, "epochs_done": len(history), "epochs_planned": args.epochs, "batch": args.batch,
+        "samples_seen": len(history) * steps_per_epoch * args.batch, "train_seconds": round(train_seconds, 1),
+        "pool_seconds": round(t_pool, 1), "threads": threads, "device": device, "amp": amp,
+        "pool_slices": len(pool.names), "pool_real": int(pool.real.sum()), "stopped_early": stopped_early,
+        "history": history, "argv": sys.argv[1:],
+    }
+    sha = save_weights(net.cpu(), args.out, cfg, meta)
+    log.info("wrote %s (sha256 %s), %.0f s training", args.out, sha, train_seconds)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Stand-alone entry point (``python -m analysis.n2q_train``) for the same arguments."""
+    parser = argparse.ArgumentParser(prog="n2q-train", description=__doc__.split("\n")[0])
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return run(args)
+    except ValueError as exc:
+        log.error("%s", exc)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
