@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from types import MappingProxyType
 
 from highdicom.coding_schemes import CodingSchemeIdentificationItem
+from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 
 PRIVATE_SCHEME = "99CTQA"
@@ -144,6 +145,47 @@ PRIVATE_CODES: Mapping[str, str] = MappingProxyType(
             OUTSIDE_CONTROL_LIMITS,
         )
         if c.scheme_designator == PRIVATE_SCHEME
+    }
+)
+
+
+# --- anatomy (Frame Anatomy of Parametric Maps) ----------------------------------------------
+def _sct(name: str) -> Code:
+    c = getattr(codes.SCT, name)
+    return Code(c.value, c.scheme_designator, c.meaning)
+
+
+#: Body Part Examined (0018,0015) defined terms -> (SCT anatomic region, paired structure?).
+BODY_PARTS: Mapping[str, tuple[Code, bool]] = MappingProxyType(
+    {
+        term: (_sct(name), paired)
+        for term, name, paired in (
+            ("HEAD", "Head", False),
+            ("BRAIN", "Brain", False),
+            ("SKULL", "Skull", False),
+            ("FACE", "Face", False),
+            ("NECK", "Neck", False),
+            ("HEADNECK", "HeadAndNeck", False),
+            ("CHEST", "Chest", False),
+            ("THORAX", "Thorax", False),
+            ("ABDOMEN", "Abdomen", False),
+            ("PELVIS", "Pelvis", False),
+            ("ABDOMENPELVIS", "AbdomenAndPelvis", False),
+            ("CHESTABDOMEN", "ChestAndAbdomen", False),
+            ("CHESTABDPELVIS", "ChestAbdomenAndPelvis", False),
+            ("WHOLEBODY", "EntireBody", False),
+            ("HEART", "Heart", False),
+            ("LIVER", "Liver", False),
+            ("SPINE", "Spine", False),
+            ("CSPINE", "CervicalSpine", False),
+            ("TSPINE", "ThoracicSpine", False),
+            ("LSPINE", "LumbarSpine", False),
+            ("LUNG", "Lung", True),
+            ("KIDNEY", "Kidney", True),
+            ("KNEE", "Knee", True),
+            ("SHOULDER", "Shoulder", True),
+            ("EXTREMITY", "Extremity", True),
+        )
     }
 )
 

@@ -11,6 +11,7 @@ description = weights SHA-256) and into Content Description.
 
 from __future__ import annotations
 
+import copy
 import logging
 from collections.abc import Sequence
 
@@ -21,7 +22,7 @@ from highdicom.sr import CodedConcept
 from pydicom import Dataset
 from pydicom.sr.codedict import codes as pydicom_codes
 
-from reports.codes import map_code
+from reports.codes import BODY_PARTS, map_code
 from reports.common import is_multiframe, n_frames, new_uid, no_person_name_warnings, unique_sources
 from reports.inputs import AlgorithmId, DeviceInfo
 
@@ -181,14 +182,50 @@ def build_parametric_map(
             contributing_equipment=[provenance],
             series_description=f"QA map: {label}"[:64],
         )
-    if "Laterality" not in pm and "Laterality" in sources[0]:
-        pm.Laterality = sources[0].Laterality
-    elif "Laterality" not in pm:
-        pm.Laterality = None  # Type 2C in General Series; empty = unknown / unpaired body part
+    _set_anatomy(pm, sources[0])
     if device.institution_name:
         pm.InstitutionName = device.institution_name
     logger.info("built parametric map %s (%s): %d frames", pm.SOPInstanceUID, name, pixels.shape[0])
     return pm
+
+
+def _frame_anatomy_of(src: Dataset) -> Dataset | None:
+    """Frame Anatomy item for the map: the multi-frame source's own, else one made from Body Part
+    Examined for an unpaired body part (or a paired one whose laterality the source states)."""
+    for groups in ("SharedFunctionalGroupsSequence", "PerFrameFunctionalGroupsSequence"):
+        for group in src.get(groups, [])[:1]:
+            if group.get("FrameAnatomySequence"):
+                return copy.deepcopy(group.FrameAnatomySequence[0])
+    part = str(src.get("BodyPartExamined", "") or "").strip().upper()
+    if part not in BODY_PARTS:
+        return None
+    region, paired = BODY_PARTS[part]
+    side = str(src.get("ImageLaterality", "") or src.get("Laterality", "") or "").strip().upper()
+    if paired and side not in ("R", "L", "B"):
+        return None
+    item = Dataset()
+    code = Dataset()
+    code.CodeValue = region.value
+    code.CodingSchemeDesignator = region.scheme_designator
+    code.CodeMeaning = region.meaning
+    item.AnatomicRegionSequence = [code]
+    item.FrameLaterality = side if paired else "U"
+    return item
+
+
+def _set_anatomy(pm: ParametricMap, src: Dataset) -> None:
+    """Laterality (General Series, Type 2C) or Frame Anatomy: dciodvfy requires one of them.
+
+    With a Frame Anatomy functional group the series-level Laterality is left out; without one
+    (unknown body part) Laterality is written empty, i.e. unknown (dciodvfy then warns).
+    """
+    anatomy = _frame_anatomy_of(src)
+    if anatomy is not None:
+        pm.SharedFunctionalGroupsSequence[0].FrameAnatomySequence = [anatomy]
+        if "Laterality" in pm:
+            del pm.Laterality
+    elif "Laterality" not in pm:
+        pm.Laterality = src.get("Laterality") or None
 
 
 def _content_label(name: str) -> str:

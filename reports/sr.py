@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 from highdicom.sr import (
     AlgorithmIdentification,
@@ -43,12 +44,13 @@ from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 
 from reports.codes import (
+    CATALOGUE,
     PROCEDURE_IMAGE_QUALITY_ANALYSIS,
     evaluation_code,
     metric_code,
     private_coding_scheme,
 )
-from reports.common import is_multiframe, n_frames, new_uid, stable_uid, unique_sources
+from reports.common import is_multiframe, n_frames, new_uid, no_person_name_warnings, stable_uid, unique_sources
 from reports.inputs import AlgorithmId, DeviceInfo, Evaluation, MetricValue, SliceMetricValue
 
 logger = logging.getLogger(__name__)
@@ -81,6 +83,41 @@ def _observation_context(device: DeviceInfo) -> ObservationContext:
             ),
         )
     )
+
+
+def _functional_group_attr(ds: Dataset, sequence: str, keyword: str):
+    """First value of ``keyword`` in functional group ``sequence`` (shared, else first frame), or None."""
+    for groups in ("SharedFunctionalGroupsSequence", "PerFrameFunctionalGroupsSequence"):
+        for group in ds.get(groups, [])[:1]:
+            for item in group.get(sequence, [])[:1]:
+                if keyword in item:
+                    return item[keyword].value
+    return None
+
+
+def _library_view(ds: Dataset) -> Dataset:
+    """The header as highdicom's TID 1602 image library entry wants it.
+
+    A multi-frame image keeps spacing, orientation and position in functional groups; the library
+    entry (descriptive only) gets them at the root, position from the first frame.
+    """
+    if not is_multiframe(ds) or "PixelSpacing" in ds:
+        return ds
+    view = Dataset()
+    for kw in ("SOPClassUID", "SOPInstanceUID", "Rows", "Columns", "FrameOfReferenceUID", "Modality"):
+        if kw in ds:
+            view[kw] = ds[kw]
+    for seq, kw in (
+        ("PixelMeasuresSequence", "PixelSpacing"),
+        ("PixelMeasuresSequence", "SliceThickness"),
+        ("PlaneOrientationSequence", "ImageOrientationPatient"),
+        ("PlanePositionSequence", "ImagePositionPatient"),
+    ):
+        value = _functional_group_attr(ds, seq, kw)
+        if value is None:
+            return ds  # let highdicom report what is missing
+        setattr(view, kw, value)
+    return view
 
 
 def _merge_evaluations(
@@ -251,27 +288,28 @@ def build_measurement_report(
         observation_context=_observation_context(device),
         procedure_reported=_cc(PROCEDURE_IMAGE_QUALITY_ANALYSIS),
         imaging_measurements=groups,
-        referenced_images=sources,
+        referenced_images=[_library_view(ds) for ds in sources],
     )
-    sr = Comprehensive3DSR(
-        evidence=sources,
-        content=report,
-        series_instance_uid=series_instance_uid or new_uid(),
-        series_number=series_number,
-        sop_instance_uid=sop_instance_uid or new_uid(),
-        instance_number=instance_number,
-        manufacturer=device.manufacturer,
-        is_complete=True,
-        is_final=False,
-        is_verified=False,
-        institution_name=device.institution_name,
-        institutional_department_name=device.institutional_department_name,
-        coding_schemes=[private_coding_scheme()],
-        series_description=series_description,
-        manufacturer_model_name=device.model_name,
-        software_versions=device.software_version,
-        device_serial_number=device.device_serial_number,
-    )
+    with no_person_name_warnings():
+        sr = Comprehensive3DSR(
+            evidence=sources,
+            content=report,
+            series_instance_uid=series_instance_uid or new_uid(),
+            series_number=series_number,
+            sop_instance_uid=sop_instance_uid or new_uid(),
+            instance_number=instance_number,
+            manufacturer=device.manufacturer,
+            is_complete=True,
+            is_final=False,
+            is_verified=False,
+            institution_name=device.institution_name,
+            institutional_department_name=device.institutional_department_name,
+            coding_schemes=[private_coding_scheme()],
+            series_description=series_description,
+            manufacturer_model_name=device.model_name,
+            software_versions=device.software_version,
+            device_serial_number=device.device_serial_number,
+        )
     if device.station_name:
         sr.StationName = device.station_name
     logger.info(
@@ -284,4 +322,84 @@ def build_measurement_report(
     return sr
 
 
-__all__ = ["build_measurement_report", "algorithm_identification"]
+@dataclass(frozen=True)
+class ReportContent:
+    """What ``read_measurement_report`` found: the series and per-slice measurements, as put in."""
+
+    series_metrics: tuple[MetricValue, ...]
+    slice_metrics: tuple[SliceMetricValue, ...]
+
+
+_ALGO_NAME, _ALGO_VERSION, _ALGO_PARAMS = "111001", "111003", "111002"
+
+
+def _algorithm_of(item: Dataset) -> AlgorithmId:
+    """TID 4019 items directly below a NUM content item -> AlgorithmId."""
+    found: dict[str, list[str]] = {}
+    for child in item.get("ContentSequence", []):
+        name = child.ConceptNameCodeSequence[0]
+        if name.CodingSchemeDesignator == "DCM" and name.CodeValue in (_ALGO_NAME, _ALGO_VERSION, _ALGO_PARAMS):
+            found.setdefault(name.CodeValue, []).append(str(child.TextValue))
+    if _ALGO_NAME not in found or _ALGO_VERSION not in found:
+        raise ValueError("Measurement has no TID 4019 algorithm identification (name and version)")
+    sha = None
+    for p in found.get(_ALGO_PARAMS, []):
+        if p.startswith("weights_sha256="):
+            sha = p.split("=", 1)[1]
+    return AlgorithmId(found[_ALGO_NAME][0], found[_ALGO_VERSION][0], sha)
+
+
+def read_measurement_report(dataset: Dataset) -> ReportContent:
+    """Parse an SR written by ``build_measurement_report`` back into MetricValue/SliceMetricValue.
+
+    Measurements without an image reference are series metrics (with the group's qualitative
+    evaluation, if any); those with one are per-slice metrics. Concepts are mapped back to metric
+    keys through the catalogue; an unknown concept is a ValueError.
+    """
+    sr = Comprehensive3DSR.from_dataset(dataset, copy=True)
+    reverse = {(m.concept.scheme_designator, m.concept.value): key for key, m in CATALOGUE.items()}
+    eval_values = {
+        (c.scheme_designator, c.value): ev
+        for c, ev in ((evaluation_code(True), Evaluation.WITHIN), (evaluation_code(False), Evaluation.OUTSIDE))
+    }
+    series: list[MetricValue] = []
+    slices: list[SliceMetricValue] = []
+    for group in sr.content.get_image_measurement_groups():
+        evals: dict[str, Evaluation] = {}
+        for q in group.get_qualitative_evaluations():
+            k = reverse.get((q.name.scheme_designator, q.name.value))
+            v = eval_values.get((q.value.scheme_designator, q.value.value))
+            if k is None or v is None:
+                raise ValueError(f"Unknown qualitative evaluation {q.name.meaning!r} = {q.value.meaning!r}")
+            evals[k] = v
+        for m in group.get_measurements():
+            key = reverse.get((m.name.scheme_designator, m.name.value))
+            if key is None:
+                raise ValueError(f"Unknown measurement concept ({m.name.scheme_designator}, {m.name.value}, {m.name.meaning})")
+            algo = _algorithm_of(m[0])
+            refs = m.referenced_images
+            if not refs:
+                series.append(MetricValue(key, float(m.value), algo, evals.get(key)))
+                continue
+            for ref in refs:
+                frames = ref.referenced_frame_numbers or [None]
+                for fr in frames:
+                    slices.append(
+                        SliceMetricValue(
+                            key,
+                            float(m.value),
+                            str(ref.referenced_sop_class_uid),
+                            str(ref.referenced_sop_instance_uid),
+                            algo,
+                            int(fr) if fr is not None else None,
+                        )
+                    )
+    return ReportContent(tuple(series), tuple(slices))
+
+
+__all__ = [
+    "build_measurement_report",
+    "read_measurement_report",
+    "ReportContent",
+    "algorithm_identification",
+]
