@@ -156,6 +156,9 @@ def _body_sd(noise: np.ndarray, hu: np.ndarray) -> float:
     return float(noise[m].std()) if m.any() else float(noise.std())
 
 
+I0_RANGE = (1.0e5, 1.0e7)  # plausible routine-dose I0_full in this geometry; calibrations outside are clamped
+
+
 def build_pool(args: argparse.Namespace, rng: np.random.Generator) -> Pool:
     size = args.size
     hus, noises, i0s, sds, real, names = [], [], [], [], [], []
@@ -172,6 +175,11 @@ def build_pool(args: argparse.Namespace, rng: np.random.Generator) -> Pool:
             except ValueError:
                 series_i0[uid] = dose_sim.DEFAULT_I0_FULL
                 log.info("%s: no soft tissue to measure noise; I0_full = %.3g", name, series_i0[uid])
+            clamped = float(np.clip(series_i0[uid], *I0_RANGE))
+            if clamped != series_i0[uid]:
+                log.warning("series of %s: calibrated I0_full %.3g outside %s (denoised or unusual image?); using %.3g",
+                            name, series_i0[uid], I0_RANGE, clamped)
+                series_i0[uid] = clamped
             log.info("series of %s: noise %.1f HU -> I0_full %.3g", name, meas, series_i0[uid])
         i0 = series_i0[uid]
         t = torch.from_numpy(hu)[None, None]
