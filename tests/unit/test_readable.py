@@ -1,0 +1,117 @@
+"""Readable report: Encapsulated PDF in the source study, read back field by field; the PDF text is
+checked with Ghostscript's text extraction where ``gs`` is installed."""
+
+from __future__ import annotations
+
+import io
+import shutil
+import subprocess
+from datetime import datetime, timezone
+
+import numpy as np
+import pydicom
+import pytest
+
+from reports.codes import CATALOGUE
+from reports.inputs import Evaluation, ReportMetric
+from reports.readable import ENCAPSULATED_PDF_STORAGE, build_readable_report, pdf_bytes
+from tests.unit.report_sources import assert_patient_study_copied, phantom_headers
+
+CREATED = datetime(2026, 3, 4, 5, 6, 7, tzinfo=timezone.utc)
+
+
+def _metric(key: str, value: float | None, evaluation: Evaluation | None = None, note: str = "") -> ReportMetric:
+    m = CATALOGUE[key]
+    return ReportMetric(key, value, m.unit_display, m.label, evaluation, note)
+
+
+METRICS = [
+    _metric("global_noise_hu", 4.8372, Evaluation.WITHIN),
+    _metric("wed_cm", 17.25),
+    _metric("ssde_mgy", 29.9, Evaluation.OUTSIDE),
+    _metric("ctdivol_mgy", None, note="no CTDIvol in headers"),
+    _metric("n_slices", 28),
+]
+
+
+@pytest.fixture(scope="module")
+def headers() -> list[pydicom.Dataset]:
+    return phantom_headers()
+
+
+@pytest.fixture(scope="module")
+def report(headers) -> pydicom.Dataset:
+    values = np.random.default_rng(0).gamma(3.0, 2.0, (len(headers), 512, 512)).astype(np.float32)
+    ds = build_readable_report(
+        headers, METRICS, "CT4 (Ingenuity, room 2)", values, "Local noise SD (HU)", 9004, created=CREATED
+    )
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    buf.seek(0)
+    return pydicom.dcmread(buf)
+
+
+def test_encapsulated_pdf_in_source_study(headers, report) -> None:
+    ds, src = report, headers[0]
+    assert ds.SOPClassUID == ENCAPSULATED_PDF_STORAGE
+    assert ds.file_meta.MediaStorageSOPClassUID == ENCAPSULATED_PDF_STORAGE
+    assert ds.Modality == "DOC"
+    assert ds.StudyInstanceUID == src.StudyInstanceUID
+    assert ds.SeriesInstanceUID != src.SeriesInstanceUID
+    assert ds.SeriesNumber == 9004
+    assert assert_patient_study_copied(ds, src) >= 10
+    assert ds.MIMETypeOfEncapsulatedDocument == "application/pdf"
+    assert ds.BurnedInAnnotation == "NO"
+    assert ds.DocumentTitle == "CT image quality report"
+    assert ds.ContentDate == "20260304" and ds.ContentTime == "050607"
+    assert {i.ReferencedSOPInstanceUID for i in ds.SourceInstanceSequence} == {h.SOPInstanceUID for h in headers}
+    assert len(ds.EncapsulatedDocument) % 2 == 0
+
+
+def test_pdf_is_one_page_pdf(report) -> None:
+    pdf = pdf_bytes(report)
+    assert len(pdf) == int(report.EncapsulatedDocumentLength)
+    assert pdf.startswith(b"%PDF-1.")
+    assert pdf.rstrip().endswith(b"%%EOF")
+    assert pdf.count(b"/Type /Page\n") + pdf.count(b"/Type /Page ") + pdf.count(b"/Type /Page>") == 1
+    assert b"/Subtype /Image" in pdf  # the map thumbnail
+
+
+@pytest.mark.skipif(shutil.which("gs") is None, reason="Ghostscript (gs) not installed: cannot extract PDF text")
+def test_pdf_text_has_key_numbers_and_scanner(headers, report) -> None:
+    out = subprocess.run(
+        ["gs", "-q", "-dNOPAUSE", "-dBATCH", "-dSAFER", "-sDEVICE=txtwrite", "-sOutputFile=-", "-"],
+        input=pdf_bytes(report),
+        capture_output=True,
+        check=True,
+        timeout=60,
+    ).stdout.decode("utf-8", "replace")
+    text = " ".join(out.split())
+    src = headers[0]
+    for expected in (
+        "CT image quality report",
+        "CT4 (Ingenuity, room 2)",
+        f"{src.Manufacturer} / {src.ManufacturerModelName}",
+        f"{src.StationName} / {src.DeviceSerialNumber}",
+        "2015-02-06",  # AcquisitionDate of the phantom series
+        "Global noise 4.84 HU within limits",
+        "Water-equivalent diameter 17.2 cm",
+        "SSDE 29.9 mGy OUTSIDE limits",
+        "CTDIvol n/a mGy no CTDIvol in headers",
+        "Slices analysed 28",
+        "Local noise SD (HU) - slice 15 of 28",
+    ):
+        assert expected in text, f"{expected!r} not in PDF text: {text[:800]}"
+    assert str(src.PatientID) not in text
+
+
+def test_without_map_and_bad_arguments(headers) -> None:
+    ds = build_readable_report(headers, METRICS, "CT4", None, None, 12)
+    assert ds.RecognizableVisualFeatures == "NO"
+    assert b"/Subtype /Image" not in pdf_bytes(ds)
+    with pytest.raises(ValueError, match="series_number"):
+        build_readable_report(headers, METRICS, "CT4", None, None, 0)
+    with pytest.raises(ValueError, match="scanner_name"):
+        build_readable_report(headers, METRICS, "", None, None, 1)
+    with pytest.raises(ValueError, match="map_values"):
+        build_readable_report(headers, METRICS, "CT4", np.zeros((4, 4)), None, 1)
