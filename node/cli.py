@@ -41,6 +41,7 @@ def setup_logging(level: str = "INFO") -> None:
     # pynetdicom logs every PDU at INFO; keep its warnings only.
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
     logging.getLogger("apscheduler").setLevel(logging.WARNING)
+    logging.getLogger("highdicom").setLevel(logging.WARNING)
 
 
 def _load(args) -> Settings:
@@ -237,6 +238,49 @@ def cmd_status(args) -> int:
     return EXIT_OK
 
 
+# -- outbox ----------------------------------------------------------------------------------------
+def cmd_outbox(args) -> int:
+    from storage.db import Database
+    from storage.outbox import list_deliveries
+
+    settings = _load(args)
+    db = Database(settings.node.database)
+    db.create_all()
+    rows = list_deliveries(db, args.state)
+    if args.json:
+        json.dump(rows, sys.stdout, indent=2)
+        sys.stdout.write("\n")
+        return EXIT_OK
+    if not rows:
+        print("outbox is empty" + (f" (state {args.state})" if args.state else ""))
+        return EXIT_OK
+    print(f"{'id':>5} {'kind':<5} {'destination':<12} {'state':<8} {'tries':>5}  detail")
+    for r in rows:
+        detail = r["last_error"] or (f"next try {r['next_attempt_at']}" if r["state"] == "pending" else
+                                     f"sent {r['sent_at']}" if r["sent_at"] else "")
+        print(f"{r['id']:>5} {r['kind']:<5} {r['destination']:<12} {r['state']:<8} {r['attempts']:>5}  {detail}")
+    counts = defaultdict(int)
+    for r in rows:
+        counts[r["state"]] += 1
+    print(", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
+    return EXIT_OK
+
+
+def cmd_resend(args) -> int:
+    from storage.db import Database
+    from storage.outbox import resend
+
+    if not (args.id or args.dead or args.pending):
+        raise UsageError("say what to resend: --id N (repeatable), --dead or --pending")
+    settings = _load(args)
+    db = Database(settings.node.database)
+    db.create_all()
+    n = resend(db, ids=args.id or (), dead=args.dead, pending=args.pending)
+    print(f"{n} deliver{'y' if n == 1 else 'ies'} queued to be sent now (a running node sends them within "
+          f"{settings.outbox.poll_s:g} s)")
+    return EXIT_OK
+
+
 # -- train -----------------------------------------------------------------------------------------
 TRAINERS = {"n2q": "analysis.n2q_train", "d2iqa": "analysis.d2iqa_train"}
 
@@ -284,6 +328,17 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("status", help="show received series, their state and analysis jobs")
     sp.add_argument("--json", action="store_true")
     sp.set_defaults(func=cmd_status)
+
+    sp = sub.add_parser("outbox", help="list result deliveries: pending, sent and dead")
+    sp.add_argument("--state", choices=["pending", "sent", "dead"], help="only deliveries in this state")
+    sp.add_argument("--json", action="store_true")
+    sp.set_defaults(func=cmd_outbox)
+
+    sp = sub.add_parser("resend", help="retry deliveries now (dead ones included when asked)")
+    sp.add_argument("--id", type=int, action="append", help="delivery id (repeatable)")
+    sp.add_argument("--dead", action="store_true", help="every dead delivery")
+    sp.add_argument("--pending", action="store_true", help="every pending delivery, without waiting")
+    sp.set_defaults(func=cmd_resend)
 
     sp = sub.add_parser("train", help="train a model (n2q or d2iqa); see `qa-node train MODEL --help`",
                         add_help=False)

@@ -14,9 +14,9 @@ from typing import TextIO
 
 from sqlalchemy import select
 
-from node.config import Settings
+from node.config import DestinationSettings, Settings
 from node.service import Node
-from storage.models import Job, JobState, Series
+from storage.models import Delivery, DeliveryState, Job, JobState, OutputObject, Series
 from storage.repo import current_metrics
 
 log = logging.getLogger(__name__)
@@ -47,8 +47,40 @@ def wait_for_analysis(node: Node, timeout_s: float) -> list[int]:
     raise TimeoutError(f"analysis did not finish within {timeout_s:.0f} s")
 
 
+def wait_for_deliveries(node: Node, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        with node.db.session() as s:
+            if not s.scalars(select(Delivery).where(Delivery.state == DeliveryState.PENDING)).first():
+                return
+        time.sleep(0.5)
+    raise TimeoutError(f"results not delivered within {timeout_s:.0f} s (see `qa-node outbox`)")
+
+
 def run_demo(settings: Settings, *, series_dir: Path, out: TextIO, stable_age_s: float = 3.0,
              timeout_s: float = 900.0) -> int:
+    """Without configured destinations, and with Orthanc installed, the demo starts a local Orthanc on
+    loopback as the PACS so that the results can be seen arriving in the source study."""
+    orthanc = None
+    if not settings.destinations and shutil.which("Orthanc"):
+        from node.orthanc import LocalOrthanc
+
+        orthanc = LocalOrthanc(known_aes={settings.node.ae_title: ("127.0.0.1", 104)})
+        orthanc.start()
+        out.write(f"local Orthanc PACS (AE ORTHANC) on 127.0.0.1:{orthanc.dicom_port}, REST {orthanc.url}\n")
+        settings = dataclasses.replace(settings, destinations=[
+            DestinationSettings("local-orthanc", "ORTHANC", "127.0.0.1", orthanc.dicom_port)])
+    try:
+        return _run_demo(settings, series_dir=series_dir, out=out, stable_age_s=stable_age_s,
+                         timeout_s=timeout_s, orthanc=orthanc)
+    finally:
+        if orthanc is not None:
+            orthanc.stop()
+            out.write(f"(the local Orthanc has stopped; its database stays in {orthanc.workdir})\n")
+
+
+def _run_demo(settings: Settings, *, series_dir: Path, out: TextIO, stable_age_s: float, timeout_s: float,
+              orthanc) -> int:
     if not series_dir.is_dir():
         out.write(f"demo: series folder {series_dir} not found (give --series FOLDER)\n")
         return 2
@@ -90,6 +122,20 @@ def run_demo(settings: Settings, *, series_dir: Path, out: TextIO, stable_age_s:
                 for name, (value, reason) in current_metrics(s, sid).items():
                     shown = "-" if value is None else f"{value:.4g}"
                     out.write(f"  {name:<26} {shown:>12}{'   ' + reason if value is None and reason else ''}\n")
+        out.write("\noutputs (written under " + str(data_dir / "outputs") + "):\n")
+        if settings.destinations:
+            wait_for_deliveries(node, 300)
+        with node.db.session() as s:
+            for o in s.scalars(select(OutputObject).order_by(OutputObject.id)):
+                states = [f"{d.destination}: {d.state}" for d in s.scalars(select(Delivery).where(Delivery.output_id == o.id))]
+                out.write(f"  {o.kind:<5} {data_dir / o.rel_path}  [{', '.join(states) or 'no destination'}]\n")
+            study = s.scalars(select(Series)).first().study_instance_uid
+        if orthanc is not None:
+            found = orthanc.instances_in_study(study)
+            kinds = sorted({i["modality"] for i in found})
+            out.write(f"\nin Orthanc, study {study}: {len(found)} instances ({', '.join(kinds)}); "
+                      f"browse {orthanc.url}/app/explorer.html while the demo runs, or list with "
+                      f"{orthanc.url}/studies\n")
         return 0 if rc == 0 else 1
     finally:
         node.stop()

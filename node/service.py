@@ -11,12 +11,20 @@ from analysis.pipeline import parse_models
 from node.config import Settings
 from node.worker import AnalysisWorker
 from scp.ingest import Ingestor
+from scp.sender import Destination, run_outbox
 from scp.server import AllowedPeer, StorageSCP
 from storage.db import Database
 from storage.filestore import FileStore
+from storage.outbox import RetryPolicy
 from storage.repo import complete_due_series, requeue_running_jobs
 
 log = logging.getLogger(__name__)
+
+
+def _now():
+    from datetime import datetime, timezone
+
+    return datetime.now(timezone.utc)
 
 
 def sweep_completed_series(db: Database, stable_age_s: float, models: list[str], worker: AnalysisWorker | None) -> list[str]:
@@ -27,6 +35,12 @@ def sweep_completed_series(db: Database, stable_age_s: float, models: list[str],
     if done and worker is not None:
         worker.wake()
     return done
+
+
+def send_outbox(db: Database, store: FileStore, calling_ae: str, destinations: list[Destination],
+                policy: RetryPolicy) -> dict[str, int]:
+    """Scheduler job: one pass of the outbox sender."""
+    return run_outbox(db, store, calling_ae=calling_ae, destinations=destinations, policy=policy)
 
 
 class Node:
@@ -55,7 +69,8 @@ class Node:
 
     def start(self, *, run_worker: bool = True) -> int:
         self.prepare()
-        self.worker = AnalysisWorker(self.settings, self.db, self.store) if run_worker else None
+        self.worker = (AnalysisWorker(self.settings, self.db, self.store, after_job=self._after_job)
+                       if run_worker else None)
         peers = [AllowedPeer(s.name, s.ae_title, tuple(s.hosts)) for s in self.settings.scanners]
         self.scp = StorageSCP(
             ae_title=self.settings.node.ae_title, host=self.settings.node.host, port=self.settings.node.port,
@@ -71,10 +86,34 @@ class Node:
             args=[self.db, self.settings.node.stable_age_s, self.models, self.worker],
             coalesce=True, max_instances=1, misfire_grace_time=60,
         )
+        if self.settings.destinations:
+            ob = self.settings.outbox
+            self.scheduler.add_job(
+                send_outbox, "interval", seconds=ob.poll_s, id="send_outbox",
+                args=[self.db, self.store, self.settings.node.ae_title,
+                      [Destination(d.name, d.ae_title, d.host, d.port) for d in self.settings.destinations],
+                      RetryPolicy(ob.retry_initial_s, ob.retry_max_s, ob.give_up_after_s)],
+                coalesce=True, max_instances=1, misfire_grace_time=60,
+            )
         self.scheduler.start()
         if self.worker is not None:
             self.worker.start()
         return port
+
+    def _after_job(self, job_id: int, result) -> str | None:
+        """For an analysed series: outputs written and queued for every destination. Returns a
+        note for the job when something failed (the analysis results are kept regardless)."""
+        from node.outputs import write_outputs
+
+        note = None
+        try:
+            write_outputs(self.settings, self.db, self.store, job_id, result)
+        except (ValueError, OSError, TypeError, AttributeError, KeyError) as exc:
+            log.exception("series %s: outputs not written", result.series_instance_uid)
+            note = f"outputs not written: {type(exc).__name__}: {exc}"
+        if self.scheduler is not None and self.scheduler.get_job("send_outbox") is not None:
+            self.scheduler.modify_job("send_outbox", next_run_time=_now())
+        return note
 
     def stop(self) -> None:
         """Stop receiving, stop the scheduler and worker, and put unfinished work back in the queue."""

@@ -55,9 +55,10 @@ def run_records(result: SeriesResult) -> list[RunRecord]:
     ]
 
 
-# Called after a job's results are stored: (job_id, series_result) -> None. Used by the results
-# stage (SR / maps / outbox); kept as a hook so the worker does not depend on reports.
-AfterJobHook = Callable[[int, SeriesResult], None]
+# Called for an analysed series before its job is closed: (job_id, series_result) -> a note for the
+# job's error text, or None. The results stage (SR / maps / outbox, trends) plugs in here, so the
+# worker does not depend on reports.
+AfterJobHook = Callable[[int, SeriesResult], "str | None"]
 
 
 class AnalysisWorker:
@@ -117,7 +118,12 @@ class AnalysisWorker:
         vol = result.volume
         refs = list(zip(vol.sop_instance_uids, vol.frame_numbers)) if vol is not None else []
         state = JobState.FAILED if result.status == "failed" else JobState.DONE
-        kept = finish_job(self.db, job_id, self.worker_id, state=state, error=result.reason,
+        # Outputs (SR, maps, report) are written and queued before the job is closed: their UIDs are
+        # derived from the series and its generation, so a job re-run after a crash re-creates the
+        # same objects instead of sending duplicates.
+        notes = self.after_job(job_id, result) if self.after_job is not None and result.status == "done" else None
+        error = "; ".join(x for x in (result.reason, notes) if x) or None
+        kept = finish_job(self.db, job_id, self.worker_id, state=state, error=error,
                           outcome=result.status, runs=run_records(result), slice_refs=refs)
         if not kept:
             log.info("series %s: job %d was re-queued while running; results discarded", series.series_instance_uid, job_id)
@@ -125,6 +131,4 @@ class AnalysisWorker:
         log.info("series %s (scanner %s): %d instances, analysis %s%s", series.series_instance_uid,
                  series.scanner_name, len(rel_paths), result.status,
                  f" ({result.reason})" if result.reason else "")
-        if self.after_job is not None and result.status == "done":
-            self.after_job(job_id, result)
         return result

@@ -291,3 +291,4 @@ def current_metrics(session: Session, series_id: int) -> dict[str, tuple[float |
     for m in session.scalars(q):
         out[m.name] = (m.value, m.reason)
     return out
+
