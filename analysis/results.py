@@ -9,6 +9,7 @@ Parametric Map builders:
   ``reasons`` saying why it is absent (never a made-up 0).
 - ``slice_metrics``: ``name -> float array (n_slices,)``, ``nan`` where a slice has no value.
 - ``maps``: pixel-wise maps (one float32 frame per slice) to be sent as Parametric Maps.
+- ``info``: text context that is not a number (kernel, which SSDE phantom was used, ...).
 - ``algorithm``/``version``/``weights_sha256``: provenance that goes into every SR and map.
 """
 
@@ -44,6 +45,8 @@ class ModelOutput:
     reasons: dict[str, str] = field(default_factory=dict)
     slice_metrics: dict[str, np.ndarray] = field(default_factory=dict)
     maps: list[MapOutput] = field(default_factory=list)
+    # text context that is not a metric, e.g. {"ssde_phantom": "16 cm", "kernel": "UB"}
+    info: dict[str, str] = field(default_factory=dict)
 
     def set_metric(self, name: str, value: float | None, reason: str | None = None) -> None:
         """Record a series metric; a missing value must come with the reason it is missing."""
