@@ -72,3 +72,22 @@ def no_person_name_warnings() -> Iterator[None]:
         warnings.filterwarnings("ignore", message=r"The string .* is unlikely to represent the intended person name")
         yield
 
+
+
+def derived_uids(source_series_instance_uid: str, kind: str, generation: int = 1) -> tuple[str, str]:
+    """(SeriesInstanceUID, SOPInstanceUID) for output ``kind`` ("sr", "pm:<name>", "pdf") of a
+    source series, the same every time for the same inputs.
+
+    Rebuilding the outputs of the same analysis (e.g. after a crash between analysis and writing
+    the outbox) then gives the same UIDs, so PACS sees a resend rather than a second object. Bump
+    ``generation`` when the series is re-analysed with new content (a late instance re-opened it).
+    """
+    if not source_series_instance_uid or not kind:
+        raise ValueError(
+            f'Arguments "source_series_instance_uid" and "kind" must be non-empty, got '
+            f"{source_series_instance_uid!r}, {kind!r}"
+        )
+    if not isinstance(generation, int) or generation < 1:
+        raise ValueError(f'Argument "generation" must be a positive int, got {generation!r}')
+    base = ("ctqa-node-output", source_series_instance_uid, kind, str(generation))
+    return stable_uid(*base, "series"), stable_uid(*base, "instance")

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import metadata
 from enum import StrEnum
@@ -167,4 +167,22 @@ def slice_metrics_from_array(
         SliceMetricValue(key, float(v), cls, inst, algorithm, fr)
         for v, cls, inst, fr in zip(arr, sop_class_uids, sop_instance_uids, frame_numbers)
         if math.isfinite(v)
+    ]
+
+
+def metrics_from_mapping(
+    values: Mapping[str, float | None],
+    algorithm: AlgorithmId,
+    evaluations: Mapping[str, Evaluation] | None = None,
+) -> list[MetricValue]:
+    """``ModelOutput.series_metrics``-style dict -> MetricValue list, in the dict's order.
+
+    ``None`` (a metric that could not be measured; its reason lives elsewhere) is left out: the SR
+    only holds measured values. ``evaluations`` adds within/outside-control-limit evaluations by key.
+    """
+    evaluations = evaluations or {}
+    return [
+        MetricValue(key, float(value), algorithm, evaluations.get(key))
+        for key, value in values.items()
+        if value is not None
     ]

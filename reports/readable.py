@@ -23,7 +23,8 @@ from pydicom import Dataset
 from pydicom.uid import UID
 
 from reports.common import new_uid, no_person_name_warnings, unique_sources
-from reports.inputs import DeviceInfo, ReportMetric
+from reports.codes import metric_code
+from reports.inputs import DeviceInfo, Evaluation, ReportMetric
 
 logger = logging.getLogger(__name__)
 
@@ -219,3 +220,11 @@ def pdf_bytes(ds: Dataset) -> bytes:
     data = bytes(ds.EncapsulatedDocument)
     n = int(ds.get("EncapsulatedDocumentLength", len(data)))
     return data[:n]
+
+
+def report_metric(
+    key: str, value: float | None, evaluation: Evaluation | None = None, note: str = ""
+) -> ReportMetric:
+    """A table row for ``key`` with the catalogue's label and display unit (``reports.codes``)."""
+    mc = metric_code(key)
+    return ReportMetric(key, value, mc.unit_display, mc.label, evaluation, note)

@@ -11,8 +11,8 @@ Layout of the content tree (PS3.16 TID 1500):
   control-limit evaluation, a qualitative evaluation named by the metric's concept with the value
   99CTQA WITHIN_CL / OUTSIDE_CL.
 - Per-slice metrics: one TID 1501 group per (algorithm, metric) (tracking identifier
-  "Per slice: <key> (<algorithm>)"); each TID 300 measurement references its image (and frame) as
-  "Source of measurement".
+  "Per slice: <key> (<algorithm>)") with TID 4019 on the group only; each TID 300 measurement
+  references its image (and frame) as "Source of measurement".
 
 The SR goes into the source study: highdicom copies the Patient, General Study and Patient Study
 modules from the first source header and lists all sources in the Current Requested Procedure
@@ -263,7 +263,8 @@ def build_measurement_report(
                 name=_cc(mc.concept),
                 value=float(s.value),
                 unit=_cc(mc.unit),
-                algorithm_id=algo_id,
+                # no per-measurement TID 4019 here: the group carries it (one per slice would be
+                # thousands of repeated items for a long series)
                 referenced_images=[
                     SourceImageForMeasurement(
                         referenced_sop_class_uid=s.sop_class_uid,
@@ -333,15 +334,15 @@ class ReportContent:
 _ALGO_NAME, _ALGO_VERSION, _ALGO_PARAMS = "111001", "111003", "111002"
 
 
-def _algorithm_of(item: Dataset) -> AlgorithmId:
-    """TID 4019 items directly below a NUM content item -> AlgorithmId."""
+def _algorithm_of(item: Dataset) -> AlgorithmId | None:
+    """TID 4019 items directly below a content item (NUM or group CONTAINER) -> AlgorithmId, or None."""
     found: dict[str, list[str]] = {}
     for child in item.get("ContentSequence", []):
         name = child.ConceptNameCodeSequence[0]
         if name.CodingSchemeDesignator == "DCM" and name.CodeValue in (_ALGO_NAME, _ALGO_VERSION, _ALGO_PARAMS):
             found.setdefault(name.CodeValue, []).append(str(child.TextValue))
     if _ALGO_NAME not in found or _ALGO_VERSION not in found:
-        raise ValueError("Measurement has no TID 4019 algorithm identification (name and version)")
+        return None
     sha = None
     for p in found.get(_ALGO_PARAMS, []):
         if p.startswith("weights_sha256="):
@@ -365,6 +366,7 @@ def read_measurement_report(dataset: Dataset) -> ReportContent:
     series: list[MetricValue] = []
     slices: list[SliceMetricValue] = []
     for group in sr.content.get_image_measurement_groups():
+        group_algo = _algorithm_of(group[0])
         evals: dict[str, Evaluation] = {}
         for q in group.get_qualitative_evaluations():
             k = reverse.get((q.name.scheme_designator, q.name.value))
@@ -376,7 +378,11 @@ def read_measurement_report(dataset: Dataset) -> ReportContent:
             key = reverse.get((m.name.scheme_designator, m.name.value))
             if key is None:
                 raise ValueError(f"Unknown measurement concept ({m.name.scheme_designator}, {m.name.value}, {m.name.meaning})")
-            algo = _algorithm_of(m[0])
+            algo = _algorithm_of(m[0]) or group_algo
+            if algo is None:
+                raise ValueError(
+                    f"Measurement {m.name.meaning!r} has no TID 4019 algorithm identification, nor has its group"
+                )
             refs = m.referenced_images
             if not refs:
                 series.append(MetricValue(key, float(m.value), algo, evals.get(key)))

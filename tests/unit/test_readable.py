@@ -13,17 +13,14 @@ import pydicom
 import pytest
 
 from reports.codes import CATALOGUE
-from reports.inputs import Evaluation, ReportMetric
-from reports.readable import ENCAPSULATED_PDF_STORAGE, build_readable_report, pdf_bytes
+from reports.inputs import Evaluation
+from reports.readable import ENCAPSULATED_PDF_STORAGE, build_readable_report, pdf_bytes, report_metric
 from tests.unit.report_sources import assert_patient_study_copied, phantom_headers
 
 CREATED = datetime(2026, 3, 4, 5, 6, 7, tzinfo=timezone.utc)
 
 
-def _metric(key: str, value: float | None, evaluation: Evaluation | None = None, note: str = "") -> ReportMetric:
-    m = CATALOGUE[key]
-    return ReportMetric(key, value, m.unit_display, m.label, evaluation, note)
-
+_metric = report_metric
 
 METRICS = [
     _metric("global_noise_hu", 4.8372, Evaluation.WITHIN),
@@ -103,6 +100,13 @@ def test_pdf_text_has_key_numbers_and_scanner(headers, report) -> None:
     ):
         assert expected in text, f"{expected!r} not in PDF text: {text[:800]}"
     assert str(src.PatientID) not in text
+
+
+def test_report_metric_uses_catalogue() -> None:
+    m = report_metric("ssde_mgy", 12.5, Evaluation.OUTSIDE)
+    assert (m.label, m.unit, m.value, m.evaluation) == (CATALOGUE["ssde_mgy"].label, "mGy", 12.5, Evaluation.OUTSIDE)
+    with pytest.raises(ValueError, match="Unknown metric key"):
+        report_metric("bogus", 1.0)
 
 
 def test_without_map_and_bad_arguments(headers) -> None:

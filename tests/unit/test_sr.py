@@ -23,7 +23,15 @@ from reports.codes import (
     WITHIN_CONTROL_LIMITS,
     metric_code,
 )
-from reports.inputs import AlgorithmId, Evaluation, MetricValue, SliceMetricValue, slice_metrics_from_array
+from reports.common import derived_uids
+from reports.inputs import (
+    AlgorithmId,
+    Evaluation,
+    MetricValue,
+    SliceMetricValue,
+    metrics_from_mapping,
+    slice_metrics_from_array,
+)
 from reports.sr import build_measurement_report, read_measurement_report
 from tests.unit.report_sources import assert_patient_study_copied, enhanced_ct_header, phantom_headers
 
@@ -311,3 +319,19 @@ def test_no_patient_identifiers_in_logs_or_warnings(headers, caplog) -> None:
     assert texts, "expected at least the builder's own log line"
     for t in texts:
         assert f'"{name}"' not in t and pid not in t, t
+
+
+def test_helpers_for_wiring() -> None:
+    got = metrics_from_mapping(
+        {"global_noise_hu": 4.5, "ssde_mgy": None, "wed_cm": 17}, CLASSICAL, {"global_noise_hu": Evaluation.WITHIN}
+    )
+    assert got == [
+        MetricValue("global_noise_hu", 4.5, CLASSICAL, Evaluation.WITHIN),
+        MetricValue("wed_cm", 17.0, CLASSICAL),
+    ]
+    with pytest.raises(ValueError, match="one value per slice"):
+        slice_metrics_from_array("wed_cm", [1.0, 2.0], ["1.2"], ["1.2.3"], [None], CLASSICAL)
+    a, b = derived_uids("1.2.3.4", "sr"), derived_uids("1.2.3.4", "sr")
+    assert a == b and a[0] != a[1]
+    assert derived_uids("1.2.3.4", "sr", 2) != a and derived_uids("1.2.3.4", "pdf") != a
+    assert all(len(u) <= 64 and re.fullmatch(r"[0-9.]+", u) for u in a)
