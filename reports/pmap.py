@@ -2,7 +2,8 @@
 
 One float32 frame per source slice (or per frame of a multi-frame source), in the source's Frame of
 Reference with the source's plane positions, orientation and pixel spacing; each frame references
-its source image (Derivation Image / Source Image Sequence). The Real World Value Mapping is the
+its source image (Derivation Image / Source Image Sequence). highdicom may store the frames in
+spatial order rather than input order; the per-frame references always pair a frame with its source. The Real World Value Mapping is the
 identity with the map's UCUM unit and its quantity code (``reports.codes.MAPS``, or a private
 concept named after ``name``). Provenance: the algorithm goes into the Contributing Equipment
 Sequence (model name = algorithm name, software version = algorithm version, contribution
@@ -46,7 +47,9 @@ def _frame_order(frame_numbers: Sequence[int | None] | None, n: int) -> np.ndarr
     if frame_numbers is None or all(f is None for f in frame_numbers):
         return None
     if len(frame_numbers) != n or any(f is None for f in frame_numbers):
-        raise ValueError(f'Argument "frame_numbers" must give one frame number per map slice ({n}), got {frame_numbers!r}')
+        raise ValueError(
+            f'Argument "frame_numbers" must give one frame number per map slice ({n}), got {frame_numbers!r}'
+        )
     order = np.asarray(frame_numbers, dtype=int) - 1
     if sorted(order.tolist()) != list(range(n)):
         raise ValueError(f'Argument "frame_numbers" must be a permutation of 1..{n}, got {list(frame_numbers)!r}')

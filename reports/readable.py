@@ -57,7 +57,8 @@ def _header_text(src: Dataset, scanner_name: str) -> list[tuple[str, str]]:
         v = src.get(kw)
         return str(v) if v not in (None, "") else "-"
 
-    date = g("AcquisitionDate") if "AcquisitionDate" in src else g("SeriesDate") if "SeriesDate" in src else g("StudyDate")
+    date_kw = next((kw for kw in ("AcquisitionDate", "SeriesDate", "StudyDate") if src.get(kw)), "StudyDate")
+    date = g(date_kw)
     if len(date) == 8 and date.isdigit():
         date = f"{date[:4]}-{date[4:6]}-{date[6:]}"
     return [
@@ -161,7 +162,8 @@ def build_readable_report(
         raise ValueError(f'Argument "scanner_name" must be a non-empty string, got {scanner_name!r}')
     if map_values is not None and (not isinstance(map_values, np.ndarray) or map_values.ndim != 3):
         raise ValueError(
-            f'Argument "map_values" must be None or an array (n_slices, rows, cols), got {getattr(map_values, "shape", map_values)!r}'
+            'Argument "map_values" must be None or an array (n_slices, rows, cols), got '
+            f"{getattr(map_values, 'shape', map_values)!r}"
         )
     device = device or DeviceInfo()
     sources = unique_sources(source_images)

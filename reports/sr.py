@@ -160,7 +160,8 @@ def _check_slice_reference(s: SliceMetricValue, index: Mapping[str, tuple[str, i
     sop_class, frames = index[s.sop_instance_uid]
     if s.sop_class_uid != sop_class:
         raise ValueError(
-            f'Slice metric "{s.key}" gives SOP class {s.sop_class_uid} for {s.sop_instance_uid}, the source has {sop_class}'
+            f'Slice metric "{s.key}" gives SOP class {s.sop_class_uid} for {s.sop_instance_uid}, '
+            f"the source has {sop_class}"
         )
     if frames is None and s.frame_number is not None:
         raise ValueError(
@@ -377,7 +378,9 @@ def read_measurement_report(dataset: Dataset) -> ReportContent:
         for m in group.get_measurements():
             key = reverse.get((m.name.scheme_designator, m.name.value))
             if key is None:
-                raise ValueError(f"Unknown measurement concept ({m.name.scheme_designator}, {m.name.value}, {m.name.meaning})")
+                raise ValueError(
+                    f"Unknown measurement concept ({m.name.scheme_designator}, {m.name.value}, {m.name.meaning})"
+                )
             algo = _algorithm_of(m[0]) or group_algo
             if algo is None:
                 raise ValueError(

@@ -58,6 +58,7 @@ def assert_patient_study_copied(written: pydicom.Dataset, source: pydicom.Datase
     for kw in PATIENT_STUDY_KEYWORDS:
         if kw in source:
             assert kw in written, f"{kw} not copied"
-            assert str(written[kw].value) == str(source[kw].value), f"{kw}: {written[kw].value!r} != {source[kw].value!r}"
+            got, want = written[kw].value, source[kw].value
+            assert str(got) == str(want), f"{kw}: {got!r} != {want!r}"
             n += 1
     return n

@@ -180,7 +180,7 @@ def test_enhanced_ct_source_with_frame_numbers() -> None:
     ect = enhanced_ct_header()
     n = int(ect.NumberOfFrames)
     assert n == 2
-    v = np.stack([np.full((ect.Rows, ect.Columns), 0.25, np.float32), np.full((ect.Rows, ect.Columns), 0.75, np.float32)])
+    v = np.stack([np.full((ect.Rows, ect.Columns), x, np.float32) for x in (0.25, 0.75)])
     # map slice 0 is frame 2, map slice 1 is frame 1 (a volume sorted along z may do that)
     pm = build_parametric_map(
         [ect, ect],
@@ -216,7 +216,9 @@ def test_enhanced_ct_source_with_frame_numbers() -> None:
 def test_non_finite_pixels_need_an_explicit_fill_value(headers, values) -> None:
     v = values.copy()
     v[3, 10:20, 10:20] = np.nan
-    kwargs = dict(name="local_noise_sd", label="L", unit_code=HU[0], unit_meaning=HU[1], algorithm=ALGO, series_number=1)
+    kwargs = dict(
+        name="local_noise_sd", label="L", unit_code=HU[0], unit_meaning=HU[1], algorithm=ALGO, series_number=1
+    )
     with pytest.raises(ValueError, match="100 non-finite pixels"):
         build_parametric_map(headers, v, **kwargs)
     ds = _roundtrip(build_parametric_map(headers, v, fill_value=-1.0, **kwargs))
@@ -229,7 +231,9 @@ def test_non_finite_pixels_need_an_explicit_fill_value(headers, values) -> None:
 
 
 def test_bad_arguments_are_named(headers, values) -> None:
-    kwargs = dict(name="local_noise_sd", label="L", unit_code=HU[0], unit_meaning=HU[1], algorithm=ALGO, series_number=1)
+    kwargs = dict(
+        name="local_noise_sd", label="L", unit_code=HU[0], unit_meaning=HU[1], algorithm=ALGO, series_number=1
+    )
     with pytest.raises(ValueError, match='"values" must be a float32'):
         build_parametric_map(headers, values.astype(np.float64), **kwargs)
     with pytest.raises(ValueError, match="27 slices, the source has 28 images"):
