@@ -140,12 +140,11 @@ class MetricLimits:
 class TrendSettings:
     """``[trends]``: baselines, SPC rules and levels.
 
-    The control chart of a scanner x protocol (x size band) x metric plots one point per day: the
-    median of that day's series. The baseline is the first ``baseline_n`` series (but at least
-    ``baseline_min_days`` days, whole days) after the last re-baselining service event, or the days from
-    ``baseline_from`` to ``baseline_to`` when those are given (until a re-baselining event). Days with
-    fewer than ``min_series_per_day`` series are charted but not judged (one unusual patient is not a
-    scanner fault).
+    The control chart of a scanner x protocol (x size band) x metric plots one point per day, or per
+    run of consecutive days when one day holds fewer than ``series_per_point`` series: the median of
+    those series. The baseline is the first ``baseline_n`` series (but at least ``baseline_min_days``
+    days, whole points) after the last re-baselining service event, or the points inside
+    ``baseline_from`` to ``baseline_to`` when those are given (until a re-baselining event).
     """
 
     baseline_n: int = 50
@@ -156,7 +155,7 @@ class TrendSettings:
     sigma: float = 3.0
     run_length: int = 8
     trend_length: int = 6
-    min_series_per_day: int = 3
+    series_per_point: int = 20
     by_size_band: bool = False
     timezone: str = "UTC"
     limits: dict[str, MetricLimits] = field(default_factory=dict)
@@ -175,8 +174,8 @@ class TrendSettings:
             raise ValueError(f'Argument "rules" has unknown rule {bad[0]!r}; known: {", ".join(SPC_RULES)}')
         if not (math.isfinite(self.sigma) and self.sigma > 0):
             raise ValueError(f'Argument "sigma" must be > 0, got {self.sigma}')
-        if self.min_series_per_day < 1:
-            raise ValueError(f'Argument "min_series_per_day" must be >= 1, got {self.min_series_per_day}')
+        if self.series_per_point < 1:
+            raise ValueError(f'Argument "series_per_point" must be >= 1, got {self.series_per_point}')
         if self.run_length < 2 or self.trend_length < 3:
             raise ValueError(f"run_length must be >= 2 and trend_length >= 3, got {self.run_length}, {self.trend_length}")
         self.tz()  # validates the name
@@ -192,7 +191,7 @@ class TrendSettings:
         prefix = "trends"
         allowed = {
             "baseline_n", "baseline_min_days", "baseline_from", "baseline_to", "rules", "sigma",
-            "run_length", "trend_length", "min_series_per_day", "by_size_band", "timezone", "limits",
+            "run_length", "trend_length", "series_per_point", "by_size_band", "timezone", "limits",
         }  # fmt: skip
         _check_keys(section, allowed, file, prefix)
         rules = _get(section, "rules", list, list(SPC_RULES), file, prefix)
@@ -215,7 +214,7 @@ class TrendSettings:
             sigma=_get(section, "sigma", float, 3.0, file, prefix),
             run_length=_get(section, "run_length", int, 8, file, prefix),
             trend_length=_get(section, "trend_length", int, 6, file, prefix),
-            min_series_per_day=_get(section, "min_series_per_day", int, 3, file, prefix),
+            series_per_point=_get(section, "series_per_point", int, 20, file, prefix),
             by_size_band=_get(section, "by_size_band", bool, False, file, prefix),
             timezone=_get(section, "timezone", str, "UTC", file, prefix),
             limits=limits,

@@ -1,33 +1,34 @@
 """Baselines, robust control limits, SPC rules, tolerance/action levels and alerts.
 
 One control chart per scanner x protocol (x size band, when ``[trends] by_size_band``) x metric. A
-chart point is one *day*: the median of that day's series (local day in ``[trends] timezone``). Single
-patients are not process measurements (size, positioning, contrast phase move them), the day's median
-is; the limits are computed from the day-to-day spread of the baseline days, so they include the real
-between-day variation of the scanner.
+chart *point* is the median of the series of one day (local day in ``[trends] timezone``), or of a few
+consecutive days when one day holds fewer than ``series_per_point`` series (weekends, rare protocols).
+Single patients are not process measurements (size, positioning, contrast phase move them); the median
+of a point is. The limits of a point depend on how many series it holds:
+sigma(n) = sqrt(between^2 + f(n) * within^2 / n), with the day-to-day ("between") and the
+series-to-series ("within") spread estimated robustly from the baseline (see :func:`baseline_stats`).
 
 Per chart and *epoch* (the time between two re-baselining service events):
 
-- baseline: the first whole days holding at least ``baseline_n`` series and at least
-  ``baseline_min_days`` days, or the days in ``[baseline_from, baseline_to]`` when configured (for the
-  epoch that contains them);
-- centre = median of the baseline days' medians; sigma = 1.4826 * MAD of them (falls back to the
-  standard deviation when the MAD is 0);
-- SPC rules on each later day: ``beyond_limits`` (|x - centre| > sigma_k * sigma), ``run`` (the last
-  ``run_length`` days all on one side of the centre), ``trend`` (the last ``trend_length`` days strictly
-  increasing or decreasing). With ``direction = "increase"`` / ``"decrease"`` in a metric's limits only
-  violations on that side count;
+- baseline: the first points holding at least ``baseline_n`` series and spanning at least
+  ``baseline_min_days`` days, or the points inside ``[baseline_from, baseline_to]`` when configured
+  (for the epoch that contains them);
+- centre = median of the baseline points' medians; spreads from medians and MADs (1.4826 * MAD);
+- SPC rules on each later point: ``beyond_limits`` (|x - centre| > sigma_k * sigma(n)), ``run`` (the
+  last ``run_length`` points all on one side of the centre), ``trend`` (the last ``trend_length`` points
+  strictly increasing or decreasing). With ``direction = "increase"`` / ``"decrease"`` in a metric's
+  limits only violations on that side count;
 - tolerance and action levels around the centre (percent or absolute, per metric).
 
-A day's status: ``action`` (beyond the action level) > ``tolerance`` (beyond tolerance) >
-``out_of_control`` (an SPC rule, within tolerance) > ``ok``; ``baseline`` while the day belongs to the
-baseline or the baseline is not complete.
+A point's status: ``action`` (beyond the action level) > ``tolerance`` (beyond tolerance) >
+``out_of_control`` (an SPC rule, within tolerance) > ``ok``; ``baseline`` while the point belongs to the
+baseline or the baseline is not complete; ``pending`` for the newest point while it still collects series.
 
-An alert is raised (stored, logged, e-mailable) for the action level, and for an SPC rule when the day
-is also outside the tolerance level, or when the metric has no tolerance level configured. Statistically
-significant changes inside the physicist's tolerance are shown on the chart but page nobody: with
-dozens of charts per scanner, plain 3-sigma/run/trend rules would otherwise raise false alerts every
-week.
+An alert is raised (stored, logged, e-mailable) for the action level, and for an SPC rule when the
+point is also outside the tolerance level, or when the metric has no tolerance level configured.
+Statistically significant changes inside the physicist's tolerance are shown on the chart but page
+nobody: with dozens of charts per scanner, plain 3-sigma/run/trend rules raise false alerts every week.
+Alerts are filed under the point's last day.
 """
 
 from __future__ import annotations
@@ -62,7 +63,7 @@ ALL_BANDS = "all"
 MAD_TO_SIGMA = 1.4826
 
 STATUS_BASELINE = "baseline"
-STATUS_FEW = "too_few_series"
+STATUS_PENDING = "pending"  # the last point is still collecting series
 STATUS_OK = "ok"
 STATUS_OOC = "out_of_control"
 STATUS_TOLERANCE = "tolerance"
@@ -108,8 +109,12 @@ class Baseline:
 
 @dataclass(frozen=True)
 class DayPoint:
-    day: date
-    value: float  # median of the day's series
+    """One chart point: the series of ``first_day`` .. ``day`` (one day, or several when a day holds
+    fewer than ``series_per_point`` series)."""
+
+    day: date  # the point's last day: the day it is plotted on and its alerts are filed under
+    first_day: date
+    value: float  # median of the point's series
     n_series: int
     epoch: int
     in_baseline: bool
@@ -135,8 +140,9 @@ class ChartAnalysis:
     n_series: int
 
     def point_on(self, day: date) -> DayPoint | None:
+        """The point holding ``day`` (the latest one when a re-baselining event splits the day)."""
         for p in reversed(self.points):
-            if p.day == day:
+            if p.first_day <= day <= p.day:
                 return p
         return None
 
@@ -313,7 +319,12 @@ def analyse_chart(
     rebaseline_at: Sequence[datetime],
     settings: TrendSettings,
 ) -> ChartAnalysis:
-    """Daily points, baselines, limits, rules and statuses of one chart (pure)."""
+    """Points, baselines, limits, rules and statuses of one chart (pure).
+
+    Within each epoch, consecutive days are gathered into one point until it holds at least
+    ``series_per_point`` series (a busy protocol: one point per day; a rare one: one per few days);
+    a last point still short of that is ``pending``.
+    """
     tz = settings.tz()
     limits: MetricLimits | None = settings.limits.get(key.metric)
     direction = limits.direction if limits is not None else "both"
@@ -330,42 +341,60 @@ def analyse_chart(
 
     points: list[DayPoint] = []
     baselines: list[Baseline] = []
-    min_n = settings.min_series_per_day
+    per_point = settings.series_per_point
     for epoch in sorted(by_epoch):
-        days = by_epoch[epoch]
-        medians = [float(np.median([s.value for s in ss])) for _, ss in days]
-        # --- baseline days
+        # --- gather days into points
+        batches: list[tuple[date, date, list[Sample]]] = []
+        cur: list[Sample] = []
+        first: date | None = None
+        for day, ss in by_epoch[epoch]:
+            first = first or day
+            cur.extend(ss)
+            if len(cur) >= per_point:
+                batches.append((first, day, cur))
+                cur, first = [], None
+        open_batch = (first, by_epoch[epoch][-1][0], cur) if cur and first is not None else None
+        closed = len(batches)
+        if open_batch is not None:
+            batches.append(open_batch)
+        medians = [float(np.median([s.value for s in ss])) for _, _, ss in batches]
+        # --- baseline points (closed ones only)
         source = "first_n"
         base_idx: list[int] = []
         complete = False
         if settings.baseline_from is not None and settings.baseline_to is not None:
-            base_idx = [i for i, (d, _) in enumerate(days) if settings.baseline_from <= d <= settings.baseline_to]
+            base_idx = [
+                i for i in range(closed) if settings.baseline_from <= batches[i][0] and batches[i][1] <= settings.baseline_to
+            ]
             if base_idx:
                 source = "date_range"
-                # complete once the range is over and it holds at least 2 days
-                complete = len(base_idx) >= 2 and any(d > settings.baseline_to for d, _ in days)
+                # complete once the range is over and it holds at least 2 points
+                complete = len(base_idx) >= 2 and batches[-1][1] > settings.baseline_to
         if source == "first_n":
             n_series = 0
+            base_days = 0
             base_idx = []
-            for i, (_, ss) in enumerate(days):
+            for i in range(closed):
+                f, l, ss = batches[i]
                 base_idx.append(i)
                 n_series += len(ss)
-                if n_series >= settings.baseline_n and len(base_idx) >= settings.baseline_min_days:
+                base_days += (l - f).days + 1
+                if n_series >= settings.baseline_n and base_days >= settings.baseline_min_days and len(base_idx) >= 2:
                     complete = True
                     break
         base_set = set(base_idx)
         stats: ChartStats | None = None
         if complete:
-            stats = baseline_stats([[s.value for s in days[i][1]] for i in base_idx])
+            stats = baseline_stats([[s.value for s in batches[i][2]] for i in base_idx])
         centre = stats.centre if stats is not None else None
         baselines.append(
             Baseline(
                 epoch=epoch,
                 epoch_start=events[epoch - 1] if epoch > 0 else None,
-                first_day=days[base_idx[0]][0] if base_idx else None,
-                last_day=days[base_idx[-1]][0] if base_idx else None,
-                n_days=len(base_idx),
-                n_series=sum(len(days[i][1]) for i in base_idx),
+                first_day=batches[base_idx[0]][0] if base_idx else None,
+                last_day=batches[base_idx[-1]][1] if base_idx else None,
+                n_days=sum((batches[i][1] - batches[i][0]).days + 1 for i in base_idx),
+                n_series=sum(len(batches[i][2]) for i in base_idx),
                 centre=centre,
                 sigma_between=stats.sigma_between if stats is not None else None,
                 sigma_within=stats.sigma_within if stats is not None else None,
@@ -375,12 +404,9 @@ def analyse_chart(
         )
         tol = limits.band(centre, limits.tolerance) if (limits and centre is not None) else (None, None)
         act = limits.band(centre, limits.action) if (limits and centre is not None) else (None, None)
-        judged: list[float] = []  # the epoch's day values with enough series, for the run/trend rules
-        for i, (day, ss) in enumerate(days):
+        for i, (first_day, day, ss) in enumerate(batches):
             x = medians[i]
             n = len(ss)
-            if n >= min_n:
-                judged.append(x)
             in_base = i in base_set or not complete
             sigma = lower = upper = None
             if stats is not None:
@@ -389,31 +415,31 @@ def analyse_chart(
             rules: tuple[str, ...] = ()
             alert_rules: tuple[str, ...] = ()
             status = STATUS_BASELINE
-            if not in_base and stats is not None and sigma is not None:
-                if n < min_n:
-                    status = STATUS_FEW
+            if i >= closed:
+                status = STATUS_PENDING
+            elif not in_base and stats is not None and sigma is not None:
+                rules = spc_rules(medians[: i + 1], stats.centre, sigma, settings, direction)
+                beyond_action = _outside(x, *act)
+                beyond_tol = _outside(x, *tol)
+                if beyond_action:
+                    status = STATUS_ACTION
+                elif beyond_tol:
+                    status = STATUS_TOLERANCE
+                elif rules:
+                    status = STATUS_OOC
                 else:
-                    rules = spc_rules(judged, stats.centre, sigma, settings, direction)
-                    beyond_action = _outside(x, *act)
-                    beyond_tol = _outside(x, *tol)
-                    if beyond_action:
-                        status = STATUS_ACTION
-                    elif beyond_tol:
-                        status = STATUS_TOLERANCE
-                    elif rules:
-                        status = STATUS_OOC
-                    else:
-                        status = STATUS_OK
-                    no_tolerance = limits is None or limits.tolerance is None
-                    spc_alerts = rules if (no_tolerance or beyond_tol or beyond_action) else ()
-                    alert_rules = ((RULE_ACTION,) if beyond_action else ()) + spc_alerts
+                    status = STATUS_OK
+                no_tolerance = limits is None or limits.tolerance is None
+                spc_alerts = rules if (no_tolerance or beyond_tol or beyond_action) else ()
+                alert_rules = ((RULE_ACTION,) if beyond_action else ()) + spc_alerts
             points.append(
                 DayPoint(
                     day=day,
+                    first_day=first_day,
                     value=x,
                     n_series=n,
                     epoch=epoch,
-                    in_baseline=in_base,
+                    in_baseline=in_base and i < closed,
                     centre=centre,
                     sigma=sigma,
                     lower=lower,
