@@ -302,7 +302,7 @@ def build_measurement_report(
             instance_number=instance_number,
             manufacturer=device.manufacturer,
             is_complete=True,
-            is_final=False,
+            is_final=True,
             is_verified=False,
             institution_name=device.institution_name,
             institutional_department_name=device.institutional_department_name,

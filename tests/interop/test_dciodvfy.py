@@ -186,3 +186,40 @@ def test_parser_sees_errors(headers, tmp_path: Path) -> None:
     ds.save_as(path, enforce_file_format=True)
     _, errors, _ = dciodvfy(path)
     assert any("MIMETypeOfEncapsulatedDocument" in e or "MIME Type" in e for e in errors), errors
+
+
+@pytest.mark.skipif(shutil.which("dsrdump") is None, reason="dsrdump not installed (Debian package dcmtk)")
+@pytest.mark.parametrize("multiframe", [False, True], ids=["series", "enhanced-ct"])
+def test_sr_content_tree_passes_dcmtk_dsrdump(headers, tmp_path: Path, multiframe: bool) -> None:
+    """DCMTK's SR reader checks the content tree (value types, relationship constraints) that
+    dciodvfy does not: it must read the SR with no warning or error."""
+    if multiframe:
+        ect = enhanced_ct_header()
+        sources = [ect]
+        slices = slice_metrics_from_array(
+            "global_noise_hu", [5.0, 6.0], [ect.SOPClassUID] * 2, [ect.SOPInstanceUID] * 2, [1, 2], CLASSICAL
+        )
+    else:
+        sources = headers
+        slices = slice_metrics_from_array(
+            "wed_cm",
+            np.linspace(15, 18, len(headers)),
+            [h.SOPClassUID for h in headers],
+            [h.SOPInstanceUID for h in headers],
+            [None] * len(headers),
+            CLASSICAL,
+        )
+    sr = build_measurement_report(
+        sources,
+        [MetricValue("global_noise_hu", 4.5, CLASSICAL, Evaluation.WITHIN), MetricValue("d2iqa_score", 0.41, N2Q)],
+        slices,
+        series_number=9001,
+    )
+    path = tmp_path / "sr.dcm"
+    sr.save_as(path, enforce_file_format=True)
+    proc = subprocess.run(["dsrdump", "-v", str(path)], capture_output=True, text=True, timeout=120, check=False)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-2000:]
+    problems = [ln for ln in out.splitlines() if re.match(r"^(W|E|F):", ln)]
+    assert problems == [], "\n".join(problems)
+    assert "Imaging Measurement Report" in out and "Within control limits" in out
