@@ -265,6 +265,54 @@ def detect(model: LoadedModel, images01: np.ndarray, batch_size: int = 8) -> lis
     return out
 
 
+def trial_images(
+    hu: np.ndarray, layouts: Sequence[Sequence[VirtualObject]], config: InsertionConfig = InsertionConfig()
+) -> tuple[np.ndarray, list[ImageBoxes]]:
+    """Windowed trial images (T, h, w) cropped around all object centres, and their ground truth
+    (boxes in crop coordinates). Layouts must be non-empty."""
+    region = np.zeros(hu.shape, dtype=bool)
+    for lay in layouts:
+        for o in lay:
+            region[min(max(int(o.cy), 0), hu.shape[0] - 1), min(max(int(o.cx), 0), hu.shape[1] - 1)] = True
+    r0, c0, h, w = crop_box(region, margin=int(math.ceil(config.max_radius)) + CROP_MARGIN_PX)
+    base = _extract(hu.astype(np.float32), r0, c0, h, w, fill=-1000.0)
+    imgs = np.empty((len(layouts), h, w), np.float32)
+    gts = []
+    for t, layout in enumerate(layouts):
+        shifted = [VirtualObject(o.shape, o.cx - c0, o.cy - r0, o.radius, o.contrast, o.angle_rad) for o in layout]
+        imgs[t] = window01(insert_objects(base, shifted, config.blur_sigma_px))
+        gts.append(ImageBoxes(np.array([o.bbox_xywh for o in shifted]), np.array([o.cls for o in shifted])))
+    return imgs, gts
+
+
+def detect_trials(
+    model: LoadedModel,
+    hu: np.ndarray,
+    layouts: Sequence[Sequence[VirtualObject]],
+    config: InsertionConfig = InsertionConfig(),
+    batch_size: int = 8,
+) -> tuple[list[ImageBoxes], list[ImageBoxes]]:
+    """(ground truths, detections) of every non-empty trial layout on slice ``hu``."""
+    layouts = [tuple(lay) for lay in layouts if len(lay) > 0]
+    if not layouts:
+        return [], []
+    gts: list[ImageBoxes] = []
+    dets: list[ImageBoxes] = []
+    chunk = max(batch_size, 32)  # bounds the memory of the trial images
+    for i in range(0, len(layouts), chunk):
+        imgs, g = trial_images(hu, layouts[i : i + chunk], config)
+        gts.extend(g)
+        dets.extend(detect(model, imgs, batch_size))
+    return gts, dets
+
+
+def pooled_map(gts: Sequence[ImageBoxes], dets: Sequence[ImageBoxes]) -> float:
+    """The D2IQA score of a set of trials: COCO mAP with the trials pooled as one data set."""
+    if not gts:
+        return float("nan")
+    return coco_map(gts, dets, N_CLASSES, max_dets=MAX_DETS).map
+
+
 def score_slice(
     model: LoadedModel,
     hu: np.ndarray,
@@ -286,28 +334,11 @@ def score_slice(
         if allowed is None:
             allowed = placement_mask(hu, config)
         layouts = trial_layouts(allowed, trials, seed, config) if allowed.any() else []
-    layouts = [tuple(lay) for lay in layouts if len(lay) > 0]
-    n_obj = sum(len(lay) for lay in layouts)
-    if not layouts:
+    gts, dets = detect_trials(model, hu, layouts, config, batch_size)
+    if not gts:
         return SliceScore(float("nan"), np.full(N_CLASSES, np.nan), 0, 0)
-    # one crop for all trials: around every object centre, plus the object radius and a margin
-    region = np.zeros(hu.shape, dtype=bool)
-    for lay in layouts:
-        for o in lay:
-            region[min(max(int(o.cy), 0), hu.shape[0] - 1), min(max(int(o.cx), 0), hu.shape[1] - 1)] = True
-    r0, c0, h, w = crop_box(region, margin=int(math.ceil(config.max_radius)) + CROP_MARGIN_PX)
-    base = _extract(hu.astype(np.float32), r0, c0, h, w, fill=-1000.0)
-    imgs = np.empty((len(layouts), h, w), np.float32)
-    gts = []
-    for t, layout in enumerate(layouts):
-        shifted = [
-            VirtualObject(o.shape, o.cx - c0, o.cy - r0, o.radius, o.contrast, o.angle_rad) for o in layout
-        ]
-        imgs[t] = window01(insert_objects(base, shifted, config.blur_sigma_px))
-        gts.append(ImageBoxes(np.array([o.bbox_xywh for o in shifted]), np.array([o.cls for o in shifted])))
-    dets = detect(model, imgs, batch_size)
     res = coco_map(gts, dets, N_CLASSES, max_dets=MAX_DETS)
-    return SliceScore(res.map, res.ap_per_class, len(layouts), n_obj)
+    return SliceScore(res.map, res.ap_per_class, len(gts), sum(len(g.classes) for g in gts))
 
 
 def select_slices(n_slices: int, max_slices: int) -> np.ndarray:

@@ -275,7 +275,7 @@ def run(args: argparse.Namespace) -> int:
         "data": [str(d) for d in args.data], "exclude": list(args.exclude), "seed": args.seed, "crop": args.crop,
         "batch_size": args.batch_size, "lr": args.lr, "air_replace": args.air_replace, "synthetic": args.synthetic,
         "min_dose": args.min_dose, "n_real_slices": n_real, "device": device, "threads": args.threads,
-        "torch": torch.__version__,
+        "torch": str(torch.__version__),
     }
 
     def save(final: bool) -> None:
