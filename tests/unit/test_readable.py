@@ -3,6 +3,7 @@ checked with Ghostscript's text extraction where ``gs`` is installed."""
 
 from __future__ import annotations
 
+import copy
 import io
 import shutil
 import subprocess
@@ -119,3 +120,37 @@ def test_without_map_and_bad_arguments(headers) -> None:
         build_readable_report(headers, METRICS, "", None, None, 1)
     with pytest.raises(ValueError, match="map_values"):
         build_readable_report(headers, METRICS, "CT4", np.zeros((4, 4)), None, 1)
+
+
+def test_non_ascii_patient_name_survives_in_all_outputs(headers) -> None:
+    """Latin-1 names are copied with their Specific Character Set into SR, map and PDF alike."""
+    from reports.inputs import AlgorithmId, MetricValue
+    from reports.pmap import build_parametric_map
+    from reports.sr import build_measurement_report
+
+    src = [copy.deepcopy(h) for h in headers[:3]]
+    for h in src:
+        h.SpecificCharacterSet = "ISO_IR 100"
+        h.PatientName = "Müller^Jürgen"
+    algo = AlgorithmId("ctqa-classical", "1.2.0")
+    objects = [
+        build_measurement_report(src, [MetricValue("wed_cm", 17.0, algo)], [], series_number=1),
+        build_parametric_map(
+            src,
+            np.zeros((3, src[0].Rows, src[0].Columns), np.float32),
+            name="local_noise_sd",
+            label="L",
+            unit_code="[hnsf'U]",
+            unit_meaning="Hounsfield unit",
+            algorithm=algo,
+            series_number=2,
+        ),
+        build_readable_report(src, METRICS, "CT4", None, None, 3),
+    ]
+    for obj in objects:
+        buf = io.BytesIO()
+        obj.save_as(buf, enforce_file_format=True)
+        back = pydicom.dcmread(io.BytesIO(buf.getvalue()))
+        assert back.SpecificCharacterSet == "ISO_IR 100"
+        assert str(back.PatientName) == "Müller^Jürgen"
+        assert "Müller".encode("latin-1") in buf.getvalue()
