@@ -102,6 +102,7 @@ class _Slice:
     instance_number: int | None
     slice_location: float | None
     header: Dataset
+    block_index: int | None = None  # row of the preallocated volume that holds ``hu``
 
 
 # --------------------------------------------------------------------------------------------
@@ -226,7 +227,34 @@ def _check_ct(ds: Dataset, name: str) -> None:
         raise ValueError(f"File {name!r} has no Pixel Data")
 
 
+_NATIVE_LE = frozenset({pydicom.uid.ExplicitVRLittleEndian, pydicom.uid.ImplicitVRLittleEndian})
+
+
+def _native_fast(ds: Dataset) -> np.ndarray | None:
+    """Uncompressed little-endian 16-bit greyscale single frame: view the bytes directly (what
+    ``pixel_array`` returns for these, without its per-call overhead). None when not applicable."""
+    try:
+        if ds.file_meta.TransferSyntaxUID not in _NATIVE_LE:
+            return None
+        rows, cols = int(ds.Rows), int(ds.Columns)
+        bits_alloc, bits_stored = int(ds.BitsAllocated), int(ds.BitsStored)
+        signed = int(ds.PixelRepresentation) == 1
+        if bits_alloc != 16 or (signed and bits_stored != 16) or int(ds.get("SamplesPerPixel", 1)) != 1:
+            return None
+        if int(ds.get("NumberOfFrames", 1) or 1) != 1:
+            return None
+        raw = ds.PixelData
+    except (AttributeError, TypeError, ValueError, KeyError):
+        return None
+    if not isinstance(raw, (bytes, bytearray)) or len(raw) < rows * cols * 2:
+        return None
+    return np.frombuffer(raw, dtype="<i2" if signed else "<u2", count=rows * cols).reshape(rows, cols)
+
+
 def _decode(ds: Dataset, name: str) -> np.ndarray:
+    fast = _native_fast(ds)
+    if fast is not None:
+        return fast
     try:
         arr = ds.pixel_array
     except (ValueError, RuntimeError, NotImplementedError, AttributeError, TypeError, KeyError) as exc:
@@ -260,8 +288,13 @@ def _padding_mask(stored: np.ndarray, ds: Dataset) -> np.ndarray | None:
     return stored == pad_v
 
 
-def _to_hu(stored: np.ndarray, slope: float, intercept: float, pad_mask: np.ndarray | None) -> np.ndarray:
-    hu = stored.astype(np.float32)
+def _to_hu(stored: np.ndarray, slope: float, intercept: float, pad_mask: np.ndarray | None,
+           out: np.ndarray | None = None) -> np.ndarray:
+    if out is None:
+        hu = stored.astype(np.float32)
+    else:
+        hu = out
+        hu[...] = stored
     if slope != 1.0:
         hu *= np.float32(slope)
     if intercept != 0.0:
@@ -272,14 +305,17 @@ def _to_hu(stored: np.ndarray, slope: float, intercept: float, pad_mask: np.ndar
     return hu
 
 
-def _single_frame(ds: Dataset, name: str) -> _Slice:
+def _single_frame(ds: Dataset, name: str, out: np.ndarray | None = None, block_index: int | None = None) -> _Slice:
+    """One single-frame image; ``out`` (float32, the right shape) receives the HU when given."""
     stored = _decode(ds, name)
     if stored.ndim != 2:
         raise ValueError(f"File {name!r}: expected one 2D frame, got pixel array of shape {stored.shape}")
+    if out is not None and out.shape != stored.shape:
+        out, block_index = None, None
     slope = _float(_get(ds, "RescaleSlope"))
     intercept = _float(_get(ds, "RescaleIntercept"))
     hu = _to_hu(stored, 1.0 if slope is None else slope, 0.0 if intercept is None else intercept,
-                _padding_mask(stored, ds))
+                _padding_mask(stored, ds), out)
     ps = _floats(_get(ds, "PixelSpacing"), 2)
     ctdi = _float(_get(ds, "CTDIvol"))
     del ds.PixelData
@@ -296,6 +332,7 @@ def _single_frame(ds: Dataset, name: str) -> _Slice:
         instance_number=_int(_get(ds, "InstanceNumber")),
         slice_location=_float(_get(ds, "SliceLocation")),
         header=ds,
+        block_index=block_index if out is not None else None,
     )
 
 
@@ -425,6 +462,29 @@ def _series_meta(ds: Dataset) -> dict:
     }
 
 
+def _permute_rows(arr: np.ndarray, order: list[int]) -> np.ndarray:
+    """In place ``arr[:] = arr[order]`` following the permutation's cycles with one slice buffer
+    (no second copy of the volume)."""
+    n = len(order)
+    done = np.zeros(n, dtype=bool)
+    tmp = np.empty_like(arr[0])
+    for start in range(n):
+        if done[start] or order[start] == start:
+            done[start] = True
+            continue
+        tmp[...] = arr[start]
+        j = start
+        while True:
+            done[j] = True
+            k = order[j]
+            if k == start:
+                arr[j] = tmp
+                break
+            arr[j] = arr[k]
+            j = k
+    return arr
+
+
 def load_series(paths: Sequence[str | Path]) -> CTVolume:
     """Read the files of one CT series into a sorted HU volume (see the module docstring)."""
     if isinstance(paths, (str, Path)):
@@ -435,6 +495,8 @@ def load_series(paths: Sequence[str | Path]) -> CTVolume:
     slices: list[_Slice] = []
     series_uids: set[str] = set()
     first_ds: Dataset | None = None
+    block: np.ndarray | None = None
+    n_block = 0
     for path in paths:
         ds = _read(path)
         _check_ct(ds, path.name)
@@ -453,7 +515,11 @@ def load_series(paths: Sequence[str | Path]) -> CTVolume:
         if sop_class in MULTIFRAME_CT_SOP_CLASSES or n_frames > 1:
             slices.extend(_multi_frame(ds, path.name))
         else:
-            slices.append(_single_frame(ds, path.name))
+            # write the HU straight into one preallocated volume (no per-slice array, no stacking)
+            if block is None:
+                block = np.empty((len(paths), int(ds.Rows), int(ds.Columns)), dtype=np.float32)
+            slices.append(_single_frame(ds, path.name, block[n_block], n_block))
+            n_block += 1
     shapes = {s.hu.shape for s in slices}
     if len(shapes) != 1:
         raise SeriesSkipped(f"slices have different matrix sizes {sorted(shapes)}")
@@ -469,7 +535,10 @@ def load_series(paths: Sequence[str | Path]) -> CTVolume:
 
     meta = _series_meta(first_ds)  # type: ignore[arg-type]  # paths is non-empty
     ordered, positions = _sort(slices, meta)
-    hu = np.stack([s.hu for s in ordered]).astype(np.float32, copy=False)
+    if block is not None and len(ordered) == block.shape[0] and all(s.block_index is not None for s in ordered):
+        hu = _permute_rows(block, [int(s.block_index) for s in ordered])  # type: ignore[arg-type]
+    else:
+        hu = np.stack([s.hu for s in ordered]).astype(np.float32, copy=False)
     thicknesses = [s.thickness for s in ordered if s.thickness is not None]
     thickness = float(np.median(thicknesses)) if thicknesses else None
     meta["slice_thickness_mm"] = thickness
