@@ -68,13 +68,44 @@ class Evaluation(StrEnum):
 
 
 @dataclass(frozen=True)
+class ControlLimits:
+    """Trend control limits of a metric (either bound may be open), in the metric's unit."""
+
+    lower: float | None
+    upper: float | None
+    description: str = "Trend control limits of this scanner and protocol"
+
+    def __post_init__(self) -> None:
+        for name in ("lower", "upper"):
+            v = getattr(self, name)
+            if v is not None and (not isinstance(v, (int, float, np.floating, np.integer)) or not math.isfinite(v)):
+                raise ValueError(f'Argument "{name}" must be a finite number or None, got {v!r}')
+        if self.lower is None and self.upper is None:
+            raise ValueError('Arguments "lower" and "upper" are both None: no control limit to record')
+        if self.lower is not None and self.upper is not None and self.lower > self.upper:
+            raise ValueError(f'Argument "lower" ({self.lower}) must not exceed "upper" ({self.upper})')
+        if not self.description or len(self.description) > 1024:
+            raise ValueError(f'Argument "description" must be 1-1024 characters, got {self.description!r}')
+
+    def evaluate(self, value: float) -> Evaluation:
+        """WITHIN when ``lower <= value <= upper`` (open bounds always pass), else OUTSIDE."""
+        ok = (self.lower is None or value >= self.lower) and (self.upper is None or value <= self.upper)
+        return Evaluation.WITHIN if ok else Evaluation.OUTSIDE
+
+
+@dataclass(frozen=True)
 class MetricValue:
-    """One series-level measurement: catalogue ``key`` (see ``reports.codes``), finite ``value``."""
+    """One series-level measurement: catalogue ``key`` (see ``reports.codes``), finite ``value``.
+
+    ``evaluation``: within/outside the trend control limits, as the trends module decided;
+    ``control_limits``: the limits themselves, written as the measurement's normal range (TID 312).
+    """
 
     key: str
     value: float
     algorithm: AlgorithmId
     evaluation: Evaluation | None = None
+    control_limits: ControlLimits | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.value, (int, float, np.floating, np.integer)) or not math.isfinite(self.value):
@@ -84,6 +115,8 @@ class MetricValue:
             )
         if self.evaluation is not None and not isinstance(self.evaluation, Evaluation):
             raise ValueError(f'Argument "evaluation" must be an Evaluation or None, got {self.evaluation!r}')
+        if self.control_limits is not None and not isinstance(self.control_limits, ControlLimits):
+            raise ValueError(f'Argument "control_limits" must be ControlLimits or None, got {self.control_limits!r}')
 
 
 @dataclass(frozen=True)
@@ -121,6 +154,7 @@ class ReportMetric:
     label: str
     evaluation: Evaluation | None = None
     note: str = ""
+    control_limits: ControlLimits | None = None
 
 
 @dataclass(frozen=True)
@@ -174,15 +208,18 @@ def metrics_from_mapping(
     values: Mapping[str, float | None],
     algorithm: AlgorithmId,
     evaluations: Mapping[str, Evaluation] | None = None,
+    control_limits: Mapping[str, ControlLimits] | None = None,
 ) -> list[MetricValue]:
     """``ModelOutput.series_metrics``-style dict -> MetricValue list, in the dict's order.
 
     ``None`` (a metric that could not be measured; its reason lives elsewhere) is left out: the SR
-    only holds measured values. ``evaluations`` adds within/outside-control-limit evaluations by key.
+    only holds measured values. ``evaluations`` and ``control_limits`` add, by key, the
+    within/outside evaluation and the limits themselves.
     """
     evaluations = evaluations or {}
+    control_limits = control_limits or {}
     return [
-        MetricValue(key, float(value), algorithm, evaluations.get(key))
+        MetricValue(key, float(value), algorithm, evaluations.get(key), control_limits.get(key))
         for key, value in values.items()
         if value is not None
     ]

@@ -24,7 +24,7 @@ from pydicom.uid import UID
 
 from reports.common import new_uid, no_person_name_warnings, unique_sources
 from reports.codes import metric_code
-from reports.inputs import DeviceInfo, Evaluation, ReportMetric
+from reports.inputs import ControlLimits, DeviceInfo, Evaluation, ReportMetric
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +45,9 @@ def _remark(m: ReportMetric) -> str:
     parts = []
     if m.evaluation is not None:
         parts.append("within limits" if m.evaluation.value == "within" else "OUTSIDE limits")
+    if m.control_limits is not None:
+        lo, hi = m.control_limits.lower, m.control_limits.upper
+        parts.append(f"[{'-' if lo is None else _fmt(lo)}, {'-' if hi is None else _fmt(hi)}]")
     if m.value is None or not math.isfinite(m.value):
         parts.append(m.note or "not measured")
     elif m.note:
@@ -225,8 +228,12 @@ def pdf_bytes(ds: Dataset) -> bytes:
 
 
 def report_metric(
-    key: str, value: float | None, evaluation: Evaluation | None = None, note: str = ""
+    key: str,
+    value: float | None,
+    evaluation: Evaluation | None = None,
+    note: str = "",
+    control_limits: ControlLimits | None = None,
 ) -> ReportMetric:
     """A table row for ``key`` with the catalogue's label and display unit (``reports.codes``)."""
     mc = metric_code(key)
-    return ReportMetric(key, value, mc.unit_display, mc.label, evaluation, note)
+    return ReportMetric(key, value, mc.unit_display, mc.label, evaluation, note, control_limits)

@@ -31,11 +31,15 @@ from highdicom.sr import (
     Comprehensive3DSR,
     DeviceObserverIdentifyingAttributes,
     Measurement,
+    MeasurementProperties,
     MeasurementReport,
     MeasurementsAndQualitativeEvaluations,
+    NormalRangeProperties,
+    NumContentItem,
     ObservationContext,
     ObserverContext,
     QualitativeEvaluation,
+    RelationshipTypeValues,
     SourceImageForMeasurement,
     TrackingIdentifier,
 )
@@ -51,7 +55,7 @@ from reports.codes import (
     private_coding_scheme,
 )
 from reports.common import is_multiframe, n_frames, new_uid, no_person_name_warnings, stable_uid, unique_sources
-from reports.inputs import AlgorithmId, DeviceInfo, Evaluation, MetricValue, SliceMetricValue
+from reports.inputs import AlgorithmId, ControlLimits, DeviceInfo, Evaluation, MetricValue, SliceMetricValue
 
 logger = logging.getLogger(__name__)
 
@@ -118,6 +122,46 @@ def _library_view(ds: Dataset) -> Dataset:
             return ds  # let highdicom report what is missing
         setattr(view, kw, value)
     return view
+
+
+_LOWER_LIMIT = Code("385524004", "SCT", "Normal Range Lower Limit")
+_UPPER_LIMIT = Code("371933006", "SCT", "Normal Range Upper Limit")
+_RANGE_DESCRIPTION = Code("121407", "DCM", "Normal Range description")
+
+
+def _limits_properties(limits: ControlLimits, unit: Code) -> MeasurementProperties:
+    """Control limits as the measurement's TID 310/312 normal range (lower/upper limit, description)."""
+    values = [
+        NumContentItem(
+            name=_cc(code), value=float(v), unit=_cc(unit), relationship_type=RelationshipTypeValues.HAS_PROPERTIES
+        )
+        for code, v in ((_LOWER_LIMIT, limits.lower), (_UPPER_LIMIT, limits.upper))
+        if v is not None
+    ]
+    return MeasurementProperties(
+        normal_range_properties=NormalRangeProperties(values=values, description=limits.description)
+    )
+
+
+def _limits_of(item: Dataset) -> ControlLimits | None:
+    """TID 312 normal range below a NUM content item -> ControlLimits, or None."""
+    lower = upper = None
+    description = None
+    for child in item.get("ContentSequence", []):
+        name = child.ConceptNameCodeSequence[0]
+        key = (name.CodingSchemeDesignator, name.CodeValue)
+        if child.ValueType == "NUM" and key in (("SCT", _LOWER_LIMIT.value), ("SCT", _UPPER_LIMIT.value)):
+            mv = child.MeasuredValueSequence[0]
+            v = float(mv.FloatingPointValue) if "FloatingPointValue" in mv else float(mv.NumericValue)
+            if key[1] == _LOWER_LIMIT.value:
+                lower = v
+            else:
+                upper = v
+        elif child.ValueType == "TEXT" and key == ("DCM", _RANGE_DESCRIPTION.value):
+            description = str(child.TextValue)
+    if lower is None and upper is None:
+        return None
+    return ControlLimits(lower, upper, description) if description else ControlLimits(lower, upper)
 
 
 def _merge_evaluations(
@@ -237,7 +281,13 @@ def build_measurement_report(
         for m, ev in items:
             mc = metric_code(m.key)
             measurements.append(
-                Measurement(name=_cc(mc.concept), value=float(m.value), unit=_cc(mc.unit), algorithm_id=algo_id)
+                Measurement(
+                    name=_cc(mc.concept),
+                    value=float(m.value),
+                    unit=_cc(mc.unit),
+                    algorithm_id=algo_id,
+                    properties=_limits_properties(m.control_limits, mc.unit) if m.control_limits else None,
+                )
             )
             if ev is not None:
                 qualitative.append(
@@ -388,7 +438,7 @@ def read_measurement_report(dataset: Dataset) -> ReportContent:
                 )
             refs = m.referenced_images
             if not refs:
-                series.append(MetricValue(key, float(m.value), algo, evals.get(key)))
+                series.append(MetricValue(key, float(m.value), algo, evals.get(key), _limits_of(m[0])))
                 continue
             for ref in refs:
                 frames = ref.referenced_frame_numbers or [None]

@@ -14,7 +14,14 @@ import numpy as np
 import pydicom
 import pytest
 
-from reports.inputs import AlgorithmId, Evaluation, MetricValue, ReportMetric, slice_metrics_from_array
+from reports.inputs import (
+    AlgorithmId,
+    ControlLimits,
+    Evaluation,
+    MetricValue,
+    ReportMetric,
+    slice_metrics_from_array,
+)
 from reports.pmap import build_parametric_map
 from reports.readable import build_readable_report
 from reports.sr import build_measurement_report
@@ -78,7 +85,7 @@ def test_measurement_report_sr(headers, tmp_path: Path) -> None:
         headers,
         [
             MetricValue("global_noise_hu", 4.5, CLASSICAL, Evaluation.WITHIN),
-            MetricValue("ssde_mgy", 31.2, CLASSICAL, Evaluation.OUTSIDE),
+            MetricValue("ssde_mgy", 31.2, CLASSICAL, Evaluation.OUTSIDE, ControlLimits(None, 30.0)),
             MetricValue("wed_cm", 17.0, CLASSICAL),
             MetricValue("n2q_mean_quality", 0.8, N2Q),
         ],
@@ -211,7 +218,10 @@ def test_sr_content_tree_passes_dcmtk_dsrdump(headers, tmp_path: Path, multifram
         )
     sr = build_measurement_report(
         sources,
-        [MetricValue("global_noise_hu", 4.5, CLASSICAL, Evaluation.WITHIN), MetricValue("d2iqa_score", 0.41, N2Q)],
+        [
+            MetricValue("global_noise_hu", 4.5, CLASSICAL, Evaluation.WITHIN, ControlLimits(3.9, 5.6)),
+            MetricValue("d2iqa_score", 0.41, N2Q),
+        ],
         slices,
         series_number=9001,
     )

@@ -14,7 +14,7 @@ import pydicom
 import pytest
 
 from reports.codes import CATALOGUE
-from reports.inputs import Evaluation
+from reports.inputs import ControlLimits, Evaluation
 from reports.readable import ENCAPSULATED_PDF_STORAGE, build_readable_report, pdf_bytes, report_metric
 from tests.unit.report_sources import assert_patient_study_copied, phantom_headers
 
@@ -24,7 +24,7 @@ CREATED = datetime(2026, 3, 4, 5, 6, 7, tzinfo=timezone.utc)
 _metric = report_metric
 
 METRICS = [
-    _metric("global_noise_hu", 4.8372, Evaluation.WITHIN),
+    _metric("global_noise_hu", 4.8372, Evaluation.WITHIN, control_limits=ControlLimits(3.9, 5.6)),
     _metric("wed_cm", 17.25),
     _metric("ssde_mgy", 29.9, Evaluation.OUTSIDE),
     _metric("ctdivol_mgy", None, note="no CTDIvol in headers"),
@@ -92,7 +92,7 @@ def test_pdf_text_has_key_numbers_and_scanner(headers, report) -> None:
         f"{src.Manufacturer} / {src.ManufacturerModelName}",
         f"{src.StationName} / {src.DeviceSerialNumber}",
         "2015-02-06",  # AcquisitionDate of the phantom series
-        "Global noise 4.84 HU within limits",
+        "Global noise 4.84 HU within limits; [3.9, 5.6]",
         "Water-equivalent diameter 17.2 cm",
         "SSDE 29.9 mGy OUTSIDE limits",
         "CTDIvol n/a mGy no CTDIvol in headers",

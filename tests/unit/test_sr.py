@@ -26,6 +26,7 @@ from reports.codes import (
 from reports.common import derived_uids
 from reports.inputs import (
     AlgorithmId,
+    ControlLimits,
     Evaluation,
     MetricValue,
     SliceMetricValue,
@@ -59,9 +60,11 @@ def headers() -> list[pydicom.Dataset]:
 @pytest.fixture(scope="module")
 def series_metrics() -> list[MetricValue]:
     return [
-        MetricValue("global_noise_hu", 4.837261905, CLASSICAL, Evaluation.WITHIN),
+        MetricValue("global_noise_hu", 4.837261905, CLASSICAL, Evaluation.WITHIN, ControlLimits(3.9, 5.6)),
         MetricValue("wed_cm", 17.25, CLASSICAL),
-        MetricValue("ssde_mgy", 29.918273645546, CLASSICAL, Evaluation.OUTSIDE),
+        MetricValue(
+            "ssde_mgy", 29.918273645546, CLASSICAL, Evaluation.OUTSIDE, ControlLimits(None, 25.0, "CMS1074 threshold")
+        ),
         MetricValue("ctdivol_mgy", 15.3, CLASSICAL),
         MetricValue("nps_f_peak_per_mm", 0.2125, CLASSICAL),
         MetricValue("n_slices", 28, CLASSICAL),
@@ -335,3 +338,32 @@ def test_helpers_for_wiring() -> None:
     assert a == b and a[0] != a[1]
     assert derived_uids("1.2.3.4", "sr", 2) != a and derived_uids("1.2.3.4", "pdf") != a
     assert all(len(u) <= 64 and re.fullmatch(r"[0-9.]+", u) for u in a)
+
+
+def test_control_limits_written_as_normal_range(written) -> None:
+    _, ds, _ = written
+    sr = hd.sr.Comprehensive3DSR.from_dataset(ds)
+    group = {g.tracking_identifier: g for g in sr.content.get_image_measurement_groups()}["Series QA: ctqa-classical"]
+    noise = group.get_measurements(name=metric_code("global_noise_hu").concept)[0]
+    props = {
+        (item.ConceptNameCodeSequence[0].CodeValue, item.ValueType): item
+        for item in noise[0].ContentSequence
+        if item.RelationshipType == "HAS PROPERTIES"
+    }
+    lower, upper = props[("385524004", "NUM")], props[("371933006", "NUM")]
+    assert float(lower.MeasuredValueSequence[0].NumericValue) == 3.9
+    assert float(upper.MeasuredValueSequence[0].NumericValue) == 5.6
+    assert upper.MeasuredValueSequence[0].MeasurementUnitsCodeSequence[0].CodeValue == "[hnsf'U]"
+    assert props[("121407", "TEXT")].TextValue == "Trend control limits of this scanner and protocol"
+    wed = group.get_measurements(name=metric_code("wed_cm").concept)[0]
+    assert not any(i.RelationshipType == "HAS PROPERTIES" for i in wed[0].get("ContentSequence", []))
+
+
+def test_control_limits_evaluate_and_validate() -> None:
+    cl = ControlLimits(3.9, 5.6)
+    assert cl.evaluate(3.9) is Evaluation.WITHIN and cl.evaluate(5.61) is Evaluation.OUTSIDE
+    assert ControlLimits(None, 30.0).evaluate(-1e9) is Evaluation.WITHIN
+    with pytest.raises(ValueError, match="both None"):
+        ControlLimits(None, None)
+    with pytest.raises(ValueError, match="must not exceed"):
+        ControlLimits(5.0, 4.0)
