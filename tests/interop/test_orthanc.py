@@ -1,0 +1,111 @@
+"""Results back to a real PACS: Debian's Orthanc on loopback, started and stopped by the tests."""
+
+from __future__ import annotations
+
+import json
+
+import pydicom
+import pytest
+
+from node.orthanc import LocalOrthanc
+from tests.helpers import PHANTOM_1MM, PHANTOM_5MM, NodeProcess, qa_node, require, require_tool, storescu, \
+    wait_until, write_config
+
+pytestmark = pytest.mark.interop
+
+SR_CLASS = "1.2.840.10008.5.1.4.1.1.88.34"  # Comprehensive 3D SR
+PM_CLASS = "1.2.840.10008.5.1.4.1.1.30"  # Parametric Map
+PDF_CLASS = "1.2.840.10008.5.1.4.1.1.104.1"  # Encapsulated PDF
+
+
+def node_with_destination(tmp_path, orthanc: LocalOrthanc, dest_ae: str = "ORTHANC", **kw) -> NodeProcess:
+    extra = (f'[[destinations]]\nname = "PACS"\nae_title = "{dest_ae}"\nhost = "127.0.0.1"\nport = {orthanc.dicom_port}\n'
+             '[outbox]\nretry_initial_s = 1\nretry_max_s = 2\npoll_s = 0.5\n')
+    # [[destinations]] must come before [analysis]'s keys end: put it after the models line
+    cfg = write_config(tmp_path / "config.toml", data_dir=tmp_path / "var", models='["basic", "classical"]', **kw)
+    text = cfg.read_text()
+    cfg.write_text(text.replace("[analysis]", extra + "\n[analysis]"))
+    return NodeProcess(cfg, tmp_path)
+
+
+def outbox(node: NodeProcess) -> list[dict]:
+    r = qa_node("--config", str(node.config), "outbox", "--json", cwd=node.workdir)
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)
+
+
+def study_uid(folder) -> str:
+    first = next(p for p in sorted(folder.iterdir()) if p.name != "LICENSE")
+    return str(pydicom.dcmread(first, stop_before_pixels=True).StudyInstanceUID)
+
+
+def test_sr_map_and_report_arrive_in_the_source_study(tmp_path):
+    require_tool("Orthanc")
+    series = require(PHANTOM_1MM)
+    with LocalOrthanc(known_aes={"CTQA": ("127.0.0.1", 104)}, workdir=tmp_path / "orthanc") as pacs:
+        node = node_with_destination(tmp_path, pacs)
+        node.start()
+        try:
+            assert storescu(node.port, series).returncode == 0
+            rows = wait_until(lambda: (o := outbox(node)) and all(r["state"] == "sent" for r in o) and o,
+                              timeout=300, what="delivery to Orthanc")
+            assert sorted(r["kind"] for r in rows) == ["pdf", "pmap", "sr"]
+            found = pacs.instances_in_study(study_uid(series))
+            classes = sorted(i["sop_class_uid"] for i in found)
+            assert classes == sorted([SR_CLASS, PM_CLASS, PDF_CLASS])
+            assert {i["sop_instance_uid"] for i in found} == {r["sop_instance_uid"] for r in rows}
+            assert all(i["study_instance_uid"] == study_uid(series) for i in found)
+        finally:
+            node.stop()
+
+
+def test_pacs_down_then_up_everything_delivered_once(tmp_path):
+    require_tool("Orthanc")
+    series = require(PHANTOM_5MM)
+    pacs = LocalOrthanc(known_aes={"CTQA": ("127.0.0.1", 104)}, workdir=tmp_path / "orthanc")
+    node = node_with_destination(tmp_path, pacs)  # Orthanc not started: the PACS is down
+    node.start()
+    try:
+        assert storescu(node.port, series).returncode == 0
+        rows = wait_until(lambda: (o := outbox(node)) and len(o) == 3 and all(r["attempts"] >= 2 for r in o) and o,
+                          timeout=300, what="failed delivery attempts")
+        assert all(r["state"] == "pending" and "connect" in (r["last_error"] or "") for r in rows)
+        # restart the node while results are pending: nothing is lost
+        node.stop()
+        node.start()
+        assert {r["id"] for r in outbox(node)} == {r["id"] for r in rows}
+        pacs.start()
+        try:
+            done = wait_until(lambda: (o := outbox(node)) and all(r["state"] == "sent" for r in o) and o,
+                              timeout=120, what="delivery after the PACS came back")
+            found = pacs.instances_in_study(study_uid(series))
+            assert len(found) == 3
+            assert sorted(r["sop_instance_uid"] for r in done) == sorted(i["sop_instance_uid"] for i in found)
+            stats = pacs.get("/statistics")
+            assert stats["CountInstances"] == 3
+            # a resend request never re-sends what was acknowledged
+            r = qa_node("--config", str(node.config), "resend", "--pending", cwd=tmp_path)
+            assert r.returncode == 0 and r.stdout.startswith("0 deliveries")
+        finally:
+            pacs.cleanup()
+    finally:
+        node.stop()
+
+
+def test_permanent_refusal_goes_to_dead_letter_and_resend(tmp_path):
+    require_tool("Orthanc")
+    series = require(PHANTOM_5MM)
+    # a wrong called AE title for the PACS: Orthanc rejects the association (a permanent refusal)
+    with LocalOrthanc(known_aes={"CTQA": ("127.0.0.1", 104)}, workdir=tmp_path / "orthanc") as pacs:
+        node = node_with_destination(tmp_path, pacs, dest_ae="NOTORTHANC")
+        node.start()
+        try:
+            assert storescu(node.port, series).returncode == 0
+            rows = wait_until(lambda: (o := outbox(node)) and len(o) == 3 and all(r["state"] == "dead" for r in o)
+                              and o, timeout=120, what="dead letters")
+            assert all("rejected" in r["last_error"] for r in rows)
+            r = qa_node("--config", str(node.config), "resend", "--dead", cwd=tmp_path)
+            assert r.returncode == 0 and r.stdout.startswith("3 deliveries")
+            assert all(r["state"] in ("pending", "dead") for r in outbox(node))
+        finally:
+            node.stop()
