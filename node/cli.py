@@ -281,6 +281,57 @@ def cmd_resend(args) -> int:
     return EXIT_OK
 
 
+# -- trends: service events, demo history ---------------------------------------------------------
+def cmd_event_add(args) -> int:
+    from datetime import datetime, time, timezone
+
+    from reports.trends import reevaluate_scanner
+    from storage.db import Database
+    from storage.trends import add_service_event
+
+    settings = _load(args)
+    if settings.scanner_by_name(args.scanner) is None:
+        known = ", ".join(s.name for s in settings.scanners) or "(none configured)"
+        raise UsageError(f"unknown scanner {args.scanner!r}; known scanners: {known}")
+    try:
+        day = datetime.strptime(args.date, "%Y-%m-%d").date()
+    except ValueError:
+        raise UsageError(f"--date must be YYYY-MM-DD, got {args.date!r}") from None
+    tz = settings.reporting.trends.tz()
+    occurred = datetime.combine(day, time(0, 0), tzinfo=tz).astimezone(timezone.utc)
+    db = Database(settings.node.database)
+    db.create_all()
+    with db.session() as s:
+        try:
+            ev = add_service_event(s, scanner=args.scanner, occurred_at=occurred, text=args.text,
+                                   rebaseline=args.rebaseline)
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
+        n = reevaluate_scanner(s, settings.reporting.trends, args.scanner, since=day) if args.rebaseline else 0
+        print(f"service event {ev.id} recorded for {args.scanner} on {day.isoformat()}"
+              + (f"; new baseline from that date ({n} alert(s) now fire in the re-evaluated period)"
+                 if args.rebaseline else ""))
+    return EXIT_OK
+
+
+def cmd_demo_history(args) -> int:
+    from reports.demo import generate_demo_history
+    from storage.db import Database
+
+    settings = _load_optional(args)
+    url = args.database or f"sqlite:///{Path(settings.node.data_dir) / 'demo-history.sqlite'}"
+    if url.startswith("sqlite:///"):
+        path = Path(url.removeprefix("sqlite:///"))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.unlink(missing_ok=True)  # throwaway: always a fresh history
+    db = Database(url)
+    db.create_all()
+    n = generate_demo_history(db, args.scanner, args.days, seed=args.seed, settings=settings.reporting.trends)
+    print(f"demo history: {n} series over {args.days} days for scanner {args.scanner} in {url}")
+    print(f"see it with: qa-report --database {url} --scanner {args.scanner} --format html --out report.html")
+    return EXIT_OK
+
+
 # -- train -----------------------------------------------------------------------------------------
 TRAINERS = {"n2q": "analysis.n2q_train", "d2iqa": "analysis.d2iqa_train"}
 
@@ -340,6 +391,22 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--pending", action="store_true", help="every pending delivery, without waiting")
     sp.set_defaults(func=cmd_resend)
 
+    sp = sub.add_parser("event", help="service events (shown on charts; optionally a new baseline)")
+    esub = sp.add_subparsers(dest="event_command", required=True)
+    ep = esub.add_parser("add", help="record a service event for a scanner")
+    ep.add_argument("--scanner", required=True, help="scanner name from config.toml")
+    ep.add_argument("--date", required=True, help="date of the event, YYYY-MM-DD (site time zone)")
+    ep.add_argument("--text", required=True, help='what happened, e.g. "tube replaced"')
+    ep.add_argument("--rebaseline", action="store_true", help="start a new baseline from this date")
+    ep.set_defaults(func=cmd_event_add)
+
+    sp = sub.add_parser("demo-history", help="fill a throwaway database with a synthetic trend history")
+    sp.add_argument("--scanner", default="CT1")
+    sp.add_argument("--days", type=int, default=90)
+    sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("--database", help="SQLAlchemy URL (default: sqlite under data_dir/demo-history.sqlite)")
+    sp.set_defaults(func=cmd_demo_history)
+
     sp = sub.add_parser("train", help="train a model (n2q or d2iqa); see `qa-node train MODEL --help`",
                         add_help=False)
     sp.add_argument("model", choices=sorted(TRAINERS))
@@ -380,14 +447,16 @@ def report_main(argv: Sequence[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(prog="qa-report", description="Per-scanner image-quality trend report.")
     parser.add_argument("--config", help="configuration file (default: $CTQA_CONFIG, else ./config.toml)")
+    parser.add_argument("--database", help="SQLAlchemy URL to read instead of node.database "
+                        "(e.g. the one `qa-node demo-history` printed)")
     qa_report.add_arguments(parser)
     args = parser.parse_args(argv)
     setup_logging("WARNING")
     try:
         settings = _load(args)
-        db = Database(settings.node.database)
+        db = Database(args.database or settings.node.database)
         db.create_all()
-        return int(qa_report.run(args, db, [s.name for s in settings.scanners]))
+        return int(qa_report.run(args, db, [s.name for s in settings.scanners], settings.reporting.trends))
     except ConfigError as exc:
         print(f"qa-report: configuration error: {exc}", file=sys.stderr)
         return EXIT_USAGE

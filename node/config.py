@@ -87,6 +87,13 @@ class Settings:
     extra: dict[str, Any] = field(default_factory=dict)  # validated sections owned by other packages
 
     @property
+    def reporting(self):
+        """[trends], [alerts] and [reports] as reports.trend_settings.ReportingSettings."""
+        from reports.trend_settings import ReportingSettings
+
+        return ReportingSettings.from_sections(self.extra)
+
+    @property
     def data_path(self) -> Path:
         return Path(self.node.data_dir)
 
@@ -176,7 +183,21 @@ SECTION_VALIDATORS: dict[str, typing.Callable[[Any, str], Any]] = {}
 
 
 def _register_optional_sections() -> None:
-    """Hook for sections validated by other packages (trends, alerts, reports)."""
+    """Sections validated by the reports package: [trends], [alerts], [reports]."""
+    from reports.trend_settings import SECTION_VALIDATORS as validators
+    from reports.trend_settings import TrendConfigError
+
+    def wrap(fn):
+        def validate(section, file):
+            try:
+                return fn(section, file)
+            except TrendConfigError as exc:
+                raise ConfigError(str(exc)) from None
+
+        return validate
+
+    for name, fn in validators.items():
+        SECTION_VALIDATORS[name] = wrap(fn)
 
 
 def parse_settings(data: dict, file: str) -> Settings:

@@ -95,6 +95,17 @@ class Node:
                       RetryPolicy(ob.retry_initial_s, ob.retry_max_s, ob.give_up_after_s)],
                 coalesce=True, max_instances=1, misfire_grace_time=60,
             )
+        reporting = self.settings.reporting
+        if reporting.alerts.enabled:
+            from node.trending import send_alerts
+
+            self.scheduler.add_job(send_alerts, "interval", seconds=300, id="send_alerts",
+                                   args=[self.db, self.settings], coalesce=True, max_instances=1,
+                                   misfire_grace_time=600)
+        from reports.qa_report import schedule_reports
+
+        schedule_reports(self.scheduler, self.db, reporting, [s.name for s in self.settings.scanners],
+                         self.settings.node.data_dir)
         self.scheduler.start()
         if self.worker is not None:
             self.worker.start()
@@ -103,17 +114,26 @@ class Node:
     def _after_job(self, job_id: int, result) -> str | None:
         """For an analysed series: outputs written and queued for every destination. Returns a
         note for the job when something failed (the analysis results are kept regardless)."""
-        from node.outputs import write_outputs
+        from sqlalchemy.exc import SQLAlchemyError
 
-        note = None
+        from node.outputs import write_outputs
+        from node.trending import record_and_evaluate
+
+        notes = []
+        evaluations: dict[str, str] = {}
         try:
-            write_outputs(self.settings, self.db, self.store, job_id, result)
+            evaluations = record_and_evaluate(self.settings, self.db, job_id, result)
+        except (ValueError, SQLAlchemyError, RuntimeError) as exc:
+            log.exception("series %s: trend evaluation failed", result.series_instance_uid)
+            notes.append(f"trend evaluation failed: {type(exc).__name__}: {exc}")
+        try:
+            write_outputs(self.settings, self.db, self.store, job_id, result, evaluations)
         except (ValueError, OSError, TypeError, AttributeError, KeyError) as exc:
             log.exception("series %s: outputs not written", result.series_instance_uid)
-            note = f"outputs not written: {type(exc).__name__}: {exc}"
+            notes.append(f"outputs not written: {type(exc).__name__}: {exc}")
         if self.scheduler is not None and self.scheduler.get_job("send_outbox") is not None:
             self.scheduler.modify_job("send_outbox", next_run_time=_now())
-        return note
+        return "; ".join(notes) or None
 
     def stop(self) -> None:
         """Stop receiving, stop the scheduler and worker, and put unfinished work back in the queue."""

@@ -1,0 +1,49 @@
+"""After analysis: the series' metrics into the per-scanner trend data, evaluated against the control
+limits (alerts stored, logged and e-mailed when configured). Returns what the SR reports."""
+
+from __future__ import annotations
+
+import logging
+
+from analysis.pipeline import SeriesResult
+from node.config import Settings
+from reports.alerts import send_pending_alerts
+from reports.trends import evaluate_series
+from storage.db import Database, utcnow
+from storage.models import Job
+from storage.trends import protocol_key, record_series, size_band
+
+log = logging.getLogger(__name__)
+
+
+def record_and_evaluate(settings: Settings, db: Database, job_id: int, result: SeriesResult) -> dict[str, str]:
+    """Record one analysed series and evaluate it. Returns metric -> "within" | "outside".
+    A series without a configured scanner (offline import) has no trend and returns {}."""
+    reporting = settings.reporting
+    with db.session() as s:
+        series = s.get(Job, job_id).series
+        if series.scanner_name is None:
+            return {}
+        meta = result.volume.meta if result.volume is not None else {}
+        metrics = result.metrics
+        protocol = protocol_key(series.protocol_name or meta.get("protocol"),
+                                series.series_description or meta.get("series_description"),
+                                meta.get("kernel"), metrics.get("kvp"), metrics.get("slice_thickness_mm"))
+        record_series(s, scanner=series.scanner_name, protocol=protocol, size_band=size_band(metrics.get("wed_cm")),
+                      series_instance_uid=series.series_instance_uid,
+                      acquired_at=series.acquired_at or utcnow(), metrics=metrics)
+        evaluations = evaluate_series(s, reporting.trends, series.scanner_name, series.series_instance_uid)
+        out = {e.metric: ("within" if e.within else "outside") for e in evaluations}
+        outside = sorted(k for k, v in out.items() if v == "outside")
+        if outside:
+            log.warning("series %s on scanner %s: outside control limits: %s", series.series_instance_uid,
+                        series.scanner_name, ", ".join(outside))
+    if reporting.alerts.enabled:
+        send_alerts(db, settings)
+    return out
+
+
+def send_alerts(db: Database, settings: Settings) -> int:
+    """Scheduler job and post-analysis step: e-mail the alerts not yet e-mailed."""
+    with db.session() as s:
+        return send_pending_alerts(s, settings.reporting.alerts)
