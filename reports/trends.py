@@ -527,7 +527,8 @@ def _alert_message(key: ChartKey, p: DayPoint, rule: str) -> str:
     parts = [
         f"scanner {key.scanner}, protocol {key.protocol}"
         + (f", size band {key.size_band} cm" if key.size_band != ALL_BANDS else ""),
-        f"metric {key.metric} on {p.day.isoformat()}: daily median {p.value:.4g} of {p.n_series} series",
+        f"metric {key.metric} on {p.day.isoformat()}: median {p.value:.4g} of {p.n_series} series"
+        + (f" ({p.first_day.isoformat()} to {p.day.isoformat()})" if p.first_day != p.day else ""),
         f"rule: {RULE_TEXT.get(rule, rule)}",
     ]
     if p.centre is not None and p.lower is not None and p.upper is not None:
