@@ -4,10 +4,12 @@ Method (per axial slice, after AAPM TG-220 section 2):
 
 1. Threshold at ``BODY_THRESHOLD_HU`` = -260 HU (TG-220's patient-contour threshold): air, foam
    mattress and the low-density core of the couch top fall below it.
-2. Closing with a square of ``CLOSING_MM`` = 8 mm, then hole filling: lungs, bowel gas and the
+2. Closing with a square of ``CLOSING_MM`` = 3 mm, then hole filling: lungs, bowel gas and the
    air inside a skull phantom are part of the patient for TG-220, and the closing lets a shell with
-   small gaps (the thin temporal bone of an air-filled skull phantom reads below -260 HU in places)
-   still enclose its inside. Filling comes *before* the opening so that a thin closed shell becomes
+   small gaps (thin bone that reads below -260 HU in places) still enclose its inside. The closing
+   is kept small on purpose: a larger one bridges the gap between a head and a curved head holder
+   a few mm below it. Wider gaps leave the inside unfilled, which does not change the
+   water-equivalent diameter (air counts ~0) and only drops air from the mask. Filling comes *before* the opening so that a thin closed shell becomes
    a solid region and survives step 3, while an open shell (a U-shaped head holder, a curved couch
    top) stays thin.
 3. Opening with a square of ``OPENING_MM`` = 5 mm gives the *core*: thin dense structures such as
@@ -41,7 +43,7 @@ from scipy import ndimage
 log = logging.getLogger(__name__)
 
 BODY_THRESHOLD_HU = -260.0
-CLOSING_MM = 8.0
+CLOSING_MM = 3.0
 OPENING_MM = 5.0
 SECONDARY_FRACTION = 0.02
 MIN_COMPONENT_MM2 = 50.0

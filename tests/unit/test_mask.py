@@ -77,9 +77,9 @@ def test_lungs_and_closed_air_shell_are_filled(spacing):
     img[lungs] = -850.0
     mask = body_mask(img, spacing)
     assert mask[lungs].all()
-    # a 3.5 mm bone shell around air (the skull phantom) with a 5 mm gap in the wall
+    # a 3.5 mm bone shell around air (the skull phantom) with a 1.5 mm gap in the wall
     img = _air(n)
-    shell = (r >= 80) & (r <= 83.5) & ~((np.abs(y) < 2.5) & (x > 0))
+    shell = (r >= 80) & (r <= 83.5) & ~((np.abs(y) < 0.75) & (x > 0))
     img[shell] = 800.0
     mask = body_mask(img, spacing)
     assert mask[r < 75].all(), "the air inside the shell belongs to the body"
