@@ -1,0 +1,122 @@
+"""The node's own pipeline in process, without the network: ingest -> completion -> worker ->
+results in the database -> SR, Parametric Map and PDF written and queued. The SR read back equals
+the database, field by field; a re-analysis supersedes results and re-creates the same objects."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pydicom
+import pytest
+from sqlalchemy import select
+
+from node.config import settings_from_dict
+from node.service import Node
+from reports.sr import read_measurement_report
+from scp.ingest import Ingestor
+from storage.models import AnalysisRun, Delivery, Job, OutputObject, SeriesMetric, SliceMetric
+from storage.repo import complete_due_series
+from tests.helpers import PHANTOM_5MM, require
+
+
+@pytest.fixture
+def node(tmp_path):
+    settings = settings_from_dict({
+        "node": {"data_dir": str(tmp_path / "var"), "database": f"sqlite:///{tmp_path / 'var' / 'db.sqlite'}",
+                 "port": 0},
+        "scanners": [{"name": "CT1", "ae_title": "CT1"}],
+        "destinations": [{"name": "PACS", "ae_title": "ORTHANC", "host": "127.0.0.1", "port": 4242}],
+        "analysis": {"device": "cpu", "models": ["basic", "classical"]},
+    }, "test.toml")
+    n = Node(settings)
+    n.prepare()
+    from node.worker import AnalysisWorker
+
+    n.worker = AnalysisWorker(settings, n.db, n.store, after_job=n._after_job)
+    return n
+
+
+def push_files(node: Node, files):
+    ing = Ingestor(node.db, node.store)
+    for f in files:
+        ds = pydicom.dcmread(f, stop_before_pixels=True)
+        spool = node.store.spool / "in.dcm"
+        shutil.copyfile(f, spool)
+        r = ing.store_file(spool, affected_sop_class=str(ds.SOPClassUID), affected_sop_instance=str(ds.SOPInstanceUID),
+                           transfer_syntax=str(ds.file_meta.TransferSyntaxUID), scanner="CT1", calling_ae="CT1",
+                           peer_host="127.0.0.1")
+        assert r.status == 0
+
+
+def run_pending(node: Node) -> int:
+    from storage.repo import claim_job
+
+    job_id = claim_job(node.db, node.worker.worker_id)
+    assert job_id is not None
+    node.worker.process(job_id)
+    return job_id
+
+
+def test_results_outputs_and_sr_equal_database(node):
+    files = sorted(p for p in require(PHANTOM_5MM).iterdir() if p.name.startswith("I"))
+    push_files(node, files)
+    assert len(complete_due_series(node.db, 0.0, node.models)) == 1
+    job_id = run_pending(node)
+    with node.db.session() as s:
+        job = s.get(Job, job_id)
+        assert job.state == "done" and job.outcome == "done", job.error
+        db_metrics = {m.name: m.value for m in s.scalars(
+            select(SeriesMetric).join(AnalysisRun).where(AnalysisRun.current.is_(True)))}
+        outputs = {o.kind: o for o in s.scalars(select(OutputObject))}
+        deliveries = s.scalars(select(Delivery)).all()
+        n_slice_rows = s.query(SliceMetric).count()
+    assert db_metrics["n_slices"] == len(files)
+    assert sorted(outputs) == ["pdf", "pmap", "sr"]
+    assert len(deliveries) == 3 and all(d.state == "pending" and d.destination == "PACS" for d in deliveries)
+    assert n_slice_rows > 0
+    # the SR read back: every series value equals the database value
+    sr = pydicom.dcmread(node.store.abs(outputs["sr"].rel_path))
+    src = pydicom.dcmread(files[0], stop_before_pixels=True)
+    assert sr.StudyInstanceUID == src.StudyInstanceUID and sr.PatientID == src.PatientID
+    assert sr.SeriesInstanceUID != src.SeriesInstanceUID
+    content = read_measurement_report(sr)
+    in_sr = {m.key: m.value for m in content.series_metrics}
+    expected = {k: v for k, v in db_metrics.items() if v is not None and k in in_sr}
+    assert len(expected) >= 8
+    for key, value in expected.items():
+        assert in_sr[key] == pytest.approx(value, rel=1e-6), key
+    # per-slice values reference the analysed images and equal the slice rows
+    with node.db.session() as s:
+        wed_rows = {r.sop_instance_uid: r.value for r in s.scalars(
+            select(SliceMetric).join(AnalysisRun).where(AnalysisRun.current.is_(True), SliceMetric.name == "wed_cm"))}
+    wed_sr = {m.sop_instance_uid: m.value for m in content.slice_metrics if m.key == "wed_cm"}
+    assert wed_sr.keys() == wed_rows.keys() and len(wed_sr) >= len(files) - 2
+    for uid in wed_sr:
+        assert wed_sr[uid] == pytest.approx(wed_rows[uid], rel=1e-6)
+    # the map: float32, one frame per source slice, same frame of reference
+    pm = pydicom.dcmread(node.store.abs(outputs["pmap"].rel_path))
+    assert pm.NumberOfFrames == len(files) and pm.FrameOfReferenceUID == src.FrameOfReferenceUID
+    assert pm.StudyInstanceUID == src.StudyInstanceUID
+    assert np.asarray(pm.pixel_array).dtype == np.float32
+
+
+def test_reanalysis_supersedes_and_recreates_the_same_objects(node):
+    files = sorted(p for p in require(PHANTOM_5MM).iterdir() if p.name.startswith("I"))
+    push_files(node, files)
+    complete_due_series(node.db, 0.0, node.models)
+    run_pending(node)
+    with node.db.session() as s:
+        first = {o.kind: o.sop_instance_uid for o in s.scalars(select(OutputObject))}
+        job = s.scalars(select(Job)).one()
+        # the same analysis run again (e.g. after a crash before the job was closed)
+        job.state = "pending"
+    run_pending(node)
+    with node.db.session() as s:
+        assert s.query(OutputObject).count() == 3  # same objects, not duplicates
+        assert {o.kind: o.sop_instance_uid for o in s.scalars(select(OutputObject))} == first
+        runs = s.scalars(select(AnalysisRun)).all()
+        assert sum(r.current for r in runs) == 2 and len(runs) == 4  # basic + classical, twice
+        current_n = s.scalar(select(SeriesMetric.value).join(AnalysisRun).where(
+            AnalysisRun.current.is_(True), SeriesMetric.name == "n_slices"))
+        assert current_n == len(files)
