@@ -7,7 +7,8 @@ modulation raises CTDIvol with size (CTDIvol ~ WED^1.4) but not enough to hold n
 patient-to-patient spread, each day a small scanner-level shift; 2 % of series are outliers (a
 misplaced patient, arms down). Weekends have fewer series. One service event (no re-baseline) in the
 middle, and from 8 days before the end the chest protocol's noise rises by 12 % (so the demo shows
-alerts). Metrics: ``global_noise_hu``, ``ctdivol_mgy``, ``ssde_mgy``, ``nps_favg_per_mm``.
+alerts). Metrics: ``global_noise_hu``, ``ctdivol_mgy``, ``ssde_mgy``, ``nps_f_avg_per_mm`` (trended) and
+``wed_cm`` (stored only).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from storage.trends import add_service_event, protocol_key, record_series, size_
 
 log = logging.getLogger(__name__)
 
-DEMO_METRICS = ("global_noise_hu", "ctdivol_mgy", "ssde_mgy", "nps_favg_per_mm")
+DEMO_METRICS = ("global_noise_hu", "ctdivol_mgy", "ssde_mgy", "nps_f_avg_per_mm")
 
 DEMO_TREND_SETTINGS = TrendSettings(
     baseline_n=60,
@@ -35,7 +36,7 @@ DEMO_TREND_SETTINGS = TrendSettings(
         "global_noise_hu": MetricLimits("global_noise_hu", tolerance=10.0, action=20.0),
         "ctdivol_mgy": MetricLimits("ctdivol_mgy", tolerance=20.0, action=35.0),
         "ssde_mgy": MetricLimits("ssde_mgy", tolerance=15.0, action=25.0),
-        "nps_favg_per_mm": MetricLimits("nps_favg_per_mm", tolerance=5.0, action=10.0),
+        "nps_f_avg_per_mm": MetricLimits("nps_f_avg_per_mm", tolerance=5.0, action=10.0),
     },
 )
 
@@ -99,7 +100,7 @@ def generate_demo_history(db: Database, scanner: str, days: int, seed: int = 0, 
                         noise *= 1.35
                     if step_from is not None and d >= step_from and p_idx == 2:
                         noise *= 1.12
-                    favg = p.nps_favg * (1 + rng.normal(0, 0.02)) * (1 + day_shift["nps_favg_per_mm"] / 3)
+                    favg = p.nps_favg * (1 + rng.normal(0, 0.02)) * (1 + day_shift["nps_f_avg_per_mm"] / 3)
                     t = day0 + timedelta(hours=7 + float(rng.uniform(0, 12)))
                     n_series += 1
                     record_series(
@@ -113,7 +114,8 @@ def generate_demo_history(db: Database, scanner: str, days: int, seed: int = 0, 
                             "global_noise_hu": noise,
                             "ctdivol_mgy": ctdi,
                             "ssde_mgy": _ssde(ctdi, wed, p.head),
-                            "nps_favg_per_mm": favg,
+                            "nps_f_avg_per_mm": favg,
+                            "wed_cm": wed,  # stored, not trended (a patient descriptor)
                         },
                     )
         if days >= 20:

@@ -3,7 +3,8 @@
 
 - text (default): per protocol and metric: series in the period, baseline, limits, last value, status
   and direction of change;
-- csv / json: every trend row of the period (json adds the chart summaries, alerts and service events);
+- csv / json: every trend row of the period of the trended metrics (``[trends] metrics``, or the one
+  ``--metric``); json adds the chart summaries, alerts and service events;
 - html: one self-contained file (no scripts, no external resources): one control chart per metric
   (base64 PNG; one panel per protocol) with centre, control limits, tolerance and action levels,
   alerts and service events marked, the tables, the period and the generation time;
@@ -218,6 +219,8 @@ def build_report(
     ).where(TrendPoint.scanner == scanner, TrendPoint.acquired_at >= t0, TrendPoint.acquired_at < t1)
     if metric is not None:
         row_stmt = row_stmt.where(TrendPoint.metric == metric)
+    elif "*" not in settings.metrics:
+        row_stmt = row_stmt.where(TrendPoint.metric.in_(sorted(set(settings.metrics) | set(settings.limits))))
     if protocols is not None:
         row_stmt = row_stmt.where(TrendPoint.protocol.in_(protocols))
     rows = tuple(tuple(r) for r in session.execute(row_stmt.order_by(TrendPoint.acquired_at, TrendPoint.id)))

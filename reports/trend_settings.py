@@ -26,6 +26,23 @@ RULE_TREND = "trend"
 RULE_ACTION = "action_level"
 SPC_RULES: tuple[str, ...] = (RULE_BEYOND, RULE_RUN, RULE_TREND)
 REPORT_FORMATS: tuple[str, ...] = ("text", "csv", "json", "html", "pdf")
+#: Metrics charted and judged by default: image quality and dose. Patient descriptors (wed_cm, body_*),
+#: counts (n_slices) and protocol constants are stored but not trended unless listed in [trends] metrics.
+DEFAULT_TREND_METRICS: tuple[str, ...] = (
+    "global_noise_hu",
+    "nps_noise_hu",
+    "nps_f_avg_per_mm",
+    "nps_f_peak_per_mm",
+    "sd_hu_tissue",
+    "mean_hu_tissue",
+    "ctdivol_mgy",
+    "ssde_mgy",
+    "n2q_mean_quality",
+    "n2q_p05_quality",
+    "n2q_low_fraction",
+    "d2iqa_score",
+    "ldctiqa_score",
+)
 _EMAIL_RE = re.compile(r"^[^@\s]+@[^@\s]+$")
 
 
@@ -159,6 +176,11 @@ class TrendSettings:
     by_size_band: bool = False
     timezone: str = "UTC"
     limits: dict[str, MetricLimits] = field(default_factory=dict)
+    metrics: tuple[str, ...] = DEFAULT_TREND_METRICS  # "*" = every stored metric
+
+    def trended(self, metric: str) -> bool:
+        """Whether ``metric`` gets a control chart (and can raise alerts)."""
+        return "*" in self.metrics or metric in self.metrics or metric in self.limits
 
     def __post_init__(self) -> None:
         if self.baseline_n < 2:
@@ -191,7 +213,7 @@ class TrendSettings:
         prefix = "trends"
         allowed = {
             "baseline_n", "baseline_min_days", "baseline_from", "baseline_to", "rules", "sigma",
-            "run_length", "trend_length", "series_per_point", "by_size_band", "timezone", "limits",
+            "run_length", "trend_length", "series_per_point", "by_size_band", "timezone", "limits", "metrics",
         }  # fmt: skip
         _check_keys(section, allowed, file, prefix)
         rules = _get(section, "rules", list, list(SPC_RULES), file, prefix)
@@ -201,6 +223,10 @@ class TrendSettings:
                     f"{file}: key '{prefix}.rules[{i}]' must be one of {', '.join(SPC_RULES)} (an empty list "
                     f"turns the SPC rules off), got {r!r}"
                 )
+        metrics = _get(section, "metrics", list, list(DEFAULT_TREND_METRICS), file, prefix)
+        for i, m in enumerate(metrics):
+            if not isinstance(m, str) or not m:
+                raise TrendConfigError(f"{file}: key '{prefix}.metrics[{i}]' must be a metric name such as \"global_noise_hu\" or \"*\" for all, got {m!r}")
         raw_limits = section.get("limits", {})
         if not isinstance(raw_limits, dict):
             raise TrendConfigError(f"{file}: 'trends.limits' must be tables [trends.limits.<metric>], got {raw_limits!r}")
@@ -218,6 +244,7 @@ class TrendSettings:
             by_size_band=_get(section, "by_size_band", bool, False, file, prefix),
             timezone=_get(section, "timezone", str, "UTC", file, prefix),
             limits=limits,
+            metrics=tuple(metrics),
         )
         try:
             return cls(**values)

@@ -517,10 +517,12 @@ def analyse_scanner(
     metric: str | None = None,
     until: datetime | None = None,
 ) -> list[ChartAnalysis]:
-    """Every chart of a scanner over its whole history up to ``until`` (baselines need the past)."""
+    """Every chart of a scanner over its whole history up to ``until`` (baselines need the past): the
+    trended metrics (``[trends] metrics``), or the one ``metric`` asked for."""
     events = rebaseline_times(session, scanner)
     charts = load_samples(session, scanner, settings, protocol=protocol, metric=metric, until=until)
-    return [analyse_chart(k, charts[k], events, settings) for k in sorted(charts, key=lambda k: (k.protocol, k.size_band, k.metric))]
+    keys = [k for k in charts if metric is not None or settings.trended(k.metric)]
+    return [analyse_chart(k, charts[k], events, settings) for k in sorted(keys, key=lambda k: (k.protocol, k.size_band, k.metric))]
 
 
 def _alert_message(key: ChartKey, p: DayPoint, rule: str) -> str:
@@ -601,7 +603,8 @@ def _existing_alerts(session: Session, key: ChartKey, day: date) -> dict[str, Al
 def evaluate_series(session: Session, settings: TrendSettings, scanner: str, series_instance_uid: str) -> list[Evaluation]:
     """Evaluate a freshly recorded series (call after ``storage.trends.record_series``).
 
-    For each of its metrics: recompute the chart up to the end of the series' day, classify that day,
+    For each of its trended metrics (``[trends] metrics``): recompute the chart up to the end of the
+    series' day, classify the point holding that day,
     store (upsert) and log the alerts it raises. Returns one :class:`Evaluation` per metric, for the
     series' SR. No patient data is read or logged. A series with no trend rows gives ``[]``.
     """
@@ -613,6 +616,8 @@ def evaluate_series(session: Session, settings: TrendSettings, scanner: str, ser
     events = rebaseline_times(session, scanner)
     out: list[Evaluation] = []
     for tp in own:
+        if not settings.trended(tp.metric):
+            continue
         day = local_day(tp.acquired_at, tz)
         epoch = bisect.bisect_right(events, tp.acquired_at)
         since = events[epoch - 1] if epoch > 0 else None

@@ -106,14 +106,14 @@ def test_record_series_replaces_rows_on_reanalysis(db):
     t = datetime(2026, 3, 2, 10, tzinfo=timezone.utc)
     with db.session() as s:
         n = record_series(s, scanner="CT1", protocol=KEYS[0], size_band="<20", series_instance_uid="1.2.3",
-                          acquired_at=t, metrics={"global_noise_hu": 5.0, "ssde_mgy": 40.0, "n2q_mean": None})
+                          acquired_at=t, metrics={"global_noise_hu": 5.0, "ssde_mgy": 40.0, "n2q_mean_quality": None})
         assert n == 2
     with db.session() as s:
         record_series(s, scanner="CT1", protocol=KEYS[0], size_band="<20", series_instance_uid="1.2.3",
-                      acquired_at=t, metrics={"global_noise_hu": 6.0, "n2q_mean": 0.9})
+                      acquired_at=t, metrics={"global_noise_hu": 6.0, "n2q_mean_quality": 0.9})
     with db.session() as s:
         rows = {r.metric: r.value for r in s.scalars(select(TrendPoint))}
-        assert rows == {"global_noise_hu": 6.0, "n2q_mean": 0.9}
+        assert rows == {"global_noise_hu": 6.0, "n2q_mean_quality": 0.9}
         got = history(s, "CT1", metric="global_noise_hu")
         assert len(got) == 1 and got[0].acquired_at == t  # comes back UTC-aware
         assert known_scanners(s) == ["CT1"]
@@ -309,3 +309,18 @@ def test_levels_percent_absolute_and_direction():
 def test_evaluate_unknown_series_returns_nothing(db):
     with db.session() as s:
         assert evaluate_series(s, SETTINGS, "CT1", "9.9.9") == []
+
+
+def test_untrended_metric_is_stored_but_not_judged(db):
+    hist = make_history(6, days=40)
+    with db.session() as s:
+        for h in hist:
+            record_series(s, scanner="CT1", protocol=h.protocol, size_band="<20", series_instance_uid=h.uid,
+                          acquired_at=h.acquired_at, metrics={**h.metrics, "n_slices": 100.0 + h.day_index})
+        evs = evaluate_series(s, SETTINGS, "CT1", hist[-1].uid)
+        assert {e.metric for e in evs} == set(hist[-1].metrics)  # no n_slices evaluation
+        assert reevaluate_scanner(s, SETTINGS, "CT1") == 0  # n_slices climbs steadily: would be a "trend"
+        assert {c.key.metric for c in analyse_scanner(s, SETTINGS, "CT1")} == set(hist[0].metrics)
+        assert len(history(s, "CT1", metric="n_slices")) == len(hist)
+        every = TrendSettings(metrics=("*",))
+        assert reevaluate_scanner(s, every, "CT1") > 0

@@ -28,7 +28,7 @@ KEYS = tuple(protocol_key(n, None, k, kv, st) for n, k, kv, st, _ in PROTOCOLS)
 METRICS = {
     "global_noise_hu": ((4.5, 11.0, 14.0, 9.0), 0.08, 0.015),
     "ssde_mgy": ((52.0, 14.0, 9.0, 20.0), 0.10, 0.015),
-    "n2q_mean": ((0.88, 0.84, 0.80, 0.86), 0.03, 0.005),
+    "n2q_mean_quality": ((0.88, 0.84, 0.80, 0.86), 0.03, 0.005),
 }
 SETTINGS = TrendSettings(
     series_per_point=20,
@@ -37,7 +37,7 @@ SETTINGS = TrendSettings(
     limits={
         "global_noise_hu": MetricLimits("global_noise_hu", tolerance=10.0, action=20.0),
         "ssde_mgy": MetricLimits("ssde_mgy", tolerance=15.0, action=30.0),
-        "n2q_mean": MetricLimits("n2q_mean", tolerance=5.0, action=10.0),
+        "n2q_mean_quality": MetricLimits("n2q_mean_quality", tolerance=5.0, action=10.0),
     },
 )
 
