@@ -43,6 +43,9 @@ TRANSFER_SYNTAXES = [
 ]
 
 
+DUL_LOOP_DELAY_S = 0.0001
+
+
 class RejectReason:
     """A-ASSOCIATE-RJ (result, source, diagnostic) as used by the node."""
 
@@ -144,6 +147,9 @@ class StorageSCP:
         sock = getattr(getattr(event.assoc.dul, "socket", None), "socket", None)
         if sock is not None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        # pynetdicom's DUL thread sleeps 1 ms whenever it finds no event; between two C-STOREs that
+        # idle sleep alone costs ~20% of the throughput. 0.1 ms keeps latency low at little CPU.
+        event.assoc.dul._run_loop_delay = DUL_LOOP_DELAY_S
 
     def _on_requested(self, event) -> None:
         assoc = event.assoc
