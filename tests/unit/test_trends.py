@@ -324,3 +324,20 @@ def test_untrended_metric_is_stored_but_not_judged(db):
         assert len(history(s, "CT1", metric="n_slices")) == len(hist)
         every = TrendSettings(metrics=("*",))
         assert reevaluate_scanner(s, every, "CT1") > 0
+
+
+def test_charts_split_by_size_band(db):
+    hist = make_history(8, days=30)
+    bands = ("<20", "20-25", "25-30")
+    with db.session() as s:
+        for i, h in enumerate(hist):
+            record_series(s, scanner="CT1", protocol=h.protocol, size_band=bands[i % 3], series_instance_uid=h.uid,
+                          acquired_at=h.acquired_at, metrics=h.metrics)
+        split = TrendSettings(by_size_band=True, series_per_point=10)
+        charts = analyse_scanner(s, split, "CT1", metric="global_noise_hu")
+        assert {(c.key.protocol, c.key.size_band) for c in charts} == {(k, b) for k in KEYS for b in bands}
+        assert sum(c.n_series for c in charts) == len(hist)
+        evs = evaluate_series(s, split, "CT1", hist[-1].uid)
+        assert {e.size_band for e in evs} == {bands[(len(hist) - 1) % 3]}
+        merged = analyse_scanner(s, TrendSettings(), "CT1", metric="global_noise_hu")
+        assert {c.key.size_band for c in merged} == {ALL_BANDS} and len(merged) == len(KEYS)
