@@ -78,7 +78,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
-from analysis.mask import body_mask, box_erode
+from analysis.mask import box_erode, volume_body_masks
 from analysis.results import MapOutput, ModelOutput, RunContext
 from analysis.volume import CTVolume
 
@@ -373,9 +373,10 @@ def run(volume: CTVolume, ctx: RunContext) -> ModelOutput:
     acc_sq = 0.0
     rois: list[np.ndarray] = []
     margin = max(kernel) + 1
+    masks = volume_body_masks(volume)
     for i in range(n):
         hu = volume.hu[i]
-        mask = body_mask(hu, spacing)
+        mask = masks[i]
         if not mask.any():
             noise_reasons.append("no body")
             continue

@@ -36,9 +36,13 @@ structures belong to the body.
 from __future__ import annotations
 
 import logging
+from typing import TYPE_CHECKING
 
 import numpy as np
 from scipy import ndimage
+
+if TYPE_CHECKING:
+    from analysis.volume import CTVolume
 
 log = logging.getLogger(__name__)
 
@@ -201,3 +205,13 @@ def body_mask_volume(hu3d: np.ndarray, pixel_spacing_mm: tuple[float, float]) ->
     for i in range(hu3d.shape[0]):
         out[i] = body_mask(hu3d[i], pixel_spacing_mm)
     return out
+
+
+def volume_body_masks(volume: CTVolume) -> np.ndarray:
+    """Body masks of every slice of ``volume``, computed once and cached on it
+    (``volume.body_masks``), so that every model of a pipeline run shares them."""
+    masks = volume.body_masks
+    if masks is None or masks.shape != volume.hu.shape:
+        masks = body_mask_volume(volume.hu, volume.pixel_spacing_mm)
+        volume.body_masks = masks
+    return masks

@@ -75,6 +75,8 @@ class CTVolume:
     ctdivol_mgy: np.ndarray  # (n_slices,) float, nan where the slice has no CTDIvol
     headers: list  # per slice: pydicom Dataset WITHOUT PixelData (multi-frame: the one dataset, repeated)
     meta: dict = field(default_factory=dict)  # kvp, kernel, slice_thickness_mm, body_part, protocol, ...
+    # (n_slices, rows, cols) bool body masks, filled once by analysis.mask.volume_body_masks
+    body_masks: np.ndarray | None = field(default=None, repr=False)
 
     @property
     def header(self):

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from analysis.mask import body_mask, body_mask_volume, box_dilate, box_erode
+from analysis.mask import body_mask, body_mask_volume, box_dilate, box_erode, volume_body_masks
 
 SHARED = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 PHANTOM_1MM = SHARED / "ct" / "philips_head_phantom" / "S2020_1mm_std"
@@ -113,6 +113,22 @@ def test_body_cut_by_the_field_of_view_keeps_its_border():
     img[:10, :] = -1000.0
     mask = body_mask(img, (0.66, 0.66))
     assert mask[10:, :].all() and not mask[:10, :].any()
+
+
+def test_volume_masks_are_computed_once_and_shared():
+    from analysis.volume import CTVolume
+
+    y, x = _grid()
+    img = _air()
+    img[np.hypot(y, x) < 100] = 40.0
+    hu = np.stack([img, _air(seed=1)]).astype(np.float32)
+    vol = CTVolume(hu=hu, pixel_spacing_mm=SPACING, slice_positions_mm=np.arange(2.0), sop_instance_uids=["a", "b"],
+                   frame_numbers=[None, None], sop_class_uids=["x", "x"], ctdivol_mgy=np.full(2, np.nan),
+                   headers=[None, None])
+    first = volume_body_masks(vol)
+    assert volume_body_masks(vol) is first and vol.body_masks is first
+    np.testing.assert_array_equal(first[0], body_mask(hu[0], SPACING))
+    assert not first[1].any()
 
 
 def test_arguments_are_checked():
