@@ -59,7 +59,8 @@ Noise power spectrum (AAPM TG-233)
     the ROI by at most 10 HU + 1 x the ROI's mean local SD (no edge or organ boundary). Candidates
     are ranked by that flatness (never by their noise, which would bias the NPS low) and the
     flattest non-overlapping ones are kept: at most ``NPS_MAX_ROIS_PER_SLICE`` per slice, on at
-    most ``NPS_MAX_SLICES`` evenly spread slices. Each ROI minus its 2nd-order 2D polynomial fit;
+    most ``NPS_MAX_SLICES`` evenly spread slices. Fewer than ``NPS_MIN_ROIS`` (4) ROIs in the
+    series: no NPS (absent with the reason; one ROI of a patient mostly measures anatomy). Each ROI minus its 2nd-order 2D polynomial fit;
     NPS(u, v) = dx dy / (Nx Ny) <|FFT2(ROI - fit)|^2>; radial average in bins of 1/(N dx);
     f_peak = argmax (refined by a parabola through the three bins around it), f_avg =
     sum(f NPS) / sum(NPS), in mm^-1; noise magnitude = sqrt(integral of the 2D NPS) in HU.
@@ -106,6 +107,7 @@ NPS_FLAT_BASE_HU = 10.0
 NPS_FLAT_PER_SD = 1.0
 NPS_MAX_ROIS_PER_SLICE = 4
 NPS_MAX_SLICES = 40
+NPS_MIN_ROIS = 4
 
 SERIES_METRIC_KEYS = (
     "global_noise_hu", "wed_cm", "ssde_mgy", "ctdivol_mgy", "nps_f_peak_per_mm", "nps_f_avg_per_mm",
@@ -451,7 +453,7 @@ def run(volume: CTVolume, ctx: RunContext) -> ModelOutput:
         out.set_metric("ssde_mgy", None, "no slice has both a body (WED) and a CTDIvol")
 
     # NPS
-    if rois:
+    if len(rois) >= NPS_MIN_ROIS:
         nps2d = nps_from_rois(np.stack(rois), spacing)
         freqs, prof = radial_nps(nps2d, spacing)
         f_peak, f_avg = nps_peak_and_mean(freqs, prof)
@@ -461,8 +463,9 @@ def run(volume: CTVolume, ctx: RunContext) -> ModelOutput:
         out.set_metric("nps_noise_hu", math.sqrt(float(nps2d.sum()) * df_area))
         out.info["nps_rois"] = f"{len(rois)} ROIs of {roi}x{roi} px"
     else:
-        why = (f"no uniform soft-tissue ROI of {roi}x{roi} px ({roi * spacing[1]:.0f} mm) inside the body "
-               f"(checked {len(nps_slices)} slices)")
+        found = "no" if not rois else f"only {len(rois)}"
+        why = (f"{found} uniform soft-tissue ROI(s) of {roi}x{roi} px ({roi * spacing[1]:.0f} mm) inside the body "
+               f"in {len(nps_slices)} checked slices; at least {NPS_MIN_ROIS} are needed")
         for key in ("nps_f_peak_per_mm", "nps_f_avg_per_mm", "nps_noise_hu"):
             out.set_metric(key, None, why)
 
