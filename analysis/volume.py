@@ -27,6 +27,10 @@ Details of what ``load_series`` does:
 - A series is *axial* when the slice normal is within 45 degrees of the patient z axis (this
   accepts any real gantry tilt, which is at most about 30 degrees). Sagittal/coronal reformats are
   skipped.
+- Files that are not axial CT images (a localizer, a dose screen or other non-CT-image object, a
+  colour image) are left out of an otherwise usable series and counted in
+  ``meta["ignored_files"]`` / ``meta["ignored_reasons"]``; when nothing usable remains the series
+  is skipped with that reason.
 - HU = stored value * RescaleSlope + RescaleIntercept (per slice / per frame). Pixels equal to
   PixelPaddingValue (or inside [PixelPaddingValue, PixelPaddingRangeLimit]) are set to -1024 HU
   (air), as are values below -1500 HU, which no real tissue or air has (out-of-field fill values
@@ -499,9 +503,9 @@ def load_series(paths: Sequence[str | Path]) -> CTVolume:
     first_ds: Dataset | None = None
     block: np.ndarray | None = None
     n_block = 0
+    ignored: list[str] = []
     for path in paths:
         ds = _read(path)
-        _check_ct(ds, path.name)
         uid = _str(_get(ds, "SeriesInstanceUID"))
         if uid:
             series_uids.add(uid)
@@ -510,18 +514,30 @@ def load_series(paths: Sequence[str | Path]) -> CTVolume:
                     f"Files belong to more than one series ({len(series_uids)} SeriesInstanceUIDs); "
                     "pass the files of one series only"
                 )
+        try:
+            _check_ct(ds, path.name)
+            sop_class = _str(_get(ds, "SOPClassUID"))
+            n_frames = _int(_get(ds, "NumberOfFrames")) or 1
+            if sop_class in MULTIFRAME_CT_SOP_CLASSES or n_frames > 1:
+                slices.extend(_multi_frame(ds, path.name))
+            else:
+                # write the HU straight into one preallocated volume (no per-slice array, no stacking)
+                if block is None:
+                    block = np.empty((len(paths), int(ds.Rows), int(ds.Columns)), dtype=np.float32)
+                slices.append(_single_frame(ds, path.name, block[n_block], n_block))
+                n_block += 1
+        except SeriesSkipped as exc:
+            # a localizer or a non-image object inside an otherwise axial CT series is left out;
+            # the series is skipped only when nothing usable remains
+            ignored.append(str(exc))
+            continue
         if first_ds is None:
             first_ds = ds
-        sop_class = _str(_get(ds, "SOPClassUID"))
-        n_frames = _int(_get(ds, "NumberOfFrames")) or 1
-        if sop_class in MULTIFRAME_CT_SOP_CLASSES or n_frames > 1:
-            slices.extend(_multi_frame(ds, path.name))
-        else:
-            # write the HU straight into one preallocated volume (no per-slice array, no stacking)
-            if block is None:
-                block = np.empty((len(paths), int(ds.Rows), int(ds.Columns)), dtype=np.float32)
-            slices.append(_single_frame(ds, path.name, block[n_block], n_block))
-            n_block += 1
+    if not slices:
+        reasons = sorted(set(ignored))
+        raise SeriesSkipped(reasons[0] if len(reasons) == 1 else "; ".join(reasons))
+    if ignored:
+        log.warning("%d of %d files of the series left out (%s)", len(ignored), len(paths), "; ".join(sorted(set(ignored))))
     shapes = {s.hu.shape for s in slices}
     if len(shapes) != 1:
         raise SeriesSkipped(f"slices have different matrix sizes {sorted(shapes)}")
@@ -537,8 +553,8 @@ def load_series(paths: Sequence[str | Path]) -> CTVolume:
 
     meta = _series_meta(first_ds)  # type: ignore[arg-type]  # paths is non-empty
     ordered, positions = _sort(slices, meta)
-    if block is not None and len(ordered) == block.shape[0] and all(s.block_index is not None for s in ordered):
-        hu = _permute_rows(block, [int(s.block_index) for s in ordered])  # type: ignore[arg-type]
+    if block is not None and len(ordered) == n_block and all(s.block_index is not None for s in ordered):
+        hu = _permute_rows(block[:n_block], [int(s.block_index) for s in ordered])  # type: ignore[arg-type]
     else:
         hu = np.stack([s.hu for s in ordered]).astype(np.float32, copy=False)
     thicknesses = [s.thickness for s in ordered if s.thickness is not None]
@@ -558,6 +574,8 @@ def load_series(paths: Sequence[str | Path]) -> CTVolume:
     # scan length: from the first to the last slice centre plus one slice thickness
     meta["scan_length_mm"] = extent + (thickness if thickness is not None else 0.0)
     meta["n_files"] = len(paths)
+    meta["ignored_files"] = len(ignored)
+    meta["ignored_reasons"] = "; ".join(sorted(set(ignored))) or None
     if meta["uneven_spacing"]:
         log.warning("series has uneven slice spacing (%.3f to %.3f mm)", float(np.min(steps)), float(np.max(steps)))
     return CTVolume(

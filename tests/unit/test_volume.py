@@ -175,6 +175,17 @@ def test_skipped_series_reasons(tmp_path, kwargs, reason):
         load_series(paths)
 
 
+def test_localizer_inside_an_axial_series_is_left_out(tmp_path):
+    paths = [_ct_slice(tmp_path / f"{i}.dcm", np.full((8, 8), 1024 + i, np.int16), position=(0, 0, i), instance=i)
+             for i in range(3)]
+    paths.append(_ct_slice(tmp_path / "scout.dcm", np.zeros((8, 8), np.int16), instance=9,
+                           image_type=("ORIGINAL", "PRIMARY", "LOCALIZER"), orientation=(0, 1, 0, 0, 0, -1)))
+    vol = load_series(paths[::-1])
+    assert vol.n_slices == 3
+    np.testing.assert_array_equal(vol.hu[:, 0, 0], [0, 1, 2])
+    assert vol.meta["ignored_files"] == 1 and "localizer" in vol.meta["ignored_reasons"]
+
+
 def test_several_series_rejected(tmp_path):
     a = _ct_slice(tmp_path / "a.dcm", np.zeros((8, 8), np.int16), series_uid="1.2.3.1")
     b = _ct_slice(tmp_path / "b.dcm", np.zeros((8, 8), np.int16), series_uid="1.2.3.2", position=(0, 0, 1))
