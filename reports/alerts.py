@@ -62,7 +62,7 @@ def format_alert_email(alerts: Sequence[Alert], settings: AlertSettings) -> Emai
             lines.append("  " + "; ".join(levels))
         lines.append(f"  last series: SeriesInstanceUID {a.series_instance_uid}")
         lines.append("")
-    lines.append("See the scanner's control charts: qa-report --scanner " + scanners[0] + " --format html --out report.html")
+    lines.append(f"See the control charts: qa-report --scanner {scanners[0]} --format html --out report.html")
     msg = EmailMessage()
     msg["Subject"] = subject
     msg["From"] = settings.smtp_from

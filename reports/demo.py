@@ -70,7 +70,9 @@ def _ssde(ctdi: float, wed_cm: float, head: bool) -> float:
     return a * math.exp(-b * wed_cm) * ctdi
 
 
-def generate_demo_history(db: Database, scanner: str, days: int, seed: int = 0, settings: TrendSettings | None = None) -> int:
+def generate_demo_history(
+    db: Database, scanner: str, days: int, seed: int = 0, settings: TrendSettings | None = None
+) -> int:
     """Fill ``db`` with ``days`` days of synthetic series for ``scanner`` ending yesterday (UTC), add a
     service event, and evaluate every chart (storing the alerts). Returns the number of series."""
     if not scanner:

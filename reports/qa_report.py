@@ -29,7 +29,7 @@ import sys
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import date, datetime, time, timedelta, timezone
+from datetime import date, datetime, time, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -190,7 +190,8 @@ def build_report(
     t1 = datetime.combine(until + timedelta(days=1), time(0), tzinfo=tz)
     protocols: list[str] | None = None
     if protocol is not None:
-        available = sorted(set(session.scalars(select(TrendPoint.protocol).where(TrendPoint.scanner == scanner).distinct())))
+        stmt = select(TrendPoint.protocol).where(TrendPoint.scanner == scanner).distinct()
+        available = sorted(set(session.scalars(stmt)))
         protocols = resolve_protocol(protocol, available)
         if not protocols:
             raise ReportError(
@@ -198,7 +199,8 @@ def build_report(
                 EXIT_EMPTY,
             )
     if metric is not None:
-        available_m = sorted(set(session.scalars(select(TrendPoint.metric).where(TrendPoint.scanner == scanner).distinct())))
+        stmt_m = select(TrendPoint.metric).where(TrendPoint.scanner == scanner).distinct()
+        available_m = sorted(set(session.scalars(stmt_m)))
         if metric not in available_m:
             raise ReportError(
                 f"scanner {scanner} has no metric {metric!r}; known metrics: {', '.join(available_m) or '(none)'}",
@@ -225,7 +227,9 @@ def build_report(
         row_stmt = row_stmt.where(TrendPoint.protocol.in_(protocols))
     rows = tuple(tuple(r) for r in session.execute(row_stmt.order_by(TrendPoint.acquired_at, TrendPoint.id)))
     if not rows:
-        what = " ".join(x for x in (f"protocol {protocol!r}" if protocol else "", f"metric {metric!r}" if metric else "") if x)
+        what = " ".join(
+            x for x in (f"protocol {protocol!r}" if protocol else "", f"metric {metric!r}" if metric else "") if x
+        )
         raise ReportError(
             f"no trend data for scanner {scanner}{' ' + what if what else ''} from {since} to {until}; "
             "choose another period with --since/--until",
@@ -368,11 +372,14 @@ def render_text(r: ReportData) -> str:
     if r.alerts:
         out += ["", "Alerts:"]
         for a in r.alerts:
-            out.append(f"  {a.day.isoformat()}  {a.severity:<6} {a.metric:<20} {a.rule:<14} {a.protocol}: value {_f(a.value)}")
+            out.append(
+                f"  {a.day.isoformat()}  {a.severity:<6} {a.metric:<20} {a.rule:<14} {a.protocol}: value {_f(a.value)}"
+            )
     if r.events:
         out += ["", "Service events:"]
         for e in r.events:
-            out.append(f"  {e.occurred_at.strftime('%Y-%m-%d %H:%M')}  {e.text}{'  (new baseline)' if e.rebaseline else ''}")
+            flag = "  (new baseline)" if e.rebaseline else ""
+            out.append(f"  {e.occurred_at.strftime('%Y-%m-%d %H:%M')}  {e.text}{flag}")
     return "\n".join(out) + "\n"
 
 
@@ -491,7 +498,8 @@ def chart_figure(r: ReportData, metric: str) -> Figure:
                     labelled.add(name)
             base = [p for p in ep if p.in_baseline]
             if base:
-                ax.axvspan(_day_dt(base[0].first_day) - timedelta(hours=12), _day_dt(base[-1].day) + timedelta(hours=12),
+                half = timedelta(hours=12)
+                ax.axvspan(_day_dt(base[0].first_day) - half, _day_dt(base[-1].day) + half,
                            color="#999999", alpha=0.12, linewidth=0)
         ax.plot(xs, [p.value for p in pts], color="#555555", linewidth=0.6, zorder=2)
         for status, colour in _STATUS_COLOUR.items():
@@ -508,7 +516,8 @@ def chart_figure(r: ReportData, metric: str) -> Figure:
                        facecolors="none", edgecolors="#d62728", linewidths=1.6, zorder=4, label="alert")
         for e in r.events:
             ax.axvline(e.occurred_at.replace(tzinfo=None), color="#2ca02c", linestyle="--", linewidth=1.2, zorder=1)
-            ax.annotate(e.text[:40] + (" (new baseline)" if e.rebaseline else ""), (e.occurred_at.replace(tzinfo=None), 1.0),
+            ax.annotate(e.text[:40] + (" (new baseline)" if e.rebaseline else ""),
+                        (e.occurred_at.replace(tzinfo=None), 1.0),
                         xycoords=("data", "axes fraction"), fontsize=7, color="#2ca02c", rotation=0,
                         xytext=(3, -10), textcoords="offset points")
         title = c.key.protocol + (f"  [size {c.key.size_band} cm]" if c.key.size_band != ALL_BANDS else "")
@@ -540,7 +549,8 @@ def _png_base64(fig: Figure) -> str:
 _CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:24px;color:#222;background:#fff}
 h1{font-size:22px;margin:0 0 6px} h2{font-size:17px;margin:28px 0 8px;border-bottom:1px solid #ccc}
-table{border-collapse:collapse;font-size:12px;margin:8px 0 16px} th,td{border:1px solid #ccc;padding:3px 6px;text-align:left}
+table{border-collapse:collapse;font-size:12px;margin:8px 0 16px}
+th,td{border:1px solid #ccc;padding:3px 6px;text-align:left}
 th{background:#f0f0f0} td.num{text-align:right;font-variant-numeric:tabular-nums}
 .meta{color:#555;font-size:13px} img.chart{max-width:100%;border:1px solid #ddd}
 .s-ok{color:#1f77b4}.s-out_of_control{color:#c25e00}.s-tolerance{color:#d62728;font-weight:bold}
@@ -559,7 +569,8 @@ def render_html(r: ReportData) -> str:
         f"<style>{_CSS}</style></head><body>",
         f"<h1>CT QA trend report &mdash; scanner {e(r.scanner)}</h1>",
         f'<p class="meta">Period <b>{e(r.period_text)}</b> ({e(r.settings.timezone)} days) &middot; generated '
-        f'<time datetime="{e(r.generated_at.isoformat())}">{e(r.generated_at.strftime("%Y-%m-%d %H:%M"))} UTC</time></p>',
+        f'<time datetime="{e(r.generated_at.isoformat())}">'
+        f'{e(r.generated_at.strftime("%Y-%m-%d %H:%M"))} UTC</time></p>',
         '<p class="meta">' + "<br>".join(e(x) for x in _header_lines(r)[2:]) + "</p>",
     ]
     for metric in r.metrics:
@@ -577,9 +588,9 @@ def render_html(r: ReportData) -> str:
         for s in r.summaries:
             if s.metric != metric:
                 continue
-            bdays = (
-                f"{s.baseline_first_day}..{s.baseline_last_day} ({s.baseline_n_series})" if s.baseline_first_day else "-"
-            )
+            bdays = "-"
+            if s.baseline_first_day:
+                bdays = f"{s.baseline_first_day}..{s.baseline_last_day} ({s.baseline_n_series})"
             parts.append(
                 f"<tr><td>{e(s.protocol)}</td><td>{e(s.size_band)}</td><td class=num>{s.n_series}</td>"
                 f"<td class=num>{e(_f(s.baseline_centre))}</td>"
@@ -631,7 +642,8 @@ def render_html(r: ReportData) -> str:
 
 def render_pdf(r: ReportData) -> bytes:
     buf = io.BytesIO()
-    with PdfPages(buf, metadata={"Title": f"CT QA trend report {r.scanner} {r.period_text}", "Creator": "ctqa-node"}) as pdf:
+    meta = {"Title": f"CT QA trend report {r.scanner} {r.period_text}", "Creator": "ctqa-node"}
+    with PdfPages(buf, metadata=meta) as pdf:
         text = render_text(r).splitlines()
         per_page = 60
         for i in range(0, max(1, len(text)), per_page):
@@ -699,7 +711,8 @@ def run(args: argparse.Namespace, db: Database, scanners: list[str], settings: T
         known = sorted(set(scanners) | set(known_scanners(s)))
         if args.scanner not in known:
             print(
-                f"qa-report: unknown scanner {args.scanner!r}; known scanners: {', '.join(known) or '(none configured)'}",
+                f"qa-report: unknown scanner {args.scanner!r}; "
+                f"known scanners: {', '.join(known) or '(none configured)'}",
                 file=sys.stderr,
             )
             return EXIT_USAGE
@@ -711,7 +724,10 @@ def run(args: argparse.Namespace, db: Database, scanners: list[str], settings: T
         content = render(report, args.format)
     _write(content, args.out)
     if args.out:
-        print(f"qa-report: wrote {args.format} report of scanner {args.scanner} ({report.period_text}) to {args.out}", file=sys.stderr)
+        print(
+            f"qa-report: wrote {args.format} report of scanner {args.scanner} ({report.period_text}) to {args.out}",
+            file=sys.stderr,
+        )
     return EXIT_OK
 
 
@@ -722,7 +738,12 @@ _SAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
 
 def generate_scheduled_reports(
-    db: Database, settings: ReportingSettings, scanners: Sequence[str], data_dir: str | Path, *, today: date | None = None
+    db: Database,
+    settings: ReportingSettings,
+    scanners: Sequence[str],
+    data_dir: str | Path,
+    *,
+    today: date | None = None,
 ) -> list[Path]:
     """Write each scanner's report for the last ``[reports] period_days`` days, in every configured
     format, to ``data_dir/reports/<scanner>/<scanner>_<last day>.<ext>``. A scanner without data in the
@@ -758,7 +779,9 @@ def generate_scheduled_reports(
 SCHEDULED_JOB_ID = "ctqa-scheduled-reports"
 
 
-def schedule_reports(scheduler: Any, db: Database, settings: ReportingSettings, scanners: Sequence[str], data_dir: str | Path) -> Any:
+def schedule_reports(
+    scheduler: Any, db: Database, settings: ReportingSettings, scanners: Sequence[str], data_dir: str | Path
+) -> Any:
     """Add the nightly report job to an APScheduler 3 scheduler (created and started by the caller).
     Returns the job, or None when ``[reports] schedule`` is empty."""
     if not settings.reports.schedule:

@@ -190,7 +190,9 @@ class TrendSettings:
         if (self.baseline_from is None) != (self.baseline_to is None):
             raise ValueError('Arguments "baseline_from" and "baseline_to" must be given together')
         if self.baseline_from is not None and self.baseline_to is not None and self.baseline_to < self.baseline_from:
-            raise ValueError(f'Argument "baseline_to" ({self.baseline_to}) must not be before "baseline_from" ({self.baseline_from})')
+            raise ValueError(
+                f'Argument "baseline_to" ({self.baseline_to}) must not be before "baseline_from" ({self.baseline_from})'
+            )
         bad = [r for r in self.rules if r not in SPC_RULES]
         if bad:
             raise ValueError(f'Argument "rules" has unknown rule {bad[0]!r}; known: {", ".join(SPC_RULES)}')
@@ -199,14 +201,19 @@ class TrendSettings:
         if self.series_per_point < 1:
             raise ValueError(f'Argument "series_per_point" must be >= 1, got {self.series_per_point}')
         if self.run_length < 2 or self.trend_length < 3:
-            raise ValueError(f"run_length must be >= 2 and trend_length >= 3, got {self.run_length}, {self.trend_length}")
+            raise ValueError(
+                f'Argument "run_length" must be >= 2 and "trend_length" >= 3, '
+                f"got {self.run_length} and {self.trend_length}"
+            )
         self.tz()  # validates the name
 
     def tz(self) -> ZoneInfo:
         try:
             return ZoneInfo(self.timezone)
         except (ZoneInfoNotFoundError, ValueError) as exc:
-            raise ValueError(f'Argument "timezone" must be an IANA zone such as "Europe/Berlin", got {self.timezone!r}') from exc
+            raise ValueError(
+                f'Argument "timezone" must be an IANA zone such as "Europe/Berlin", got {self.timezone!r}'
+            ) from exc
 
     @classmethod
     def from_toml(cls, section: Any, file: str) -> TrendSettings:
@@ -226,10 +233,15 @@ class TrendSettings:
         metrics = _get(section, "metrics", list, list(DEFAULT_TREND_METRICS), file, prefix)
         for i, m in enumerate(metrics):
             if not isinstance(m, str) or not m:
-                raise TrendConfigError(f"{file}: key '{prefix}.metrics[{i}]' must be a metric name such as \"global_noise_hu\" or \"*\" for all, got {m!r}")
+                raise TrendConfigError(
+                    f"{file}: key '{prefix}.metrics[{i}]' must be a metric name such as \"global_noise_hu\" "
+                    f"or \"*\" for all, got {m!r}"
+                )
         raw_limits = section.get("limits", {})
         if not isinstance(raw_limits, dict):
-            raise TrendConfigError(f"{file}: 'trends.limits' must be tables [trends.limits.<metric>], got {raw_limits!r}")
+            raise TrendConfigError(
+                f"{file}: 'trends.limits' must be tables [trends.limits.<metric>], got {raw_limits!r}"
+            )
         limits = {m: MetricLimits.from_toml(m, s, file) for m, s in raw_limits.items()}
         values = dict(
             baseline_n=_get(section, "baseline_n", int, 50, file, prefix),
@@ -281,7 +293,10 @@ class AlertSettings:
     @classmethod
     def from_toml(cls, section: Any, file: str) -> AlertSettings:
         prefix = "alerts"
-        allowed = {"smtp_host", "smtp_port", "smtp_from", "smtp_to", "starttls", "username", "password", "timeout_s", "subject_prefix"}
+        allowed = {
+            "smtp_host", "smtp_port", "smtp_from", "smtp_to", "starttls", "username", "password", "timeout_s",
+            "subject_prefix",
+        }  # fmt: skip
         _check_keys(section, allowed, file, prefix)
         port = _get(section, "smtp_port", int, 25, file, prefix)
         if not 1 <= port <= 65535:
@@ -291,7 +306,10 @@ class AlertSettings:
             to = [to]
         for i, addr in enumerate(to):
             if not isinstance(addr, str) or not _EMAIL_RE.match(addr):
-                raise TrendConfigError(f"{file}: key 'alerts.smtp_to[{i}]' must be an e-mail address such as physics@hospital.org, got {addr!r}")
+                raise TrendConfigError(
+                    f"{file}: key 'alerts.smtp_to[{i}]' must be an e-mail address such as physics@hospital.org, "
+                    f"got {addr!r}"
+                )
         sender = _get(section, "smtp_from", str, "ctqa-node@localhost", file, prefix)
         if not _EMAIL_RE.match(sender):
             raise TrendConfigError(f"{file}: key 'alerts.smtp_from' must be an e-mail address, got {sender!r}")
@@ -333,7 +351,9 @@ class ReportSettings:
         try:
             ZoneInfo(tzname)
         except (ZoneInfoNotFoundError, ValueError):
-            raise TrendConfigError(f"{file}: key 'reports.timezone' must be an IANA zone such as \"Europe/Berlin\", got {tzname!r}") from None
+            raise TrendConfigError(
+                f"{file}: key 'reports.timezone' must be an IANA zone such as \"Europe/Berlin\", got {tzname!r}"
+            ) from None
         if schedule:
             from apscheduler.triggers.cron import CronTrigger
 
@@ -347,7 +367,9 @@ class ReportSettings:
         formats = _get(section, "formats", list, ["html"], file, prefix)
         for i, f in enumerate(formats):
             if f not in REPORT_FORMATS:
-                raise TrendConfigError(f"{file}: key 'reports.formats[{i}]' must be one of {', '.join(REPORT_FORMATS)}, got {f!r}")
+                raise TrendConfigError(
+                    f"{file}: key 'reports.formats[{i}]' must be one of {', '.join(REPORT_FORMATS)}, got {f!r}"
+                )
         days = _get(section, "period_days", int, 90, file, prefix)
         if days < 1:
             raise TrendConfigError(f"{file}: key 'reports.period_days' must be >= 1, got {days}")

@@ -364,7 +364,9 @@ def analyse_chart(
         complete = False
         if settings.baseline_from is not None and settings.baseline_to is not None:
             base_idx = [
-                i for i in range(closed) if settings.baseline_from <= batches[i][0] and batches[i][1] <= settings.baseline_to
+                i
+                for i in range(closed)
+                if settings.baseline_from <= batches[i][0] and batches[i][1] <= settings.baseline_to
             ]
             if base_idx:
                 source = "date_range"
@@ -522,7 +524,8 @@ def analyse_scanner(
     events = rebaseline_times(session, scanner)
     charts = load_samples(session, scanner, settings, protocol=protocol, metric=metric, until=until)
     keys = [k for k in charts if metric is not None or settings.trended(k.metric)]
-    return [analyse_chart(k, charts[k], events, settings) for k in sorted(keys, key=lambda k: (k.protocol, k.size_band, k.metric))]
+    keys.sort(key=lambda k: (k.protocol, k.size_band, k.metric))
+    return [analyse_chart(k, charts[k], events, settings) for k in keys]
 
 
 def _alert_message(key: ChartKey, p: DayPoint, rule: str) -> str:
@@ -600,7 +603,9 @@ def _existing_alerts(session: Session, key: ChartKey, day: date) -> dict[str, Al
     return {a.rule: a for a in session.scalars(stmt)}
 
 
-def evaluate_series(session: Session, settings: TrendSettings, scanner: str, series_instance_uid: str) -> list[Evaluation]:
+def evaluate_series(
+    session: Session, settings: TrendSettings, scanner: str, series_instance_uid: str
+) -> list[Evaluation]:
     """Evaluate a freshly recorded series (call after ``storage.trends.record_series``).
 
     For each of its trended metrics (``[trends] metrics``): recompute the chart up to the end of the

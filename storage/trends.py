@@ -224,19 +224,25 @@ def record_series(
     Returns the number of rows stored.
     """
     if not scanner or len(scanner) > SCANNER_LEN:
-        raise ValueError(f'Argument "scanner" must be a non-empty config name of at most {SCANNER_LEN} characters, got {scanner!r}')
+        raise ValueError(
+            f'Argument "scanner" must be a non-empty config name of at most {SCANNER_LEN} characters, got {scanner!r}'
+        )
     if not protocol or len(protocol) > PROTOCOL_LEN:
         raise ValueError(f'Argument "protocol" must be a key from protocol_key(), got {protocol!r}')
     if size_band not in SIZE_BAND_LABELS:
         raise ValueError(f'Argument "size_band" must be one of {", ".join(SIZE_BAND_LABELS)}, got {size_band!r}')
     if not series_instance_uid or len(series_instance_uid) > UID_LEN:
-        raise ValueError(f'Argument "series_instance_uid" must be a UID of 1-64 characters, got {series_instance_uid!r}')
+        raise ValueError(
+            f'Argument "series_instance_uid" must be a UID of 1-64 characters, got {series_instance_uid!r}'
+        )
     _check_aware("acquired_at", acquired_at)
     session.execute(delete(TrendPoint).where(TrendPoint.series_instance_uid == series_instance_uid))
     n = 0
     for name, value in metrics.items():
         if not name or len(name) > METRIC_LEN:
-            raise ValueError(f'Argument "metrics" has a metric name that is empty or longer than {METRIC_LEN}: {name!r}')
+            raise ValueError(
+                f'Argument "metrics" has a metric name that is empty or longer than {METRIC_LEN}: {name!r}'
+            )
         if value is None or not math.isfinite(float(value)):
             continue
         session.add(

@@ -74,8 +74,9 @@ def report_html(tmp_path_factory) -> Path:
     out = tmp / "report.html"
     p = argparse.ArgumentParser()
     qa_report.add_arguments(p)
-    args = p.parse_args(["--scanner", "CT1", "--since", START.date().isoformat(),
-                         "--until", (START + timedelta(days=39)).date().isoformat(), "--format", "html", "--out", str(out)])
+    until = (START + timedelta(days=39)).date().isoformat()
+    args = p.parse_args(["--scanner", "CT1", "--since", START.date().isoformat(), "--until", until,
+                         "--format", "html", "--out", str(out)])
     assert qa_report.run(args, db, ["CT1"], SETTINGS) == 0
     db.dispose()
     return out
@@ -104,7 +105,8 @@ def test_report_loads_without_console_errors_and_charts_render(report_html, tmp_
     assert frac > 0.03, f"only {frac:.4f} of the screenshot is chart-coloured"
     # the same page with the chart images broken is detected by this measure
     broken = tmp_path / "broken.html"
-    broken.write_text(re.sub(r"data:image/png;base64,[A-Za-z0-9+/=]+", "data:image/png;base64,AAAA", report_html.read_text()))
+    page = re.sub(r"data:image/png;base64,[A-Za-z0-9+/=]+", "data:image/png;base64,AAAA", report_html.read_text())
+    broken.write_text(page)
     _, shot2 = _chromium(broken.as_uri(), tmp_path, "broken")
     assert _chart_coloured(imread(str(shot2))[..., :3]) < 0.01
 

@@ -8,7 +8,7 @@ import csv
 import io
 import json
 import re
-from datetime import date, timedelta
+from datetime import timedelta
 
 import numpy as np
 import pytest

@@ -9,6 +9,7 @@ from datetime import date, datetime, timedelta, timezone
 
 import numpy as np
 import pytest
+from sqlalchemy import func, select
 
 from reports.trend_settings import MetricLimits, TrendSettings
 from reports.trends import (
@@ -36,8 +37,6 @@ from storage.trends import (
     size_band,
 )
 from tests.unit.trend_history import KEYS, SETTINGS, START, make_history
-
-from sqlalchemy import func, select
 
 
 @pytest.fixture()
@@ -270,7 +269,8 @@ def test_service_event_with_rebaseline(db):
                           rebaseline=True)
         assert reevaluate_scanner(s, SETTINGS, "CT1") == 0
         assert s.scalar(select(func.count()).select_from(Alert)) == 0
-        chart = next(c for c in analyse_scanner(s, SETTINGS, "CT1", metric="global_noise_hu") if c.key.protocol == KEYS[1])
+        charts = analyse_scanner(s, SETTINGS, "CT1", metric="global_noise_hu")
+        chart = next(c for c in charts if c.key.protocol == KEYS[1])
     assert len(chart.baselines) == 2
     b0, b1 = chart.baselines
     assert b1.complete and b1.first_day >= event_at.date()
