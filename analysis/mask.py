@@ -26,8 +26,8 @@ Method (per axial slice, after AAPM TG-220 section 2):
    enclosed by the body (filled holes). Pixels that only the closing added next to the outside air
    (air in a concavity of the body outline, a gap in a shell) are left out.
 
-Steps 2-4 run on a grid pooled to about 1 mm (2x2 OR-pooling when the pixel spacing is at most
-0.55 mm), the final step at full resolution, and box morphology is done with a few vectorised
+Steps 2-4 run on a 2x2 OR-pooled grid when the pixel spacing is at most 1 mm (0.9-2 mm grid),
+the final step at full resolution, and box morphology is done with a few vectorised
 boolean operations (log2 of the box size per axis), so one 512x512 slice costs about 1-2 ms on one
 core. The outline at full resolution is exactly the thresholded one: pooling only decides which
 structures belong to the body.
@@ -53,7 +53,7 @@ SECONDARY_FRACTION = 0.02
 MIN_COMPONENT_MM2 = 50.0
 MIN_CORE_FRACTION = 0.2
 REACH_MM = 10.0
-POOLED_SPACING_MM = 0.8  # pool 2x2 while the pooled spacing stays at or below ~1.1 mm
+MAX_POOLED_SPACING_MM = 2.0  # pool 2x2 while the pooled grid stays at or below 2 mm
 
 _FOUR = ndimage.generate_binary_structure(2, 1)
 
@@ -153,7 +153,7 @@ def body_mask(hu2d: np.ndarray, pixel_spacing_mm: tuple[float, float]) -> np.nda
     thr = hu2d > BODY_THRESHOLD_HU
     if not thr.any():
         return thr
-    pooled = 2 * max(sr, sc) <= POOLED_SPACING_MM + 0.3 and min(hu2d.shape) >= 64
+    pooled = 2 * max(sr, sc) <= MAX_POOLED_SPACING_MM and min(hu2d.shape) >= 64
     work = _pool2(thr) if pooled else thr
     wr, wc = (sr * 2, sc * 2) if pooled else (sr, sc)
     csize = (_odd(CLOSING_MM / wr), _odd(CLOSING_MM / wc))

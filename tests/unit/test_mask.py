@@ -19,7 +19,7 @@ SPACING = (0.7, 0.7)  # 358 mm field of view
 
 
 def _grid(spacing=SPACING, n=N):
-    """Coordinates in mm from the image centre; 0.45 mm spacing exercises the pooled path."""
+    """Coordinates in mm from the image centre."""
     y, x = np.mgrid[0:n, 0:n].astype(np.float64)
     return (y - n / 2 + 0.5) * spacing[0], (x - n / 2 + 0.5) * spacing[1]  # mm from the centre
 
@@ -38,8 +38,9 @@ def _add_couch(img, y, x, top_mm, shell_mm=2.0, thickness_mm=40.0):
     return skins
 
 
-@pytest.mark.parametrize("spacing", [SPACING, (0.45, 0.45)])
+@pytest.mark.parametrize("spacing", [SPACING, (0.45, 0.45), (1.2, 1.2)])
 def test_cylinder_on_couch_excludes_the_couch(spacing):
+    """0.45 and 0.7 mm run the pooled path, 1.2 mm the full-resolution one."""
     y, x = _grid(spacing, 700 if spacing[0] < 0.5 else N)
     img = _air(y.shape[0])
     body = (y / 110.0) ** 2 + (x / 140.0) ** 2 <= 1.0  # 28 x 22 cm ellipse
@@ -66,7 +67,7 @@ def test_couch_touching_the_body_is_cut_off():
     assert not (mask & far).any()
 
 
-@pytest.mark.parametrize("spacing", [SPACING, (0.45, 0.45)])
+@pytest.mark.parametrize("spacing", [SPACING, (0.45, 0.45), (1.2, 1.2)])
 def test_lungs_and_closed_air_shell_are_filled(spacing):
     n = 700 if spacing[0] < 0.5 else N
     y, x = _grid(spacing, n)
