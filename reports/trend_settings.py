@@ -173,6 +173,7 @@ class TrendSettings:
     run_length: int = 8
     trend_length: int = 6
     series_per_point: int = 20
+    early_action_min_series: int = 5  # 0 = a point is judged only once it holds series_per_point series
     by_size_band: bool = False
     timezone: str = "UTC"
     limits: dict[str, MetricLimits] = field(default_factory=dict)
@@ -198,6 +199,8 @@ class TrendSettings:
             raise ValueError(f'Argument "rules" has unknown rule {bad[0]!r}; known: {", ".join(SPC_RULES)}')
         if not (math.isfinite(self.sigma) and self.sigma > 0):
             raise ValueError(f'Argument "sigma" must be > 0, got {self.sigma}')
+        if self.early_action_min_series < 0:
+            raise ValueError(f'Argument "early_action_min_series" must be >= 0, got {self.early_action_min_series}')
         if self.series_per_point < 1:
             raise ValueError(f'Argument "series_per_point" must be >= 1, got {self.series_per_point}')
         if self.run_length < 2 or self.trend_length < 3:
@@ -220,7 +223,8 @@ class TrendSettings:
         prefix = "trends"
         allowed = {
             "baseline_n", "baseline_min_days", "baseline_from", "baseline_to", "rules", "sigma",
-            "run_length", "trend_length", "series_per_point", "by_size_band", "timezone", "limits", "metrics",
+            "run_length", "trend_length", "series_per_point", "early_action_min_series", "by_size_band", "timezone",
+            "limits", "metrics",
         }  # fmt: skip
         _check_keys(section, allowed, file, prefix)
         rules = _get(section, "rules", list, list(SPC_RULES), file, prefix)
@@ -253,6 +257,7 @@ class TrendSettings:
             run_length=_get(section, "run_length", int, 8, file, prefix),
             trend_length=_get(section, "trend_length", int, 6, file, prefix),
             series_per_point=_get(section, "series_per_point", int, 20, file, prefix),
+            early_action_min_series=_get(section, "early_action_min_series", int, 5, file, prefix),
             by_size_band=_get(section, "by_size_band", bool, False, file, prefix),
             timezone=_get(section, "timezone", str, "UTC", file, prefix),
             limits=limits,

@@ -22,7 +22,9 @@ Per chart and *epoch* (the time between two re-baselining service events):
 
 A point's status: ``action`` (beyond the action level) > ``tolerance`` (beyond tolerance) >
 ``out_of_control`` (an SPC rule, within tolerance) > ``ok``; ``baseline`` while the point belongs to the
-baseline or the baseline is not complete; ``pending`` for the newest point while it still collects series.
+baseline or the baseline is not complete; ``pending`` for the newest point while it still collects series
+(unless it already holds ``early_action_min_series`` series whose median is beyond both the action level
+and its control limits: then it is ``action`` at once).
 
 An alert is raised (stored, logged, e-mailable) for the action level, and for an SPC rule when the
 point is also outside the tolerance level, or when the metric has no tolerance level configured.
@@ -419,6 +421,13 @@ def analyse_chart(
             status = STATUS_BASELINE
             if i >= closed:
                 status = STATUS_PENDING
+                # a gross change need not wait for the point to fill: beyond the action level and beyond the
+                # (wider, few-series) control limits already raises the action alert
+                early = settings.early_action_min_series
+                if early and n >= early and not in_base and stats is not None and sigma is not None:
+                    if _outside(x, *act) and abs(x - stats.centre) > settings.sigma * sigma:
+                        status = STATUS_ACTION
+                        alert_rules = (RULE_ACTION,)
             elif not in_base and stats is not None and sigma is not None:
                 rules = spc_rules(medians[: i + 1], stats.centre, sigma, settings, direction)
                 beyond_action = _outside(x, *act)

@@ -341,3 +341,26 @@ def test_charts_split_by_size_band(db):
         assert {e.size_band for e in evs} == {bands[(len(hist) - 1) % 3]}
         merged = analyse_scanner(s, TrendSettings(), "CT1", metric="global_noise_hu")
         assert {c.key.size_band for c in merged} == {ALL_BANDS} and len(merged) == len(KEYS)
+
+
+def test_gross_change_alerts_before_the_point_is_full():
+    rng = np.random.default_rng(9)
+    key = ChartKey("CT1", KEYS[3], ALL_BANDS, "global_noise_hu")
+    samples = [
+        Sample(START + timedelta(days=d, hours=8 + i * 0.5), float(rng.normal(10.0, 1.0)), f"1.{d}.{i}")
+        for d in range(30)
+        for i in range(20)
+    ]
+    day30 = START + timedelta(days=30, hours=8)
+    lim = TrendSettings(limits={"global_noise_hu": MetricLimits("global_noise_hu", tolerance=10, action=20)})
+
+    def last_point(values, settings):
+        extra = [Sample(day30 + timedelta(minutes=10 * i), v, f"2.{i}") for i, v in enumerate(values)]
+        return analyse_chart(key, samples + extra, [], settings).points[-1]
+
+    p = last_point([16.0, 15.5, 16.4, 15.8, 16.2, 16.1], lim)  # +60 %, 6 series of 20
+    assert p.n_series == 6 and p.status == "action" and p.alert_rules == ("action_level",)
+    assert last_point([16.0, 15.5, 16.4], lim).status == "pending"  # fewer than 5 series: wait
+    assert last_point([10.5, 9.7, 10.2, 10.9, 9.9, 10.1], lim).status == "pending"  # normal values: wait
+    off = TrendSettings(early_action_min_series=0, limits=lim.limits)
+    assert last_point([16.0, 15.5, 16.4, 15.8, 16.2, 16.1], off).status == "pending"
