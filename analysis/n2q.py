@@ -28,6 +28,7 @@ left to torch).
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import threading
 from dataclasses import dataclass
@@ -182,7 +183,9 @@ def save_weights(net: N2QNet, path: str | Path, config: dict, meta: dict | None 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save({"format": "n2q-weights-1", "config": dict(config), "meta": dict(meta or {}), "state_dict": state}, tmp)
+    # meta/config go through JSON so the file holds only plain types and loads with weights_only=True
+    plain = json.loads(json.dumps({"config": dict(config), "meta": dict(meta or {})}, default=float))
+    torch.save({"format": "n2q-weights-1", **plain, "state_dict": state}, tmp)
     tmp.replace(path)
     return file_sha256(path)
 

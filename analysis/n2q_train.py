@@ -73,6 +73,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-dose-head", action="store_true", help="ablation: no auxiliary dose head")
     parser.add_argument("--no-amp", action="store_true", help="disable mixed precision")
     parser.add_argument("--threads", type=int, default=0, help="CPU threads (0: the free cores)")
+    parser.add_argument("--keep-epoch-weights", metavar="DIR", help="also write weights after every epoch into DIR")
     parser.add_argument("--max-minutes", type=float, default=0.0, help="stop training after this many minutes (0: no limit)")
 
 
@@ -83,7 +84,7 @@ class Pool:
     already carries its noise; False: a noise-free phantom. ``noise`` is (N, 2, S, S) at I0 = 1."""
 
     hu: np.ndarray  # (N, S, S) float32
-    noise: np.ndarray  # (N, 2, S, S) float16
+    noise: np.ndarray  # (N, 2, S, S) float32 (at I0 = 1 the values reach 1e4-1e5 HU: not float16)
     i0_full: np.ndarray  # (N,) calibrated I0 for real slices; nan for phantoms
     unit_sd: np.ndarray  # (N,) SD of the unit noise in the body (phantoms: to pick I0_full)
     real: np.ndarray  # (N,) bool
@@ -186,15 +187,19 @@ def build_pool(args: argparse.Namespace, rng: np.random.Generator) -> Pool:
         small = F.interpolate(t, size=(size, size), mode="bilinear", antialias=True, align_corners=False)[0, 0].numpy()
         ps_small = ps * hu.shape[0] / size
         nz = dose_sim.unit_noise(small, pixel_spacing_mm=ps_small, rng=rng, n_realisations=2)
-        hus.append(small.astype(np.float32)); noises.append(nz.astype(np.float16)); i0s.append(i0)
+        hus.append(small.astype(np.float32)); noises.append(nz.astype(np.float32)); i0s.append(i0)
         sds.append(_body_sd(nz[0], small)); real.append(True); names.append(name)
     for k in tqdm(range(args.phantoms), desc="phantoms"):
         kind = "body" if k % 2 == 0 else "head"
         hu, ps = make_phantom(kind, size, rng)
         nz = dose_sim.unit_noise(hu, pixel_spacing_mm=ps, rng=rng, n_realisations=2)
-        hus.append(hu); noises.append(nz.astype(np.float16)); i0s.append(float("nan"))
+        hus.append(hu); noises.append(nz.astype(np.float32)); i0s.append(float("nan"))
         sds.append(_body_sd(nz[0], hu)); real.append(False); names.append(f"phantom-{kind}-{k}")
-    return Pool(np.stack(hus), np.stack(noises), np.array(i0s), np.array(sds), np.array(real), names)
+    pool = Pool(np.stack(hus), np.stack(noises), np.array(i0s), np.array(sds), np.array(real), names)
+    bad = [names[i] for i in range(len(names)) if not (np.isfinite(pool.hu[i]).all() and np.isfinite(pool.noise[i]).all())]
+    if bad:
+        raise ValueError(f"non-finite values in the training pool for {bad[:5]}; check those files")
+    return pool
 
 
 def save_pool(pool: Pool, path: str) -> None:
@@ -322,6 +327,8 @@ def run(args: argparse.Namespace) -> int:
             if logits is not None and (cls >= 0).any():
                 ce = F.cross_entropy(logits.float(), cls, ignore_index=-1)
             loss = map_loss + args.alpha * ce
+            if not torch.isfinite(loss):
+                raise RuntimeError(f"non-finite training loss at epoch {epoch + 1} (map {float(map_loss)}, CE {float(ce)})")
             opt.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(opt)
@@ -332,12 +339,15 @@ def run(args: argparse.Namespace) -> int:
             bar.set_postfix(l1=f"{float(map_loss):.4f}", ce=f"{float(ce):.3f}")
         train_seconds += time.time() - t0
         mean = sums / steps_per_epoch
-        history.append({"epoch": epoch + 1, "l1": mean[0], "ce": mean[1], "dose_acc": mean[2], "seconds": train_seconds})
+        history.append({"epoch": epoch + 1, "l1": float(mean[0]), "ce": float(mean[1]), "dose_acc": float(mean[2]),
+                        "seconds": round(train_seconds, 1)})
         log.info("epoch %d: L1 %.4f CE %.3f dose acc %.2f (%.0f s so far)", epoch + 1, *mean, train_seconds)
         ckpt_path.parent.mkdir(parents=True, exist_ok=True)
         torch.save({"model": net.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(), "epoch": epoch + 1,
                     "train_seconds": train_seconds, "history": history, "torch_rng": torch.get_rng_state(),
                     "config": cfg}, ckpt_path)
+        if args.keep_epoch_weights:
+            save_weights(net, Path(args.keep_epoch_weights) / f"epoch{epoch + 1:02d}.pt", cfg, {"epoch": epoch + 1, "train_seconds": train_seconds})
         if args.max_minutes and train_seconds > args.max_minutes * 60 and epoch + 1 < args.epochs:
             log.warning("stopping after epoch %d: --max-minutes %.0f reached", epoch + 1, args.max_minutes)
             stopped_early = True

@@ -1,0 +1,105 @@
+"""N2Q model: architecture contract, shipped weights, node run() outputs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from analysis import dose_sim
+from analysis.n2q import (
+    DEFAULT_WEIGHTS,
+    DOSE_CLASSES,
+    N2QNet,
+    high_pass,
+    load_model,
+    make_input,
+    predict_quality,
+    run,
+    save_weights,
+)
+from analysis.phantoms import make_phantom
+from analysis.results import RunContext
+from analysis.volume import CTVolume
+
+
+def test_architecture_shapes_and_parameter_count() -> None:
+    net = N2QNet().eval()
+    n_params = sum(p.numel() for p in net.parameters())
+    assert n_params == 1_963_766  # U-Net 16-32-64-128-256 + Linear(256, 5): about 1.97 M
+    assert net.enc[0][0].in_channels == 2
+    assert net.dose_head is not None and net.dose_head.out_features == 5
+    x = make_input(torch.rand(3, 64, 64) * 40 - 20)  # values far outside [0, 1]: tanh must still bound
+    assert x.shape == (3, 2, 64, 64)
+    with torch.no_grad():
+        m, logits = net(x)
+    assert m.shape == (3, 1, 64, 64) and logits.shape == (3, 5)
+    assert float(m.abs().max()) <= 1.0
+    ablation = N2QNet(in_channels=1, dose_head=False)
+    assert ablation.dose_head is None
+    with torch.no_grad():
+        m1, l1 = ablation(make_input(torch.rand(1, 32, 32), 1))
+    assert m1.shape == (1, 1, 32, 32) and l1 is None
+
+
+def test_high_pass_removes_flat_regions_keeps_edges() -> None:
+    x = torch.zeros(1, 1, 32, 32)
+    x[..., 16:] = 1.0
+    hp = high_pass(x)
+    assert float(hp[..., 2:30, 2:8].abs().max()) < 1e-5  # flat, away from the edge: nothing
+    assert float(hp[..., 14:18].abs().max()) > 0.1  # the edge survives
+
+
+def test_save_load_roundtrip(tmp_path: Path) -> None:
+    net = N2QNet(dropout=0.0).eval()
+    path = tmp_path / "w.pt"
+    sha = save_weights(net, path, {"in_channels": 2, "dropout": 0.0}, {"note": np.float64(1.5)})
+    loaded = load_model(path)
+    assert loaded.sha256 == sha and len(sha) == 64
+    x = make_input(torch.rand(1, 32, 32))
+    with torch.no_grad():
+        np.testing.assert_allclose(loaded.net(x)[0].numpy(), net(x)[0].numpy(), atol=5e-3)  # fp16 storage
+    with pytest.raises(ValueError, match="not found"):
+        load_model(tmp_path / "missing.pt")
+
+
+def _held_out_phantom() -> tuple[np.ndarray, float, float]:
+    hu, ps = make_phantom("body", 256, np.random.default_rng([4242, 1]))  # seed never used in training
+    un = dose_sim.unit_noise(hu, pixel_spacing_mm=ps, rng=5, n_realisations=1)[0]
+    i0 = (float(un[(hu > -300) & (hu < 300)].std()) / 6.0) ** 2  # full-dose noise 6 HU
+    return hu + un / np.sqrt(i0), ps, i0
+
+
+def test_shipped_weights_quality_falls_with_dose() -> None:
+    assert DEFAULT_WEIGHTS.is_file(), f"shipped weights missing at {DEFAULT_WEIGHTS}"
+    torch.set_num_threads(1)
+    full, ps, i0 = _held_out_phantom()
+    sims = dose_sim.simulate_low_dose(full, DOSE_CLASSES, i0, pixel_spacing_mm=ps, rng=3)
+    stack = np.concatenate([sims, full[None]])
+    q, probs, sha = predict_quality(stack)
+    assert q.shape == stack.shape and probs.shape == (6, 5) and len(sha) == 64
+    body = full > -300
+    means = [float(m[body].mean()) for m in q]
+    assert all(a < b for a, b in zip(means, means[1:])), means  # 5 % < 10 % < 25 % < 50 % < 75 % < full
+    assert means[0] < 0.8 < means[-1]
+
+
+def test_run_gives_node_metrics_and_native_maps() -> None:
+    full, ps, _ = _held_out_phantom()
+    hu = np.stack([full[:, 8:248], full[:, 8:248]]).astype(np.float32)  # non-square native matrix
+    vol = CTVolume(
+        hu=hu, pixel_spacing_mm=(ps, ps), slice_positions_mm=np.array([0.0, 5.0]),
+        sop_instance_uids=["1.2.3.1", "1.2.3.2"], frame_numbers=[None, None], sop_class_uids=["1.2.840.10008.5.1.4.1.1.2"] * 2,
+        ctdivol_mgy=np.array([10.0, 10.0]), headers=[None, None],
+    )
+    out = run(vol, RunContext(device="cpu", options={"n2q_batch": 2}))
+    assert set(out.series_metrics) == {"n2q_mean_quality", "n2q_p05_quality", "n2q_low_fraction"}
+    assert 0.0 < out.series_metrics["n2q_p05_quality"] <= out.series_metrics["n2q_mean_quality"] <= 1.0
+    assert 0.0 <= out.series_metrics["n2q_low_fraction"] <= 1.0
+    assert out.weights_sha256 and len(out.weights_sha256) == 64
+    (m,) = out.maps
+    assert m.name == "n2q_quality" and m.unit_code == "1" and m.values.shape == hu.shape and m.values.dtype == np.float32
+    with pytest.raises(ValueError, match="n2q_low_threshold"):
+        run(vol, RunContext(options={"n2q_low_threshold": 2.0}))
