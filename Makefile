@@ -4,12 +4,12 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-APT_PACKAGES := dcmtk dicom3tools orthanc
+APT_PACKAGES := dcmtk dicom3tools orthanc postgresql chromium
 
 .PHONY: install system-deps venv demo test bench clean
 
 system-deps:
-	@if command -v apt-get >/dev/null && ! (command -v storescu >/dev/null && command -v dciodvfy >/dev/null && command -v Orthanc >/dev/null); then \
+	@if command -v apt-get >/dev/null && ! dpkg -s $(APT_PACKAGES) >/dev/null 2>&1; then \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(APT_PACKAGES) >/dev/null; fi
 
 $(PY):
