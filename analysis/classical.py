@@ -423,7 +423,6 @@ def run(volume: CTVolume, ctx: RunContext) -> ModelOutput:
     out.slice_metrics["global_noise_hu"] = noise
     out.slice_metrics["global_noise_mode_hu"] = noise_mode
     out.slice_metrics["wed_cm"] = wed
-    out.slice_metrics["ctdivol_mgy"] = volume.ctdivol_mgy.astype(np.float64)
     out.slice_metrics["mean_hu_tissue"] = tissue_mean
     out.slice_metrics["tissue_pixels"] = n_tissue
 
@@ -443,19 +442,25 @@ def run(volume: CTVolume, ctx: RunContext) -> ModelOutput:
 
     # CTDIvol and SSDE
     ctdi = volume.ctdivol_mgy.astype(np.float64)
+    n_nonpositive = int(np.count_nonzero(ctdi <= 0))
+    if n_nonpositive:  # 0 is what some scanners write for "unknown": never turn it into an SSDE of 0
+        log.warning("%d slice(s) with CTDIvol <= 0 treated as having no CTDIvol", n_nonpositive)
+        ctdi = np.where(ctdi > 0, ctdi, np.nan)
     phantom_cm, source = choose_ssde_phantom(volume.meta)
     out.info["ssde_phantom"] = f"{phantom_cm} cm"
     out.info["ssde_phantom_source"] = source
     ssde = ssde_factor(wed, phantom_cm) * ctdi
+    out.slice_metrics["ctdivol_mgy"] = ctdi
     out.slice_metrics["ssde_mgy"] = ssde
+    no_ctdi = "no CTDIvol (0018,9345) in the series" + (" (only values <= 0)" if n_nonpositive else "")
     if np.isfinite(ctdi).any():
         out.set_metric("ctdivol_mgy", float(np.nanmean(ctdi)))
     else:
-        out.set_metric("ctdivol_mgy", None, "no CTDIvol (0018,9345) in the series")
+        out.set_metric("ctdivol_mgy", None, no_ctdi)
     if np.isfinite(ssde).any():
         out.set_metric("ssde_mgy", float(np.nanmean(ssde)))
     elif not np.isfinite(ctdi).any():
-        out.set_metric("ssde_mgy", None, "no CTDIvol (0018,9345) in the series")
+        out.set_metric("ssde_mgy", None, no_ctdi)
     else:
         out.set_metric("ssde_mgy", None, "no slice has both a body (WED) and a CTDIvol")
 

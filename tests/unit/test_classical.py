@@ -155,13 +155,23 @@ def test_head_phantom_ssde_uses_16_cm_coefficients():
     assert out.series_metrics["ssde_mgy"] == pytest.approx(1.874799 * math.exp(-0.03871313 * wed) * 40.0, rel=5e-5)
 
 
-def test_no_ctdivol_means_no_ssde():
+@pytest.mark.parametrize("ctdivol", [np.nan, 0.0])
+def test_no_ctdivol_means_no_ssde(ctdivol):
     img = _noisy_cylinder(10.0, "white", n_slices=1)
-    out = classical.run(_volume(img, 0.7, ctdivol=np.nan), CTX)
+    out = classical.run(_volume(img, 0.7, ctdivol=ctdivol), CTX)
     assert out.series_metrics["ssde_mgy"] is None and out.series_metrics["ctdivol_mgy"] is None
     assert "CTDIvol" in out.reasons["ssde_mgy"] and "CTDIvol" in out.reasons["ctdivol_mgy"]
     assert out.series_metrics["wed_cm"] is not None
     assert np.all(np.isnan(out.slice_metrics["ssde_mgy"]))
+
+
+def test_ssde_per_slice_with_some_ctdivol_missing():
+    img = _noisy_cylinder(10.0, "white", n_slices=3)
+    out = classical.run(_volume(img, 0.7, ctdivol=[10.0, np.nan, 20.0]), CTX)
+    ssde = out.slice_metrics["ssde_mgy"]
+    assert np.isnan(ssde[1]) and ssde[2] == pytest.approx(2 * ssde[0], rel=0.01)
+    assert out.series_metrics["ctdivol_mgy"] == pytest.approx(15.0)
+    assert out.series_metrics["ssde_mgy"] == pytest.approx(float(np.nanmean(ssde)))
 
 
 # --------------------------------------------------------------------------------------------
