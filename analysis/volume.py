@@ -190,12 +190,10 @@ def _find_anywhere(ds: Dataset, keyword: str):
 
 
 def _image_type_values(ds: Dataset) -> list[str]:
-    vals: list[str] = []
-    for keyword in ("ImageType",):
-        v = _get(ds, keyword)
-        if v is not None:
-            vals.extend(str(x).upper() for x in (v if not isinstance(v, str) else [v]))
-    return vals
+    v = _get(ds, "ImageType")
+    if v is None:
+        return []
+    return [str(x).strip().upper() for x in ([v] if isinstance(v, str) else v)]
 
 
 # --------------------------------------------------------------------------------------------
