@@ -46,6 +46,7 @@ from zoneinfo import ZoneInfo
 
 import numpy as np
 from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from reports.trend_settings import (
@@ -558,45 +559,80 @@ def _fmt(v: float | None) -> str:
     return "-" if v is None else f"{v:.4g}"
 
 
+def _fill_alert(a: Alert, key: ChartKey, p: DayPoint, rule: str, trigger_uid: str, msg: str, now: datetime) -> None:
+    a.severity = "action" if rule == RULE_ACTION else "alert"
+    a.value = p.value
+    a.n_series = p.n_series
+    a.centre = float(p.centre) if p.centre is not None else math.nan
+    a.lower = float(p.lower) if p.lower is not None else math.nan
+    a.upper = float(p.upper) if p.upper is not None else math.nan
+    a.tolerance_low, a.tolerance_high = p.tolerance_low, p.tolerance_high
+    a.action_low, a.action_high = p.action_low, p.action_high
+    a.series_instance_uid = trigger_uid
+    a.message = msg
+    a.updated_at = now
+
+
 def _store_day_alerts(
     session: Session, key: ChartKey, p: DayPoint, existing: dict[str, Alert], trigger_uid: str
 ) -> list[Alert]:
-    """Upsert the alerts of one chart-day; drop stale ones that were not e-mailed. Returns new/updated."""
+    """Upsert the alerts of one chart-day; drop stale ones that were not e-mailed. Returns new/updated.
+
+    On PostgreSQL a new alert is inserted inside a SAVEPOINT: when another worker inserted the same
+    (chart, day, rule) since ``existing`` was read, that row is updated instead of failing the whole
+    transaction. SQLite needs no such guard (one writer at a time, and the node writes the series' trend
+    rows, taking the write lock, before it reads the alerts) and pysqlite's SAVEPOINT handling would
+    commit early outside an explicit transaction.
+    """
     now = utcnow()
+    savepoints = session.get_bind().dialect.name != "sqlite"
     changed: list[Alert] = []
     for rule, a in list(existing.items()):
         if rule not in p.alert_rules and not a.emailed:
             session.delete(a)
     for rule in p.alert_rules:
         msg = _alert_message(key, p, rule)
-        severity = "action" if rule == RULE_ACTION else "alert"
         a = existing.get(rule)
-        if a is None:
-            a = Alert(
-                scanner=key.scanner,
-                protocol=key.protocol,
-                size_band=key.size_band,
-                metric=key.metric,
-                day=p.day,
-                rule=rule,
-                created_at=now,
-                emailed=False,
-            )
+        if a is not None:
+            if a.value == p.value and a.n_series == p.n_series:
+                continue
+            _fill_alert(a, key, p, rule, trigger_uid, msg, now)
+            changed.append(a)
+            continue
+        a = Alert(
+            scanner=key.scanner,
+            protocol=key.protocol,
+            size_band=key.size_band,
+            metric=key.metric,
+            day=p.day,
+            rule=rule,
+            created_at=now,
+            emailed=False,
+        )
+        _fill_alert(a, key, p, rule, trigger_uid, msg, now)
+        if not savepoints:
             session.add(a)
             log.warning("trend alert: %s", msg)
-        elif a.value == p.value and a.n_series == p.n_series:
+            changed.append(a)
             continue
-        a.severity = severity
-        a.value = p.value
-        a.n_series = p.n_series
-        a.centre = float(p.centre) if p.centre is not None else math.nan
-        a.lower = float(p.lower) if p.lower is not None else math.nan
-        a.upper = float(p.upper) if p.upper is not None else math.nan
-        a.tolerance_low, a.tolerance_high = p.tolerance_low, p.tolerance_high
-        a.action_low, a.action_high = p.action_low, p.action_high
-        a.series_instance_uid = trigger_uid
-        a.message = msg
-        a.updated_at = now
+        try:
+            with session.begin_nested():
+                session.add(a)
+        except IntegrityError:
+            theirs = session.scalars(
+                select(Alert).where(
+                    Alert.scanner == key.scanner,
+                    Alert.protocol == key.protocol,
+                    Alert.size_band == key.size_band,
+                    Alert.metric == key.metric,
+                    Alert.day == p.day,
+                    Alert.rule == rule,
+                )
+            ).one()
+            _fill_alert(theirs, key, p, rule, trigger_uid, msg, now)
+            changed.append(theirs)
+            continue
+        log.warning("trend alert: %s", msg)
         changed.append(a)
     return changed
 

@@ -128,3 +128,40 @@ def test_postgres_matches_sqlite(pg_url, tmp_path):
     assert doc_pg["charts"] == doc_lite["charts"]
     assert doc_pg["service_events"] == doc_lite["service_events"]
     assert doc_pg["rows"][0]["acquired_at"].endswith("+00:00")
+
+
+def test_concurrent_alert_insert_updates_instead_of_failing(pg_url):
+    """Worker B read no alert for a chart-day, worker A inserted and committed it meanwhile: B updates
+    A's row inside a savepoint; B's other work in the same transaction survives."""
+    from datetime import date
+
+    from sqlalchemy import func, select
+
+    from reports.trends import ChartKey, DayPoint, _store_day_alerts
+    from storage.trends import Alert
+
+    db = Database(pg_url)
+    db.create_all()
+    key = ChartKey("CT7", "P | B30f | 120 kV | 5 mm", "all", "global_noise_hu")
+
+    def point(value: float) -> DayPoint:
+        return DayPoint(day=date(2026, 5, 4), first_day=date(2026, 5, 4), value=value, n_series=22, epoch=0,
+                        in_baseline=False, centre=10.0, sigma=0.3, lower=9.1, upper=10.9, tolerance_low=9.0,
+                        tolerance_high=11.0, action_low=8.0, action_high=12.0, rules=("beyond_limits",),
+                        alert_rules=("beyond_limits",), status="tolerance", last_series_uid="1.2.3")
+
+    try:
+        with db.session() as a:
+            _store_day_alerts(a, key, point(11.5), {}, "1.2.3")
+        with db.session() as b:
+            add_service_event(b, scanner="CT7", occurred_at=START, text="other work in the same transaction")
+            changed = _store_day_alerts(b, key, point(11.8), {}, "1.2.4")  # stale read: no existing alerts
+            assert len(changed) == 1 and changed[0].value == 11.8
+        with db.session() as s:
+            rows = list(s.scalars(select(Alert).where(Alert.scanner == "CT7")))
+            assert [(r.value, r.series_instance_uid) for r in rows] == [(11.8, "1.2.4")]
+            from storage.trends import ServiceEvent
+
+            assert s.scalar(select(func.count()).select_from(ServiceEvent).where(ServiceEvent.scanner == "CT7")) == 1
+    finally:
+        db.dispose()
