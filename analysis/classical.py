@@ -428,6 +428,7 @@ def run(volume: CTVolume, ctx: RunContext) -> ModelOutput:
 
     # global noise
     measured = np.isfinite(noise)
+    out.info["global_noise_slices"] = f"{int(measured.sum())} of {n}"
     if measured.any():
         out.set_metric("global_noise_hu", float(np.median(noise[measured])))
     else:
