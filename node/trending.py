@@ -8,7 +8,7 @@ import logging
 from analysis.pipeline import SeriesResult
 from node.config import Settings
 from reports.alerts import send_pending_alerts
-from reports.trends import evaluate_series
+from reports.trends import STATUS_ACTION, STATUS_OK, STATUS_OOC, STATUS_TOLERANCE, evaluate_series
 from storage.db import Database, utcnow
 from storage.models import Job
 from storage.trends import protocol_key, record_series, size_band
@@ -33,7 +33,7 @@ def record_and_evaluate(settings: Settings, db: Database, job_id: int, result: S
                       series_instance_uid=series.series_instance_uid,
                       acquired_at=series.acquired_at or utcnow(), metrics=metrics)
         evaluations = evaluate_series(s, reporting.trends, series.scanner_name, series.series_instance_uid)
-        out = {e.metric: ("within" if e.within else "outside") for e in evaluations}
+        out = {e.metric: v for e in evaluations if (v := sr_evaluation(e.status, e.alert_rules))}
         outside = sorted(k for k, v in out.items() if v == "outside")
         if outside:
             log.warning("series %s on scanner %s: outside control limits: %s", series.series_instance_uid,
@@ -41,6 +41,17 @@ def record_and_evaluate(settings: Settings, db: Database, job_id: int, result: S
     if reporting.alerts.enabled:
         send_alerts(db, settings)
     return out
+
+
+def sr_evaluation(status: str, alert_rules) -> str | None:
+    """The SR's qualitative evaluation of a judged metric: "outside" when its point breaks a control
+    limit, tolerance or action level (or raised an alert), "within" when it was judged and passed.
+    During the baseline, or while its point is still collecting series, nothing is claimed."""
+    if alert_rules or status in (STATUS_OOC, STATUS_TOLERANCE, STATUS_ACTION):
+        return "outside"
+    if status == STATUS_OK:
+        return "within"
+    return None
 
 
 def send_alerts(db: Database, settings: Settings) -> int:

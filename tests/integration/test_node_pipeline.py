@@ -20,14 +20,18 @@ from storage.repo import complete_due_series
 from tests.helpers import PHANTOM_5MM, require
 
 
-@pytest.fixture
-def node(tmp_path):
+TRENDS = {"baseline_n": 10, "baseline_min_days": 5, "series_per_point": 1, "early_action_min_series": 0,
+          "limits": {"ctdivol_mgy": {"tolerance": 20.0, "action": 35.0}}}
+
+
+def make_node(tmp_path, trends=None):
     settings = settings_from_dict({
         "node": {"data_dir": str(tmp_path / "var"), "database": f"sqlite:///{tmp_path / 'var' / 'db.sqlite'}",
                  "port": 0},
         "scanners": [{"name": "CT1", "ae_title": "CT1"}],
         "destinations": [{"name": "PACS", "ae_title": "ORTHANC", "host": "127.0.0.1", "port": 4242}],
         "analysis": {"device": "cpu", "models": ["basic", "classical"]},
+        "trends": trends or TRENDS,
     }, "test.toml")
     n = Node(settings)
     n.prepare()
@@ -35,6 +39,33 @@ def node(tmp_path):
 
     n.worker = AnalysisWorker(settings, n.db, n.store, after_job=n._after_job)
     return n
+
+
+@pytest.fixture
+def node(tmp_path):
+    return make_node(tmp_path)
+
+
+def prior_history(node: Node, files, ctdivol: float, days: int = 15) -> None:
+    """Earlier series of the same scanner and protocol, one a day before the phantom's scan date."""
+    from datetime import timedelta
+
+    from analysis.volume import load_series
+    from node.trending import protocol_key
+    from storage.trends import record_series
+
+    vol = load_series(files[:1])
+    proto = protocol_key(vol.meta.get("protocol"), vol.meta.get("series_description"), vol.meta.get("kernel"),
+                         vol.meta.get("kvp"), vol.meta.get("slice_thickness_mm"))
+    from scp.ingest import _acquired_at
+
+    scan = _acquired_at(pydicom.dcmread(files[0], stop_before_pixels=True))
+    rng = np.random.default_rng(1)
+    with node.db.session() as s:
+        for d in range(days, 0, -1):
+            record_series(s, scanner="CT1", protocol=proto, size_band="unknown",
+                          series_instance_uid=f"2.25.{1000 + d}", acquired_at=scan - timedelta(days=d),
+                          metrics={"ctdivol_mgy": ctdivol * (1 + rng.normal(0, 0.01))})
 
 
 def push_files(node: Node, files):
@@ -60,6 +91,10 @@ def run_pending(node: Node) -> int:
 
 def test_results_outputs_and_sr_equal_database(node):
     files = sorted(p for p in require(PHANTOM_5MM).iterdir() if p.name.startswith("I"))
+    from analysis.volume import load_series
+
+    ctdi = float(np.nanmean(load_series(files).ctdivol_mgy))
+    prior_history(node, files, ctdi)  # a stable history at this CTDIvol: the new series is within limits
     push_files(node, files)
     assert len(complete_due_series(node.db, 0.0, node.models)) == 1
     job_id = run_pending(node)
@@ -86,6 +121,15 @@ def test_results_outputs_and_sr_equal_database(node):
     assert len(expected) >= 8
     for key, value in expected.items():
         assert in_sr[key] == pytest.approx(value, rel=1e-6), key
+    # the series went into the scanner's trend and was evaluated: the SR says within limits
+    from storage.trends import TrendPoint
+
+    with node.db.session() as s:
+        trend = {t.metric: t.value for t in s.scalars(select(TrendPoint).where(
+            TrendPoint.series_instance_uid == str(pydicom.dcmread(files[0], stop_before_pixels=True).SeriesInstanceUID)))}
+    assert trend["ctdivol_mgy"] == pytest.approx(db_metrics["ctdivol_mgy"])
+    evaluated = {m.key: m.evaluation for m in content.series_metrics if m.evaluation is not None}
+    assert evaluated == {"ctdivol_mgy": "within"}
     # per-slice values reference the analysed images and equal the slice rows
     with node.db.session() as s:
         wed_rows = {r.sop_instance_uid: r.value for r in s.scalars(
@@ -120,3 +164,24 @@ def test_reanalysis_supersedes_and_recreates_the_same_objects(node):
         current_n = s.scalar(select(SeriesMetric.value).join(AnalysisRun).where(
             AnalysisRun.current.is_(True), SeriesMetric.name == "n_slices"))
         assert current_n == len(files)
+
+
+def test_series_outside_control_limits_is_flagged_in_sr_and_alert(tmp_path):
+    node = make_node(tmp_path)
+    files = sorted(p for p in require(PHANTOM_5MM).iterdir() if p.name.startswith("I"))
+    from analysis.volume import load_series
+
+    ctdi = float(np.nanmean(load_series(files).ctdivol_mgy))
+    prior_history(node, files, ctdi / 1.6)  # the history ran at a much lower dose: this series is +60 %
+    push_files(node, files)
+    complete_due_series(node.db, 0.0, node.models)
+    run_pending(node)
+    from storage.trends import Alert
+
+    with node.db.session() as s:
+        sr_path = s.scalars(select(OutputObject).where(OutputObject.kind == "sr")).one().rel_path
+        alerts = s.scalars(select(Alert)).all()
+    content = read_measurement_report(pydicom.dcmread(node.store.abs(sr_path)))
+    evaluated = {m.key: m.evaluation for m in content.series_metrics if m.evaluation is not None}
+    assert evaluated == {"ctdivol_mgy": "outside"}
+    assert any(a.metric == "ctdivol_mgy" for a in alerts)
