@@ -336,7 +336,7 @@ def run(args: argparse.Namespace) -> int:
             sched.step()
             acc = float((logits.argmax(1) == cls)[cls >= 0].float().mean()) if logits is not None and (cls >= 0).any() else float("nan")
             sums += (float(map_loss.detach()), float(ce.detach()), acc)
-            bar.set_postfix(l1=f"{float(map_loss):.4f}", ce=f"{float(ce):.3f}")
+            bar.set_postfix(l1=f"{float(map_loss.detach()):.4f}", ce=f"{float(ce.detach()):.3f}")
         train_seconds += time.time() - t0
         mean = sums / steps_per_epoch
         history.append({"epoch": epoch + 1, "l1": float(mean[0]), "ce": float(mean[1]), "dose_acc": float(mean[2]),
