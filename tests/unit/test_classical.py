@@ -16,6 +16,7 @@ from analysis.classical import (
     SERIES_METRIC_KEYS,
     choose_ssde_phantom,
     histogram_mode,
+    local_mean_sd,
     nps_from_rois,
     nps_peak_and_mean,
     radial_nps,
@@ -202,6 +203,38 @@ def test_plain_mode_is_kept_and_correction_is_small_for_white_noise():
     corrected = out.slice_metrics["global_noise_hu"][0]
     assert mode <= corrected <= mode * 1.01
     assert mode == pytest.approx(10.0, rel=0.02)
+
+
+@pytest.mark.parametrize(("shape", "kernel"), [((300, 260), (14, 14)), ((97, 131), (9, 12)), ((7, 5), (14, 14))])
+@pytest.mark.parametrize("integer", [True, False])
+def test_local_mean_sd_matches_float64_running_means(shape, kernel, integer):
+    rng = np.random.default_rng(8)
+    x = 40.0 + 25.0 * rng.normal(size=shape)
+    x[: shape[0] // 3, : shape[1] // 3] += 1500.0  # bone next to soft tissue
+    x = np.round(x) if integer else x + 0.25
+    x = x.astype(np.float32)
+    mean, sd = local_mean_sd(x, kernel)
+    x64 = x.astype(np.float64)
+    m1 = ndimage.uniform_filter(x64, kernel, mode="reflect")
+    m2 = ndimage.uniform_filter(x64 * x64, kernel, mode="reflect")
+    n = kernel[0] * kernel[1]
+    ref_sd = np.sqrt(np.maximum(m2 - m1 * m1, 0.0) * n / (n - 1))
+    assert mean.dtype == np.float32 and sd.dtype == np.float32
+    np.testing.assert_allclose(mean, m1, atol=1e-3)
+    np.testing.assert_allclose(sd, ref_sd, atol=0.02, rtol=1e-4)
+
+
+def test_local_mean_sd_wide_range_integers():
+    """Window sums of x^2 beyond int32 (metal at 30000 HU) switch to 64-bit sums."""
+    x = np.full((64, 64), 50.0, dtype=np.float32)
+    x[10:20, 10:20] = 30000.0
+    x[40:, 40:] += np.random.default_rng(9).integers(-20, 21, (24, 24))
+    mean, sd = local_mean_sd(x, (14, 14))
+    x64 = x.astype(np.float64)
+    m1 = ndimage.uniform_filter(x64, 14, mode="reflect")
+    np.testing.assert_allclose(mean, m1, rtol=1e-6)
+    m2 = ndimage.uniform_filter(x64 * x64, 14, mode="reflect")
+    np.testing.assert_allclose(sd, np.sqrt(np.maximum(m2 - m1 * m1, 0) * 196 / 195), rtol=1e-3, atol=0.05)
 
 
 def test_histogram_mode_of_known_distribution():
