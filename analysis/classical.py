@@ -9,11 +9,12 @@ Global noise (Christianson et al., AJR 2015;205:W93-W99; "Duke" variant, as in R
        means (``scipy.ndimage.uniform_filter``). Even kernels are centred half a pixel off, which
        does not matter for a histogram.
     2. Soft-tissue pixels: inside the body mask (``analysis.mask``) with 0 <= HU <= 150.
-    3. Histogram of their local SD with fine bins (0.05 HU, or 0.5 % of the median local SD when
-       that is larger), smoothed with a Gaussian of 1.5 % of the median local SD, at least 0.1 HU
-       and at least a quarter of the spread of the lower half of the values (the width of the
-       noise peak itself, so that the mode of a broad peak is not histogram noise); the mode is
-       the centre of the highest bin. This plain Christianson value is kept per slice as
+    3. Histogram of their local SD (on a regular 2x2 subsample of the pixels when a slice has more
+       than 50000 of them: the SD field is smooth over the kernel) with fine bins (0.05 HU, or
+       0.5 % of the median local SD when that is larger), smoothed with a Gaussian of 1.5 % of
+       the median local SD, at least 0.1 HU and at least a quarter of the spread of the lower half
+       of the values (the width of the noise peak itself, so that the mode of a broad peak is not
+       histogram noise); the mode is the centre of the highest bin. This plain Christianson value is kept per slice as
        ``slice_metrics["global_noise_mode_hu"]``.
     4. Peak correction: the local SD of a uniform region is (close to) chi-distributed, and the
        mode of a chi distribution with nu degrees of freedom lies below its RMS by sqrt(1 - 1/nu).
@@ -94,6 +95,7 @@ MIN_TISSUE_AREA_MM2 = 1000.0
 MIN_MODE_SUPPORT = 0.10
 SOFT_WINDOW_RANGE_HU = (-300.0, 400.0)
 MAX_MODE_CORRECTION = 1.1
+HISTOGRAM_SUBSAMPLE_ABOVE = 50_000  # soft-tissue pixels in a slice
 MODE_SUPPORT_WINDOW = 0.15
 TISSUE_STATS_RANGE_HU = (-150.0, 300.0)
 
@@ -386,7 +388,12 @@ def _slice_noise(hu: np.ndarray, local_mean: np.ndarray, local_sd: np.ndarray, t
     if core < min_pixels:
         return None, (f"only {core} of {n} soft-tissue pixels (0-150 HU) have their whole noise kernel in "
                               f"soft tissue, fewer than the minimum {min_pixels}; the rest are near edges")
-    est = histogram_mode(local_sd[tissue])
+    if n > HISTOGRAM_SUBSAMPLE_ABOVE:
+        # the local-SD field is smooth over the 6 mm kernel: a regular 2x2 subsample (still more
+        # than 12000 values) gives the same histogram at a quarter of the cost
+        est = histogram_mode(local_sd[::2, ::2][tissue[::2, ::2]])
+    else:
+        est = histogram_mode(local_sd[tissue])
     support = est.support
     if support < MIN_MODE_SUPPORT:
         return None, (f"no noise peak: only {support:.0%} of {n} soft-tissue pixels have a local SD "
