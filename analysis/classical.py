@@ -14,8 +14,8 @@ Global noise (Christianson et al., AJR 2015;205:W93-W99; "Duke" variant, as in R
        0.5 % of the median local SD when that is larger), smoothed with a Gaussian of 1.5 % of
        the median local SD, at least 0.1 HU and at least a quarter of the spread of the lower half
        of the values (the width of the noise peak itself, so that the mode of a broad peak is not
-       histogram noise); the mode is the centre of the highest bin. This plain Christianson value is kept per slice as
-       ``slice_metrics["global_noise_mode_hu"]``.
+       histogram noise); the mode is the centre of the highest bin. This plain Christianson value
+       is kept per slice as ``slice_metrics["global_noise_mode_hu"]``.
     4. Peak correction: the local SD of a uniform region is (close to) chi-distributed, and the
        mode of a chi distribution with nu degrees of freedom lies below its RMS by sqrt(1 - 1/nu).
        For white noise in a 6 mm kernel nu is about the pixel count (a 0.5 % effect), but CT noise
