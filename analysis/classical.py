@@ -61,7 +61,8 @@ Noise power spectrum (AAPM TG-233)
     are ranked by that flatness (never by their noise, which would bias the NPS low) and the
     flattest non-overlapping ones are kept: at most ``NPS_MAX_ROIS_PER_SLICE`` per slice, on at
     most ``NPS_MAX_SLICES`` evenly spread slices. Fewer than ``NPS_MIN_ROIS`` (4) ROIs in the
-    series: no NPS (absent with the reason; one ROI of a patient mostly measures anatomy). Each ROI minus its 2nd-order 2D polynomial fit;
+    series: no NPS (absent with the reason; one ROI of a patient mostly measures anatomy). Each
+    ROI minus its 2nd-order 2D polynomial fit;
     NPS(u, v) = dx dy / (Nx Ny) <|FFT2(ROI - fit)|^2>; radial average in bins of 1/(N dx);
     f_peak = argmax (refined by a parabola through the three bins around it), f_avg =
     sum(f NPS) / sum(NPS), in mm^-1; noise magnitude = sqrt(integral of the 2D NPS) in HU.
@@ -475,7 +476,8 @@ def run(volume: CTVolume, ctx: RunContext) -> ModelOutput:
     if measured.any():
         out.set_metric("global_noise_hu", float(np.median(noise[measured])))
     else:
-        out.set_metric("global_noise_hu", None, "not measurable in any slice: " + _summarise(noise_reasons, min_tissue_px))
+        out.set_metric("global_noise_hu", None,
+                       "not measurable in any slice: " + _summarise(noise_reasons, min_tissue_px))
 
     # WED
     has_body = np.isfinite(wed)
@@ -539,7 +541,10 @@ def run(volume: CTVolume, ctx: RunContext) -> ModelOutput:
     for key, label in (("scan_length_mm", "scan length"), ("kvp", "KVP (0018,0060)"),
                        ("slice_thickness_mm", "SliceThickness (0018,0050)")):
         value = meta.get(key)
-        out.set_metric(key, None if value is None else float(value), None if value is not None else f"no {label} in the series")
+        if value is None:
+            out.set_metric(key, None, f"no {label} in the series")
+        else:
+            out.set_metric(key, float(value))
     if meta.get("kernel"):
         out.info["kernel"] = str(meta["kernel"])
     out.info["noise_kernel_px"] = f"{kernel[0]}x{kernel[1]}"

@@ -9,9 +9,9 @@ Method (per axial slice, after AAPM TG-220 section 2):
    small gaps (thin bone that reads below -260 HU in places) still enclose its inside. The closing
    is kept small on purpose: a larger one bridges the gap between a head and a curved head holder
    a few mm below it. Wider gaps leave the inside unfilled, which does not change the
-   water-equivalent diameter (air counts ~0) and only drops air from the mask. Filling comes *before* the opening so that a thin closed shell becomes
-   a solid region and survives step 3, while an open shell (a U-shaped head holder, a curved couch
-   top) stays thin.
+   water-equivalent diameter (air counts ~0) and only drops air from the mask. Filling comes
+   *before* the opening so that a thin closed shell becomes a solid region and survives step 3,
+   while an open shell (a U-shaped head holder, a curved couch top) stays thin.
 3. Opening with a square of ``OPENING_MM`` = 5 mm gives the *core*: thin dense structures such as
    couch skins, a head-holder shell or a cable vanish from it.
 4. Connected components (4-connectivity) of the filled mask. A component of which less than

@@ -535,7 +535,8 @@ def load_series(paths: Sequence[str | Path]) -> CTVolume:
         reasons = sorted(set(ignored))
         raise SeriesSkipped(reasons[0] if len(reasons) == 1 else "; ".join(reasons))
     if ignored:
-        log.warning("%d of %d files of the series left out (%s)", len(ignored), len(paths), "; ".join(sorted(set(ignored))))
+        log.warning("%d of %d files of the series left out (%s)", len(ignored), len(paths),
+                    "; ".join(sorted(set(ignored))))
     shapes = {s.hu.shape for s in slices}
     if len(shapes) != 1:
         raise SeriesSkipped(f"slices have different matrix sizes {sorted(shapes)}")
