@@ -127,48 +127,13 @@ def noise_kernel_px(pixel_spacing_mm: tuple[float, float]) -> tuple[int, int]:
     return tuple(1 + int(round(NOISE_KERNEL_MM / float(s))) for s in pixel_spacing_mm)  # type: ignore[return-value]
 
 
-def _box_sums_int(a: np.ndarray, kernel: tuple[int, int]) -> np.ndarray:
-    """Exact box sums of an integer image over ``kernel`` with the same window placement and edge
-    handling as ``scipy.ndimage.uniform_filter(mode="reflect")``: a summed-area table in the
-    array's integer type. Integer cumulative sums may wrap around; the differences are still exact
-    as long as every window sum fits the type (the caller makes sure)."""
-    kr, kc = kernel
-    lr, lc = kr // 2, kc // 2
-    p = np.pad(a, ((lr + 1, kr - 1 - lr), (lc + 1, kc - 1 - lc)), mode="symmetric")
-    p[0, :] = 0
-    p[:, 0] = 0
-    np.cumsum(p, axis=0, out=p)
-    np.cumsum(p, axis=1, out=p)
-    r, c = a.shape
-    return p[kr:kr + r, kc:kc + c] - p[0:r, kc:kc + c] - p[kr:kr + r, 0:c] + p[0:r, 0:c]
-
-
 def local_mean_sd(hu2d: np.ndarray, kernel: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
-    """Local mean and local sample SD (ddof=1) over a ``kernel`` box (scipy ``uniform_filter``
-    placement, reflected edges), both float32.
-
-    CT numbers are almost always whole HU (integer slope and intercept): then the window sums of x
-    and x^2 are computed exactly in integers (summed-area table, faster than two running-mean
-    filters); the variance n*S2 - S1^2 is then formed in float32, exact in soft tissue (window sums
-    below 2^24) and within about 1 HU^2 next to bone. Otherwise running means in float."""
-    n = kernel[0] * kernel[1]
-    if hu2d.size and n > 1:
-        xi = hu2d.astype(np.int32)
-        if np.array_equal(xi, hu2d):
-            amax = max(abs(int(xi.max())), abs(int(xi.min())))
-            wide = n * amax * amax >= 2**31  # a window sum of x^2 would not fit int32
-            sq = xi.astype(np.int64) ** 2 if wide else xi * xi
-            s1 = _box_sums_int(xi, kernel).astype(np.float32)  # exact: |s1| < 2^24
-            s2 = _box_sums_int(sq, kernel).astype(np.float32)  # exact in soft tissue (< 2^24)
-            var = s1 * s1
-            np.subtract(np.float32(n) * s2, var, out=var)
-            var *= np.float32(1.0 / (n * (n - 1)))
-            np.maximum(var, np.float32(0.0), out=var)
-            s1 *= np.float32(1.0 / n)
-            return s1, np.sqrt(var, out=var)
+    """Local mean and local sample SD (ddof=1) over a ``kernel`` box, float32, via running means
+    (``scipy.ndimage.uniform_filter``, reflected edges)."""
     x = hu2d.astype(np.float32, copy=False)
     m1 = ndimage.uniform_filter(x, size=kernel, mode="reflect")
     m2 = ndimage.uniform_filter(x * x, size=kernel, mode="reflect")
+    n = kernel[0] * kernel[1]
     var = m2 - m1 * m1
     np.maximum(var, 0.0, out=var)
     var *= np.float32(n / (n - 1)) if n > 1 else np.float32(1.0)
