@@ -47,8 +47,8 @@ def test_sr_map_and_report_arrive_in_the_source_study(tmp_path):
         node.start()
         try:
             assert storescu(node.port, series).returncode == 0
-            rows = wait_until(lambda: (o := outbox(node)) and all(r["state"] == "sent" for r in o) and o,
-                              timeout=300, what="delivery to Orthanc")
+            rows = wait_until(lambda: (o := outbox(node)) and len(o) == 3 and all(r["state"] == "sent" for r in o)
+                              and o, timeout=300, what="delivery to Orthanc")
             assert sorted(r["kind"] for r in rows) == ["pdf", "pmap", "sr"]
             found = pacs.instances_in_study(study_uid(series))
             classes = sorted(i["sop_class_uid"] for i in found)
