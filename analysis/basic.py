@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from analysis.mask import body_mask
+from analysis.mask import volume_body_masks
 from analysis.results import ModelOutput, RunContext
 from analysis.volume import CTVolume
 
@@ -24,8 +24,9 @@ def run(volume: CTVolume, ctx: RunContext) -> ModelOutput:
     total = 0
     acc_sum = 0.0
     acc_sq = 0.0
+    masks = volume_body_masks(volume)  # computed once per volume, shared with the other models
     for i in range(volume.n_slices):
-        m = body_mask(volume.hu[i], volume.pixel_spacing_mm)
+        m = masks[i]
         k = int(m.sum())
         if k == 0:
             continue

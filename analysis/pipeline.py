@@ -79,6 +79,13 @@ class SeriesResult:
         return merged
 
     @property
+    def info(self) -> dict[str, str]:
+        merged: dict[str, str] = {}
+        for out in self.outputs:
+            merged.update(out.info)
+        return merged
+
+    @property
     def reasons(self) -> dict[str, str]:
         merged: dict[str, str] = {}
         for out in self.outputs:

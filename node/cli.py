@@ -114,6 +114,7 @@ def result_to_json(result, scanner: str | None = None) -> dict:
         "reason": result.reason,
         "metrics": metrics,
         "metric_reasons": result.reasons,
+        "info": result.info,
         "models": [{"name": o.name, "algorithm": o.algorithm, "version": o.version,
                     "weights_sha256": o.weights_sha256} for o in result.outputs],
     }
@@ -137,6 +138,8 @@ def print_text(items: list[dict], out=sys.stdout) -> None:
         for k, v in it["metrics"].items():
             why = it["metric_reasons"].get(k)
             out.write(f"  {k:<26} {_fmt(v):>12}{'   ' + why if v is None and why else ''}\n")
+        for k, v in (it.get("info") or {}).items():
+            out.write(f"  {k:<26} {v}\n")
         out.write("\n")
 
 

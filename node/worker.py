@@ -50,7 +50,7 @@ def run_records(result: SeriesResult) -> list[RunRecord]:
     return [
         RunRecord(model=o.name, algorithm=o.algorithm, version=o.version, weights_sha256=o.weights_sha256,
                   series_metrics=dict(o.series_metrics), reasons=dict(o.reasons),
-                  slice_metrics={k: list(v) for k, v in o.slice_metrics.items()})
+                  slice_metrics={k: list(v) for k, v in o.slice_metrics.items()}, info=dict(o.info))
         for o in result.outputs
     ]
 

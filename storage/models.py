@@ -134,6 +134,7 @@ class AnalysisRun(Base):
     algorithm: Mapped[str] = mapped_column(String(128))
     version: Mapped[str] = mapped_column(String(32))
     weights_sha256: Mapped[str | None] = mapped_column(String(64))
+    info: Mapped[str | None] = mapped_column(Text)  # JSON object of text context (kernel, SSDE phantom, ...)
     current: Mapped[bool] = mapped_column(Boolean, default=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 

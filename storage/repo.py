@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
 from sqlalchemy import insert, select, update
@@ -212,6 +213,7 @@ class RunRecord:
     series_metrics: dict[str, float | None]
     reasons: dict[str, str]
     slice_metrics: dict[str, Sequence[float]]
+    info: dict[str, str] = field(default_factory=dict)
 
 
 def finish_job(
@@ -238,7 +240,8 @@ def finish_job(
                       .values(current=False))
         for r in runs:
             run = AnalysisRun(series_id=job.series_id, job_id=job.id, model=r.model, algorithm=r.algorithm,
-                              version=r.version, weights_sha256=r.weights_sha256, current=True)
+                              version=r.version, weights_sha256=r.weights_sha256, current=True,
+                              info=json.dumps(r.info, sort_keys=True) if r.info else None)
             s.add(run)
             s.flush()
             for name, value in r.series_metrics.items():
