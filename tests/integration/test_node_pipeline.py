@@ -185,3 +185,26 @@ def test_series_outside_control_limits_is_flagged_in_sr_and_alert(tmp_path):
     evaluated = {m.key: m.evaluation for m in content.series_metrics if m.evaluation is not None}
     assert evaluated == {"ctdivol_mgy": "outside"}
     assert any(a.metric == "ctdivol_mgy" for a in alerts)
+
+
+def test_stop_requeues_the_job_the_worker_was_running(tmp_path):
+    """What SIGTERM does in `qa-node serve`: Node.stop() puts the worker's unfinished job back."""
+    from storage.repo import claim_job
+
+    node = make_node(tmp_path)
+    files = sorted(p for p in require(PHANTOM_5MM).iterdir() if p.name.startswith("I"))[:3]
+    push_files(node, files)
+    complete_due_series(node.db, 0.0, node.models)
+    job_id = claim_job(node.db, node.worker.worker_id)  # the worker is in the middle of this job
+    node.stop()
+    with node.db.session() as s:
+        job = s.get(Job, job_id)
+        assert job.state == "pending" and job.worker is None
+    # a later worker finishes it, and a result stored by the interrupted one would be refused
+    node2 = make_node(tmp_path)
+    assert run_pending(node2) == job_id
+    from storage.repo import finish_job
+
+    assert finish_job(node2.db, job_id, node.worker.worker_id, state="done", error=None) is False
+    with node2.db.session() as s:
+        assert s.get(Job, job_id).state == "done"
