@@ -208,3 +208,15 @@ def test_stop_requeues_the_job_the_worker_was_running(tmp_path):
     assert finish_job(node2.db, job_id, node.worker.worker_id, state="done", error=None) is False
     with node2.db.session() as s:
         assert s.get(Job, job_id).state == "done"
+
+
+def test_serving_node_schedules_nightly_reports_and_outbox(tmp_path):
+    node = make_node(tmp_path)
+    node.start()
+    try:
+        jobs = {j.id: j for j in node.scheduler.get_jobs()}
+        assert {"sweep_completed_series", "send_outbox", "ctqa-scheduled-reports"} <= set(jobs)
+        trigger = str(jobs["ctqa-scheduled-reports"].trigger)
+        assert "hour='2'" in trigger and "minute='0'" in trigger  # the default "0 2 * * *"
+    finally:
+        node.stop()
