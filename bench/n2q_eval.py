@@ -5,7 +5,7 @@
 
 Held-out sets (never trained on):
   (a) synthetic phantoms drawn with seeds the trainer never uses (``default_rng([7919, k])``),
-      half body, half head, at 256 x 256, full-dose noise at a random level;
+      half body, half head, at 256 x 256, full-dose noise drawn from the trainer's per-kind prior;
   (b) different real objects: wg04 ``CT1_UNC`` and ``CT2_UNC`` (../shared/data/dicom/wg04) and
       pydicom-data ``693_UNCR.dcm`` (head). Their I0_full is calibrated against their measured noise
       and doses 5, 10, 25, 50, 75 % are simulated at the native 512 x 512 (projection domain,
@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import pickle
 import sys
 import time
 from pathlib import Path
@@ -37,6 +38,7 @@ sys.path.insert(0, str(ROOT))
 
 from analysis import dose_sim  # noqa: E402
 from analysis.mask import body_mask  # noqa: E402
+from analysis.n2q_train import PHANTOM_FULL_NOISE_HU  # noqa: E402
 from analysis.n2q import DOSE_CLASSES, MODEL_SIZE, load_model, predict_model_res, resize_to_model  # noqa: E402
 from analysis.phantoms import make_phantom  # noqa: E402
 from analysis.ssim import ssim_map, window_hu  # noqa: E402
@@ -92,7 +94,8 @@ def build_phantoms(n: int) -> list[dict]:
         clean, ps = make_phantom(kind, MODEL_SIZE, rng)
         un = dose_sim.unit_noise(clean, pixel_spacing_mm=ps, rng=rng, n_realisations=len(DOSE_CLASSES) + 1)
         m = (clean > -300) & (clean < 300)
-        sd_target = float(np.exp(rng.uniform(np.log(3.0), np.log(10.0))))
+        lo, hi = PHANTOM_FULL_NOISE_HU[kind]  # the same realistic full-dose noise prior as training
+        sd_target = float(np.exp(rng.uniform(np.log(lo), np.log(hi))))
         i0 = (float(un[0][m].std()) / sd_target) ** 2
         full = clean + un[0] / np.sqrt(i0)
         lows = [full + un[j + 1] / np.sqrt(dose_sim.added_i0(i0, d)) for j, d in enumerate(DOSE_CLASSES)]
@@ -170,10 +173,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--phantoms", type=int, default=16)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--json", help="write the results here")
+    ap.add_argument("--sets-cache", help="pickle of the simulated held-out sets (built once, reused)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     t0 = time.time()
-    sets = {"real (wg04 CT1/CT2, 693_UNCR)": build_real(args.trials), "synthetic held-out phantoms": build_phantoms(args.phantoms)}
+    if args.sets_cache and Path(args.sets_cache).is_file():
+        with open(args.sets_cache, "rb") as fh:
+            sets = pickle.load(fh)
+    else:
+        sets = {"real (wg04 CT1/CT2, 693_UNCR)": build_real(args.trials), "synthetic held-out phantoms": build_phantoms(args.phantoms)}
+        if args.sets_cache:
+            with open(args.sets_cache, "wb") as fh:
+                pickle.dump(sets, fh)
     print(f"held-out sets built in {time.time() - t0:.0f} s", flush=True)
     for it in sets["real (wg04 CT1/CT2, 693_UNCR)"]:
         if it["trial"] == 0:
