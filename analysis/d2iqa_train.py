@@ -57,6 +57,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--min-dose", type=float, default=0.04, help="lowest simulated dose fraction (log-uniform up to 1)")
     parser.add_argument("--exclude", nargs="*", default=[], metavar="SUBSTRING", help="skip files whose path contains any of these (held-out data)")
     parser.add_argument("--checkpoint-minutes", type=float, default=5.0)
+    parser.add_argument("--noise-cache", metavar="FILE", default=None,
+                        help="npz cache of the per-slice unit noise (made on first use; saves minutes when resuming)")
     parser.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
 
 
@@ -67,6 +69,7 @@ class TrainSlice:
     spacing_mm: float
     i0_full: float
     source: str
+    key: str = ""
     _noise: np.ndarray | None = None
     _allowed: dict = field(default_factory=dict)
 
@@ -116,7 +119,7 @@ def load_training_slices(dirs: list[str], exclude: list[str], rng: np.random.Gen
             i0 = dose_sim.DEFAULT_I0_FULL
         log.info("training series %s: %d slices %s, %.3f mm, I0_full %.3g", paths[0].parent.name, vol.n_slices, vol.hu.shape[1:], ps, i0)
         for k in range(vol.n_slices):
-            out.append(TrainSlice(vol.hu[k].astype(np.float32), ps, i0, f"{paths[0].parent.name}[{k}]"))
+            out.append(TrainSlice(vol.hu[k].astype(np.float32), ps, i0, f"{paths[0].parent.name}[{k}]", f"{uid}:{k}"))
     return out
 
 
@@ -159,6 +162,27 @@ def _unit_noise(s: TrainSlice, rng: np.random.Generator) -> np.ndarray:
 
         s._noise = dose_sim.unit_noise(s.hu, pixel_spacing_mm=s.spacing_mm, rng=rng)[0].astype(np.float32)
     return s._noise
+
+
+def fill_noise_cache(slices: list[TrainSlice], path: Path, rng: np.random.Generator) -> None:
+    """Load the unit noise of every slice from ``path`` (npz, float16), computing and saving what is missing."""
+    cached: dict[str, np.ndarray] = {}
+    if path.is_file():
+        with np.load(path) as z:
+            cached = {k: z[k] for k in z.files}
+    missing = [s for s in slices if s.key not in cached]
+    for s in slices:
+        if s.key in cached and cached[s.key].shape == s.hu.shape:
+            s._noise = cached[s.key].astype(np.float32)
+    if not missing:
+        log.info("noise cache %s: all %d slices cached", path, len(slices))
+        return
+    log.info("noise cache %s: computing unit noise for %d slices", path, len(missing))
+    for s in missing:
+        cached[s.key] = _unit_noise(s, rng).astype(np.float16)
+    tmp = Path(str(path) + ".tmp.npz")
+    np.savez(tmp, **cached)
+    os.replace(tmp, path)
 
 
 def replace_air(hu: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -249,6 +273,8 @@ def run(args: argparse.Namespace) -> int:
 
         for _ in range(16):
             synth.append(TrainSlice(synthetic_phantom(rng), 0.7, dose_sim.DEFAULT_I0_FULL * float(rng.uniform(0.3, 3.0)), "synthetic"))
+    if args.noise_cache:
+        fill_noise_cache(slices, Path(args.noise_cache), rng)
     if not slices and not synth:
         raise ValueError(f'Argument "--data": no CT slices found in {args.data}')
     log.info("training data: %d real slices, %d synthetic phantoms (%.1f s to load)", n_real, len(synth), time.perf_counter() - t_load)
@@ -327,7 +353,8 @@ def run(args: argparse.Namespace) -> int:
         torch.nn.utils.clip_grad_norm_(net.parameters(), 10.0)
         opt.step()
         step += 1
-        ema = float(loss) if ema is None else 0.98 * ema + 0.02 * float(loss)
+        lv = float(loss.detach())
+        ema = lv if ema is None else 0.98 * ema + 0.02 * lv
         if bar is not None:
             bar.update(1)
             bar.set_postfix(loss=f"{ema:.3f}", lr=f"{lr:.1e}")
