@@ -63,7 +63,7 @@ WEIGHTS_PATH = Path(__file__).resolve().parent / "weights" / "d2iqa.pt"
 STRIDE = 4
 N_CLASSES = len(SHAPES)
 MAX_DETS = 20  # detections kept per trial image (COCO allows 100; with 2-5 objects 20 is ample)
-DEFAULT_TRIALS = 50  # from bench/d2iqa_convergence.py (see the model card)
+DEFAULT_TRIALS = 50  # bench/d2iqa_convergence.py: score SD ~0.023 at T=50 vs 0.038 at T=20 (model card)
 DEFAULT_MAX_SLICES = 16
 DEFAULT_SEED = 0
 CROP_MARGIN_PX = 24
