@@ -17,8 +17,9 @@ native matrix and reports, over the body mask (``analysis.mask.body_mask``):
 - ``n2q_mean_quality``: mean predicted SSIM quality inside the body, all slices;
 - ``n2q_p05_quality``: its 5th percentile;
 - ``n2q_low_fraction``: fraction of body pixels below ``ctx.options["n2q_low_threshold"]``
-  (default 0.8: on the simulated doses of the held-out real slices, body-mean SSIM is about 0.9 at
-  50-75 % dose and about 0.6-0.7 at 5-10 %, so 0.8 separates "noticeably degraded" tissue).
+  (default 0.8: on the held-out real slices of ``bench/n2q_eval.py`` the TRUE body-mean SSIM is
+  0.70 at 5 % dose, 0.80 at 10 %, 0.91 at 25 % and 0.96-0.99 at 50-75 %, so 0.8 marks tissue degraded
+  about as much as a 10 %-dose scan; a full-dose series should have a small fraction below it).
 
 Options read from ``ctx.options``: ``n2q_weights`` (path, default ``analysis/weights/n2q.pt``),
 ``n2q_batch`` (default 8), ``n2q_low_threshold`` (default 0.8), ``n2q_threads`` (CPU threads; default
