@@ -120,6 +120,7 @@ class StorageSCP:
         # pynetdicom's chunked receive writes each incoming dataset to a NamedTemporaryFile in the
         # default temp dir: point it at our spool so that the final rename stays on one filesystem.
         _config.STORE_RECV_CHUNKED_DATASET = True
+        self._saved_tempdir = tempfile.tempdir
         tempfile.tempdir = str(self.spool_dir)
         handlers = [
             (evt.EVT_CONN_OPEN, self._on_conn_open),
@@ -139,6 +140,7 @@ class StorageSCP:
         if self._server is not None:
             self._server.shutdown()
             self._server = None
+            tempfile.tempdir = self._saved_tempdir  # the spool redirect is ours only while serving
         self.ae.shutdown()
 
     # -- handlers -----------------------------------------------------------------------------
