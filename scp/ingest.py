@@ -7,7 +7,6 @@ tested directly. No pixel data is decoded here; pixel decoding happens in analys
 from __future__ import annotations
 
 import errno
-import hashlib
 import logging
 import os
 import struct
@@ -22,7 +21,7 @@ from pydicom.errors import InvalidDicomError
 from sqlalchemy.exc import SQLAlchemyError
 
 from storage.db import Database
-from storage.filestore import FileStore, InvalidUID, check_uid
+from storage.filestore import FileStore, InvalidUID, check_uid, sha256_file
 from storage.repo import InstanceInfo, StoreOutcome, add_instance, record_conflict
 
 log = logging.getLogger(__name__)
@@ -136,16 +135,6 @@ class _Mismatch(ValueError):
     pass
 
 
-def _sha256(path: Path) -> tuple[str, int]:
-    h = hashlib.sha256()
-    n = 0
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-            n += len(chunk)
-    return h.hexdigest(), n
-
-
 class Ingestor:
     """Durable storage of received instances; shared by all association threads."""
 
@@ -197,7 +186,7 @@ class Ingestor:
             return self._commit(spooled, info, scanner, calling_ae, peer_host)
 
     def _commit(self, spooled: Path, info: InstanceInfo, scanner, calling_ae, peer_host) -> StoreResult:
-        sha, size = _sha256(spooled)
+        sha, size = sha256_file(spooled), spooled.stat().st_size
         if self.min_free_bytes and self.store.free_bytes() - size < self.min_free_bytes:
             log.error("C-STORE refused: free disk space below the configured minimum")
             return StoreResult(StoreStatus.OUT_OF_RESOURCES, detail="disk space below the configured minimum")

@@ -130,11 +130,6 @@ class FileStore:
             raise
         return size
 
-    def copy_in(self, src: Path, rel_path: str) -> int:
-        """Durably copy a file into the store (for offline imports)."""
-        with open(src, "rb") as f:
-            return self.write_bytes(rel_path, iter(lambda: f.read(CHUNK), b""))
-
     def remove_tmp_files(self) -> int:
         """Remove temporary files an interrupted write left next to stored files."""
         n = 0

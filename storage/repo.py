@@ -56,10 +56,6 @@ class StoreOutcome:
     CONFLICT = "conflict"  # same UID, different bytes: first kept, counted
 
 
-def find_instance(session: Session, sop_instance_uid: str) -> Instance | None:
-    return session.scalar(select(Instance).where(Instance.sop_instance_uid == sop_instance_uid))
-
-
 def record_conflict(db: Database, sop_instance_uid: str, sha256: str, calling_ae: str | None) -> None:
     with db.session() as s:
         s.add(InstanceConflict(sop_instance_uid=sop_instance_uid, sha256=sha256, calling_ae=calling_ae))
