@@ -4,6 +4,11 @@
 Three runs each, alternating; prints slices/s per run, the medians and the ratio node/storescp.
 Target: ratio >= 0.5. TCP_NODELAY=1 is set for DCMTK on both ends (DCMTK leaves Nagle on).
 
+A third receiver, (c) a minimal pynetdicom SCP in the node's configuration (chunked receive,
+TCP_NODELAY, 1 MiB max PDU, 0.1 ms DUL loop delay) whose C-STORE handler only deletes the spooled file,
+is timed in the same rotation: it is the ceiling that pynetdicom itself puts on any node built on it,
+before header parsing, hashing, fsync and the index.
+
     .venv/bin/python bench/ingest.py [--slices 300] [--runs 3]
 """
 
@@ -89,6 +94,44 @@ def run_storescp(folder: Path, work: Path, n: int) -> float:
     return n / dt
 
 
+MINIMAL_SCP = r"""
+import os, socket, sys, tempfile
+from pynetdicom import AE, _config, evt
+from pynetdicom.sop_class import CTImageStorage
+_config.STORE_RECV_CHUNKED_DATASET = True
+tempfile.tempdir = sys.argv[2]
+def on_open(event):
+    event.assoc.dul.socket.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    event.assoc.dul._run_loop_delay = 0.0001
+def on_store(event):
+    os.unlink(event.dataset_path)
+    return 0x0000
+ae = AE(ae_title="MINIMAL")
+ae.maximum_pdu_size = 1048576
+ae.add_supported_context(CTImageStorage, ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2"])
+server = ae.start_server(("127.0.0.1", 0), block=False,
+                         evt_handlers=[(evt.EVT_CONN_OPEN, on_open), (evt.EVT_C_STORE, on_store)])
+print(server.server_address[1], flush=True)
+sys.stdin.read()
+server.shutdown()
+"""
+
+
+def run_minimal_pynetdicom(folder: Path, work: Path, n: int) -> float:
+    spool = work / "minimal-spool"
+    shutil.rmtree(spool, ignore_errors=True)
+    spool.mkdir()
+    proc = subprocess.Popen([sys.executable, "-c", MINIMAL_SCP, "", str(spool)], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        port = int(proc.stdout.readline())
+        dt = push(port, folder, "MINIMAL")
+    finally:
+        proc.stdin.close()
+        proc.wait(30)
+    return n / dt
+
+
 def run_node(folder: Path, work: Path, n: int) -> float:
     node_dir = work / "node"
     shutil.rmtree(node_dir, ignore_errors=True)
@@ -119,14 +162,18 @@ def main() -> int:
         series = work / "series"
         series.mkdir()
         make_series(series, args.slices)
-        ref, ours = [], []
+        ref, ours, minimal = [], [], []
         for i in range(args.runs):
             ref.append(run_storescp(series, work, args.slices))
             ours.append(run_node(series, work, args.slices))
-            print(f"run {i + 1}: storescp {ref[-1]:7.1f} slices/s   qa-node {ours[-1]:7.1f} slices/s")
-        r, o = statistics.median(ref), statistics.median(ours)
+            minimal.append(run_minimal_pynetdicom(series, work, args.slices))
+            print(f"run {i + 1}: storescp {ref[-1]:7.1f} slices/s   qa-node {ours[-1]:7.1f} slices/s   "
+                  f"minimal pynetdicom {minimal[-1]:7.1f} slices/s")
+        r, o, m = statistics.median(ref), statistics.median(ours), statistics.median(minimal)
         print(f"median: storescp {r:.1f} slices/s, qa-node (durable) {o:.1f} slices/s, ratio {o / r:.2f} "
               f"(target >= 0.5)")
+        print(f"reference: minimal pynetdicom SCP (no durability) {m:.1f} slices/s, ratio to storescp "
+              f"{m / r:.2f}; qa-node reaches {o / m:.2f} of it")
     return 0
 
 
