@@ -11,7 +11,6 @@ import subprocess
 from pathlib import Path
 
 import numpy as np
-import pydicom
 import pytest
 
 from reports.inputs import (
@@ -25,7 +24,7 @@ from reports.inputs import (
 from reports.pmap import build_parametric_map
 from reports.readable import build_readable_report
 from reports.sr import build_measurement_report
-from tests.unit.report_sources import enhanced_ct_header, phantom_headers
+from tests.unit.report_sources import enhanced_ct_header
 
 pytestmark = pytest.mark.interop
 
@@ -48,11 +47,6 @@ KNOWN_WARNINGS = (
     # the Enhanced CT test source codes its Frame Anatomy in SNOMED-RT (SNM3); the map copies it verbatim
     r"CodingSchemeDesignator is deprecated - attribute <CodingSchemeDesignator> = <SNM3>",
 )
-
-
-@pytest.fixture(scope="module")
-def headers() -> list[pydicom.Dataset]:
-    return phantom_headers()
 
 
 def dciodvfy(path: Path) -> tuple[str, list[str], list[str]]:

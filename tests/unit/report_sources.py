@@ -3,6 +3,7 @@ with PixelData removed. Not a test module."""
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import pydicom
@@ -62,3 +63,11 @@ def assert_patient_study_copied(written: pydicom.Dataset, source: pydicom.Datase
             assert str(got) == str(want), f"{kw}: {got!r} != {want!r}"
             n += 1
     return n
+
+
+def roundtrip(ds: pydicom.Dataset) -> pydicom.Dataset:
+    """Write ``ds`` in DICOM file format and read it back, as a receiving PACS would."""
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    buf.seek(0)
+    return pydicom.dcmread(buf)

@@ -4,7 +4,6 @@ source slice."""
 
 from __future__ import annotations
 
-import io
 
 import highdicom as hd
 import numpy as np
@@ -15,23 +14,11 @@ from pydicom.uid import ParametricMapStorage
 from reports.codes import map_code
 from reports.inputs import AlgorithmId
 from reports.pmap import build_parametric_map
-from tests.unit.report_sources import assert_patient_study_copied, enhanced_ct_header, phantom_headers
+from tests.unit.report_sources import assert_patient_study_copied, enhanced_ct_header, roundtrip
 
 ALGO = AlgorithmId("ctqa-classical", "1.2.0")
 N2Q = AlgorithmId("n2q", "0.3.1", "4d7596a1638ebb1ccb8945f079b08b30791a1241965f1541dc842d48a0341bc2")
 HU = ("[hnsf'U]", "Hounsfield unit")
-
-
-def _roundtrip(ds: pydicom.Dataset) -> pydicom.Dataset:
-    buf = io.BytesIO()
-    ds.save_as(buf, enforce_file_format=True)
-    buf.seek(0)
-    return pydicom.dcmread(buf)
-
-
-@pytest.fixture(scope="module")
-def headers() -> list[pydicom.Dataset]:
-    return phantom_headers()
 
 
 @pytest.fixture(scope="module")
@@ -82,7 +69,7 @@ def test_single_frame_series(headers, values) -> None:
         series_number=9002,
         instance_number=2,
     )
-    ds = _roundtrip(pm)
+    ds = roundtrip(pm)
     src = headers[0]
     assert ds.SOPClassUID == ParametricMapStorage
     assert ds.StudyInstanceUID == src.StudyInstanceUID
@@ -157,7 +144,7 @@ def test_frames_follow_source_order_not_z(headers, values) -> None:
     """Map slice i belongs to source_images[i], whatever order the caller used."""
     perm = np.random.default_rng(3).permutation(len(headers))
     shuffled = [headers[i] for i in perm]
-    ds = _roundtrip(
+    ds = roundtrip(
         build_parametric_map(
             shuffled,
             values[perm],
@@ -193,7 +180,7 @@ def test_enhanced_ct_source_with_frame_numbers() -> None:
         series_number=7,
         frame_numbers=[2, 1],
     )
-    ds = _roundtrip(pm)
+    ds = roundtrip(pm)
     assert ds.FrameOfReferenceUID == ect.FrameOfReferenceUID
     assert ds.StudyInstanceUID == ect.StudyInstanceUID
     assert_patient_study_copied(ds, ect)
@@ -221,7 +208,7 @@ def test_non_finite_pixels_need_an_explicit_fill_value(headers, values) -> None:
     )
     with pytest.raises(ValueError, match="100 non-finite pixels"):
         build_parametric_map(headers, v, **kwargs)
-    ds = _roundtrip(build_parametric_map(headers, v, fill_value=-1.0, **kwargs))
+    ds = roundtrip(build_parametric_map(headers, v, fill_value=-1.0, **kwargs))
     px = ds.pixel_array
     index = _frames_by_source(ds)
     k3, k4 = index[(headers[3].SOPInstanceUID, None)], index[(headers[4].SOPInstanceUID, None)]

@@ -16,7 +16,7 @@ import pytest
 from reports.codes import CATALOGUE
 from reports.inputs import ControlLimits, Evaluation
 from reports.readable import ENCAPSULATED_PDF_STORAGE, build_readable_report, pdf_bytes, report_metric
-from tests.unit.report_sources import assert_patient_study_copied, phantom_headers
+from tests.unit.report_sources import assert_patient_study_copied
 
 CREATED = datetime(2026, 3, 4, 5, 6, 7, tzinfo=timezone.utc)
 
@@ -30,11 +30,6 @@ METRICS = [
     _metric("ctdivol_mgy", None, note="no CTDIvol in headers"),
     _metric("n_slices", 28),
 ]
-
-
-@pytest.fixture(scope="module")
-def headers() -> list[pydicom.Dataset]:
-    return phantom_headers()
 
 
 @pytest.fixture(scope="module")

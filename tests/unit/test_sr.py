@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import copy
-import io
 import logging
 import re
 import warnings
 from pathlib import Path
 
 import highdicom as hd
-import pydicom
 import pytest
 from pydicom.uid import Comprehensive3DSRStorage
 
@@ -34,7 +32,7 @@ from reports.inputs import (
     slice_metrics_from_array,
 )
 from reports.sr import build_measurement_report, read_measurement_report
-from tests.unit.report_sources import assert_patient_study_copied, enhanced_ct_header, phantom_headers
+from tests.unit.report_sources import assert_patient_study_copied, enhanced_ct_header, roundtrip
 
 CLASSICAL = AlgorithmId("ctqa-classical", "1.2.0")
 N2Q = AlgorithmId("n2q", "0.3.1", "4d7596a1638ebb1ccb8945f079b08b30791a1241965f1541dc842d48a0341bc2")
@@ -43,18 +41,6 @@ REQUIRED_KEYS = (
     "sd_hu_tissue body_mean_hu body_sd_hu n_slices scan_length_mm kvp slice_thickness_mm n2q_mean_quality "
     "n2q_p05_quality n2q_low_fraction d2iqa_score"
 ).split()
-
-
-def _roundtrip(ds: pydicom.Dataset) -> pydicom.Dataset:
-    buf = io.BytesIO()
-    ds.save_as(buf, enforce_file_format=True)
-    buf.seek(0)
-    return pydicom.dcmread(buf)
-
-
-@pytest.fixture(scope="module")
-def headers() -> list[pydicom.Dataset]:
-    return phantom_headers()
 
 
 @pytest.fixture(scope="module")
@@ -93,7 +79,7 @@ def written(headers, series_metrics):
         CLASSICAL,
     )
     sr = build_measurement_report(headers, series_metrics, slices, series_number=9001, instance_number=3)
-    return sr, _roundtrip(sr), slices
+    return sr, roundtrip(sr), slices
 
 
 def test_catalogue_covers_required_keys_with_unique_codes() -> None:
@@ -256,7 +242,7 @@ def test_multiframe_source_frame_references() -> None:
     sr = build_measurement_report(
         [ect, ect], [MetricValue("global_noise_hu", 6.875, algo)], slices, series_number=12
     )
-    ds = _roundtrip(sr)
+    ds = roundtrip(sr)
     assert ds.StudyInstanceUID == ect.StudyInstanceUID
     assert_patient_study_copied(ds, ect)
     back = read_measurement_report(ds)
