@@ -3,7 +3,8 @@
 Method (../shared/REFERENCE.md section 1; Lee et al., the D2IQA paper):
 
 1. Insert 2-5 lesion-like objects (``analysis.d2iqa_insert``) into a slice, at random positions inside
-   the patient, with random shape/size/contrast/rotation: one *trial*.
+   the patient (the node's shared body mask, ``analysis.mask``), with random shape/size/contrast/rotation:
+   one *trial*.
 2. Run a small self-supervised detector (below) on the windowed trial image.
 3. Score = COCO mAP (IoU 0.50:0.95, 101-point precision, mean over the four shape classes;
    ``analysis.coco_map``) **pooled** over ``T`` trials: the T trial images are evaluated together as
@@ -52,6 +53,7 @@ from analysis.d2iqa_insert import (
     sample_layout,
     window01,
 )
+from analysis.mask import volume_body_masks
 from analysis.results import ModelOutput, RunContext
 from analysis.volume import CTVolume
 
@@ -323,16 +325,19 @@ def score_slice(
     allowed: np.ndarray | None = None,
     config: InsertionConfig = InsertionConfig(),
     batch_size: int = 8,
+    body: np.ndarray | None = None,
+    pixel_spacing_mm: float | tuple[float, float] | None = None,
 ) -> SliceScore:
     """Pooled-mAP D2IQA score of one HU slice. Pass ``layouts`` (from :func:`trial_layouts`, computed on
-    a reference image) to score several versions of a slice on identical insertions."""
+    a reference image) to score several versions of a slice on identical insertions. Without layouts or
+    ``allowed``, the placement needs the ``body`` mask or the ``pixel_spacing_mm`` to make it."""
     if hu.ndim != 2:
         raise ValueError(f'Argument "hu" must be a 2-D slice, got shape {hu.shape}')
     if layouts is None:
         if trials < 1:
             raise ValueError(f'Argument "trials" must be >= 1, got {trials}')
         if allowed is None:
-            allowed = placement_mask(hu, config)
+            allowed = placement_mask(hu, config, body, pixel_spacing_mm=pixel_spacing_mm)
         layouts = trial_layouts(allowed, trials, seed, config) if allowed.any() else []
     gts, dets = detect_trials(model, hu, layouts, config, batch_size)
     if not gts:
@@ -384,8 +389,9 @@ def run(volume: CTVolume, ctx: RunContext) -> ModelOutput:
     out.weights_sha256 = model.sha256
     t0 = time.perf_counter()
     idx = select_slices(n, max_slices)
+    masks = volume_body_masks(volume)  # shared with the other models of the run (cached on the volume)
     for i in idx:
-        s = score_slice(model, volume.hu[i], trials=trials, seed=seed + int(i), batch_size=batch_size)
+        s = score_slice(model, volume.hu[i], trials=trials, seed=seed + int(i), batch_size=batch_size, body=masks[i])
         slice_scores[i] = s.score
     n_ok = int(np.isfinite(slice_scores).sum())
     log.info("d2iqa: %d/%d slices scored (T=%d) in %.1f s on %s", n_ok, len(idx), trials, time.perf_counter() - t0, device)

@@ -14,8 +14,9 @@ The objects follow the D2IQA paper (Lee et al., see ``../shared/REFERENCE.md`` s
 
 Placement ("inside the patient"). The paper thresholds a saliency map (Perazzi et al.) at 0.4 and
 intersects it with a body mask. We use a cheaper, deterministic texture criterion instead: a centre is
-allowed where the whole object footprint (a (2 * r_max + 7)-px square: the object and its soft edge) lies inside the filled body
-mask *and* the 5 x 5 box-smoothed HU over that footprint stays within [-300, 350] HU. That keeps
+allowed where the whole object footprint (a (2 * r_max + 7)-px square: the object and its soft edge) lies inside the body
+mask (``analysis.mask.body_mask``, the node's shared patient mask: table and head holder excluded, holes
+filled) *and* the 5 x 5 box-smoothed HU over that footprint stays within [-300, 350] HU. That keeps
 objects on soft-tissue-like background (brain, muscle, organs, a phantom's plastic) and away from air,
 lung, and bone edges, where an additive +/-140 HU object would be clipped by the window or hidden by
 structure. Smoothing before the test makes the allowed region almost independent of the noise level,
@@ -33,6 +34,8 @@ from dataclasses import dataclass
 
 import numpy as np
 from scipy import ndimage
+
+from analysis.mask import body_mask
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +58,6 @@ class InsertionConfig:
     shapes: tuple[str, ...] = SHAPES
     min_distance_px: float = 50.0
     blur_sigma_px: float = 1.0
-    body_threshold_hu: float = -500.0
     background_hu: tuple[float, float] = (-300.0, 350.0)
 
     def __post_init__(self) -> None:
@@ -188,25 +190,27 @@ def render_objects(shape_hw: tuple[int, int], objects: tuple[VirtualObject, ...]
     return out
 
 
-def body_mask_simple(hu: np.ndarray, threshold_hu: float = -500.0) -> np.ndarray:
-    """Largest connected component above ``threshold_hu``, holes filled (the patient or phantom)."""
-    fg = hu > threshold_hu
-    lab, n = ndimage.label(fg)
-    if n == 0:
-        return np.zeros(hu.shape, dtype=bool)
-    sizes = ndimage.sum_labels(fg, lab, index=np.arange(1, n + 1))
-    body = lab == (int(np.argmax(sizes)) + 1)
-    return ndimage.binary_fill_holes(body)
-
-
-def placement_mask(hu: np.ndarray, config: InsertionConfig = InsertionConfig(), body: np.ndarray | None = None) -> np.ndarray:
+def placement_mask(
+    hu: np.ndarray,
+    config: InsertionConfig = InsertionConfig(),
+    body: np.ndarray | None = None,
+    *,
+    pixel_spacing_mm: float | tuple[float, float] | None = None,
+) -> np.ndarray:
     """Boolean (rows, cols): pixels where an object of ``config.max_radius`` may be centred.
 
+    ``body``: the patient mask (``analysis.mask.body_mask``; pass the cached one of a volume). When it
+    is None it is computed here with ``analysis.mask.body_mask``, which needs ``pixel_spacing_mm``.
     The footprint test is described in the module docstring."""
     if hu.ndim != 2:
         raise ValueError(f'Argument "hu" must be a 2-D slice, got shape {hu.shape}')
     if body is None:
-        body = body_mask_simple(hu, config.body_threshold_hu)
+        if pixel_spacing_mm is None:
+            raise ValueError('Argument "pixel_spacing_mm" is needed when no "body" mask is given (the body mask is made in mm)')
+        ps = (float(pixel_spacing_mm), float(pixel_spacing_mm)) if np.isscalar(pixel_spacing_mm) else tuple(map(float, pixel_spacing_mm))
+        body = body_mask(hu, ps)
+    elif body.shape != hu.shape:
+        raise ValueError(f'Argument "body" must have the shape of "hu" {hu.shape}, got {body.shape}')
     half = int(math.ceil(config.max_radius)) + 3
     size = 2 * half + 1
     smooth = ndimage.uniform_filter(hu.astype(np.float32), size=5, mode="nearest")
@@ -257,10 +261,12 @@ def random_insertion(
     rng: np.random.Generator,
     config: InsertionConfig = InsertionConfig(),
     allowed: np.ndarray | None = None,
+    *,
+    pixel_spacing_mm: float | tuple[float, float] | None = None,
 ) -> Insertion:
     """One random trial: sample a layout in ``allowed`` (computed from ``hu`` when None) and insert it."""
     if allowed is None:
-        allowed = placement_mask(hu, config)
+        allowed = placement_mask(hu, config, pixel_spacing_mm=pixel_spacing_mm)
     objects = sample_layout(allowed, rng, config)
     return Insertion(insert_objects(hu, objects, config.blur_sigma_px), objects)
 

@@ -32,7 +32,8 @@ import torch
 from scipy import ndimage
 
 from analysis.d2iqa import STRIDE, D2IQANet, detection_loss, make_targets, n_parameters
-from analysis.d2iqa_insert import InsertionConfig, body_mask_simple, insert_objects, placement_mask, sample_layout, window01
+from analysis.d2iqa_insert import InsertionConfig, insert_objects, placement_mask, sample_layout, window01
+from analysis.mask import body_mask
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +54,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--width", type=int, default=24, help="network width (channels of the first stage)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (keep to the free cores)")
     parser.add_argument("--air-replace", type=float, default=0.5, help="probability of replacing in-body air by tissue values")
-    parser.add_argument("--synthetic", type=float, default=0.15, help="share of samples from built-in synthetic phantoms")
+    parser.add_argument("--synthetic", type=float, default=0.15, help="share of samples from the crude built-in synthetic phantoms")
+    parser.add_argument("--phantoms", type=int, default=0, metavar="N",
+                        help="textured synthetic head/body phantoms (analysis.phantoms, 512 x 512, half each) in the pool")
+    parser.add_argument("--phantom-share", type=float, default=0.6, help="share of samples from the --phantoms pool")
+    parser.add_argument("--init", metavar="WEIGHTS", default=None,
+                        help="start from these weights (fine-tune: fresh optimiser and schedule; --resume continues a run)")
     parser.add_argument("--min-dose", type=float, default=0.04, help="lowest simulated dose fraction (log-uniform up to 1)")
     parser.add_argument("--exclude", nargs="*", default=[], metavar="SUBSTRING", help="skip files whose path contains any of these (held-out data)")
     parser.add_argument("--checkpoint-minutes", type=float, default=5.0)
@@ -70,7 +76,9 @@ class TrainSlice:
     i0_full: float
     source: str
     key: str = ""
+    kind: str = ""  # "head"/"body" for a noise-free textured phantom (its full-dose noise is drawn per sample)
     _noise: np.ndarray | None = None
+    _unit_sd: float | None = None
     _allowed: dict = field(default_factory=dict)
 
 
@@ -156,6 +164,44 @@ def synthetic_phantom(rng: np.random.Generator, size: int = 512) -> np.ndarray:
     return ndimage.gaussian_filter(img, 1.0)
 
 
+# Textured phantoms (analysis.phantoms) are noise free; each sample gets a full-dose noise SD drawn
+# log-uniformly from this range (HU, soft tissue, 512 x 512), by kind. Routine head protocols measure
+# about 3-5 HU and neck/abdomen about 10-15 HU here (N2Q card, analysis/n2q_train.py), 1 mm slices more.
+PHANTOM_FULL_NOISE_HU = {"head": (2.5, 8.0), "body": (6.0, 25.0)}
+# Seeds of the training phantoms: TRAIN_PHANTOM_SEED0 + k. bench/d2iqa_eval.py draws its held-out
+# phantom series from HELDOUT_PHANTOM_SEED0 on, which no training run reaches (--phantoms is capped).
+TRAIN_PHANTOM_SEED0 = 100_000
+HELDOUT_PHANTOM_SEED0 = 900_000
+MAX_PHANTOMS = HELDOUT_PHANTOM_SEED0 - TRAIN_PHANTOM_SEED0
+
+
+def phantom_kind(k: int) -> str:
+    return "head" if k % 2 else "body"
+
+
+def make_training_phantoms(n: int, size: int = 512) -> list[TrainSlice]:
+    """The ``n`` textured training phantoms (deterministic: phantom k uses seed TRAIN_PHANTOM_SEED0 + k)."""
+    from analysis.phantoms import make_phantom
+
+    if not 0 <= n <= MAX_PHANTOMS:
+        raise ValueError(f'Argument "--phantoms" must be in [0, {MAX_PHANTOMS}], got {n}')
+    out = []
+    for k in range(n):
+        kind = phantom_kind(k)
+        hu, ps = make_phantom(kind, size, np.random.default_rng(TRAIN_PHANTOM_SEED0 + k))
+        out.append(TrainSlice(hu, ps, float("nan"), f"phantom-{kind}-{TRAIN_PHANTOM_SEED0 + k}",
+                              f"phantom:{TRAIN_PHANTOM_SEED0 + k}:{size}", kind=kind))
+    return out
+
+
+def tissue_sd(noise: np.ndarray, hu: np.ndarray) -> float:
+    """SD of a noise image over the soft-tissue-like pixels of ``hu`` (-300..300 HU)."""
+    m = (hu > -300) & (hu < 300)
+    if m.sum() < 100:
+        m = hu > -500
+    return float(noise[m].std()) if m.any() else float(noise.std())
+
+
 def _unit_noise(s: TrainSlice, rng: np.random.Generator) -> np.ndarray:
     if s._noise is None:
         from analysis import dose_sim
@@ -174,32 +220,39 @@ def fill_noise_cache(slices: list[TrainSlice], path: Path, rng: np.random.Genera
     for s in slices:
         if s.key in cached and cached[s.key].shape == s.hu.shape:
             s._noise = cached[s.key].astype(np.float32)
+            if not np.isfinite(s._noise).all():
+                s._noise = None
+                missing.append(s)
     if not missing:
         log.info("noise cache %s: all %d slices cached", path, len(slices))
         return
     log.info("noise cache %s: computing unit noise for %d slices", path, len(missing))
     for s in missing:
-        cached[s.key] = _unit_noise(s, rng).astype(np.float16)
+        cached[s.key] = _unit_noise(s, rng)  # float32: a body's unit noise can pass float16's 65504
     tmp = Path(str(path) + ".tmp.npz")
     np.savez(tmp, **cached)
     os.replace(tmp, path)
 
 
-def replace_air(hu: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+def replace_air(hu: np.ndarray, rng: np.random.Generator, spacing_mm: float, target: float | None = None) -> np.ndarray:
     """In-body air (smoothed HU < -400) shifted to a tissue value, keeping its noise texture."""
-    body = body_mask_simple(hu)
+    body = body_mask(hu, (spacing_mm, spacing_mm))
     air = body & (ndimage.uniform_filter(hu, 5) < -400.0)
     if not air.any():
         return hu
-    target = float(rng.uniform(-60.0, 80.0))
+    target = float(rng.uniform(-60.0, 80.0)) if target is None else target
     out = hu.copy()
     out[air] = hu[air] + (target + 1000.0)
     return out
 
 
 def _allowed(s: TrainSlice, img: np.ndarray, variant: int, config: InsertionConfig) -> np.ndarray:
+    """Placement mask of slice ``s`` (variant 1: with its air replaced), computed once per slice. The
+    air-replaced variant is computed at a mid-range tissue value; with smoothing and the footprint
+    test it hardly depends on the value drawn."""
     if variant not in s._allowed:
-        s._allowed[variant] = placement_mask(img, config)
+        ref = img if variant == 0 else replace_air(s.hu, np.random.default_rng(0), s.spacing_mm, target=10.0)
+        s._allowed[variant] = placement_mask(ref, config, pixel_spacing_mm=s.spacing_mm)
     return s._allowed[variant]
 
 
@@ -209,13 +262,21 @@ def make_sample(
     """One training crop (windowed, with objects) and its objects, or a crop with no objects."""
     variant = 0
     img = s.hu
-    if air_replace > 0 and rng.random() < air_replace:
-        img = replace_air(s.hu, rng)
+    if not s.kind and air_replace > 0 and rng.random() < air_replace:
+        img = replace_air(s.hu, rng, s.spacing_mm)
         variant = 1
-    allowed = _allowed(s, img, variant, config) if variant == 0 else placement_mask(img, config)
+    allowed = _allowed(s, img, variant, config)
     noise = _unit_noise(s, rng)
     dose = 1.0 if rng.random() < 0.15 else float(math.exp(rng.uniform(math.log(min_dose), 0.0)))
-    scale = 0.0 if dose >= 1.0 else math.sqrt((1.0 - dose) / (dose * s.i0_full))
+    if s.kind:  # noise-free phantom: full-dose noise of a random realistic SD, then the dose's share
+        lo, hi = PHANTOM_FULL_NOISE_HU[s.kind]
+        sd_full = math.exp(rng.uniform(math.log(lo), math.log(hi)))
+        if s._unit_sd is None:
+            s._unit_sd = tissue_sd(noise, s.hu)
+        i0_full = (s._unit_sd / sd_full) ** 2
+        scale = math.sqrt(1.0 / (dose * i0_full))  # full-dose + added noise: variances add
+    else:
+        scale = 0.0 if dose >= 1.0 else math.sqrt((1.0 - dose) / (dose * s.i0_full))
     h, w = img.shape
     rr, cc = np.nonzero(allowed)
     if rr.size:
@@ -273,15 +334,28 @@ def run(args: argparse.Namespace) -> int:
 
         for _ in range(16):
             synth.append(TrainSlice(synthetic_phantom(rng), 0.7, dose_sim.DEFAULT_I0_FULL * float(rng.uniform(0.3, 3.0)), "synthetic"))
+    phantoms = make_training_phantoms(int(args.phantoms)) if args.phantoms else []
     if args.noise_cache:
-        fill_noise_cache(slices, Path(args.noise_cache), rng)
-    if not slices and not synth:
+        fill_noise_cache(slices + phantoms, Path(args.noise_cache), rng)
+    if not slices and not synth and not phantoms:
         raise ValueError(f'Argument "--data": no CT slices found in {args.data}')
-    log.info("training data: %d real slices, %d synthetic phantoms (%.1f s to load)", n_real, len(synth), time.perf_counter() - t_load)
+    log.info("training data: %d real slices, %d textured phantoms, %d crude synthetic phantoms (%.1f s to load)",
+             n_real, len(phantoms), len(synth), time.perf_counter() - t_load)
+    # real slices are drawn series-uniformly (a 140-slice phantom series must not drown a 1-slice patient)
+    by_series: dict[str, list[TrainSlice]] = {}
+    for sl in slices:
+        by_series.setdefault(sl.key.rsplit(":", 1)[0], []).append(sl)
+    series_lists = list(by_series.values())
 
     net = D2IQANet(width=args.width).to(device)
     opt = torch.optim.AdamW(net.parameters(), lr=args.lr, weight_decay=1e-4)
     step, elapsed0 = 0, 0.0
+    if args.init and args.resume:
+        raise ValueError('Arguments "--init" and "--resume" exclude each other: --resume continues a run, --init starts a new one from weights')
+    if args.init:
+        blob = torch.load(args.init, map_location="cpu", weights_only=True)
+        net.load_state_dict(blob["model_state_dict"])
+        log.info("initialised from %s (%s)", args.init, blob.get("meta", {}).get("steps", "?"))
     if args.resume:
         ck = torch.load(args.resume, map_location="cpu", weights_only=False)
         net.load_state_dict(ck["model_state_dict"])
@@ -301,6 +375,8 @@ def run(args: argparse.Namespace) -> int:
         "data": [str(d) for d in args.data], "exclude": list(args.exclude), "seed": args.seed, "crop": args.crop,
         "batch_size": args.batch_size, "lr": args.lr, "air_replace": args.air_replace, "synthetic": args.synthetic,
         "min_dose": args.min_dose, "n_real_slices": n_real, "device": device, "threads": args.threads,
+        "phantoms": int(args.phantoms), "phantom_share": args.phantom_share, "phantom_seed0": TRAIN_PHANTOM_SEED0,
+        "phantom_full_noise_hu": PHANTOM_FULL_NOISE_HU, "init": args.init,
         "torch": str(torch.__version__),
     }
 
@@ -340,8 +416,14 @@ def run(args: argparse.Namespace) -> int:
             gparam["lr"] = lr
         imgs, objs = [], []
         for _ in range(args.batch_size):
-            pool = synth if (synth and (not slices or rng.random() < args.synthetic)) else slices
-            s = pool[int(rng.integers(len(pool)))]
+            u = rng.random()
+            if phantoms and (u < args.phantom_share or not (slices or synth)):
+                s = phantoms[int(rng.integers(len(phantoms)))]
+            elif synth and (not slices or rng.random() < args.synthetic):
+                s = synth[int(rng.integers(len(synth)))]
+            else:
+                ser = series_lists[int(rng.integers(len(series_lists)))]
+                s = ser[int(rng.integers(len(ser)))]
             im, ob = make_sample(s, rng, args.crop, config, args.air_replace, args.min_dose)
             imgs.append(im)
             objs.append(ob)

@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
         except ValueError:
             i0 = dose_sim.DEFAULT_I0_FULL
         hu = vol.hu[k]
-        allowed = placement_mask(hu, config)
+        allowed = placement_mask(hu, config, pixel_spacing_mm=vol.pixel_spacing_mm)
         imgs = dose_sim.simulate_low_dose(hu, args.doses, i0, pixel_spacing_mm=ps, rng=args.seed)
         layouts = trial_layouts(allowed, args.pool, args.seed + 7919, config)
         for d, img in zip(args.doses, imgs):

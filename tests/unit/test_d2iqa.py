@@ -72,7 +72,7 @@ def test_network_shapes_and_loss_decreases_on_one_batch() -> None:
     net = D2IQANet(width=8)
     rng = np.random.default_rng(1)
     hu, _ = _head_like(rng, 128)
-    allowed = placement_mask(hu)
+    allowed = placement_mask(hu, pixel_spacing_mm=0.5)
     layouts = [sample_layout(allowed, rng) for _ in range(2)]
     from analysis.d2iqa_insert import insert_objects, window01
 
@@ -149,7 +149,7 @@ def test_score_falls_with_noise_and_table3_trends() -> None:
     model = load_model(WEIGHTS_PATH, "cpu")
     rng = np.random.default_rng(11)
     clean, unit = _head_like(rng, 256, noise_sd=0.0)
-    allowed = placement_mask(clean)
+    allowed = placement_mask(clean, pixel_spacing_mm=0.5)
     layouts = trial_layouts(allowed, 24, seed=3)
     scores = [score_slice(model, clean + sd * unit, layouts).score for sd in (5.0, 40.0, 120.0)]
     assert scores[0] > scores[1] > scores[2], scores

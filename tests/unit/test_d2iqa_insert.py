@@ -92,7 +92,7 @@ def test_shape_areas_match_geometry() -> None:
 def test_layout_rules_hold() -> None:
     rng = np.random.default_rng(0)
     hu, interior = _phantom(rng)
-    allowed = placement_mask(hu)
+    allowed = placement_mask(hu, pixel_spacing_mm=0.5)
     cfg = InsertionConfig()
     counts = []
     for _ in range(200):
@@ -114,23 +114,40 @@ def test_placement_mask_excludes_air_bone_and_is_stable_across_noise() -> None:
     rng = np.random.default_rng(1)
     hu_lo, interior = _phantom(rng, noise_sd=5.0)
     hu_hi, _ = _phantom(rng, noise_sd=60.0)  # about a 5 % dose version
-    a_lo, a_hi = placement_mask(hu_lo), placement_mask(hu_hi)
+    a_lo, a_hi = placement_mask(hu_lo, pixel_spacing_mm=0.5), placement_mask(hu_hi, pixel_spacing_mm=0.5)
     assert a_lo.any() and not a_lo[~interior].any()
     assert np.mean(a_lo == a_hi) > 0.99
 
 
+def test_placement_uses_the_shared_body_mask() -> None:
+    """The body comes from analysis.mask.body_mask (given or made from the spacing); a slice without a
+    body has no room; without a mask or a spacing the call says what is missing."""
+    from analysis.mask import body_mask
+
+    rng = np.random.default_rng(3)
+    hu, interior = _phantom(rng)
+    body = body_mask(hu, (0.5, 0.5))
+    np.testing.assert_array_equal(placement_mask(hu, body=body), placement_mask(hu, pixel_spacing_mm=0.5))
+    # an empty body mask leaves no room even on tissue-valued pixels
+    assert not placement_mask(hu, body=np.zeros_like(body)).any()
+    with pytest.raises(ValueError, match="pixel_spacing_mm"):
+        placement_mask(hu)
+    with pytest.raises(ValueError, match='"body"'):
+        placement_mask(hu, body=body[:-1])
+
+
 def test_seeded_and_reproducible() -> None:
     hu, _ = _phantom(np.random.default_rng(2))
-    a = random_insertion(hu, np.random.default_rng(7))
-    b = random_insertion(hu, np.random.default_rng(7))
-    c = random_insertion(hu, np.random.default_rng(8))
+    a = random_insertion(hu, np.random.default_rng(7), pixel_spacing_mm=0.5)
+    b = random_insertion(hu, np.random.default_rng(7), pixel_spacing_mm=0.5)
+    c = random_insertion(hu, np.random.default_rng(8), pixel_spacing_mm=0.5)
     assert a.objects == b.objects and np.array_equal(a.image_hu, b.image_hu)
     assert a.objects != c.objects
 
 
 def test_no_room_gives_no_objects() -> None:
     hu = np.full((128, 128), -1000.0, np.float32)
-    assert random_insertion(hu, np.random.default_rng(0)).objects == ()
+    assert random_insertion(hu, np.random.default_rng(0), pixel_spacing_mm=0.5).objects == ()
 
 
 def _nps2d(img: np.ndarray, tiles: list[tuple[int, int]], n: int = 64) -> np.ndarray:
@@ -144,7 +161,7 @@ def _nps2d(img: np.ndarray, tiles: list[tuple[int, int]], n: int = 64) -> np.nda
 def test_noise_texture_unchanged_outside_and_inside_objects() -> None:
     rng = np.random.default_rng(4)
     hu, interior = _phantom(rng, noise_sd=20.0)
-    objs = sample_layout(placement_mask(hu), rng, InsertionConfig(n_min=5, n_max=5))
+    objs = sample_layout(placement_mask(hu, pixel_spacing_mm=0.5), rng, InsertionConfig(n_min=5, n_max=5))
     assert len(objs) == 5
     out = insert_objects(hu, objs)
     support = np.abs(out - hu) > 0

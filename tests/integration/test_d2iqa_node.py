@@ -1,0 +1,102 @@
+"""D2IQA in the node (issue 7, item 7), without the network: a completed series analysed with models
+[basic, d2iqa] gets the series score ``d2iqa_score`` and one per-slice score for every scored slice in
+the database and in the SR, equal to what the model's ``run()`` gives in process with the configured
+trials and slice subset; `qa-node analyze --json` reports ``d2iqa_score`` with the in-process value."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pydicom
+import pytest
+import torch
+from sqlalchemy import select
+
+from analysis import d2iqa
+from analysis.results import RunContext
+from analysis.volume import load_series
+from node.config import settings_from_dict
+from node.service import Node
+from reports.sr import read_measurement_report
+from storage.models import AnalysisRun, Job, OutputObject, SeriesMetric, SliceMetric
+from storage.repo import complete_due_series
+from tests.helpers import PHANTOM_5MM, WG04, qa_node, require
+from tests.integration.test_node_pipeline import push_files, run_pending
+
+needs_weights = pytest.mark.skipif(not d2iqa.WEIGHTS_PATH.is_file(), reason=f"shipped weights {d2iqa.WEIGHTS_PATH} are absent")
+TRIALS, MAX_SLICES = 6, 6  # small, so the test is quick; the node must pass them to the model
+
+
+def _node(tmp_path) -> Node:
+    settings = settings_from_dict({
+        "node": {"data_dir": str(tmp_path / "var"), "database": f"sqlite:///{tmp_path / 'var' / 'db.sqlite'}",
+                 "port": 0},
+        "scanners": [{"name": "CT1", "ae_title": "CT1"}],
+        "destinations": [{"name": "PACS", "ae_title": "ORTHANC", "host": "127.0.0.1", "port": 4242}],
+        "analysis": {"device": "cpu", "models": ["basic", "d2iqa"], "d2iqa_trials": TRIALS,
+                     "d2iqa_max_slices": MAX_SLICES},
+    }, "test.toml")
+    node = Node(settings)
+    node.prepare()
+    from node.worker import AnalysisWorker
+
+    node.worker = AnalysisWorker(settings, node.db, node.store, after_job=node._after_job)
+    return node
+
+
+@needs_weights
+def test_series_d2iqa_score_and_slice_scores_in_database_and_sr(tmp_path):
+    files = sorted(p for p in require(PHANTOM_5MM).iterdir() if p.name.startswith("I"))
+    torch.set_num_threads(1)
+    node = _node(tmp_path)
+    push_files(node, files)
+    assert len(complete_due_series(node.db, 0.0, node.models)) == 1
+    job_id = run_pending(node)
+    with node.db.session() as s:
+        job = s.get(Job, job_id)
+        assert job.state == "done" and job.outcome == "done", job.error
+        run = s.scalars(select(AnalysisRun).where(AnalysisRun.current.is_(True), AnalysisRun.model == "d2iqa")).one()
+        db_series = {m.name: m.value for m in s.scalars(select(SeriesMetric).where(SeriesMetric.run_id == run.id))}
+        db_slices = {m.sop_instance_uid: m.value for m in s.scalars(
+            select(SliceMetric).where(SliceMetric.run_id == run.id, SliceMetric.name == "d2iqa_score"))}
+        sr_path = s.scalars(select(OutputObject).where(OutputObject.kind == "sr")).one().rel_path
+
+    vol = load_series(files)
+    ref = d2iqa.run(vol, RunContext(device="cpu", options={"d2iqa_trials": TRIALS, "d2iqa_max_slices": MAX_SLICES}))
+    ref_slices = ref.slice_metrics["d2iqa_score"]
+    scored = {vol.sop_instance_uids[i]: float(v) for i, v in enumerate(ref_slices) if np.isfinite(v)}
+    assert 1 <= len(scored) <= MAX_SLICES  # only the evenly spaced subset, and only slices with room
+    assert ref.series_metrics["d2iqa_score"] == pytest.approx(float(np.nanmean(ref_slices)))
+
+    # database: the series score and exactly the scored slices, with the in-process values
+    assert db_series["d2iqa_score"] == pytest.approx(ref.series_metrics["d2iqa_score"], rel=1e-6)
+    finite_db = {k: v for k, v in db_slices.items() if v is not None and np.isfinite(v)}
+    assert finite_db.keys() == scored.keys()
+    for uid, v in scored.items():
+        assert finite_db[uid] == pytest.approx(v, rel=1e-6, abs=1e-9)
+
+    # SR: the same series value and one per-slice value per scored slice, referencing that image
+    content = read_measurement_report(pydicom.dcmread(node.store.abs(sr_path)))
+    sr_series = {m.key: m.value for m in content.series_metrics}
+    assert sr_series["d2iqa_score"] == pytest.approx(db_series["d2iqa_score"], rel=1e-6)
+    sr_slices = {m.sop_instance_uid: m.value for m in content.slice_metrics if m.key == "d2iqa_score"}
+    assert sr_slices.keys() == scored.keys()
+    for uid, v in scored.items():
+        assert sr_slices[uid] == pytest.approx(v, rel=1e-5, abs=1e-7)
+    assert all(m.algorithm.name == d2iqa.ALGORITHM for m in content.slice_metrics if m.key == "d2iqa_score")
+
+
+@needs_weights
+def test_analyze_json_reports_d2iqa_score(tmp_path):
+    ct2 = require(WG04) / "CT2_UNC"
+    r = qa_node("analyze", "--json", "--models", "basic,d2iqa", str(ct2), cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    (item,) = json.loads(r.stdout)
+    assert item["status"] == "done"
+    assert "d2iqa" in [m["name"] for m in item["models"]]
+    torch.set_num_threads(1)
+    ref = d2iqa.run(load_series([ct2]), RunContext(device="cpu"))  # the CLI runs the model defaults
+    assert ref.series_metrics["d2iqa_score"] is not None
+    assert item["metrics"]["d2iqa_score"] == pytest.approx(ref.series_metrics["d2iqa_score"], rel=1e-5, abs=1e-7)
+    assert 0.0 < item["metrics"]["d2iqa_score"] <= 1.0
