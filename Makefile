@@ -4,7 +4,7 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-APT_PACKAGES := dcmtk dicom3tools orthanc postgresql chromium
+APT_PACKAGES := dcmtk dicom3tools orthanc libgdcm-tools postgresql chromium
 
 .PHONY: install system-deps venv demo test bench clean
 
