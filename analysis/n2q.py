@@ -47,7 +47,7 @@ from analysis.volume import CTVolume
 log = logging.getLogger(__name__)
 
 ALGORITHM = "N2Q Noise2Quality SSIM-map U-Net"
-VERSION = "1.0"
+VERSION = "1.1"
 MODEL_SIZE = 256
 DOSE_CLASSES: tuple[float, ...] = (0.05, 0.10, 0.25, 0.50, 0.75)
 DEFAULT_WEIGHTS = Path(__file__).resolve().parent / "weights" / "n2q.pt"
@@ -57,13 +57,20 @@ MAP_LABEL = "N2Q SSIM quality"
 
 
 # ----------------------------------------------------------------------------------------- model
-def _block(cin: int, cout: int, dropout: float) -> nn.Sequential:
+NORMS = ("instance", "batch")
+
+
+def _norm(kind: str, c: int) -> nn.Module:
+    return nn.InstanceNorm2d(c) if kind == "instance" else nn.BatchNorm2d(c)
+
+
+def _block(cin: int, cout: int, dropout: float, norm: str = "instance") -> nn.Sequential:
     layers: list[nn.Module] = [
         nn.Conv2d(cin, cout, 3, padding=1),
-        nn.InstanceNorm2d(cout),
+        _norm(norm, cout),
         nn.LeakyReLU(0.2, inplace=True),
         nn.Conv2d(cout, cout, 3, padding=1),
-        nn.InstanceNorm2d(cout),
+        _norm(norm, cout),
         nn.LeakyReLU(0.2, inplace=True),
     ]
     if dropout > 0:
@@ -72,20 +79,32 @@ def _block(cin: int, cout: int, dropout: float) -> nn.Sequential:
 
 
 class N2QNet(nn.Module):
-    """U-Net 16-32-64-128-256 with a dose-classification head; ``forward`` -> (map, dose_logits)."""
+    """U-Net 16-32-64-128-256 with a dose-classification head; ``forward`` -> (map, dose_logits).
 
-    def __init__(self, in_channels: int = 2, n_doses: int = 5, dropout: float = 0.25, dose_head: bool = True):
+    ``norm="instance"`` is the reference architecture (InstanceNorm, no affine). ``norm="batch"``
+    (BatchNorm; a fixed affine map at inference) is what the shipped weights use since v1.1:
+    InstanceNorm divides every feature map by its own spatial SD, which throws away the absolute
+    noise amplitude the map depends on; the network then learned to smuggle it past the
+    normalisation with a strong localised spike at the bottleneck (the "droplet" artefact of
+    Karras et al., StyleGAN2, 2020), seen as spurious quality-0 ellipses, and could not tell
+    full-dose from 50-75 % slices (compressed high end). See the model card."""
+
+    def __init__(self, in_channels: int = 2, n_doses: int = 5, dropout: float = 0.25, dose_head: bool = True,
+                 norm: str = "instance"):
         super().__init__()
         if in_channels not in (1, 2):
             raise ValueError(f'Argument "in_channels" must be 1 or 2, got {in_channels}')
+        if norm not in NORMS:
+            raise ValueError(f'Argument "norm" must be one of {NORMS}, got {norm!r}')
         ch = (16, 32, 64, 128, 256)
         self.in_channels = in_channels
+        self.norm = norm
         self.enc = nn.ModuleList()
         cin = in_channels
         for c in ch:
-            self.enc.append(_block(cin, c, dropout))
+            self.enc.append(_block(cin, c, dropout, norm))
             cin = c
-        self.dec = nn.ModuleList(_block(ch[i + 1] + ch[i], ch[i], dropout) for i in reversed(range(4)))
+        self.dec = nn.ModuleList(_block(ch[i + 1] + ch[i], ch[i], dropout, norm) for i in reversed(range(4)))
         self.out = nn.Conv2d(ch[0], 1, 1)
         self.dose_head = nn.Linear(ch[-1], n_doses) if dose_head else None
 
@@ -175,12 +194,15 @@ def build_from_config(config: dict) -> N2QNet:
         n_doses=int(config.get("n_doses", 5)),
         dropout=float(config.get("dropout", 0.25)),
         dose_head=bool(config.get("dose_head", True)),
+        norm=str(config.get("norm", "instance")),  # files written before v1.1 have no "norm": InstanceNorm
     )
 
 
 def save_weights(net: N2QNet, path: str | Path, config: dict, meta: dict | None = None, fp16: bool = True) -> str:
     """Store a model for inference (fp16 by default). Returns the file's SHA-256."""
-    state = {k: (v.detach().cpu().half() if fp16 and v.is_floating_point() else v.detach().cpu()) for k, v in net.state_dict().items()}
+    # BatchNorm running statistics stay float32 (tiny, and a small running_var must not underflow)
+    state = {k: (v.detach().cpu().half() if fp16 and v.is_floating_point() and ".running_" not in k else v.detach().cpu())
+             for k, v in net.state_dict().items()}
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
@@ -207,7 +229,7 @@ def load_model(path: str | Path | None = None, device: str = "cpu") -> LoadedMod
         if not isinstance(blob, dict) or blob.get("format") != "n2q-weights-1":
             raise ValueError(f"{p} is not an N2Q weights file (format n2q-weights-1)")
         net = build_from_config(blob["config"])
-        net.load_state_dict({k: v.float() for k, v in blob["state_dict"].items()})
+        net.load_state_dict({k: (v.float() if v.is_floating_point() else v) for k, v in blob["state_dict"].items()})
         net.eval().to(device)
         loaded = LoadedModel(net, file_sha256(p), dict(blob["config"]), str(p), device)
         _CACHE[key] = loaded

@@ -6,14 +6,18 @@ No labels are needed. Training pairs come from routine-dose slices alone:
    under ``--data`` (every CT file, recursively; ``--exclude`` glob patterns on file names keep
    held-out files out) and synthetic phantoms (``analysis.phantoms``: body and head, several sizes);
    for each base slice two projection-domain noise realisations at I0 = 1 are simulated once
-   (``analysis.dose_sim.unit_noise``) and cached;
+   (``analysis.dose_sim.unit_noise``) and cached. The noise is simulated at the slice's own matrix
+   (real slices: native, where I0_full is calibrated; phantoms: drawn at ``--sim-matrix``, 512) and
+   slice and noise are then resized to 256 with the node's own ``resize_to_model``, so amplitude and
+   texture are those of a real lower-dose scan fed to the node (simulating at 256 with the I0
+   calibrated at 512 gave 1.6x too much noise with a whiter spectrum: fixed in v1.1);
 2. each sample draws a base slice, a random flip/rotation, a dose class among 5, 10, 25, 50, 75 %
    (and with a small probability full dose, whose target map is all ones and which has no dose
    class), and forms ``full`` (the real slice, or phantom + noise at a random I0_full) and
    ``low = full + noise * 1/sqrt(I0_add)`` with ``I0_add = I0_full d / (1 - d)``. I0_full of a real
    series is calibrated against its measured noise (``dose_sim.calibrate_i0``);
 3. the target is ``2 * SSIM_map(window(low), window(full)) - 1`` (``analysis.ssim``); the loss is
-   L1(map) + alpha * CE(dose class), alpha = 0.01.
+   MSE(map) (the paper's; ``--loss l1`` for the public code's L1) + alpha * CE(dose class), alpha = 0.01.
 
 Deterministic for a given ``--seed`` (pool, sampling and initialisation are seeded; resume replays
 the same per-epoch random streams). A checkpoint is written after every epoch (``--out`` + ``.ckpt``)
@@ -41,7 +45,7 @@ import torch
 import torch.nn.functional as F
 
 from analysis import dose_sim
-from analysis.n2q import DOSE_CLASSES, MODEL_SIZE, N2QNet, make_input, save_weights
+from analysis.n2q import DOSE_CLASSES, MODEL_SIZE, NORMS, N2QNet, make_input, resize_to_model, save_weights
 from analysis.phantoms import make_phantom
 from analysis.ssim import ssim_map_torch, window_hu
 
@@ -76,6 +80,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=0, help="CPU threads (0: the free cores)")
     parser.add_argument("--keep-epoch-weights", metavar="DIR", help="also write weights after every epoch into DIR")
     parser.add_argument("--max-minutes", type=float, default=0.0, help="stop training after this many minutes (0: no limit)")
+    parser.add_argument("--norm", default="batch", choices=NORMS,
+                        help="normalisation layers (default batch; instance = the reference, see analysis.n2q.N2QNet)")
+    parser.add_argument("--loss", default="mse", choices=("mse", "l1"), help="map loss (default mse, the paper's)")
+    parser.add_argument("--schedule", default="steps", choices=("steps", "time"),
+                        help="one-cycle learning-rate schedule over the planned steps (default; deterministic) or "
+                             "over the --max-minutes wall-clock budget (for a shared machine whose speed is unknown: "
+                             "the schedule always completes, but the run is NOT reproducible step for step)")
+    parser.add_argument("--sim-matrix", type=int, default=512,
+                        help="matrix at which phantoms are drawn and their noise simulated before resizing to --size "
+                             "like the node resizes a scan (0: simulate at --size, the pre-v1.1 behaviour); real "
+                             "slices always get their noise at their native matrix")
 
 
 # ------------------------------------------------------------------------------------------ pool
@@ -161,8 +176,24 @@ def _body_sd(noise: np.ndarray, hu: np.ndarray) -> float:
 I0_RANGE = (1.0e5, 1.0e7)  # plausible routine-dose I0_full in this geometry; calibrations outside are clamped
 
 
+def _noise_like_node(hu: np.ndarray, ps: float, size: int, rng: np.random.Generator, n_realisations: int = 2):
+    """(HU at ``size``, unit noise (n, size, size) at ``size``) for a square slice at its own matrix:
+    the noise is simulated at that matrix and pixel spacing (where I0_full was calibrated), then slice
+    and noise go through the node's own resize (``analysis.n2q.resize_to_model``). This is the path a
+    real lower-dose scan takes through the node, so noise amplitude and texture match inference."""
+    if hu.shape[0] != hu.shape[1]:
+        raise ValueError(f"square slices only, got {hu.shape}")
+    nz = dose_sim.unit_noise(hu, pixel_spacing_mm=ps, rng=rng, n_realisations=n_realisations)
+    small = resize_to_model(hu[None], size)[0][0].numpy()
+    nz_small = resize_to_model(nz.reshape(-1, *hu.shape), size)[0].numpy()  # square: no air padding involved
+    return small.astype(np.float32), nz_small.astype(np.float32)
+
+
 def build_pool(args: argparse.Namespace, rng: np.random.Generator) -> Pool:
     size = args.size
+    sim_matrix = int(getattr(args, "sim_matrix", 0) or 0)
+    if sim_matrix and sim_matrix < size:
+        raise ValueError(f'Argument "--sim-matrix" must be 0 or >= --size ({size}), got {sim_matrix}')
     hus, noises, i0s, sds, real, names = [], [], [], [], [], []
     slices = _read_ct_files(args.data, args.exclude, args.max_real_per_series) if args.data else []
     log.info("pool: %d real slices, %d phantoms", len(slices), args.phantoms)
@@ -184,16 +215,22 @@ def build_pool(args: argparse.Namespace, rng: np.random.Generator) -> Pool:
                 series_i0[uid] = clamped
             log.info("series of %s: noise %.1f HU -> I0_full %.3g", name, meas, series_i0[uid])
         i0 = series_i0[uid]
-        t = torch.from_numpy(hu)[None, None]
-        small = F.interpolate(t, size=(size, size), mode="bilinear", antialias=True, align_corners=False)[0, 0].numpy()
-        ps_small = ps * hu.shape[0] / size
-        nz = dose_sim.unit_noise(small, pixel_spacing_mm=ps_small, rng=rng, n_realisations=2)
+        if sim_matrix:
+            small, nz = _noise_like_node(hu, ps, size, rng)
+        else:  # pre-v1.1: resize first, simulate at --size with I0 calibrated at the native matrix (1.6x too noisy)
+            t = torch.from_numpy(hu)[None, None]
+            small = F.interpolate(t, size=(size, size), mode="bilinear", antialias=True, align_corners=False)[0, 0].numpy()
+            nz = dose_sim.unit_noise(small, pixel_spacing_mm=ps * hu.shape[0] / size, rng=rng, n_realisations=2)
         hus.append(small.astype(np.float32)); noises.append(nz.astype(np.float32)); i0s.append(i0)
         sds.append(_body_sd(nz[0], small)); real.append(True); names.append(name)
     for k in tqdm(range(args.phantoms), desc="phantoms"):
         kind = "body" if k % 2 == 0 else "head"
-        hu, ps = make_phantom(kind, size, rng)
-        nz = dose_sim.unit_noise(hu, pixel_spacing_mm=ps, rng=rng, n_realisations=2)
+        if sim_matrix:
+            big, ps = make_phantom(kind, sim_matrix, rng)
+            hu, nz = _noise_like_node(big, ps, size, rng)
+        else:
+            hu, ps = make_phantom(kind, size, rng)
+            nz = dose_sim.unit_noise(hu, pixel_spacing_mm=ps, rng=rng, n_realisations=2)
         hus.append(hu); noises.append(nz.astype(np.float32)); i0s.append(float("nan"))
         sds.append(_body_sd(nz[0], hu)); real.append(False); names.append(f"phantom-{kind}-{k}")
     pool = Pool(np.stack(hus), np.stack(noises), np.array(i0s), np.array(sds), np.array(real), names)
@@ -259,6 +296,20 @@ def target_map(low: torch.Tensor, full: torch.Tensor) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------------------- train
+def _one_cycle_lr(max_lr: float, frac: float, pct_start: float = 0.05) -> float:
+    """OneCycleLR's cosine shape (start max_lr/25, end max_lr/25/1e4) at a fraction of the run."""
+    lo, end = max_lr / 25.0, max_lr / 25.0 / 1e4
+    if frac < pct_start:
+        return lo + (max_lr - lo) * 0.5 * (1 - math.cos(math.pi * frac / pct_start))
+    t = min(1.0, (frac - pct_start) / (1 - pct_start))
+    return end + (max_lr - end) * 0.5 * (1 + math.cos(math.pi * t))
+
+
+def _is_norm_key(net: torch.nn.Module, key: str) -> bool:
+    mod = net.get_submodule(key.rsplit(".", 1)[0])
+    return isinstance(mod, (torch.nn.BatchNorm2d, torch.nn.InstanceNorm2d))
+
+
 def _config(args: argparse.Namespace) -> dict:
     return {
         "in_channels": 1 if args.no_hpf else 2,
@@ -268,6 +319,7 @@ def _config(args: argparse.Namespace) -> dict:
         "size": args.size,
         "window": [40.0, 300.0],
         "dose_classes": list(DOSE_CLASSES),
+        "norm": args.norm,
     }
 
 
@@ -278,6 +330,10 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f'Argument "--{name.replace("_", "-")}" must be >= 1, got {getattr(args, name)}')
     if args.size % 16:
         raise ValueError(f'Argument "--size" must be a multiple of 16, got {args.size}')
+    if args.schedule == "time" and not args.max_minutes > 0:
+        raise ValueError('Argument "--schedule time" needs "--max-minutes" > 0')
+    if args.schedule == "time" and args.resume:
+        raise ValueError('Argument "--resume" is not supported with "--schedule time"')
     if args.device == "cuda" and not torch.cuda.is_available():
         raise ValueError('Argument "--device cuda": no CUDA device is available; use --device auto or cpu')
     device = "cuda" if args.device in ("auto", "cuda") and torch.cuda.is_available() else "cpu"
@@ -298,11 +354,17 @@ def run(args: argparse.Namespace) -> int:
     log.info("pool ready: %d slices (%d real) in %.0f s", len(pool.names), int(pool.real.sum()), t_pool)
 
     cfg = _config(args)
-    net = N2QNet(cfg["in_channels"], cfg["n_doses"], cfg["dropout"], cfg["dose_head"]).to(device)
+    net = N2QNet(cfg["in_channels"], cfg["n_doses"], cfg["dropout"], cfg["dose_head"], cfg["norm"]).to(device)
     if args.init:
         blob = torch.load(args.init, map_location="cpu", weights_only=True)
-        net.load_state_dict({k: v.float() for k, v in blob["state_dict"].items()})
-        log.info("initialised from %s", args.init)
+        state = {k: (v.float() if v.is_floating_point() else v) for k, v in blob["state_dict"].items()}
+        # InstanceNorm weights into a BatchNorm net: the convolutions carry over, the norm layers start fresh
+        missing, unexpected = net.load_state_dict(state, strict=False)
+        bad = [k for k in list(missing) + list(unexpected) if "running_" not in k and "num_batches" not in k
+               and not (cfg["norm"] == "batch" and k.rsplit(".", 1)[-1] in ("weight", "bias") and _is_norm_key(net, k))]
+        if bad:
+            raise ValueError(f'Argument "--init": {args.init} does not fit this architecture ({bad[:4]})')
+        log.info("initialised from %s (%d norm tensors fresh)", args.init, len(missing))
     opt = torch.optim.Adam(net.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     steps_per_epoch = max(1, args.samples_per_epoch // args.batch)
     total_steps = steps_per_epoch * args.epochs
@@ -319,20 +381,29 @@ def run(args: argparse.Namespace) -> int:
     amp_dtype = torch.float16 if device == "cuda" else torch.bfloat16
     scaler = torch.amp.GradScaler("cuda", enabled=amp and device == "cuda")
     stopped_early = False
+    n_steps = 0
     for epoch in range(start_epoch, args.epochs):
         rng = np.random.default_rng([args.seed, 2, epoch])
         net.train()
         t0 = time.time()
         sums = np.zeros(3)
+        ep_steps = 0
         bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{args.epochs}", leave=False)
         for _ in bar:
+            if args.schedule == "time":
+                frac = (train_seconds + time.time() - t0) / (args.max_minutes * 60.0)
+                if frac >= 1.0:
+                    break
+                for g in opt.param_groups:
+                    g["lr"] = _one_cycle_lr(args.lr, frac)
             low, full, cls = make_batch(pool, rng, args.batch, args.real_fraction, args.full_dose_prob)
             tgt = target_map(low, full).to(device)
             x = make_input(window_hu(low).to(device), cfg["in_channels"])
             cls = cls.to(device)
             with torch.autocast(device, dtype=amp_dtype, enabled=amp):
                 pred, logits = net(x)
-            map_loss = (pred.float() - tgt).abs().mean()
+            err = pred.float() - tgt
+            map_loss = (err * err).mean() if args.loss == "mse" else err.abs().mean()
             ce = torch.zeros((), device=device)
             if logits is not None and (cls >= 0).any():
                 ce = F.cross_entropy(logits.float(), cls, ignore_index=-1)
@@ -343,28 +414,36 @@ def run(args: argparse.Namespace) -> int:
             scaler.scale(loss).backward()
             scaler.step(opt)
             scaler.update()
-            sched.step()
+            if args.schedule == "steps":
+                sched.step()
+            n_steps += 1
+            ep_steps += 1
             acc = float((logits.argmax(1) == cls)[cls >= 0].float().mean()) if logits is not None and (cls >= 0).any() else float("nan")
             sums += (float(map_loss.detach()), float(ce.detach()), acc)
-            bar.set_postfix(l1=f"{float(map_loss.detach()):.4f}", ce=f"{float(ce.detach()):.3f}")
+            bar.set_postfix(loss=f"{float(map_loss.detach()):.4f}", ce=f"{float(ce.detach()):.3f}")
         train_seconds += time.time() - t0
-        mean = sums / steps_per_epoch
-        history.append({"epoch": epoch + 1, "l1": float(mean[0]), "ce": float(mean[1]), "dose_acc": float(mean[2]),
-                        "seconds": round(train_seconds, 1)})
-        log.info("epoch %d: L1 %.4f CE %.3f dose acc %.2f (%.0f s so far)", epoch + 1, *mean, train_seconds)
+        done_steps = ep_steps
+        mean = sums / max(done_steps, 1)
+        history.append({"epoch": epoch + 1, "loss": args.loss, "map_loss": float(mean[0]), "ce": float(mean[1]), "dose_acc": float(mean[2]),
+                        "seconds": round(train_seconds, 1), "steps": int(done_steps)})
+        log.info("epoch %d: map %s %.4f CE %.3f dose acc %.2f (%.0f s so far)", epoch + 1, args.loss, *mean, train_seconds)
         ckpt_path.parent.mkdir(parents=True, exist_ok=True)
         torch.save({"model": net.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(), "epoch": epoch + 1,
                     "train_seconds": train_seconds, "history": history, "torch_rng": torch.get_rng_state(),
                     "config": cfg}, ckpt_path)
         if args.keep_epoch_weights:
             save_weights(net, Path(args.keep_epoch_weights) / f"epoch{epoch + 1:02d}.pt", cfg, {"epoch": epoch + 1, "train_seconds": train_seconds})
+        if args.schedule == "time" and train_seconds >= args.max_minutes * 60:
+            log.info("time schedule complete after epoch %d (%d steps)", epoch + 1, n_steps)
+            break
         if args.max_minutes and train_seconds > args.max_minutes * 60 and epoch + 1 < args.epochs:
             log.warning("stopping after epoch %d: --max-minutes %.0f reached", epoch + 1, args.max_minutes)
             stopped_early = True
             break
     meta = {
         "seed": args.seed, "epochs_done": len(history), "epochs_planned": args.epochs, "batch": args.batch,
-        "samples_seen": len(history) * steps_per_epoch * args.batch, "train_seconds": round(train_seconds, 1),
+        "samples_seen": sum(h.get("steps", steps_per_epoch) for h in history) * args.batch,
+        "schedule": args.schedule, "train_seconds": round(train_seconds, 1),
         "pool_seconds": round(t_pool, 1), "threads": threads, "device": device, "amp": amp,
         "pool_slices": len(pool.names), "pool_real": int(pool.real.sum()), "stopped_early": stopped_early,
         "init": args.init,

@@ -86,13 +86,19 @@ def build_real(trials: int) -> list[dict]:
     return items
 
 
-def build_phantoms(n: int) -> list[dict]:
+def build_phantoms(n: int, sim_matrix: int = 512) -> list[dict]:
+    """Phantoms drawn at ``sim_matrix`` (a scanner's matrix) with their noise simulated there, then
+    resized to 256 like the node does (``sim_matrix`` 0: drawn and simulated at 256, as before v1.1)."""
     items = []
     for k in range(n):
         rng = np.random.default_rng([7919, k])
         kind = "body" if k % 2 == 0 else "head"
-        clean, ps = make_phantom(kind, MODEL_SIZE, rng)
+        clean, ps = make_phantom(kind, sim_matrix or MODEL_SIZE, rng)
         un = dose_sim.unit_noise(clean, pixel_spacing_mm=ps, rng=rng, n_realisations=len(DOSE_CLASSES) + 1)
+        if sim_matrix and sim_matrix != MODEL_SIZE:
+            ps = ps * sim_matrix / MODEL_SIZE
+            clean = resize_to_model(clean[None])[0][0].numpy()
+            un = resize_to_model(un)[0].numpy()
         m = (clean > -300) & (clean < 300)
         lo, hi = PHANTOM_FULL_NOISE_HU[kind]  # the same realistic full-dose noise prior as training
         sd_target = float(np.exp(rng.uniform(np.log(lo), np.log(hi))))
@@ -121,14 +127,15 @@ def map_metrics(pred: np.ndarray, true: np.ndarray, body: np.ndarray) -> dict:
 
 def evaluate(weights: str, items: list[dict], batch: int = 8) -> dict:
     model = load_model(weights, "cpu")
-    rows, mono, per_img_pred, per_img_true, dose_hits = [], [], [], [], []
-    base_rows = []
+    rows, mono, per_img_pred, per_img_true, dose_hits, full_pred = [], [], [], [], [], []
+    base_rows, min_full = [], []
     t_inf, n_inf = 0.0, 0
     for it in items:
         tm = true_maps(it)
         t0 = time.time()
         raw, probs = predict_model_res(model.net, torch.from_numpy(it["low"]), "cpu", batch)
         t_inf += time.time() - t0
+        min_full.append(float(((raw[-1] + 1) / 2)[it["body"]].min()) if it["body"].any() else 1.0)
         n_inf += raw.shape[0]
         body = it["body"]
         pred_q = []
@@ -141,6 +148,7 @@ def evaluate(weights: str, items: list[dict], batch: int = 8) -> dict:
                 per_img_pred.append(float(((raw[j] + 1) / 2)[body].mean()))
                 per_img_true.append(float(((tm[j] + 1) / 2)[body].mean()))
             pred_q.append(float(((raw[j] + 1) / 2)[body].mean()))
+        full_pred.append(pred_q[-1])
         mono.append(float(stats.spearmanr(LEVELS, pred_q).statistic))
 
     def agg(rs: list[dict]) -> dict:
@@ -156,7 +164,10 @@ def evaluate(weights: str, items: list[dict], batch: int = 8) -> dict:
         "dose_class_accuracy": float(np.mean(dose_hits)) if dose_hits else None,
         "slices_per_s_cpu": n_inf / t_inf if t_inf else None,
         "n_maps": len(rows), "n_slices": len(items),
-        "mean_quality_by_dose_pred": _by_dose(per_img_pred), "mean_quality_by_dose_true": _by_dose(per_img_true),
+        "mean_quality_by_dose_pred": {**_by_dose(per_img_pred), "100%": float(np.mean(full_pred))},
+        "mean_quality_by_dose_true": {**_by_dose(per_img_true), "100%": 1.0},
+        "spearman_per_slice": {f"{it['name']} #{it['trial']}": float(v) for it, v in zip(items, mono)},
+        "body_min_quality_full_dose": float(np.min(min_full)),
     }
 
 
@@ -171,6 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ablation", nargs="*", default=[], metavar="NAME=FILE")
     ap.add_argument("--trials", type=int, default=2, help="noise realisations per real slice")
     ap.add_argument("--phantoms", type=int, default=16)
+    ap.add_argument("--sim-matrix", type=int, default=512, help="matrix the held-out phantoms are drawn at (0: 256)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--json", help="write the results here")
     ap.add_argument("--sets-cache", help="pickle of the simulated held-out sets (built once, reused)")
@@ -181,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
         with open(args.sets_cache, "rb") as fh:
             sets = pickle.load(fh)
     else:
-        sets = {"real (wg04 CT1/CT2, 693_UNCR)": build_real(args.trials), "synthetic held-out phantoms": build_phantoms(args.phantoms)}
+        sets = {"real (wg04 CT1/CT2, 693_UNCR)": build_real(args.trials), "synthetic held-out phantoms": build_phantoms(args.phantoms, args.sim_matrix)}
         if args.sets_cache:
             with open(args.sets_cache, "wb") as fh:
                 pickle.dump(sets, fh)
@@ -219,6 +231,8 @@ def main(argv: list[str] | None = None) -> int:
             r = res[sname]
             print(f"  {mname} body-mean quality by dose, predicted: " + ", ".join(f"{k} {v:.3f}" for k, v in r["mean_quality_by_dose_pred"].items()))
             print(f"  {mname} body-mean quality by dose, true:      " + ", ".join(f"{k} {v:.3f}" for k, v in r["mean_quality_by_dose_true"].items()))
+            print(f"  {mname} Spearman per slice: " + ", ".join(f"{k} {v:.2f}" for k, v in r["spearman_per_slice"].items()))
+            print(f"  {mname} lowest body-pixel quality at full dose: {r['body_min_quality_full_dose']:.3f}")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
     print(f"\ntotal {time.time() - t0:.0f} s")

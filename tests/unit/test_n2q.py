@@ -13,10 +13,12 @@ from analysis.n2q import (
     DEFAULT_WEIGHTS,
     DOSE_CLASSES,
     N2QNet,
+    build_from_config,
     high_pass,
     load_model,
     make_input,
     predict_quality,
+    resize_to_model,
     run,
     save_weights,
 )
@@ -63,6 +65,76 @@ def test_save_load_roundtrip(tmp_path: Path) -> None:
         np.testing.assert_allclose(loaded.net(x)[0].numpy(), net(x)[0].numpy(), atol=5e-3)  # fp16 storage
     with pytest.raises(ValueError, match="not found"):
         load_model(tmp_path / "missing.pt")
+
+
+def test_old_weight_files_are_instance_norm_and_batch_norm_roundtrips(tmp_path: Path) -> None:
+    assert build_from_config({}).norm == "instance"  # files written before v1.1 carry no "norm"
+    assert isinstance(build_from_config({}).enc[0][1], torch.nn.InstanceNorm2d)
+    net = N2QNet(dropout=0.0, norm="batch")
+    net.train()
+    with torch.no_grad():  # non-trivial running statistics
+        for _ in range(3):
+            net(make_input(torch.rand(4, 32, 32) * 0.5 + 0.2))
+    net.eval()
+    path = tmp_path / "bn.pt"
+    save_weights(net, path, {"norm": "batch", "dropout": 0.0})
+    blob = torch.load(path, weights_only=True)
+    assert blob["state_dict"]["enc.0.1.running_var"].dtype == torch.float32  # not squeezed into fp16
+    loaded = load_model(path)
+    assert isinstance(loaded.net.enc[0][1], torch.nn.BatchNorm2d)
+    x = make_input(torch.rand(2, 32, 32))
+    with torch.no_grad():
+        np.testing.assert_allclose(loaded.net(x)[0].numpy(), net(x)[0].numpy(), atol=5e-3)
+
+
+def test_instance_norm_cannot_see_the_noise_amplitude_batch_norm_can() -> None:
+    """The cause of the v1.0 defects: InstanceNorm divides each feature map by its own SD, so the
+    network is blind to the amplitude of its input (conv is linear, the norm removes the scale):
+    noise of SD s and 2 s give the SAME map (exactly for zero-mean input; a flat level, the zero
+    padding at the borders and the norm's eps leak only a little of the amplitude).
+    It can learn the noise amplitude only by smuggling it past the normalisation with a localised
+    spike: the v1.0 ellipses. A BatchNorm network at inference is a fixed affine map per channel
+    and does see the amplitude."""
+    torch.manual_seed(0)
+    noise = torch.randn(1, 64, 64) * 0.2  # amplitudes well above the norm's eps (1e-5 on the variance)
+    flat = [make_input(k * noise) for k in (1.0, 2.0)]
+    inst = N2QNet(dropout=0.0, norm="instance").eval()
+    with torch.no_grad():
+        a, b = (inst(x)[0] for x in flat)
+    assert float((a - b).abs().max()) < 1e-2
+    bn = N2QNet(dropout=0.0, norm="batch")
+    for mod in bn.modules():
+        if isinstance(mod, torch.nn.BatchNorm2d):
+            mod.momentum = None  # running statistics = the plain average of the batches below
+    bn.train()
+    with torch.no_grad():
+        for _ in range(3):
+            bn(make_input(torch.randn(4, 64, 64) * 0.3))
+    bn.eval()
+    with torch.no_grad():
+        a, b = (bn(x)[0] for x in flat)
+    assert float((a - b).abs().mean()) > 0.1, float((a - b).abs().mean())
+
+
+def test_training_noise_has_the_amplitude_the_node_sees() -> None:
+    """Regression (v1.0 bug): the pool resized a slice to the model matrix first and simulated its
+    noise there with the I0 calibrated at the native matrix: 1.6x the SD (and a whiter spectrum)
+    of what a real lower-dose scan shows after the node's resize. Truth here = noise simulated at
+    the native matrix and resized with ``resize_to_model`` (the node path). Matrices halved for speed."""
+    from analysis.n2q_train import _noise_like_node
+
+    native, ps = make_phantom("body", 256, np.random.default_rng([4242, 7]))
+    i0, dose, size = 1.0e6, 0.25, 128
+    small, nz = _noise_like_node(native, ps, size, np.random.default_rng(1))
+    assert small.shape == (size, size) and nz.shape == (2, size, size)
+    pool_added = nz / np.sqrt(dose_sim.added_i0(i0, dose))
+    low = dose_sim.simulate_low_dose(native, [dose], i0, pixel_spacing_mm=ps, rng=2)[0]
+    node_added = resize_to_model(low[None], size)[0][0].numpy() - resize_to_model(native[None], size)[0][0].numpy()
+    tissue = (small > -300) & (small < 300)
+    ratio = float(pool_added[:, tissue].std() / node_added[tissue].std())
+    assert 0.9 < ratio < 1.1, ratio
+    legacy = dose_sim.unit_noise(small, pixel_spacing_mm=ps * 256 / size, rng=3)[0] / np.sqrt(dose_sim.added_i0(i0, dose))
+    assert float(legacy[tissue].std() / node_added[tissue].std()) > 1.3
 
 
 def _held_out_phantom() -> tuple[np.ndarray, float, float]:
@@ -115,7 +187,7 @@ def _train_args(tmp_path: Path, name: str, extra: list[str] | None = None):
     return parser.parse_args(
         ["--out", str(tmp_path / f"{name}.pt"), "--epochs", "2", "--samples-per-epoch", "4", "--batch", "2",
          "--size", "64", "--phantoms", "2", "--threads", "1", "--seed", "3", "--device", "cpu",
-         "--pool-cache", str(tmp_path / "pool.npz")] + (extra or [])
+         "--sim-matrix", "128", "--pool-cache", str(tmp_path / "pool.npz")] + (extra or [])
     )
 
 
