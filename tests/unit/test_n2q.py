@@ -158,6 +158,22 @@ def test_shipped_weights_quality_falls_with_dose() -> None:
     assert means[0] < 0.8 < means[-1]
 
 
+def test_shipped_weights_paint_no_spurious_low_quality_spots() -> None:
+    """v1.0 defect: blobs of about 300 px (at 256) with quality near 0 on every real slice, at full
+    dose too, and even on a slice of pure air (its true map is 1 everywhere: both images lie below
+    the window). At full dose the true map is 1 everywhere, so no sizeable region may fall to 0.4."""
+    from scipy import ndimage
+
+    torch.set_num_threads(1)
+    air, _, _ = predict_quality(np.full((256, 256), -1000.0, np.float32))
+    assert float(air.min()) > 0.9
+    full, _, _ = _held_out_phantom()
+    q, _, _ = predict_quality(full)
+    lab, n = ndimage.label(q < 0.4)
+    largest = int(np.bincount(lab.ravel())[1:].max()) if n else 0
+    assert largest < 20, largest
+
+
 def test_run_gives_node_metrics_and_native_maps() -> None:
     full, ps, _ = _held_out_phantom()
     hu = np.stack([full[:, 8:248], full[:, 8:248]]).astype(np.float32)  # non-square native matrix
