@@ -1,0 +1,108 @@
+"""N2Q in the node (issue 6, item 7), without the network: a completed series analysed with models
+[basic, classical, n2q] gets the N2Q quality map as a Parametric Map (one frame per slice, values
+read back equal to the model's own map of each source slice) and the N2Q series metrics in the
+database and the SR; `qa-node analyze --json` reports n2q_mean_quality / p05 / low_fraction with
+the values the model gives in process."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pydicom
+import pytest
+import torch
+from sqlalchemy import select
+
+from analysis import n2q
+from analysis.results import RunContext
+from analysis.volume import load_series
+from node.config import settings_from_dict
+from node.service import Node
+from reports.sr import read_measurement_report
+from storage.models import AnalysisRun, Job, OutputObject, SeriesMetric
+from storage.repo import complete_due_series
+from tests.helpers import PHANTOM_5MM, WG04, qa_node, require
+from tests.integration.test_node_pipeline import push_files, run_pending
+
+N2Q_KEYS = ("n2q_mean_quality", "n2q_p05_quality", "n2q_low_fraction")
+
+
+def _node(tmp_path) -> Node:
+    settings = settings_from_dict({
+        "node": {"data_dir": str(tmp_path / "var"), "database": f"sqlite:///{tmp_path / 'var' / 'db.sqlite'}",
+                 "port": 0},
+        "scanners": [{"name": "CT1", "ae_title": "CT1"}],
+        "destinations": [{"name": "PACS", "ae_title": "ORTHANC", "host": "127.0.0.1", "port": 4242}],
+        "analysis": {"device": "cpu", "models": ["basic", "classical", "n2q"]},
+    }, "test.toml")
+    node = Node(settings)
+    node.prepare()
+    from node.worker import AnalysisWorker
+
+    node.worker = AnalysisWorker(settings, node.db, node.store, after_job=node._after_job)
+    return node
+
+
+def _n2q_maps(node: Node) -> list[pydicom.Dataset]:
+    with node.db.session() as s:
+        paths = [o.rel_path for o in s.scalars(select(OutputObject).where(OutputObject.kind == "pmap"))]
+    maps = [pydicom.dcmread(node.store.abs(p)) for p in paths]
+    return [pm for pm in maps if any(e.get("ManufacturerModelName") == n2q.ALGORITHM
+                                     for e in pm.get("ContributingEquipmentSequence", []))]
+
+
+def test_series_with_n2q_gets_its_quality_map_in_a_parametric_map(tmp_path):
+    files = sorted(p for p in require(PHANTOM_5MM).iterdir() if p.name.startswith("I"))
+    torch.set_num_threads(1)
+    node = _node(tmp_path)
+    push_files(node, files)
+    assert len(complete_due_series(node.db, 0.0, node.models)) == 1
+    job_id = run_pending(node)
+    with node.db.session() as s:
+        job = s.get(Job, job_id)
+        assert job.state == "done" and job.outcome == "done", job.error
+        db_metrics = {m.name: m.value for m in s.scalars(
+            select(SeriesMetric).join(AnalysisRun).where(AnalysisRun.current.is_(True)))}
+        sr_path = s.scalars(select(OutputObject).where(OutputObject.kind == "sr")).one().rel_path
+
+    # what the model itself says about these slices (same loader, same weights)
+    vol = load_series(files)
+    expected, _, sha = n2q.predict_quality(vol.hu)
+    ref = n2q.run(vol, RunContext(device="cpu"))
+    (pm,) = _n2q_maps(node)
+    assert pm.NumberOfFrames == len(files) == vol.n_slices
+    assert any(sha in str(e.get("ContributionDescription", "")) for e in pm.ContributingEquipmentSequence)
+    pixels = np.asarray(pm.pixel_array, dtype=np.float32)
+    assert pixels.shape == (len(files), vol.hu.shape[1], vol.hu.shape[2])
+    index = {uid: i for i, uid in enumerate(vol.sop_instance_uids)}
+    seen = set()
+    for k, frame in enumerate(pm.PerFrameFunctionalGroupsSequence):
+        uid = str(frame.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID)
+        seen.add(uid)
+        np.testing.assert_allclose(pixels[k], expected[index[uid]], atol=1e-5)
+    assert seen == set(vol.sop_instance_uids)  # every slice has its frame
+    assert 0.0 <= float(pixels.min()) and float(pixels.max()) <= 1.0  # SSIM units
+
+    # the series summary: database and SR equal the model's run() on the same volume
+    sr_items = {m.key: m.value for m in read_measurement_report(pydicom.dcmread(node.store.abs(sr_path))).series_metrics}
+    for key in N2Q_KEYS:
+        assert ref.series_metrics[key] is not None, key
+        assert db_metrics[key] == pytest.approx(ref.series_metrics[key], rel=1e-5, abs=1e-7), key
+        assert sr_items[key] == pytest.approx(db_metrics[key], rel=1e-6, abs=1e-7), key
+    assert 0.0 < db_metrics["n2q_p05_quality"] <= db_metrics["n2q_mean_quality"] <= 1.0
+
+
+def test_analyze_json_reports_the_n2q_summary(tmp_path):
+    ct1 = require(WG04) / "CT1_UNC"
+    r = qa_node("analyze", "--json", "--models", "basic,n2q", str(ct1), cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    (item,) = json.loads(r.stdout)
+    assert item["status"] == "done"
+    assert "n2q" in [m["name"] for m in item["models"]]
+    torch.set_num_threads(1)
+    ref = n2q.run(load_series([ct1]), RunContext(device="cpu"))
+    for key in N2Q_KEYS:
+        assert item["metrics"][key] == pytest.approx(ref.series_metrics[key], rel=1e-4, abs=1e-6), key
+    assert 0.0 < item["metrics"]["n2q_p05_quality"] <= item["metrics"]["n2q_mean_quality"] <= 1.0
+    assert 0.0 <= item["metrics"]["n2q_low_fraction"] <= 1.0
