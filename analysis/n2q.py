@@ -3,7 +3,8 @@
 The model predicts, from a single slice, the SSIM map that slice would have against its (unseen)
 full-dose twin (Gaussian 11 x 11, sigma 1.5, W300/L40 window to [0, 1], see ``analysis.ssim``).
 Architecture (../shared/REFERENCE.md section 1): U-Net, encoder 16-32-64-128-256, each block
-(conv3x3, InstanceNorm, LeakyReLU 0.2) x 2 then dropout; 4 max-pools; bilinear x2 decoder with skip
+(conv3x3, norm, LeakyReLU 0.2) x 2 then dropout, norm = BatchNorm in the shipped v1.1 weights
+(the reference's InstanceNorm caused the v1.0 defects, see ``N2QNet``); 4 max-pools; bilinear x2 decoder with skip
 connections; 1 x 1 conv; tanh. Input: 2 channels = the windowed slice and its high-pass copy
 (image minus its Gaussian-blurred, 2x down- and up-sampled version). An auxiliary head after the
 bottleneck (global average pool + Linear(256, 5)) classifies the dose among 5, 10, 25, 50, 75 %.

@@ -223,3 +223,23 @@ def test_training_is_deterministic_and_resumable(tmp_path: Path) -> None:
     d = torch.load(tmp_path / "d.pt", weights_only=True)
     for k in a["state_dict"]:
         assert torch.allclose(a["state_dict"][k].float(), d["state_dict"][k].float(), atol=1e-3), k
+
+
+def test_time_schedule_and_init_from_instance_norm_weights(tmp_path: Path) -> None:
+    from analysis import n2q_train
+
+    lr = n2q_train._one_cycle_lr
+    assert lr(1e-3, 0.0) == pytest.approx(4e-5) and lr(1e-3, 0.05) == pytest.approx(1e-3)
+    assert lr(1e-3, 0.5) < lr(1e-3, 0.2) < 1e-3 and lr(1e-3, 1.0) == pytest.approx(4e-9)
+    # v1.0-style InstanceNorm weights initialise a BatchNorm net: the convolutions carry over
+    old = N2QNet(dropout=0.1, norm="instance")
+    save_weights(old, tmp_path / "old.pt", {"in_channels": 2, "dropout": 0.1}, fp16=False)
+    args = _train_args(tmp_path, "bn", ["--init", str(tmp_path / "old.pt"), "--epochs", "1", "--samples-per-epoch", "2",
+                                        "--lr", "1e-12"])
+    assert n2q_train.run(args) == 0
+    new = torch.load(tmp_path / "bn.pt", weights_only=True)
+    assert new["config"]["norm"] == "batch" and "enc.0.1.running_var" in new["state_dict"]
+    torch.testing.assert_close(new["state_dict"]["enc.0.0.weight"].float(), old.enc[0][0].weight.detach().half().float(),
+                               atol=1e-3, rtol=0)
+    with pytest.raises(ValueError, match="--max-minutes"):
+        n2q_train.run(_train_args(tmp_path, "t", ["--schedule", "time"]))
