@@ -1,6 +1,7 @@
 """Convergence of the D2IQA slice score with the number of insertion trials T.
 
-For a few held-out slices (and doses), run a pool of ``--pool`` random trials once, then estimate the
+For a few held-out slices (S2010 slice 14, wg04 CT2, 693_UNCR, and the first slice of the held-out
+synthetic head and body series of ``bench/d2iqa_eval.py``) and doses, run a pool of ``--pool`` random trials once, then estimate the
 SD of the pooled-mAP score over T trials by drawing ``--repeats`` random subsets of size T from the
 pool (without replacement; the SD is corrected by 1 / sqrt(1 - T/pool) for the finite pool). Also
 reports the paper's criterion |mean of t sets - mean of t-1 sets| with sets of T trials.
@@ -30,6 +31,9 @@ from analysis.d2iqa import WEIGHTS_PATH, detect_trials, load_model, pooled_map, 
 from analysis.d2iqa_insert import InsertionConfig, placement_mask  # noqa: E402
 from analysis.volume import load_series  # noqa: E402
 
+sys.path.insert(0, str(ROOT / "bench"))
+from d2iqa_eval import PHANTOM_SERIES, phantom_series  # noqa: E402
+
 log = logging.getLogger("d2iqa_convergence")
 DATA = ROOT.parent / "shared" / "data"
 
@@ -50,6 +54,23 @@ def slices() -> list[tuple[str, Path, int]]:
     return out
 
 
+def cases(seed: int):
+    """(set name, slice index, full-dose HU, pixel spacing, I0_full): the real slices above, then the
+    first slice of each held-out synthetic series of bench/d2iqa_eval.py."""
+    for name, paths, k in slices():
+        vol = load_series(paths)
+        k = min(k, vol.n_slices - 1)
+        ps = float(np.mean(vol.pixel_spacing_mm))
+        try:
+            i0 = dose_sim.calibrate_i0(vol.hu, pixel_spacing_mm=ps, rng=seed)
+        except ValueError:
+            i0 = dose_sim.DEFAULT_I0_FULL
+        yield name, k, vol.hu[k], ps, i0
+    for name, (kind, noise_hu, seed0, _) in PHANTOM_SERIES.items():
+        (k, hu, ps, i0), = phantom_series(kind, noise_hu, seed0, 1)
+        yield name, k, hu, ps, i0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--weights", default=str(WEIGHTS_PATH))
@@ -67,16 +88,8 @@ def main(argv: list[str] | None = None) -> int:
     config = InsertionConfig()
     rng = np.random.default_rng(args.seed)
     rows = []
-    for name, paths, k in slices():
-        vol = load_series(paths)
-        k = min(k, vol.n_slices - 1)
-        ps = float(np.mean(vol.pixel_spacing_mm))
-        try:
-            i0 = dose_sim.calibrate_i0(vol.hu, pixel_spacing_mm=ps, rng=args.seed)
-        except ValueError:
-            i0 = dose_sim.DEFAULT_I0_FULL
-        hu = vol.hu[k]
-        allowed = placement_mask(hu, config, pixel_spacing_mm=vol.pixel_spacing_mm)
+    for name, k, hu, ps, i0 in cases(args.seed):
+        allowed = placement_mask(hu, config, pixel_spacing_mm=ps)
         imgs = dose_sim.simulate_low_dose(hu, args.doses, i0, pixel_spacing_mm=ps, rng=args.seed)
         layouts = trial_layouts(allowed, args.pool, args.seed + 7919, config)
         for d, img in zip(args.doses, imgs):

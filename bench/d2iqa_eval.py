@@ -177,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
             "mean_of_set_spearman": float(np.mean([v["mean_spearman"] for v in per_series.values()])),
             "all_sets_strictly_falling": bool(all(v["strictly_falling"] for v in per_series.values())),
             "median_spearman": float(np.nanmedian(rhos)),
-            "fraction_rho_1": float(np.mean(rhos == 1.0)),
+            "fraction_rho_1": float(np.mean(np.isclose(rhos, 1.0))),
         }
     result["summary"] = summary
     result["ms_per_trial_per_slice"] = 1000.0 * det_time / max(det_trials, 1)
