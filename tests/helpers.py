@@ -148,6 +148,15 @@ def qa_node(*args: str, cwd: Path | None = None, env: dict | None = None) -> sub
                           env=env, timeout=600)
 
 
+def node_status(node: NodeProcess) -> dict:
+    """`qa-node status --json` of a running node."""
+    import json
+
+    r = qa_node("--config", str(node.config), "status", "--json", cwd=node.workdir)
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)
+
+
 def wait_until(pred, timeout: float = 60.0, interval: float = 0.1, what: str = "condition"):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -16,33 +16,19 @@ from sqlalchemy import select
 from analysis import d2iqa
 from analysis.results import RunContext
 from analysis.volume import load_series
-from node.config import settings_from_dict
 from node.service import Node
 from reports.sr import read_measurement_report
-from storage.models import AnalysisRun, Job, OutputObject, SeriesMetric, SliceMetric
-from storage.repo import complete_due_series
+from storage.models import AnalysisRun, OutputObject, SeriesMetric, SliceMetric
 from tests.helpers import PHANTOM_5MM, WG04, qa_node, require
-from tests.integration.test_node_pipeline import push_files, run_pending
+from tests.integration.test_node_pipeline import make_node, push_and_analyse
 
 needs_weights = pytest.mark.skipif(not d2iqa.WEIGHTS_PATH.is_file(), reason=f"shipped weights {d2iqa.WEIGHTS_PATH} are absent")
 TRIALS, MAX_SLICES = 6, 6  # small, so the test is quick; the node must pass them to the model
 
 
 def _node(tmp_path) -> Node:
-    settings = settings_from_dict({
-        "node": {"data_dir": str(tmp_path / "var"), "database": f"sqlite:///{tmp_path / 'var' / 'db.sqlite'}",
-                 "port": 0},
-        "scanners": [{"name": "CT1", "ae_title": "CT1"}],
-        "destinations": [{"name": "PACS", "ae_title": "ORTHANC", "host": "127.0.0.1", "port": 4242}],
-        "analysis": {"device": "cpu", "models": ["basic", "d2iqa"], "d2iqa_trials": TRIALS,
-                     "d2iqa_max_slices": MAX_SLICES},
-    }, "test.toml")
-    node = Node(settings)
-    node.prepare()
-    from node.worker import AnalysisWorker
-
-    node.worker = AnalysisWorker(settings, node.db, node.store, after_job=node._after_job)
-    return node
+    return make_node(tmp_path, analysis={"device": "cpu", "models": ["basic", "d2iqa"], "d2iqa_trials": TRIALS,
+                     "d2iqa_max_slices": MAX_SLICES})
 
 
 @needs_weights
@@ -50,12 +36,8 @@ def test_series_d2iqa_score_and_slice_scores_in_database_and_sr(tmp_path):
     files = sorted(p for p in require(PHANTOM_5MM).iterdir() if p.name.startswith("I"))
     torch.set_num_threads(1)
     node = _node(tmp_path)
-    push_files(node, files)
-    assert len(complete_due_series(node.db, 0.0, node.models)) == 1
-    job_id = run_pending(node)
+    push_and_analyse(node, files)
     with node.db.session() as s:
-        job = s.get(Job, job_id)
-        assert job.state == "done" and job.outcome == "done", job.error
         run = s.scalars(select(AnalysisRun).where(AnalysisRun.current.is_(True), AnalysisRun.model == "d2iqa")).one()
         db_series = {m.name: m.value for m in s.scalars(select(SeriesMetric).where(SeriesMetric.run_id == run.id))}
         db_slices = {m.sop_instance_uid: m.value for m in s.scalars(

@@ -17,31 +17,17 @@ from sqlalchemy import select
 from analysis import n2q
 from analysis.results import RunContext
 from analysis.volume import load_series
-from node.config import settings_from_dict
 from node.service import Node
 from reports.sr import read_measurement_report
-from storage.models import AnalysisRun, Job, OutputObject, SeriesMetric
-from storage.repo import complete_due_series
+from storage.models import AnalysisRun, OutputObject, SeriesMetric
 from tests.helpers import PHANTOM_5MM, WG04, qa_node, require
-from tests.integration.test_node_pipeline import push_files, run_pending
+from tests.integration.test_node_pipeline import make_node, push_and_analyse
 
 N2Q_KEYS = ("n2q_mean_quality", "n2q_p05_quality", "n2q_low_fraction")
 
 
 def _node(tmp_path) -> Node:
-    settings = settings_from_dict({
-        "node": {"data_dir": str(tmp_path / "var"), "database": f"sqlite:///{tmp_path / 'var' / 'db.sqlite'}",
-                 "port": 0},
-        "scanners": [{"name": "CT1", "ae_title": "CT1"}],
-        "destinations": [{"name": "PACS", "ae_title": "ORTHANC", "host": "127.0.0.1", "port": 4242}],
-        "analysis": {"device": "cpu", "models": ["basic", "classical", "n2q"]},
-    }, "test.toml")
-    node = Node(settings)
-    node.prepare()
-    from node.worker import AnalysisWorker
-
-    node.worker = AnalysisWorker(settings, node.db, node.store, after_job=node._after_job)
-    return node
+    return make_node(tmp_path, analysis={"device": "cpu", "models": ["basic", "classical", "n2q"]})
 
 
 def _n2q_maps(node: Node) -> list[pydicom.Dataset]:
@@ -56,12 +42,8 @@ def test_series_with_n2q_gets_its_quality_map_in_a_parametric_map(tmp_path):
     files = sorted(p for p in require(PHANTOM_5MM).iterdir() if p.name.startswith("I"))
     torch.set_num_threads(1)
     node = _node(tmp_path)
-    push_files(node, files)
-    assert len(complete_due_series(node.db, 0.0, node.models)) == 1
-    job_id = run_pending(node)
+    push_and_analyse(node, files)
     with node.db.session() as s:
-        job = s.get(Job, job_id)
-        assert job.state == "done" and job.outcome == "done", job.error
         db_metrics = {m.name: m.value for m in s.scalars(
             select(SeriesMetric).join(AnalysisRun).where(AnalysisRun.current.is_(True)))}
         sr_path = s.scalars(select(OutputObject).where(OutputObject.kind == "sr")).one().rel_path

@@ -24,13 +24,14 @@ TRENDS = {"baseline_n": 10, "baseline_min_days": 5, "series_per_point": 1, "earl
           "limits": {"ctdivol_mgy": {"tolerance": 20.0, "action": 35.0}}}
 
 
-def make_node(tmp_path, trends=None):
+def make_node(tmp_path, trends=None, analysis=None):
+    """An in-process node (no network) with a worker; ``analysis`` replaces the [analysis] table."""
     settings = settings_from_dict({
         "node": {"data_dir": str(tmp_path / "var"), "database": f"sqlite:///{tmp_path / 'var' / 'db.sqlite'}",
                  "port": 0},
         "scanners": [{"name": "CT1", "ae_title": "CT1"}],
         "destinations": [{"name": "PACS", "ae_title": "ORTHANC", "host": "127.0.0.1", "port": 4242}],
-        "analysis": {"device": "cpu", "models": ["basic", "classical"]},
+        "analysis": analysis or {"device": "cpu", "models": ["basic", "classical"]},
         "trends": trends or TRENDS,
     }, "test.toml")
     n = Node(settings)
@@ -89,18 +90,25 @@ def run_pending(node: Node) -> int:
     return job_id
 
 
-def test_results_outputs_and_sr_equal_database(node):
-    files = sorted(p for p in require(PHANTOM_5MM).iterdir() if p.name.startswith("I"))
-    from analysis.volume import load_series
-
-    ctdi = float(np.nanmean(load_series(files).ctdivol_mgy))
-    prior_history(node, files, ctdi)  # a stable history at this CTDIvol: the new series is within limits
+def push_and_analyse(node: Node, files) -> int:
+    """Store ``files`` as one series, complete it and run its analysis job; returns the job id."""
     push_files(node, files)
     assert len(complete_due_series(node.db, 0.0, node.models)) == 1
     job_id = run_pending(node)
     with node.db.session() as s:
         job = s.get(Job, job_id)
         assert job.state == "done" and job.outcome == "done", job.error
+    return job_id
+
+
+def test_results_outputs_and_sr_equal_database(node):
+    files = sorted(p for p in require(PHANTOM_5MM).iterdir() if p.name.startswith("I"))
+    from analysis.volume import load_series
+
+    ctdi = float(np.nanmean(load_series(files).ctdivol_mgy))
+    prior_history(node, files, ctdi)  # a stable history at this CTDIvol: the new series is within limits
+    push_and_analyse(node, files)
+    with node.db.session() as s:
         db_metrics = {m.name: m.value for m in s.scalars(
             select(SeriesMetric).join(AnalysisRun).where(AnalysisRun.current.is_(True)))}
         outputs = {o.kind: o for o in s.scalars(select(OutputObject))}
@@ -147,9 +155,7 @@ def test_results_outputs_and_sr_equal_database(node):
 
 def test_reanalysis_supersedes_and_recreates_the_same_objects(node):
     files = sorted(p for p in require(PHANTOM_5MM).iterdir() if p.name.startswith("I"))
-    push_files(node, files)
-    complete_due_series(node.db, 0.0, node.models)
-    run_pending(node)
+    push_and_analyse(node, files)
     with node.db.session() as s:
         first = {o.kind: o.sop_instance_uid for o in s.scalars(select(OutputObject))}
         job = s.scalars(select(Job)).one()
@@ -173,9 +179,7 @@ def test_series_outside_control_limits_is_flagged_in_sr_and_alert(tmp_path):
 
     ctdi = float(np.nanmean(load_series(files).ctdivol_mgy))
     prior_history(node, files, ctdi / 1.6)  # the history ran at a much lower dose: this series is +60 %
-    push_files(node, files)
-    complete_due_series(node.db, 0.0, node.models)
-    run_pending(node)
+    push_and_analyse(node, files)
     from storage.trends import Alert
 
     with node.db.session() as s:

@@ -17,8 +17,8 @@ from tests.helpers import (
     PHANTOM_5MM,
     WG04,
     NodeProcess,
+    node_status,
     dataset_bytes,
-    qa_node,
     require,
     require_tool,
     wait_until,
@@ -30,12 +30,6 @@ pytestmark = pytest.mark.interop
 
 def dicom_files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_file() and p.name != "LICENSE")
-
-
-def status(node: NodeProcess) -> dict:
-    r = qa_node("--config", str(node.config), "status", "--json", cwd=node.workdir)
-    assert r.returncode == 0, r.stderr
-    return json.loads(r.stdout)
 
 
 def stored_by_uid(node: NodeProcess) -> dict[str, Path]:
@@ -59,7 +53,7 @@ def test_gdcmscu_push_stored_byte_identical_and_unknown_caller_rejected(tmp_path
         # Debian's gdcmscu 3.0.21 aborts in its own teardown after A-RELEASE (it does so against
         # DCMTK storescp too), so its exit code says nothing: the node's side is what is checked.
         gdcmscu(node.port, *files)
-        st = wait_until(lambda: (s := status(node)) and s["series"] and s["series"][0]["job"]
+        st = wait_until(lambda: (s := node_status(node)) and s["series"] and s["series"][0]["job"]
                         and s["series"][0]["job"]["state"] == "done" and s, timeout=120, what="analysis")
         (row,) = st["series"]
         assert row["n_instances"] == 28 and row["completions"] == 1 and row["scanner"] == "CT1"
@@ -107,7 +101,7 @@ def test_orthanc_forwards_a_study_in_its_stored_syntaxes(tmp_path):
         stored = wait_until(lambda: (s := stored_by_uid(node)) and len(s) == len(ids) and s, timeout=60,
                             what="every forwarded instance stored")
         # wg04 holds four series: CT1 and CT2 in six syntaxes each, and their RLE copies in series of their own
-        st = wait_until(lambda: (s := status(node)) and len(s["series"]) == 5
+        st = wait_until(lambda: (s := node_status(node)) and len(s["series"]) == 5
                         and all(r["job"] and r["job"]["state"] in ("done", "failed") for r in s["series"]) and s,
                         timeout=180, what="analysis of the five series")
         assert {r["scanner"] for r in st["series"]} == {"ROUTER"}

@@ -15,6 +15,7 @@ from tests.helpers import (
     PHANTOM_1MM,
     WG04,
     NodeProcess,
+    node_status,
     dataset_bytes,
     qa_node,
     require,
@@ -37,19 +38,13 @@ def node(tmp_path):
     proc.stop()
 
 
-def status(node: NodeProcess) -> dict:
-    r = qa_node("--config", str(node.config), "status", "--json", cwd=node.workdir)
-    assert r.returncode == 0, r.stderr
-    return json.loads(r.stdout)
-
-
 def test_phantom_series_stored_byte_identical_and_completes_once(node):
     series_dir = require(PHANTOM_1MM)
     sent = sorted(p for p in series_dir.iterdir() if p.is_file() and p.name != "LICENSE")
     assert len(sent) == 140
     r = storescu(node.port, series_dir)
     assert r.returncode == 0, r.stderr
-    st = wait_until(lambda: (s := status(node)) and s["series"] and s["series"][0]["job"]
+    st = wait_until(lambda: (s := node_status(node)) and s["series"] and s["series"][0]["job"]
                     and s["series"][0]["job"]["state"] == "done" and s, timeout=120, what="analysis")
     (series,) = st["series"]
     assert series["n_instances"] == 140
@@ -77,7 +72,7 @@ def test_phantom_series_stored_byte_identical_and_completes_once(node):
     # a second identical push: acknowledged, no second copy, no re-analysis
     r = storescu(node.port, series_dir)
     assert r.returncode == 0, r.stderr
-    st = status(node)
+    st = node_status(node)
     assert st["series"][0]["n_instances"] == 140 and st["series"][0]["completions"] == 1
     assert st["instance_conflicts"] == 0
     assert len(list(store.rglob("*.dcm"))) == 140
