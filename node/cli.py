@@ -187,8 +187,12 @@ def cmd_serve(args) -> int:
 
     signal.signal(signal.SIGTERM, _signal)
     signal.signal(signal.SIGINT, _signal)
+    from storage.nodelock import NodeLocked
+
     try:
         port = node.start()
+    except NodeLocked as exc:  # another node serves this data folder or database: touch nothing
+        raise UsageError(str(exc)) from None
     except OSError as exc:
         raise UsageError(f"cannot listen on {settings.node.host}:{settings.node.port}: {exc.strerror or exc}") from None
     log.info("node %s ready on %s:%d (data in %s)", settings.node.ae_title, settings.node.host, port,

@@ -15,6 +15,7 @@ from scp.sender import Destination, run_outbox
 from scp.server import AllowedPeer, StorageSCP
 from storage.db import Database
 from storage.filestore import FileStore
+from storage.nodelock import NodeLock
 from storage.outbox import RetryPolicy
 from storage.repo import complete_due_series, requeue_running_jobs
 
@@ -37,6 +38,45 @@ def sweep_completed_series(db: Database, stable_age_s: float, models: list[str],
     return done
 
 
+class _Guarded:
+    """A scheduler job that backs off while it fails (disk full, database down) instead of failing,
+    with a traceback, at every tick: one line when it starts failing, exponential back-off
+    (``initial_s`` doubling to ``max_s``) during which ticks are skipped, one line when it recovers."""
+
+    def __init__(self, fn, name: str, *, initial_s: float = 2.0, max_s: float = 60.0, clock=None) -> None:
+        import time
+
+        self.fn = fn
+        self.name = name
+        self.initial_s = initial_s
+        self.max_s = max_s
+        self.clock = clock or time.monotonic
+        self.failures = 0
+        self.skip_until = 0.0
+        self.delay = 0.0
+
+    def __call__(self, *args, **kwargs):
+        now = self.clock()
+        if self.failures and now < self.skip_until:
+            return None
+        try:
+            out = self.fn(*args, **kwargs)
+        except Exception as exc:  # noqa: BLE001 - any failure of a periodic job is retried later
+            self.failures += 1
+            self.delay = min(self.max_s, self.initial_s * 2 ** (self.failures - 1))
+            self.skip_until = now + self.delay
+            if self.failures == 1:
+                log.error("%s failing (%s: %s); retrying with back-off up to %.0f s", self.name,
+                          type(exc).__name__, str(exc).splitlines()[0][:200] if str(exc) else "", self.max_s)
+            else:
+                log.debug("%s still failing (%d times): %s", self.name, self.failures, type(exc).__name__)
+            return None
+        if self.failures:
+            log.info("%s recovered after %d failed attempt(s)", self.name, self.failures)
+            self.failures = 0
+        return out
+
+
 def send_outbox(db: Database, store: FileStore, calling_ae: str, destinations: list[Destination],
                 policy: RetryPolicy) -> dict[str, int]:
     """Scheduler job: one pass of the outbox sender."""
@@ -54,9 +94,19 @@ class Node:
         self.scheduler: BackgroundScheduler | None = None
         self.worker: AnalysisWorker | None = None
         self.stopped = threading.Event()
+        self.lock = NodeLock(settings.node.data_dir, settings.node.database)
+        self._locked = False
+
+    def take_lock(self) -> None:
+        """One node per data folder and database: raises storage.nodelock.NodeLocked when another
+        node holds them. Taken before anything is touched (spool, jobs, store)."""
+        if not self._locked:
+            self.lock.acquire()
+            self._locked = True
 
     def prepare(self) -> None:
         """Create folders and tables, and pick up what a crash or stop left behind."""
+        self.take_lock()
         self.store.prepare()
         n_spool = self.store.clean_spool()
         n_tmp = self.store.remove_tmp_files()
@@ -82,7 +132,8 @@ class Node:
         self.scheduler = BackgroundScheduler(timezone="UTC")
         interval = max(0.5, min(5.0, self.settings.node.stable_age_s / 4))
         self.scheduler.add_job(
-            sweep_completed_series, "interval", seconds=interval, id="sweep_completed_series",
+            _Guarded(sweep_completed_series, "series completion sweep"), "interval", seconds=interval,
+            id="sweep_completed_series",
             args=[self.db, self.settings.node.stable_age_s, self.models, self.worker],
             coalesce=True, max_instances=1, misfire_grace_time=60,
         )
@@ -147,4 +198,7 @@ class Node:
             if n:
                 log.info("re-queued %d unfinished analysis job(s)", n)
         self.db.dispose()
+        if self._locked:
+            self.lock.release()
+            self._locked = False
         self.stopped.set()
