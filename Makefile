@@ -19,6 +19,9 @@ venv: $(PY)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e '.[test]'
+	# torchvision's pure-Python swin_transformer.py is the reference in tests/unit/test_ldctiqa.py; --no-deps keeps
+	# the pinned CPU torch (torchvision itself does not import beside it and is never imported by the node)
+	$(PY) -m pip install -q --no-deps torchvision==0.28.0
 
 install: system-deps venv
 
