@@ -126,7 +126,7 @@ class Node:
             ae_title=self.settings.node.ae_title, host=self.settings.node.host, port=self.settings.node.port,
             peers=peers, ingestor=Ingestor(self.db, self.store, min_free_bytes=self.min_free_bytes),
             spool_dir=self.store.spool, max_pdu=self.settings.node.max_pdu,
-            max_associations=self.settings.node.max_associations,
+            max_associations=self.settings.node.max_associations, min_free_bytes=self.min_free_bytes,
         )
         port = self.scp.start()
         self.scheduler = BackgroundScheduler(timezone="UTC")

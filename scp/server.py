@@ -18,7 +18,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pynetdicom import AE, _config, evt
+import os
+import weakref
+
+from pynetdicom import AE, _config, dimse_messages, evt
 from pynetdicom.sop_class import Verification
 
 from scp.ingest import ACCEPTED_SOP_CLASSES, Ingestor, StoreStatus
@@ -44,6 +47,101 @@ TRANSFER_SYNTAXES = [
 
 
 DUL_LOOP_DELAY_S = 0.0001
+
+
+class SpoolFile:
+    """Where pynetdicom's chunked receive writes one incoming C-STORE dataset (in place of its
+    NamedTemporaryFile in the default temp dir): a file in the node's spool.
+
+    pynetdicom writes to this file on its DUL thread, where a write error (disk full) would abort the
+    association. Here the first write error, or free space falling below the node's minimum, removes
+    the file at once and the rest of the dataset is read from the network and dropped; the C-STORE
+    handler then answers 0xA700 Out of Resources and the association carries on. Writes are
+    unbuffered, so an error is seen at the write that caused it and no partial file is left behind.
+    """
+
+    def __init__(self, spool_dir: Path, min_free_bytes: int = 0) -> None:
+        self.min_free_bytes = min_free_bytes
+        self.spool_dir = spool_dir
+        self.error: str | None = None
+        self.received = 0
+        self._fd: int | None = None
+        self.name = str(spool_dir / f"in-{secrets.token_hex(8)}.dcm")
+        if min_free_bytes and self._free() < min_free_bytes:
+            self.error = "free disk space below the configured minimum"
+            return
+        try:
+            self._fd = os.open(self.name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except OSError as exc:
+            self._fail(exc)
+
+    @property
+    def file(self) -> "SpoolFile":  # pynetdicom calls ``.file.flush()`` after each write
+        return self
+
+    def _free(self) -> int:
+        try:
+            st = os.statvfs(self.spool_dir)
+        except OSError:
+            return 0
+        return st.f_bavail * st.f_frsize
+
+    def _fail(self, exc: OSError | None, why: str | None = None) -> None:
+        self.error = why or (os.strerror(exc.errno) if exc is not None and exc.errno else str(exc))
+        self.close()
+        try:
+            os.unlink(self.name)
+        except FileNotFoundError:
+            pass
+        except OSError as e:  # the spool is cleaned at the next start in any case
+            log.debug("could not remove failed spool file: %s", e)
+
+    def write(self, data) -> int:
+        n = len(data)
+        self.received += n
+        if self.error is not None:
+            return n  # read from the network and dropped: the handler answers 0xA700
+        view = memoryview(data)
+        try:
+            while view:
+                written = os.write(self._fd, view)
+                view = view[written:]
+        except OSError as exc:
+            self._fail(exc)
+            return n
+        if self.min_free_bytes and self._free() < self.min_free_bytes:
+            self._fail(None, "free disk space below the configured minimum")
+        return n
+
+    def flush(self) -> None:
+        pass  # unbuffered
+
+    def close(self) -> None:
+        if self._fd is not None:
+            fd, self._fd = self._fd, None
+            try:
+                os.close(fd)
+            except OSError as exc:
+                if self.error is None:
+                    self.error = os.strerror(exc.errno) if exc.errno else str(exc)
+
+    def __bool__(self) -> bool:  # pynetdicom tests ``if self._data_set_file:``
+        return True
+
+
+# pynetdicom creates the file for a chunked C-STORE dataset with dimse_messages.NamedTemporaryFile
+# on the association's DUL thread; it is routed to the spool of the StorageSCP serving that
+# association (any other use keeps the standard behaviour).
+_SCP_BY_AE: "weakref.WeakValueDictionary[int, StorageSCP]" = weakref.WeakValueDictionary()
+_NamedTemporaryFile = tempfile.NamedTemporaryFile
+
+
+def _spool_file_factory(*args, **kwargs):
+    assoc = getattr(threading.current_thread(), "assoc", None)
+    scp = _SCP_BY_AE.get(id(getattr(assoc, "ae", None))) if assoc is not None else None
+    if scp is None:
+        return _NamedTemporaryFile(*args, **kwargs)
+    return SpoolFile(scp.spool_dir, scp.min_free_bytes)
 
 
 class RejectReason:
@@ -90,6 +188,7 @@ class StorageSCP:
         spool_dir: Path,
         max_pdu: int = 1048576,
         max_associations: int = 10,
+        min_free_bytes: int = 0,
     ) -> None:
         self.ae_title = ae_title
         self.host = host
@@ -97,6 +196,7 @@ class StorageSCP:
         self.peers = {p.ae_title: p for p in peers}
         self.ingestor = ingestor
         self.spool_dir = Path(spool_dir)
+        self.min_free_bytes = min_free_bytes  # receiving stops (0xA700) below this much free space
         self._server = None
         self._stats: dict[int, _AssocStats] = {}
         self._lock = threading.Lock()
@@ -118,10 +218,11 @@ class StorageSCP:
         """Start serving in background threads; returns the bound port (useful with port 0)."""
         self.spool_dir.mkdir(parents=True, exist_ok=True)
         # pynetdicom's chunked receive writes each incoming dataset to a NamedTemporaryFile in the
-        # default temp dir: point it at our spool so that the final rename stays on one filesystem.
+        # default temp dir: ours goes to our spool (so that the final rename stays on one filesystem)
+        # and turns a write error into a 0xA700 answer instead of an aborted association.
         _config.STORE_RECV_CHUNKED_DATASET = True
-        self._saved_tempdir = tempfile.tempdir
-        tempfile.tempdir = str(self.spool_dir)
+        dimse_messages.NamedTemporaryFile = _spool_file_factory
+        _SCP_BY_AE[id(self.ae)] = self
         handlers = [
             (evt.EVT_CONN_OPEN, self._on_conn_open),
             (evt.EVT_REQUESTED, self._on_requested),
@@ -140,7 +241,7 @@ class StorageSCP:
         if self._server is not None:
             self._server.shutdown()
             self._server = None
-            tempfile.tempdir = self._saved_tempdir  # the spool redirect is ours only while serving
+        _SCP_BY_AE.pop(id(self.ae), None)
         self.ae.shutdown()
 
     # -- handlers -----------------------------------------------------------------------------
@@ -214,6 +315,15 @@ class StorageSCP:
     def _on_store(self, event) -> int:
         st = self._stats.get(id(event.assoc))
         req = event.request
+        spooled = getattr(req, "_dataset_file", None)
+        if isinstance(spooled, SpoolFile):
+            spooled.close()  # complete: everything was written (unbuffered) before this event
+            if spooled.error is not None:
+                log.error("C-STORE failed: instance not stored while receiving (%s); %d bytes dropped",
+                          spooled.error, spooled.received)
+                if st is not None:
+                    st.failed += 1
+                return int(StoreStatus.OUT_OF_RESOURCES)
         try:
             path = Path(event.dataset_path)
         except AttributeError:  # chunked receive disabled by someone: write the bytes to the spool
