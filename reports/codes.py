@@ -58,6 +58,10 @@ PROCEDURE_IMAGE_QUALITY_ANALYSIS = Code("133887000", "SCT", "Image quality analy
 WITHIN_CONTROL_LIMITS = private("WITHIN_CL", "Within control limits")
 OUTSIDE_CONTROL_LIMITS = private("OUTSIDE_CL", "Outside control limits")
 #: Concept name of that qualitative evaluation is the metric's own concept (see sr.py).
+#: TEXT item of the SR's Qualitative Evaluations: an output (a Parametric Map) left out, and why.
+OUTPUT_NOT_PRODUCED = private("OUTPUT_OMITTED", "Output not produced")
+#: TID 1500 row 12 container holding those TEXT items and the "not computed" reasons.
+QUALITATIVE_EVALUATIONS = dcm("126010", "Qualitative Evaluations")
 
 
 @dataclass(frozen=True)
@@ -143,6 +147,7 @@ PRIVATE_CODES: Mapping[str, str] = MappingProxyType(
             *(m.quantity for m in _MAPS.values()),
             WITHIN_CONTROL_LIMITS,
             OUTSIDE_CONTROL_LIMITS,
+            OUTPUT_NOT_PRODUCED,
         )
         if c.scheme_designator == PRIVATE_SCHEME
     }

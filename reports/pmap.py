@@ -1,11 +1,13 @@
 """Parametric Map (highdicom) of a pixel-wise map over an analysed series.
 
-One float32 frame per source slice (or per frame of a multi-frame source), in the source's Frame of
-Reference with the source's plane positions, orientation and pixel spacing; each frame references
-its source image (Derivation Image / Source Image Sequence). highdicom may store the frames in
-spatial order rather than input order; the per-frame references always pair a frame with its source. The Real World Value Mapping is the
-identity with the map's UCUM unit and its quantity code (``reports.codes.MAPS``, or a private
-concept named after ``name``). Provenance: the algorithm goes into the Contributing Equipment
+One unsigned 16-bit frame per source slice (or per frame of a multi-frame source), in the source's
+Frame of Reference, at the resolution the map really has (``downsample``: block means, Pixel Spacing
+scaled, plane positions at the block centres); each frame references its source image (Derivation
+Image / Source Image Sequence). highdicom may store the frames in spatial order rather than input
+order; the per-frame references always pair a frame with its source. The Real World Value Mapping
+(slope, intercept over min..max of the map) gives the real values, with the map's UCUM unit and its
+quantity code (``reports.codes.MAPS``); Window Center/Width (stored values) show the 1st-99th
+percentile. Provenance: the algorithm goes into the Contributing Equipment
 Sequence (model name = algorithm name, software version = algorithm version, contribution
 description = weights SHA-256) and into Content Description.
 """
@@ -24,7 +26,7 @@ from pydicom import Dataset
 from pydicom.sr.codedict import codes as pydicom_codes
 
 from reports.codes import BODY_PARTS, map_code
-from reports.common import is_multiframe, n_frames, new_uid, no_person_name_warnings, unique_sources
+from reports.common import is_multiframe, n_frames, new_uid, no_person_name_warnings, prepare_sources
 from reports.inputs import AlgorithmId, DeviceInfo
 
 logger = logging.getLogger(__name__)
@@ -56,6 +58,65 @@ def _frame_order(frame_numbers: Sequence[int | None] | None, n: int) -> np.ndarr
     return order
 
 
+class MapNotPossible(ValueError):
+    """The source lacks what the Parametric Map IOD requires (e.g. a Frame of Reference)."""
+
+
+def _fg_value(ds: Dataset, sequence: str, keyword: str, frame: int = 0):
+    """``keyword`` of functional group ``sequence`` for frame ``frame`` (per-frame, else shared), or None."""
+    per = ds.get("PerFrameFunctionalGroupsSequence")
+    if per is not None and frame < len(per):
+        for item in per[frame].get(sequence, [])[:1]:
+            if keyword in item:
+                return item[keyword].value
+    for group in ds.get("SharedFunctionalGroupsSequence", [])[:1]:
+        for item in group.get(sequence, [])[:1]:
+            if keyword in item:
+                return item[keyword].value
+    return None
+
+
+def _geometry(src: Dataset, frame: int | None) -> tuple[np.ndarray, np.ndarray, tuple[float, float], float | None]:
+    """(ImagePositionPatient, ImageOrientationPatient, PixelSpacing, SliceThickness) of one source
+    slice: a single-frame image (``frame`` None) or frame ``frame`` (0-based) of a multi-frame one."""
+    if frame is None:
+        ipp, iop, ps, st = (src.get(k) for k in ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing",
+                                                 "SliceThickness"))
+    else:
+        ipp = _fg_value(src, "PlanePositionSequence", "ImagePositionPatient", frame)
+        iop = _fg_value(src, "PlaneOrientationSequence", "ImageOrientationPatient", frame)
+        ps = _fg_value(src, "PixelMeasuresSequence", "PixelSpacing", frame)
+        st = _fg_value(src, "PixelMeasuresSequence", "SliceThickness", frame)
+    if ipp is None or iop is None or ps is None or len(ipp) != 3 or len(iop) != 6 or len(ps) != 2:
+        raise MapNotPossible("the source slices have no complete plane geometry (ImagePositionPatient, "
+                             "ImageOrientationPatient, PixelSpacing): a Parametric Map needs one")
+    thickness = float(st) if st not in (None, "") else None
+    return (np.array([float(x) for x in ipp]), np.array([float(x) for x in iop]),
+            (float(ps[0]), float(ps[1])), thickness)
+
+
+def block_mean(values: np.ndarray, factor: int) -> np.ndarray:
+    """(n, rows, cols) -> (n, rows/factor, cols/factor): the mean of each factor x factor block."""
+    if factor == 1:
+        return values
+    n, r, c = values.shape
+    if r % factor or c % factor:
+        raise ValueError(f'Argument "downsample" ({factor}) must divide the matrix {r} x {c}')
+    return values.reshape(n, r // factor, factor, c // factor, factor).mean(axis=(2, 4), dtype=np.float64).astype(
+        np.float32)
+
+
+def quantise(pixels: np.ndarray) -> tuple[np.ndarray, float, float]:
+    """float32 -> (uint16 stored values, slope, intercept) with value = stored * slope + intercept.
+
+    The full 0..65535 range spans min..max, so the quantisation step is (max - min) / 65535 and a
+    value read back through the mapping is within half a step of the input."""
+    lo, hi = float(pixels.min()), float(pixels.max())
+    slope = (hi - lo) / 65535.0 if hi > lo else 1.0
+    stored = np.clip(np.rint((pixels.astype(np.float64) - lo) / slope), 0, 65535).astype(np.uint16)
+    return stored, slope, lo
+
+
 def build_parametric_map(
     source_images: Sequence[Dataset],
     values: np.ndarray,
@@ -70,20 +131,31 @@ def build_parametric_map(
     frame_numbers: Sequence[int | None] | None = None,
     fill_value: float | None = None,
     window: tuple[float, float] | None = None,
+    downsample: int = 1,
+    resolution_note: str | None = None,
+    series_description: str | None = None,
     device: DeviceInfo | None = None,
     series_instance_uid: str | None = None,
     sop_instance_uid: str | None = None,
 ) -> ParametricMap:
-    """Build a float32 Parametric Map of ``values`` (n, rows, cols) over ``source_images``.
+    """Build an unsigned 16-bit Parametric Map of ``values`` (n, rows, cols) over ``source_images``.
 
     ``source_images``: the analysed headers (PixelData may be absent), either n single-frame images
     in the order of ``values`` or one multi-frame image (repeated per frame, as a ``CTVolume`` holds
     it, is fine). For a multi-frame source, ``frame_numbers`` (1-based, one per map slice, e.g.
     ``CTVolume.frame_numbers``) says which frame each map slice belongs to; without it map slice i
     is frame i+1. ``name``: map key (``reports.codes.MAPS`` gives its quantity code; another name
-    gets a private quantity concept only if listed there, else ValueError). ``unit_code``/``unit_meaning``:
-    UCUM unit. ``fill_value``: what to write for non-finite pixels; with None, non-finite pixels
-    are an error. ``window``: (center, width) for display; default the 1st-99th percentile.
+    is a ValueError). ``unit_code``/``unit_meaning``: UCUM unit. ``fill_value``: what to write for
+    non-finite pixels; with None, non-finite pixels are an error. ``window``: (center, width) in the
+    map's unit for display; default the 1st-99th percentile.
+
+    ``downsample``: the map is stored at 1/``downsample`` of the source matrix (the mean of each
+    ``downsample`` x ``downsample`` block), i.e. at the resolution it really has; Pixel Spacing is
+    multiplied by it and each frame's Image Position is the centre of its first block, so the frame
+    covers exactly its source slice. The pixels are uint16 with a Real World Value Mapping
+    (slope, intercept) from min..max of the map: values read back through it are within half a
+    quantisation step ((max - min) / 65535) of the (block-averaged) input. A source without a Frame
+    of Reference raises ``MapNotPossible`` (the IOD requires one).
     """
     if not isinstance(series_number, int) or series_number < 1:
         raise ValueError(f'Argument "series_number" must be a positive int, got {series_number!r}')
@@ -96,9 +168,13 @@ def build_parametric_map(
         raise ValueError(f'Argument "label" must be 1-64 characters, got {label!r}')
     if not unit_code or not unit_meaning:
         raise ValueError(f'Arguments "unit_code" and "unit_meaning" must be given, got {unit_code!r}, {unit_meaning!r}')
+    if not isinstance(downsample, int) or downsample < 1:
+        raise ValueError(f'Argument "downsample" must be a positive int, got {downsample!r}')
     quantity = map_code(name).quantity
     device = device or DeviceInfo()
-    sources = unique_sources(source_images)
+    sources = prepare_sources(source_images)
+    if any(not str(ds.get("FrameOfReferenceUID", "") or "").strip() for ds in sources):
+        raise MapNotPossible("the source has no FrameOfReferenceUID: a Parametric Map needs a Frame of Reference")
     n_expected, multiframe = _source_frame_count(sources)
     if values.shape[0] != n_expected:
         raise ValueError(
@@ -126,25 +202,42 @@ def build_parametric_map(
         framed = np.empty_like(pixels)
         framed[order] = pixels
         pixels = framed
-    pixels = np.ascontiguousarray(pixels, dtype=np.float32)
+    pixels = block_mean(np.ascontiguousarray(pixels, dtype=np.float32), downsample)
 
-    lo, hi = float(pixels.min()), float(pixels.max())
     if window is None:
         p1, p99 = (float(v) for v in np.percentile(pixels, [1, 99]))
-        width = max(p99 - p1, 1e-3)
-        window = ((p1 + p99) / 2.0, width)
+        window = ((p1 + p99) / 2.0, max(p99 - p1, 1e-3))
     center, width = float(window[0]), float(window[1])
     if not width > 0:
         raise ValueError(f'Argument "window" width must be > 0, got {window!r}')
+    stored, slope, intercept = quantise(pixels)
+
+    geometry = {}
+    if downsample > 1:
+        f = downsample
+        planes = []
+        iop0 = ps0 = th0 = None
+        for k in range(n_expected):
+            ipp, iop, ps, th = _geometry(sources[0] if multiframe else sources[k], k if multiframe else None)
+            iop0, ps0 = (iop if iop0 is None else iop0), (ps if ps0 is None else ps0)
+            th0 = th if th0 is None else th0
+            # centre of the first f x f block: (f - 1) / 2 source pixels along the row and column
+            shift = (f - 1) / 2.0 * (ps[1] * iop[:3] + ps[0] * iop[3:])
+            planes.append(hd.PlanePositionSequence("PATIENT", image_position=[float(x) for x in ipp + shift]))
+        geometry = dict(
+            plane_positions=planes,
+            plane_orientation=hd.PlaneOrientationSequence("PATIENT", image_orientation=[float(x) for x in iop0]),
+            pixel_measures=hd.PixelMeasuresSequence(pixel_spacing=[ps0[0] * f, ps0[1] * f], slice_thickness=th0),
+        )
 
     unit = CodedConcept(unit_code, "UCUM", unit_meaning)
     rwvm = RealWorldValueMapping(
         lut_label=name[:16],
         lut_explanation=label,
         unit=unit,
-        value_range=(lo, hi) if hi > lo else (lo, lo + 1.0),
-        slope=1.0,
-        intercept=0.0,
+        value_range=(int(stored.min()), int(stored.max())),
+        slope=float(slope),
+        intercept=float(intercept),
         quantity_definition=CodedConcept(quantity.value, quantity.scheme_designator, quantity.meaning),
     )
     provenance = hd.ContributingEquipment(
@@ -158,10 +251,12 @@ def build_parametric_map(
             + (f" weights_sha256={algorithm.weights_sha256}" if algorithm.weights_sha256 else " (no learned weights)")
         ),
     )
+    # the window in stored values (the VOI LUT applies to stored pixels of a Parametric Map)
+    w_center, w_width = (center - intercept) / slope, max(width / slope, 1.0)
     with no_person_name_warnings():
         pm = ParametricMap(
             source_images=sources,
-            pixel_array=pixels,
+            pixel_array=stored,
             series_instance_uid=series_instance_uid or new_uid(),
             series_number=series_number,
             sop_instance_uid=sop_instance_uid or new_uid(),
@@ -172,24 +267,27 @@ def build_parametric_map(
             device_serial_number=device.device_serial_number,
             contains_recognizable_visual_features=True,
             real_world_value_mappings=[rwvm],
-            voi_lut_transformations=[
-                hd.VOILUTTransformation(
-                    window_center=center,
-                    window_width=width,
-                    # a window narrower than 1 (unit-less maps in [0, 1]) needs LINEAR_EXACT (PS3.3 C.11.2.1.3)
-                    voi_lut_function="LINEAR" if width >= 1.0 else "LINEAR_EXACT",
-                )
-            ],
+            voi_lut_transformations=[hd.VOILUTTransformation(window_center=w_center, window_width=w_width)],
             content_label=_content_label(name),
             content_description=f"{label} ({algorithm.name} {algorithm.version})"[:64],
             contributing_equipment=[provenance],
-            series_description=f"QA map: {label}"[:64],
+            series_description=(series_description or f"QA map: {label}")[:64],
+            **geometry,
         )
     _set_anatomy(pm, sources[0])
     if device.institution_name:
         pm.InstitutionName = device.institution_name
-    logger.info("built parametric map %s (%s): %d frames", pm.SOPInstanceUID, name, pixels.shape[0])
+    if resolution_note:
+        pm.ImageComments = resolution_note[:10240]
+    logger.info("built parametric map %s (%s): %d frames of %d x %d", pm.SOPInstanceUID, name, stored.shape[0],
+                stored.shape[1], stored.shape[2])
     return pm
+
+
+def map_values(ds: Dataset) -> np.ndarray:
+    """The real-world values of a Parametric Map written by ``build_parametric_map`` (float64)."""
+    rwvm = ds.SharedFunctionalGroupsSequence[0].RealWorldValueMappingSequence[0]
+    return ds.pixel_array.astype(np.float64) * float(rwvm.RealWorldValueSlope) + float(rwvm.RealWorldValueIntercept)
 
 
 def _frame_anatomy_of(src: Dataset) -> Dataset | None:

@@ -22,7 +22,7 @@ from matplotlib.figure import Figure
 from pydicom import Dataset
 from pydicom.uid import UID
 
-from reports.common import new_uid, no_person_name_warnings, unique_sources
+from reports.common import new_uid, no_person_name_warnings, prepare_sources
 from reports.codes import metric_code
 from reports.inputs import ControlLimits, DeviceInfo, Evaluation, ReportMetric
 
@@ -84,6 +84,9 @@ def render_pdf(
     *,
     device: DeviceInfo,
     created: datetime,
+    map_unit: str | None = None,
+    baselines: dict[str, float] | None = None,
+    omitted_outputs: Sequence[tuple[str, str]] = (),
 ) -> bytes:
     """The PDF bytes of the readable report (no patient identifiers in it)."""
     fig = Figure(figsize=(8.27, 11.69))  # A4 portrait
@@ -151,6 +154,10 @@ def build_readable_report(
     series_instance_uid: str | None = None,
     sop_instance_uid: str | None = None,
     created: datetime | None = None,
+    map_unit: str | None = None,
+    baselines: dict[str, float] | None = None,
+    omitted_outputs: Sequence[tuple[str, str]] = (),
+    series_description: str = "QA report (PDF)",
 ) -> Dataset:
     """Build an Encapsulated PDF Storage object (modality DOC) in the study of ``source_images``.
 
@@ -169,10 +176,11 @@ def build_readable_report(
             f"{getattr(map_values, 'shape', map_values)!r}"
         )
     device = device or DeviceInfo()
-    sources = unique_sources(source_images)
+    sources = prepare_sources(source_images)
     src = sources[0]
     created = (created or datetime.now(timezone.utc)).astimezone(timezone.utc)
-    pdf = render_pdf(src, metrics, scanner_name, map_values, map_label, device=device, created=created)
+    pdf = render_pdf(src, metrics, scanner_name, map_values, map_label, device=device, created=created,
+                     map_unit=map_unit, baselines=baselines, omitted_outputs=omitted_outputs)
 
     with no_person_name_warnings():
         ds = hd.SOPClass(
@@ -189,7 +197,7 @@ def build_readable_report(
             device_serial_number=device.device_serial_number,
             institution_name=device.institution_name,
             institutional_department_name=device.institutional_department_name,
-            series_description="QA report (PDF)",
+            series_description=series_description[:64],
             content_date=created.date(),
             content_time=created.time().replace(microsecond=0),
             specific_character_set=src.get("SpecificCharacterSet"),

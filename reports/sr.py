@@ -39,6 +39,9 @@ from highdicom.sr import (
     ObservationContext,
     ObserverContext,
     QualitativeEvaluation,
+    ContainerContentItem,
+    ContentSequence,
+    TextContentItem,
     RelationshipTypeValues,
     SourceImageForMeasurement,
     TrackingIdentifier,
@@ -49,12 +52,14 @@ from pydicom.sr.coding import Code
 
 from reports.codes import (
     CATALOGUE,
+    OUTPUT_NOT_PRODUCED,
     PROCEDURE_IMAGE_QUALITY_ANALYSIS,
+    QUALITATIVE_EVALUATIONS,
     evaluation_code,
     metric_code,
     private_coding_scheme,
 )
-from reports.common import is_multiframe, n_frames, new_uid, no_person_name_warnings, stable_uid, unique_sources
+from reports.common import is_multiframe, n_frames, new_uid, no_person_name_warnings, prepare_sources, stable_uid
 from reports.inputs import AlgorithmId, ControlLimits, DeviceInfo, Evaluation, MetricValue, SliceMetricValue
 
 logger = logging.getLogger(__name__)
@@ -106,7 +111,7 @@ def _library_view(ds: Dataset) -> Dataset:
     entry (descriptive only) gets them at the root, position from the first frame.
     """
     if not is_multiframe(ds) or "PixelSpacing" in ds:
-        return ds
+        return _geometry_checked(ds)
     view = Dataset()
     for kw in ("SOPClassUID", "SOPInstanceUID", "Rows", "Columns", "FrameOfReferenceUID", "Modality"):
         if kw in ds:
@@ -119,9 +124,29 @@ def _library_view(ds: Dataset) -> Dataset:
     ):
         value = _functional_group_attr(ds, seq, kw)
         if value is None:
-            return ds  # let highdicom report what is missing
+            return _geometry_checked(ds)
         setattr(view, kw, value)
-    return view
+    return _geometry_checked(view)
+
+
+_GEOMETRY = (("PixelSpacing", 2), ("ImageOrientationPatient", 6), ("ImagePositionPatient", 3), ("SliceThickness", 1))
+
+
+def _geometry_checked(ds: Dataset) -> Dataset:
+    """``ds``, or, where the TID 1604 geometry descriptors (all optional) cannot be made from it
+    (SliceThickness absent or empty, as anonymised and older series have it), a view that gives
+    highdicom only the descriptors it has: modality, Frame of Reference, rows and columns."""
+    for kw, n in _GEOMETRY:
+        v = ds.get(kw)
+        values = [] if v in (None, "") else (list(v) if n > 1 else [v])
+        if len(values) != n or any(not isinstance(x, (int, float)) for x in values):
+            view = Dataset()
+            for k in ("SOPClassUID", "SOPInstanceUID", "Rows", "Columns", "FrameOfReferenceUID", "NumberOfFrames"):
+                if k in ds:
+                    view[k] = ds[k]
+            view.Modality = ""  # no cross-sectional descriptors
+            return view
+    return ds
 
 
 _LOWER_LIMIT = Code("385524004", "SCT", "Normal Range Lower Limit")
@@ -230,6 +255,8 @@ def build_measurement_report(
     series_description: str = "CT QA measurements",
     series_instance_uid: str | None = None,
     sop_instance_uid: str | None = None,
+    not_computed: Mapping[str, str] | None = None,
+    omitted_outputs: Sequence[tuple[str, str]] = (),
 ) -> Comprehensive3DSR:
     """Build the TID 1500 Measurement Report SR of one analysed series.
 
@@ -237,17 +264,21 @@ def build_measurement_report(
     a multi-frame header repeated per frame is fine. ``series_metrics``: at most one value per
     (key, algorithm). ``slice_metrics``: each must reference one of ``source_images``.
     ``evaluations``: metric key -> within/outside control limits (alternative to
-    ``MetricValue.evaluation``; the two must not contradict). Returns a highdicom
+    ``MetricValue.evaluation``; the two must not contradict). ``not_computed``: metric key -> why
+    it has no value, and ``omitted_outputs``: (output kind, why it was not produced): each a TEXT
+    item in the TID 1500 "Qualitative Evaluations" container (the metric's own concept, resp.
+    99CTQA OUTPUT_OMITTED), so a reader sees why a value or a map is missing. Returns a highdicom
     ``Comprehensive3DSR`` (a pydicom Dataset with file meta) ready for ``save_as``.
     """
     if not isinstance(series_number, int) or series_number < 1:
         raise ValueError(f'Argument "series_number" must be a positive int, got {series_number!r}')
     if not isinstance(instance_number, int) or instance_number < 1:
         raise ValueError(f'Argument "instance_number" must be a positive int, got {instance_number!r}')
-    if not series_metrics and not slice_metrics:
+    not_computed = dict(not_computed or {})
+    if not series_metrics and not slice_metrics and not not_computed:
         raise ValueError('Arguments "series_metrics" and "slice_metrics" are both empty: nothing to report')
     device = device or DeviceInfo()
-    sources = unique_sources(source_images)
+    sources = prepare_sources(source_images)
     index = _source_index(sources)
 
     seen: set[tuple[str, AlgorithmId]] = set()
@@ -342,6 +373,20 @@ def build_measurement_report(
         imaging_measurements=groups,
         referenced_images=[_library_view(ds) for ds in sources],
     )
+    notes = [
+        TextContentItem(name=_cc(metric_code(key).concept), value=_text(f"not computed: {why}"),
+                        relationship_type=RelationshipTypeValues.CONTAINS)
+        for key, why in not_computed.items()
+    ] + [
+        TextContentItem(name=_cc(OUTPUT_NOT_PRODUCED), value=_text(f"{_output_name(kind)} not produced: {why}"),
+                        relationship_type=RelationshipTypeValues.CONTAINS)
+        for kind, why in omitted_outputs
+    ]
+    if notes:
+        container = ContainerContentItem(name=_cc(QUALITATIVE_EVALUATIONS),
+                                         relationship_type=RelationshipTypeValues.CONTAINS)
+        container.ContentSequence = ContentSequence(notes)
+        report[0].ContentSequence.append(container)
     with no_person_name_warnings():
         sr = Comprehensive3DSR(
             evidence=sources,
@@ -372,6 +417,37 @@ def build_measurement_report(
         len(sources),
     )
     return sr
+
+
+def _text(value: str) -> str:
+    """A TEXT item value (UT): one line, at most 1024 characters here."""
+    return " ".join(value.split())[:1024]
+
+
+def _output_name(kind: str) -> str:
+    if kind.startswith("pmap:"):
+        return f"Parametric Map {kind[5:]}"
+    return {"sr": "Measurement report", "pdf": "Readable report (PDF)"}.get(kind, kind)
+
+
+def read_notes(dataset: Dataset) -> dict[str, str]:
+    """The TEXT items of the Qualitative Evaluations container written by
+    ``build_measurement_report``: metric key (or "output") -> text, several outputs joined by " | "."""
+    reverse = {(m.concept.scheme_designator, m.concept.value): key for key, m in CATALOGUE.items()}
+    out: dict[str, str] = {}
+    for item in dataset.ContentSequence:
+        name = item.ConceptNameCodeSequence[0]
+        if (name.CodingSchemeDesignator, name.CodeValue) != (QUALITATIVE_EVALUATIONS.scheme_designator,
+                                                             QUALITATIVE_EVALUATIONS.value):
+            continue
+        for child in item.get("ContentSequence", []):
+            if child.ValueType != "TEXT":
+                continue
+            c = child.ConceptNameCodeSequence[0]
+            key = "output" if c.CodeValue == OUTPUT_NOT_PRODUCED.value else reverse.get(
+                (c.CodingSchemeDesignator, c.CodeValue), c.CodeMeaning)
+            out[key] = f"{out[key]} | {child.TextValue}" if key in out else str(child.TextValue)
+    return out
 
 
 @dataclass(frozen=True)
@@ -459,6 +535,7 @@ def read_measurement_report(dataset: Dataset) -> ReportContent:
 __all__ = [
     "build_measurement_report",
     "read_measurement_report",
+    "read_notes",
     "ReportContent",
     "algorithm_identification",
 ]

@@ -13,7 +13,7 @@ import pytest
 
 from analysis.volume import load_series
 from reports.inputs import AlgorithmId, MetricValue, slice_metrics_from_array
-from reports.pmap import build_parametric_map
+from reports.pmap import build_parametric_map, map_values
 from reports.sr import build_measurement_report, read_measurement_report
 from tests.unit.report_sources import PHANTOM_5MM
 
@@ -55,7 +55,9 @@ def test_map_and_sr_from_loaded_volume(name: str, paths: list) -> None:
     pm.save_as(buf, enforce_file_format=True)
     buf.seek(0)
     ds = pydicom.dcmread(buf)
-    pixels = ds.pixel_array
+    # real values through the Real World Value Mapping: integers 0..n-1 survive the uint16 quantisation
+    pixels = np.rint(map_values(ds)).astype(int)
+    assert ds.BitsAllocated == 16 and ds.PixelRepresentation == 0
     iop = [float(x) for x in ds.SharedFunctionalGroupsSequence[0].PlaneOrientationSequence[0].ImageOrientationPatient]
     normal = np.cross(iop[:3], iop[3:])  # the loader's slice normal: row direction x column direction
     seen = set()

@@ -1,9 +1,11 @@
 """Parametric Map: built from real CT headers (single-frame series and an Enhanced CT), written, read
-back field by field; the float32 pixels must round-trip exactly and each frame must sit on its
-source slice."""
+back field by field; the values read back through the Real World Value Mapping must equal the input
+within half a quantisation step, and each frame must sit on its source slice (also when the map is
+stored at a reduced resolution)."""
 
 from __future__ import annotations
 
+import io
 
 import highdicom as hd
 import numpy as np
@@ -13,7 +15,7 @@ from pydicom.uid import ParametricMapStorage
 
 from reports.codes import map_code
 from reports.inputs import AlgorithmId
-from reports.pmap import build_parametric_map
+from reports.pmap import MapNotPossible, block_mean, build_parametric_map, map_values
 from tests.unit.report_sources import assert_patient_study_copied, enhanced_ct_header, roundtrip
 
 ALGO = AlgorithmId("ctqa-classical", "1.2.0")
@@ -25,9 +27,13 @@ HU = ("[hnsf'U]", "Hounsfield unit")
 def values(headers) -> np.ndarray:
     rng = np.random.default_rng(7)
     v = rng.gamma(3.0, 2.5, (len(headers), headers[0].Rows, headers[0].Columns)).astype(np.float32)
-    v[0, 0, 0] = np.float32(1e-7)  # values that do not survive any integer or DS rounding
-    v[-1, -1, -1] = np.float32(123456.789)
+    v[0, 0, 0] = np.float32(0.0)
+    v[-1, -1, -1] = np.float32(80.0)  # range 0..80 HU: quantisation step 80 / 65535
     return v
+
+
+def _step(v: np.ndarray) -> float:
+    return float(v.max() - v.min()) / 65535.0
 
 
 def _frame_source(frame: pydicom.Dataset) -> tuple[str, list[int] | None]:
@@ -79,15 +85,16 @@ def test_single_frame_series(headers, values) -> None:
     assert assert_patient_study_copied(ds, src) >= 10
     assert int(ds.NumberOfFrames) == len(headers)
     assert (ds.Rows, ds.Columns) == (src.Rows, src.Columns)
-    assert ds.BitsAllocated == 32 and "FloatPixelData" in ds
+    assert (ds.BitsAllocated, ds.BitsStored, ds.PixelRepresentation) == (16, 16, 0) and "PixelData" in ds
 
-    # the pixels round-trip exactly as float32; each frame holds the values given for its source slice
-    pixels = ds.pixel_array
-    assert pixels.dtype == np.float32
+    # through the RWVM each frame holds the values given for its source slice, within half a step
+    pixels = map_values(ds)
     index = _frames_by_source(ds)
     assert set(index) == {(h.SOPInstanceUID, None) for h in headers}
     for i, h in enumerate(headers):
-        np.testing.assert_array_equal(pixels[index[(h.SOPInstanceUID, None)]], values[i])
+        np.testing.assert_allclose(pixels[index[(h.SOPInstanceUID, None)]], values[i], rtol=0,
+                                   atol=0.5 * _step(values) * 1.001)
+    assert ds.pixel_array.max() == 65535 and ds.pixel_array.min() == 0  # the full 16 bits are used
 
     shared = ds.SharedFunctionalGroupsSequence[0]
     np.testing.assert_allclose(
@@ -111,13 +118,19 @@ def test_single_frame_series(headers, values) -> None:
     }
     assert refs == {h.SOPInstanceUID for h in headers}
 
-    # Real World Value Mapping: identity, units, quantity
+    # Real World Value Mapping: slope/intercept over min..max, units, quantity
     rwvm = shared.RealWorldValueMappingSequence[0]
     unit = rwvm.MeasurementUnitsCodeSequence[0]
     assert (unit.CodeValue, unit.CodingSchemeDesignator, unit.CodeMeaning) == ("[hnsf'U]", "UCUM", "Hounsfield unit")
-    assert float(rwvm.RealWorldValueSlope) == 1.0 and float(rwvm.RealWorldValueIntercept) == 0.0
-    assert rwvm.DoubleFloatRealWorldValueFirstValueMapped == pytest.approx(float(values.min()))
-    assert rwvm.DoubleFloatRealWorldValueLastValueMapped == pytest.approx(float(values.max()))
+    assert float(rwvm.RealWorldValueSlope) == pytest.approx(80.0 / 65535, rel=1e-9)
+    assert float(rwvm.RealWorldValueIntercept) == 0.0
+    assert (rwvm.RealWorldValueFirstValueMapped, rwvm.RealWorldValueLastValueMapped) == (0, 65535)
+    # window: the 1st-99th percentile of the map, in stored values
+    voi = shared.FrameVOILUTSequence[0]
+    p1, p99 = np.percentile(values, [1, 99])
+    slope = float(rwvm.RealWorldValueSlope)
+    assert float(voi.WindowCenter) * slope == pytest.approx((p1 + p99) / 2, abs=0.01)
+    assert float(voi.WindowWidth) * slope == pytest.approx(p99 - p1, abs=0.01)
     quantity = [
         item.ConceptCodeSequence[0]
         for item in rwvm.QuantityDefinitionSequence
@@ -157,10 +170,10 @@ def test_frames_follow_source_order_not_z(headers, values) -> None:
         )
     )
     by_uid = {h.SOPInstanceUID: values[i] for i, h in enumerate(headers)}
-    pixels = ds.pixel_array
+    pixels = map_values(ds)
     for k, frame in enumerate(ds.PerFrameFunctionalGroupsSequence):
         uid, _ = _frame_source(frame)
-        np.testing.assert_array_equal(pixels[k], by_uid[uid])
+        np.testing.assert_allclose(pixels[k], by_uid[uid], rtol=0, atol=0.5 * _step(values) * 1.001)
 
 
 def test_enhanced_ct_source_with_frame_numbers() -> None:
@@ -184,19 +197,20 @@ def test_enhanced_ct_source_with_frame_numbers() -> None:
     assert ds.FrameOfReferenceUID == ect.FrameOfReferenceUID
     assert ds.StudyInstanceUID == ect.StudyInstanceUID
     assert_patient_study_copied(ds, ect)
-    pixels = ds.pixel_array
+    pixels = map_values(ds)
     for k, frame in enumerate(ds.PerFrameFunctionalGroupsSequence):
         uid, frames = _frame_source(frame)
         assert uid == ect.SOPInstanceUID
         assert frames == [k + 1]
         expected = 0.75 if k + 1 == 1 else 0.25
-        assert np.all(pixels[k] == np.float32(expected))
+        np.testing.assert_allclose(pixels[k], expected, rtol=0, atol=0.5 / 65535 * 1.001)
         src_pos = ect.PerFrameFunctionalGroupsSequence[k].PlanePositionSequence[0].ImagePositionPatient
         np.testing.assert_allclose(
             [float(x) for x in frame.PlanePositionSequence[0].ImagePositionPatient], [float(x) for x in src_pos]
         )
+    # a unit-less map in [0, 1]: the window (stored values) still spans at least one stored step
     voi = ds.SharedFunctionalGroupsSequence[0].FrameVOILUTSequence[0]
-    assert float(voi.WindowWidth) < 1 and voi.VOILUTFunction == "LINEAR_EXACT"
+    assert float(voi.WindowWidth) >= 1
     assert N2Q.weights_sha256 in _processing_equipment(ds).ContributionDescription
 
 
@@ -209,12 +223,12 @@ def test_non_finite_pixels_need_an_explicit_fill_value(headers, values) -> None:
     with pytest.raises(ValueError, match="100 non-finite pixels"):
         build_parametric_map(headers, v, **kwargs)
     ds = roundtrip(build_parametric_map(headers, v, fill_value=-1.0, **kwargs))
-    px = ds.pixel_array
+    px = map_values(ds)
     index = _frames_by_source(ds)
     k3, k4 = index[(headers[3].SOPInstanceUID, None)], index[(headers[4].SOPInstanceUID, None)]
-    assert np.all(px[k3, 10:20, 10:20] == -1.0)
+    assert np.all(px[k3, 10:20, 10:20] == -1.0)  # the fill value is the minimum: stored 0, exact
     assert np.count_nonzero(px[k3] == -1.0) == 100
-    np.testing.assert_array_equal(px[k4], values[4])
+    np.testing.assert_allclose(px[k4], values[4], rtol=0, atol=0.5 * 81.0 / 65535 * 1.001)
 
 
 def test_bad_arguments_are_named(headers, values) -> None:
@@ -233,3 +247,51 @@ def test_bad_arguments_are_named(headers, values) -> None:
         build_parametric_map(headers, values, frame_numbers=list(range(1, 29)), **kwargs)
     with pytest.raises(ValueError, match="series_number"):
         build_parametric_map(headers, values, **{**kwargs, "series_number": 0})
+
+
+def test_reduced_resolution_keeps_geometry(headers, values) -> None:
+    """downsample=4: each stored pixel is the mean of a 4 x 4 block, Pixel Spacing x4, and each frame's
+    Image Position is the centre of its first block (1.5 source pixels along row and column)."""
+    pm = build_parametric_map(headers, values, name="local_noise_sd", label="Local noise SD", unit_code=HU[0],
+                              unit_meaning=HU[1], algorithm=ALGO, series_number=9002, downsample=4,
+                              resolution_note="stored at 128 x 128")
+    ds = roundtrip(pm)
+    src = headers[0]
+    assert (ds.Rows, ds.Columns) == (src.Rows // 4, src.Columns // 4)
+    assert ds.ImageComments == "stored at 128 x 128"
+    shared = ds.SharedFunctionalGroupsSequence[0]
+    ps = [float(x) for x in src.PixelSpacing]
+    np.testing.assert_allclose([float(x) for x in shared.PixelMeasuresSequence[0].PixelSpacing],
+                               [4 * ps[0], 4 * ps[1]])
+    iop = np.array([float(x) for x in src.ImageOrientationPatient])
+    expected_means = block_mean(values, 4)
+    pixels = map_values(ds)
+    index = _frames_by_source(ds)
+    for i, h in enumerate(headers):
+        k = index[(h.SOPInstanceUID, None)]
+        pos = np.array([float(x) for x in ds.PerFrameFunctionalGroupsSequence[k].PlanePositionSequence[0]
+                        .ImagePositionPatient])
+        want = np.array([float(x) for x in h.ImagePositionPatient]) + 1.5 * (ps[1] * iop[:3] + ps[0] * iop[3:])
+        np.testing.assert_allclose(pos, want, atol=1e-4)
+        # a known block: the mean of source pixels [0:4, 4:8] of this slice
+        assert pixels[k, 0, 1] == pytest.approx(float(values[i, 0:4, 4:8].mean()), abs=0.5 * _step(expected_means) * 1.01)
+        np.testing.assert_allclose(pixels[k], expected_means[i], rtol=0, atol=0.5 * _step(expected_means) * 1.001)
+    # the map is 16 x smaller than the float32 map at the source matrix would have been
+    assert len(ds.PixelData) == len(headers) * (src.Rows // 4) * (src.Columns // 4) * 2
+
+
+def test_source_without_frame_of_reference_is_refused_with_the_reason(headers, values) -> None:
+    no_for = []
+    for h in headers:
+        c = pydicom.dcmread(io.BytesIO(_bytes(h)))
+        del c.FrameOfReferenceUID
+        no_for.append(c)
+    with pytest.raises(MapNotPossible, match="no FrameOfReferenceUID: a Parametric Map needs a Frame of Reference"):
+        build_parametric_map(no_for, values, name="local_noise_sd", label="L", unit_code=HU[0],
+                             unit_meaning=HU[1], algorithm=ALGO, series_number=1)
+
+
+def _bytes(ds: pydicom.Dataset) -> bytes:
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    return buf.getvalue()
