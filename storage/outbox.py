@@ -76,19 +76,31 @@ def mark_sent(db: Database, delivery_id: int) -> None:
 def mark_failed(db: Database, delivery_id: int, error: str, *, permanent: bool, policy: RetryPolicy,
                 now: datetime | None = None) -> str:
     """Record a failed attempt; returns the new state (pending or dead)."""
+    return mark_failed_many(db, [delivery_id], error, permanent=permanent, policy=policy, now=now)[delivery_id]
+
+
+def mark_failed_many(db: Database, delivery_ids: Sequence[int], error: str, *, permanent: bool,
+                     policy: RetryPolicy, now: datetime | None = None) -> dict[int, str]:
+    """Record one failed attempt for each delivery (one transaction: a PACS outage fails hundreds at
+    once). Each gets its own backoff from its own attempt count. Returns id -> new state."""
     now = now or utcnow()
+    states: dict[int, str] = {}
     with db.session() as s:
-        d = s.get(Delivery, delivery_id)
-        d.attempts += 1
-        d.last_error = error[:2000]
-        too_old = now - d.created_at >= timedelta(seconds=policy.give_up_after_s)
-        if permanent or too_old:
-            d.state = DeliveryState.DEAD
-            if too_old and not permanent:
-                d.last_error = f"gave up after {d.attempts} attempts: {error}"[:2000]
-        else:
-            d.next_attempt_at = now + timedelta(seconds=policy.delay(d.attempts))
-        return d.state
+        for d in s.scalars(select(Delivery).where(Delivery.id.in_(list(delivery_ids)))):
+            if d.state != DeliveryState.PENDING:  # sent or dead meanwhile (resend, another pass): leave it
+                states[d.id] = d.state
+                continue
+            d.attempts += 1
+            d.last_error = error[:2000]
+            too_old = now - d.created_at >= timedelta(seconds=policy.give_up_after_s)
+            if permanent or too_old:
+                d.state = DeliveryState.DEAD
+                if too_old and not permanent:
+                    d.last_error = f"gave up after {d.attempts} attempts: {error}"[:2000]
+            else:
+                d.next_attempt_at = now + timedelta(seconds=policy.delay(d.attempts))
+            states[d.id] = d.state
+    return states
 
 
 def resend(db: Database, *, ids: Sequence[int] = (), dead: bool = False, pending: bool = False) -> int:

@@ -165,3 +165,124 @@ def wait_until(pred, timeout: float = 60.0, interval: float = 0.1, what: str = "
             return value
         time.sleep(interval)
     raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+# -- DICOM TLS: a throwaway PKI ---------------------------------------------------------------------
+
+class TlsPki:
+    """A test CA with leaf certificates for the node, a PACS and a scanner, and a second CA with a
+    "stranger" scanner certificate (signed by nobody the node trusts). RSA 2048, made with openssl."""
+
+    LEAVES = ("node", "pacs", "scanner")
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = Path(folder)
+
+    def path(self, name: str) -> Path:
+        return self.folder / name
+
+    @property
+    def ca(self) -> Path:
+        return self.path("ca.crt")
+
+    @property
+    def other_ca(self) -> Path:
+        return self.path("other-ca.crt")
+
+    def cert(self, leaf: str) -> Path:
+        return self.path(f"{leaf}.crt")
+
+    def key(self, leaf: str) -> Path:
+        return self.path(f"{leaf}.key")
+
+    def make(self) -> "TlsPki":
+        openssl = require_tool("openssl")
+        self.folder.mkdir(parents=True, exist_ok=True)
+        ext = self.path("leaf.ext")
+        ext.write_text("subjectAltName=DNS:localhost,IP:127.0.0.1\nextendedKeyUsage=serverAuth,clientAuth\n"
+                       "basicConstraints=CA:FALSE\nkeyUsage=digitalSignature,keyEncipherment\n")
+
+        def run(*args: str) -> None:
+            subprocess.run([openssl, *args], check=True, capture_output=True, cwd=self.folder, timeout=60)
+
+        for ca in ("ca", "other-ca"):
+            run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{ca}.key", "-out", f"{ca}.crt",
+                "-days", "2", "-subj", f"/CN=CT QA test {ca}")
+        for leaf, ca in [*((leaf, "ca") for leaf in self.LEAVES), ("stranger", "other-ca")]:
+            run("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{leaf}.key", "-out", f"{leaf}.csr",
+                "-subj", f"/CN={leaf}")
+            run("x509", "-req", "-in", f"{leaf}.csr", "-CA", f"{ca}.crt", "-CAkey", f"{ca}.key",
+                "-CAcreateserial", "-out", f"{leaf}.crt", "-days", "2", "-extfile", "leaf.ext")
+        return self
+
+    def tls_section(self, port: int = -1, require_client_certificate: bool = True) -> str:
+        """A [tls] table for the node's config.toml."""
+        return (f'[tls]\nport = {port}\ncertificate = "{self.cert("node")}"\nprivate_key = "{self.key("node")}"\n'
+                f'ca_certificates = "{self.ca}"\nrequire_client_certificate = '
+                f'{"true" if require_client_certificate else "false"}\n')
+
+
+# -- outbox objects built cheaply -------------------------------------------------------------------
+
+PDF_STORAGE = "1.2.840.10008.5.1.4.1.1.104.1"
+BASIC_TEXT_SR = "1.2.840.10008.5.1.4.1.1.88.11"
+TINY_PDF = (b"%PDF-1.4\n1 0 obj<</Type/Catalog/Pages 2 0 R>>endobj 2 0 obj<</Type/Pages/Kids[]/Count 0>>endobj\n"
+            b"trailer<</Root 1 0 R>>\n%%EOF\n")
+
+
+def queue_outbox_objects(db, store, n: int, destinations: list[str], *, implicit_every: int = 0,
+                         study_uid: str | None = None) -> list[str]:
+    """Record ``n`` small real output objects (alternately Encapsulated PDF and Basic Text SR, one
+    study, one series row) in the outbox for ``destinations``; every ``implicit_every``-th file is
+    written in Implicit VR Little Endian. Returns their SOP Instance UIDs in queue order."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, PYDICOM_IMPLEMENTATION_UID, generate_uid
+
+    from storage.models import Series
+    from storage.outbox import record_output
+
+    study_uid = study_uid or generate_uid()
+    src_series = generate_uid()
+    with db.session() as s:
+        row = Series(series_instance_uid=src_series, study_instance_uid=study_uid, modality="CT")
+        s.add(row)
+        s.flush()
+        series_id = row.id
+    out_series = {PDF_STORAGE: generate_uid(), BASIC_TEXT_SR: generate_uid()}
+    uids = []
+    for i in range(n):
+        sop_class = PDF_STORAGE if i % 2 == 0 else BASIC_TEXT_SR
+        uid = generate_uid()
+        ds = Dataset()
+        ds.SOPClassUID, ds.SOPInstanceUID = sop_class, uid
+        ds.StudyInstanceUID, ds.SeriesInstanceUID = study_uid, out_series[sop_class]
+        ds.PatientName, ds.PatientID, ds.PatientBirthDate, ds.PatientSex = "OUTBOX^TEST", "OBX1", "", ""
+        ds.StudyDate, ds.StudyTime, ds.AccessionNumber, ds.ReferringPhysicianName, ds.StudyID = "", "", "", "", ""
+        ds.SeriesNumber, ds.InstanceNumber = 9902 if sop_class == PDF_STORAGE else 9901, i + 1
+        ds.Manufacturer = "CT QA Node tests"
+        if sop_class == PDF_STORAGE:
+            ds.Modality, ds.MIMETypeOfEncapsulatedDocument = "DOC", "application/pdf"
+            ds.BurnedInAnnotation, ds.DocumentTitle = "NO", "outbox test"
+            ds.ConceptNameCodeSequence = []
+            ds.EncapsulatedDocument = TINY_PDF
+        else:
+            ds.Modality, ds.CompletionFlag, ds.VerificationFlag = "SR", "COMPLETE", "UNVERIFIED"
+            ds.ValueType, ds.ContinuityOfContent = "CONTAINER", "SEPARATE"
+            code = Dataset()
+            code.CodeValue, code.CodingSchemeDesignator, code.CodeMeaning = "11528-7", "LN", "Radiology Report"
+            ds.ConceptNameCodeSequence = [code]
+            ds.ContentDate, ds.ContentTime = "20261201", "120000"
+        implicit = bool(implicit_every) and i % implicit_every == implicit_every - 1
+        meta = FileMetaDataset()
+        meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = sop_class, uid
+        meta.TransferSyntaxUID = ImplicitVRLittleEndian if implicit else ExplicitVRLittleEndian
+        meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
+        ds.file_meta = meta
+        rel = store.output_rel_path(study_uid, out_series[sop_class], uid)
+        path = store.abs(rel)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        ds.save_as(path, enforce_file_format=True)
+        record_output(db, series_id=series_id, job_id=None, kind="pdf" if sop_class == PDF_STORAGE else "sr",
+                      sop_class_uid=sop_class, sop_instance_uid=uid, rel_path=rel, destinations=destinations)
+        uids.append(uid)
+    return uids
