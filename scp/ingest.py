@@ -9,16 +9,15 @@ from __future__ import annotations
 import errno
 import logging
 import os
-import struct
 import threading
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from enum import IntEnum
 from pathlib import Path
 
-from pydicom import dcmread
-from pydicom.errors import InvalidDicomError
 from sqlalchemy.exc import SQLAlchemyError
+
+from scp.dataset_check import DatasetError, InstanceTooLarge, check_pixel_data, walk_file
 
 from storage.db import Database
 from storage.filestore import FileStore, InvalidUID, check_uid, sha256_file
@@ -33,6 +32,7 @@ ACCEPTED_SOP_CLASSES = (CT_IMAGE_STORAGE, ENHANCED_CT_IMAGE_STORAGE, LEGACY_CONV
 MULTIFRAME_SOP_CLASSES = (ENHANCED_CT_IMAGE_STORAGE, LEGACY_CONVERTED_ENHANCED_CT_IMAGE_STORAGE)
 
 ENOSPC_LIKE = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO, errno.EROFS}
+DEFAULT_MAX_INSTANCE_BYTES = 2048 << 20  # node.max_instance_mb
 
 
 class StoreStatus(IntEnum):
@@ -43,9 +43,10 @@ class StoreStatus(IntEnum):
     DATASET_MISMATCH = 0xA900  # Data Set does not match SOP Class
     CANNOT_UNDERSTAND = 0xC000
     CANNOT_PARSE = 0xC210  # "Cannot understand": the dataset does not parse
+    PROCESSING_FAILURE = 0xC211  # "Cannot understand": unexpected error in the node (one log line)
+    TOO_LARGE = 0xC212  # "Cannot understand": larger than node.max_instance_mb (inflated) or too many elements
     INVALID_UID = 0xC220  # "Cannot understand": a UID violates the grammar or does not match
     MISSING_ATTRIBUTE = 0xC230  # "Cannot understand": a required attribute is absent
-    PROCESSING_FAILURE = 0xC211  # unexpected error in the node (logged)
 
 
 @dataclass(frozen=True)
@@ -57,7 +58,8 @@ class StoreResult:
 
 
 def _str(ds, keyword: str) -> str | None:
-    v = ds.get(keyword)
+    """A pydicom Dataset's or a walked dataset's value as text, at most 64 characters."""
+    v = ds.text(keyword) if hasattr(ds, "text") else ds.get(keyword)
     if v is None or v == "":
         return None
     return str(v).strip()[:64] or None
@@ -79,35 +81,32 @@ def _acquired_at(ds) -> datetime | None:
 
 def _positive_int(ds, keyword: str) -> int | None:
     try:
-        v = int(ds.get(keyword))
+        v = int(ds.integer(keyword) if hasattr(ds, "integer") else ds.get(keyword))
     except (TypeError, ValueError):
         return None
     return v if v > 0 else None
 
 
 def read_instance_info(path: Path, *, affected_sop_class: str, affected_sop_instance: str,
-                       transfer_syntax: str) -> InstanceInfo:
-    """Parse the header (never the pixels) and validate what becomes part of a path.
+                       transfer_syntax: str, max_bytes: int = DEFAULT_MAX_INSTANCE_BYTES) -> InstanceInfo:
+    """Walk the whole dataset (never decoding pixels), check that it can be read to its end with
+    complete Pixel Data, and validate what becomes part of a path.
 
-    Raises InvalidUID, KeyError (missing attribute), _Mismatch, or a parse error."""
+    Raises InvalidUID, KeyError (missing attribute), _Mismatch, DatasetError or InstanceTooLarge."""
     check_uid(affected_sop_instance, "Affected SOP Instance UID")
-    # defer_size: large values (pixel data) are not read into memory; their extent is checked below.
-    ds = dcmread(path, defer_size=4096, force=True)
-    if "PixelData" in ds:
-        elem = ds.get_item("PixelData", keep_deferred=True)
-        tell = getattr(elem, "value_tell", None)
-        length = getattr(elem, "length", None)
-        if tell is not None and length not in (None, 0xFFFFFFFF) and tell + length > path.stat().st_size:
-            raise ValueError(f"dataset truncated: Pixel Data needs {length} bytes, file ends early")
+    ds = walk_file(path, transfer_syntax, max_bytes=max_bytes)
     for kw in ("SOPInstanceUID", "SeriesInstanceUID", "StudyInstanceUID"):
-        if kw not in ds:
+        if ds.uid(kw) is None:
             raise KeyError(kw)
-    sop_uid = check_uid(str(ds.SOPInstanceUID), "SOPInstanceUID")
+    sop_uid = check_uid(ds.uid("SOPInstanceUID"), "SOPInstanceUID")
     if sop_uid != affected_sop_instance:
         raise InvalidUID(f"SOPInstanceUID {sop_uid} differs from the request's Affected SOP Instance UID")
-    sop_class = str(ds.get("SOPClassUID", ""))
+    sop_class = ds.uid("SOPClassUID") or ""
     if sop_class != affected_sop_class:
-        raise _Mismatch(f"SOPClassUID {sop_class!r} differs from the request's Affected SOP Class UID {affected_sop_class}")
+        raise _Mismatch(f"SOPClassUID {sop_class[:80]!r} differs from the request's Affected SOP Class UID {affected_sop_class}")
+    series_uid = check_uid(ds.uid("SeriesInstanceUID"), "SeriesInstanceUID")
+    study_uid = check_uid(ds.uid("StudyInstanceUID"), "StudyInstanceUID")
+    check_pixel_data(ds)  # every accepted SOP class is an image
     frames = _positive_int(ds, "NumberOfFrames") or 1
     expected = _positive_int(ds, "ImagesInAcquisition")
     if expected is None and affected_sop_class in MULTIFRAME_SOP_CLASSES:
@@ -115,8 +114,8 @@ def read_instance_info(path: Path, *, affected_sop_class: str, affected_sop_inst
     return InstanceInfo(
         sop_instance_uid=sop_uid,
         sop_class_uid=sop_class,
-        series_instance_uid=check_uid(str(ds.SeriesInstanceUID), "SeriesInstanceUID"),
-        study_instance_uid=check_uid(str(ds.StudyInstanceUID), "StudyInstanceUID"),
+        series_instance_uid=series_uid,
+        study_instance_uid=study_uid,
         transfer_syntax_uid=transfer_syntax,
         number_of_frames=frames,
         modality=_str(ds, "Modality"),
@@ -138,10 +137,12 @@ class _Mismatch(ValueError):
 class Ingestor:
     """Durable storage of received instances; shared by all association threads."""
 
-    def __init__(self, db: Database, store: FileStore, *, min_free_bytes: int = 0) -> None:
+    def __init__(self, db: Database, store: FileStore, *, min_free_bytes: int = 0,
+                 max_instance_bytes: int = DEFAULT_MAX_INSTANCE_BYTES) -> None:
         self.db = db
         self.store = store
         self.min_free_bytes = min_free_bytes
+        self.max_instance_bytes = max_instance_bytes
         # One SOP Instance UID is stored by one thread at a time (striped locks).
         self._locks = [threading.Lock() for _ in range(64)]
 
@@ -161,13 +162,17 @@ class Ingestor:
         try:
             return self._store(spooled, affected_sop_class, affected_sop_instance, transfer_syntax,
                                scanner, calling_ae, peer_host)
+        except Exception as exc:  # a bug, not the peer's fault: one line (traceback at DEBUG), nothing kept
+            log.error("C-STORE failed: unexpected error (%s: %s)", type(exc).__name__, str(exc)[:200])
+            log.debug("C-STORE failure", exc_info=True)
+            return StoreResult(StoreStatus.PROCESSING_FAILURE, detail=f"unexpected error: {type(exc).__name__}")
         finally:
             spooled.unlink(missing_ok=True)
 
     def _store(self, spooled, sop_class, sop_instance, ts, scanner, calling_ae, peer_host) -> StoreResult:
         try:
             info = read_instance_info(spooled, affected_sop_class=sop_class, affected_sop_instance=sop_instance,
-                                      transfer_syntax=ts)
+                                      transfer_syntax=ts, max_bytes=self.max_instance_bytes)
         except InvalidUID as exc:
             log.warning("C-STORE refused: %s", exc)
             return StoreResult(StoreStatus.INVALID_UID, detail=str(exc))
@@ -177,10 +182,15 @@ class Ingestor:
         except KeyError as exc:
             log.warning("C-STORE refused: required attribute %s missing", exc)
             return StoreResult(StoreStatus.MISSING_ATTRIBUTE, detail=f"required attribute {exc} missing")
-        except (InvalidDicomError, ValueError, EOFError, struct.error, TypeError, AttributeError, OSError,
-                NotImplementedError) as exc:
-            log.warning("C-STORE refused: dataset cannot be parsed (%s: %s)", type(exc).__name__, exc)
-            return StoreResult(StoreStatus.CANNOT_PARSE, detail=f"dataset cannot be parsed: {exc}")
+        except InstanceTooLarge as exc:
+            log.warning("C-STORE refused: instance too large (%s)", exc)
+            return StoreResult(StoreStatus.TOO_LARGE, detail=f"instance too large: {exc}")
+        except DatasetError as exc:
+            log.warning("C-STORE refused: dataset cannot be read (%s)", exc)
+            return StoreResult(StoreStatus.CANNOT_PARSE, detail=f"dataset cannot be read: {exc}")
+        except OSError as exc:  # reading our own spool failed: our resources, not the peer's data
+            log.error("C-STORE failed: spooled dataset unreadable (%s)", os.strerror(exc.errno) if exc.errno else exc)
+            return StoreResult(StoreStatus.OUT_OF_RESOURCES, detail="spooled dataset unreadable")
 
         with self._locks[hash(info.sop_instance_uid) % len(self._locks)]:
             return self._commit(spooled, info, scanner, calling_ae, peer_host)
