@@ -39,6 +39,7 @@ class NodeSettings:
     stable_age_s: float = 30.0
     max_pdu: int = 1048576
     max_associations: int = 10
+    max_instance_mb: int = 2048  # one instance's dataset (inflated, for Deflated) at most this many MiB
     log_level: str = "INFO"
 
 
@@ -215,6 +216,8 @@ def parse_settings(data: dict, file: str) -> Settings:
         raise ConfigError(f"{file}: key 'node.stable_age_s' must be > 0 seconds, got {node.stable_age_s}")
     if node.max_pdu < 0:
         raise ConfigError(f"{file}: key 'node.max_pdu' must be >= 0 bytes (0 = unlimited), got {node.max_pdu}")
+    if node.max_instance_mb < 1:
+        raise ConfigError(f"{file}: key 'node.max_instance_mb' must be >= 1 MiB, got {node.max_instance_mb}")
     if node.log_level.upper() not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
         raise ConfigError(f"{file}: key 'node.log_level' must be DEBUG, INFO, WARNING or ERROR, got {node.log_level!r}")
     if "://" not in node.database:

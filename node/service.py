@@ -124,7 +124,8 @@ class Node:
         peers = [AllowedPeer(s.name, s.ae_title, tuple(s.hosts)) for s in self.settings.scanners]
         self.scp = StorageSCP(
             ae_title=self.settings.node.ae_title, host=self.settings.node.host, port=self.settings.node.port,
-            peers=peers, ingestor=Ingestor(self.db, self.store, min_free_bytes=self.min_free_bytes),
+            peers=peers, ingestor=Ingestor(self.db, self.store, min_free_bytes=self.min_free_bytes,
+                              max_instance_bytes=self.settings.node.max_instance_mb << 20),
             spool_dir=self.store.spool, max_pdu=self.settings.node.max_pdu,
             max_associations=self.settings.node.max_associations, min_free_bytes=self.min_free_bytes,
         )
