@@ -113,6 +113,9 @@ class Node:
         if n_spool or n_tmp:
             log.info("removed %d unacknowledged spool files and %d temporary files", n_spool, n_tmp)
         self.db.create_all()
+        from node.reconcile import reconcile_store
+
+        reconcile_store(self.db, self.store)  # store files without an index row: indexed or quarantined
         n_jobs = requeue_running_jobs(self.db)
         if n_jobs:
             log.info("re-queued %d analysis jobs left running", n_jobs)
@@ -124,8 +127,7 @@ class Node:
         peers = [AllowedPeer(s.name, s.ae_title, tuple(s.hosts)) for s in self.settings.scanners]
         self.scp = StorageSCP(
             ae_title=self.settings.node.ae_title, host=self.settings.node.host, port=self.settings.node.port,
-            peers=peers, ingestor=Ingestor(self.db, self.store, min_free_bytes=self.min_free_bytes,
-                              max_instance_bytes=self.settings.node.max_instance_mb << 20),
+            peers=peers, ingestor=Ingestor(self.db, self.store, min_free_bytes=self.min_free_bytes),
             spool_dir=self.store.spool, max_pdu=self.settings.node.max_pdu,
             max_associations=self.settings.node.max_associations, min_free_bytes=self.min_free_bytes,
         )

@@ -3,6 +3,7 @@
 Layout under ``data_dir``::
 
     spool/                         incoming C-STORE data while an association receives it
+    quarantine/                    files found in store/ at start-up that are not valid instances
     store/<study>/<series>/<sop>.dcm   received instances, exactly as received (file meta + dataset)
     outputs/<study>/<series>/<sop>.dcm objects the node made (SR, maps, reports)
 
@@ -27,6 +28,17 @@ log = logging.getLogger(__name__)
 _UID_RE = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
 TMP_PREFIX = ".tmp-"
 CHUNK = 1 << 20
+
+
+QUARANTINE = "quarantine"
+
+
+def quarantine_count(data_dir: str | Path) -> int:
+    """Files moved aside into ``data_dir/quarantine/`` (0 when there are none)."""
+    q = Path(data_dir) / QUARANTINE
+    if not q.is_dir():
+        return 0
+    return sum(1 for p in q.iterdir() if p.is_file())
 
 
 class InvalidUID(ValueError):
@@ -67,6 +79,7 @@ class FileStore:
         self.spool = self.root / "spool"
         self.store = self.root / "store"
         self.outputs = self.root / "outputs"
+        self.quarantine = self.root / QUARANTINE
 
     def prepare(self) -> None:
         for d in (self.root, self.spool, self.store, self.outputs):
@@ -139,6 +152,28 @@ class FileStore:
                     p.unlink(missing_ok=True)
                     n += 1
         return n
+
+    def store_files(self) -> list[Path]:
+        """Every file under store/ except the temporary files of interrupted writes."""
+        if not self.store.exists():
+            return []
+        return sorted(p for p in self.store.rglob("*") if p.is_file() and not p.name.startswith(TMP_PREFIX))
+
+    def quarantine_file(self, path: Path) -> Path:
+        """Move ``path`` (a file under the data folder) aside into quarantine/, named by the time,
+        a random token and its original name; durable (fsync of both folders). Returns the new path."""
+        from datetime import datetime, timezone
+
+        self.quarantine.mkdir(parents=True, exist_ok=True)
+        stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+        dst = self.quarantine / f"{stamp}-{secrets.token_hex(4)}-{path.name[:120]}"
+        os.replace(path, dst)
+        fsync_dir(self.quarantine)
+        fsync_dir(path.parent)
+        return dst
+
+    def quarantine_count(self) -> int:
+        return quarantine_count(self.root)
 
     def free_bytes(self) -> int:
         return shutil.disk_usage(self.root).free

@@ -270,3 +270,10 @@ def current_metrics(session: Session, series_id: int) -> dict[str, tuple[float |
         out[m.name] = (m.value, m.reason)
     return out
 
+
+
+def indexed_rel_paths(db: Database, series_instance_uid: str) -> set[str]:
+    """The stored paths of a series' indexed instances (start-up reconciliation of the store)."""
+    with db.engine.connect() as conn:
+        return set(conn.scalars(select(Instance.rel_path).join(Series, Instance.series_id == Series.id)
+                                .where(Series.series_instance_uid == series_instance_uid)))
