@@ -64,6 +64,12 @@ MULTIFRAME_CT_SOP_CLASSES = frozenset({ENHANCED_CT_IMAGE_STORAGE, LEGACY_CONVERT
 AIR_HU = -1024.0
 FILL_BELOW_HU = -1500.0  # anything below is an out-of-field fill value, not a measurement
 MAX_AXIAL_TILT_DEG = 45.0
+# Plausible CT numbers: a pixel above this (after rescale) is metal or garbage. Metal is compact;
+# the pixels of a corrupt compressed stream are scattered: a slice with more than
+# MAX_SCATTERED_FRACTION of its pixels above PLAUSIBLE_MAX_HU *and* without 4 such neighbours of their
+# 8 does not hold CT numbers.
+PLAUSIBLE_MAX_HU = 4000.0
+MAX_SCATTERED_FRACTION = 0.001
 # CTDIPhantomTypeCodeSequence code values (DCM) -> phantom diameter in cm
 CTDI_PHANTOM_CODES: dict[str, float] = {"113691": 32.0, "113690": 16.0}
 
@@ -489,6 +495,29 @@ def _permute_rows(arr: np.ndarray, order: list[int]) -> np.ndarray:
     return arr
 
 
+def check_plausible_hu(hu: np.ndarray, sop_instance_uids: Sequence[str] | None = None) -> None:
+    """ValueError when a slice's pixels do not decode to plausible CT numbers (see PLAUSIBLE_MAX_HU).
+
+    Padding and out-of-field fill are already air here. Only slices with many pixels above the
+    limit are examined (one box sum each), so an ordinary series costs one comparison per pixel."""
+    from scipy import ndimage
+
+    n_px = hu.shape[1] * hu.shape[2]
+    limit = MAX_SCATTERED_FRACTION * n_px
+    counts = np.count_nonzero((hu > PLAUSIBLE_MAX_HU).reshape(hu.shape[0], -1), axis=1)
+    for i in np.flatnonzero(counts > limit):
+        high = hu[i] > PLAUSIBLE_MAX_HU
+        neighbours = ndimage.uniform_filter(high.astype(np.float32), size=3, mode="constant") * 9.0 - high
+        scattered = int(np.count_nonzero(high & (neighbours < 3.5)))
+        if scattered > limit:
+            which = f" ({sop_instance_uids[i]})" if sop_instance_uids is not None else ""
+            raise ValueError(
+                f"pixels do not decode to plausible CT numbers: slice {i + 1} of {hu.shape[0]}{which} has "
+                f"{scattered / n_px:.2%} scattered pixels above {PLAUSIBLE_MAX_HU:.0f} HU (up to "
+                f"{float(hu[i].max()):.0f}); a corrupt compressed stream or wrong rescale"
+            )
+
+
 def load_series(paths: Sequence[str | Path]) -> CTVolume:
     """Read the files of one CT series into a sorted HU volume (see the module docstring)."""
     if isinstance(paths, (str, Path)):
@@ -556,6 +585,7 @@ def load_series(paths: Sequence[str | Path]) -> CTVolume:
         hu = _permute_rows(block[:n_block], [int(s.block_index) for s in ordered])  # type: ignore[arg-type]
     else:
         hu = np.stack([s.hu for s in ordered]).astype(np.float32, copy=False)
+    check_plausible_hu(hu, [s.sop_instance_uid for s in ordered])
     thicknesses = [s.thickness for s in ordered if s.thickness is not None]
     thickness = float(np.median(thicknesses)) if thicknesses else None
     meta["slice_thickness_mm"] = thickness
