@@ -39,7 +39,7 @@ matplotlib.use("Agg")  # never a GUI backend: the node and the CLI run headless
 from matplotlib.backends.backend_pdf import PdfPages  # noqa: E402
 from matplotlib.dates import AutoDateLocator, ConciseDateFormatter  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
-from sqlalchemy import select  # noqa: E402
+from sqlalchemy import distinct, func, select  # noqa: E402
 from sqlalchemy.orm import Session  # noqa: E402
 
 from reports.trend_settings import REPORT_FORMATS, ReportingSettings, TrendSettings  # noqa: E402
@@ -134,6 +134,14 @@ class ReportData:
     rows: tuple[tuple[str, str, str, str, str, datetime, float], ...]
     alerts: tuple[Alert, ...]
     events: tuple[ServiceEvent, ...]
+    # series of this scanner (same protocol/metric filters) whose acquisition date is outside the period
+    n_series_before: int = 0
+    n_series_after: int = 0
+
+    @property
+    def outside_text(self) -> str:
+        return (f"Series outside the period (by acquisition date): {self.n_series_before} before "
+                f"{self.since.isoformat()}, {self.n_series_after} after {self.until.isoformat()}")
 
     @property
     def metrics(self) -> list[str]:
@@ -226,12 +234,24 @@ def build_report(
     if protocols is not None:
         row_stmt = row_stmt.where(TrendPoint.protocol.in_(protocols))
     rows = tuple(tuple(r) for r in session.execute(row_stmt.order_by(TrendPoint.acquired_at, TrendPoint.id)))
+    # Series left out by their acquisition date (same filters): said in every report, never dropped silently.
+    outside = select(func.count(distinct(TrendPoint.series_instance_uid))).where(TrendPoint.scanner == scanner)
+    if metric is not None:
+        outside = outside.where(TrendPoint.metric == metric)
+    elif "*" not in settings.metrics:
+        outside = outside.where(TrendPoint.metric.in_(sorted(set(settings.metrics) | set(settings.limits))))
+    if protocols is not None:
+        outside = outside.where(TrendPoint.protocol.in_(protocols))
+    n_before = session.scalar(outside.where(TrendPoint.acquired_at < t0)) or 0
+    n_after = session.scalar(outside.where(TrendPoint.acquired_at >= t1)) or 0
     if not rows:
         what = " ".join(
             x for x in (f"protocol {protocol!r}" if protocol else "", f"metric {metric!r}" if metric else "") if x
         )
+        elsewhere = (f" ({n_before} series acquired before {since}, {n_after} after {until})"
+                     if n_before or n_after else "")
         raise ReportError(
-            f"no trend data for scanner {scanner}{' ' + what if what else ''} from {since} to {until}; "
+            f"no trend data for scanner {scanner}{' ' + what if what else ''} from {since} to {until}{elsewhere}; "
             "choose another period with --since/--until",
             EXIT_EMPTY,
         )
@@ -304,6 +324,8 @@ def build_report(
         rows=rows,
         alerts=tuple(alerts),
         events=tuple(events),
+        n_series_before=n_before,
+        n_series_after=n_after,
     )
 
 
@@ -336,6 +358,7 @@ def _header_lines(r: ReportData) -> list[str]:
         f"Period: {r.period_text} ({st.timezone} days); generated {r.generated_at.strftime('%Y-%m-%d %H:%M')} UTC",
         f"Series in period: {len({row[4] for row in r.rows})}; trend rows: {len(r.rows)}; alerts: {len(r.alerts)}; "
         f"service events: {len(r.events)}",
+        r.outside_text,
         f"Method: one chart point per day (or per few days until {st.series_per_point} series), median of its series; "
         f"baseline = first {st.baseline_n} series over >= {st.baseline_min_days} days"
         + (f" or {st.baseline_from}..{st.baseline_to}" if st.baseline_from else "")
@@ -417,7 +440,8 @@ def report_dict(r: ReportData) -> dict[str, Any]:
         "report": "ctqa-trends",
         "schema_version": JSON_SCHEMA_VERSION,
         "scanner": r.scanner,
-        "period": {"since": r.since.isoformat(), "until": r.until.isoformat(), "timezone": st.timezone},
+        "period": {"since": r.since.isoformat(), "until": r.until.isoformat(), "timezone": st.timezone,
+                   "series_before": r.n_series_before, "series_after": r.n_series_after},
         "generated_at": r.generated_at.isoformat(),
         "filters": {"protocol": r.protocol_filter, "metric": r.metric_filter},
         "method": {

@@ -8,6 +8,8 @@ import csv
 import io
 import json
 import re
+import shutil
+import subprocess
 from datetime import timedelta
 
 import numpy as np
@@ -107,7 +109,8 @@ def test_json_schema(report_db, tmp_path):
     assert rc == 0
     doc = json.loads(out.read_text())
     assert doc["report"] == "ctqa-trends" and doc["schema_version"] == 1 and doc["scanner"] == "CT1"
-    assert doc["period"] == {"since": SINCE.isoformat(), "until": UNTIL.isoformat(), "timezone": "UTC"}
+    assert doc["period"] == {"since": SINCE.isoformat(), "until": UNTIL.isoformat(), "timezone": "UTC",
+                             "series_before": 0, "series_after": 0}
     assert set(doc) == {"report", "schema_version", "scanner", "period", "generated_at", "filters", "method",
                         "charts", "alerts", "service_events", "rows"}
     assert len(doc["rows"]) == len(hist) * len(METRICS)
@@ -146,14 +149,64 @@ def test_html_one_chart_per_metric(report_db, tmp_path):
         assert float(np.std(img[..., :3])) > 0.05  # a drawn chart, not a blank image
 
 
+def _pdf_pages_text(data: bytes) -> list[str]:
+    """Text of each page (Ghostscript txtwrite), whitespace collapsed."""
+    out = subprocess.run(["gs", "-q", "-dNOPAUSE", "-dBATCH", "-dSAFER", "-sDEVICE=txtwrite", "-sOutputFile=-", "-"],
+                         input=data, capture_output=True, check=True, timeout=120).stdout.decode("utf-8", "replace")
+    return [" ".join(page.split()) for page in out.split("\f")]
+
+
 def test_pdf(report_db, tmp_path):
+    """The PDF carries the text report (same lines, 60 per page) and one chart page per metric."""
+    if shutil.which("gs") is None:
+        pytest.skip("Ghostscript (gs) not installed: cannot extract PDF text")
     db, _, _ = report_db
     rc, out = _run(db, tmp_path, "pdf")
     assert rc == 0
     data = out.read_bytes()
     assert data.startswith(b"%PDF") and data.rstrip().endswith(b"%%EOF")
+    _, txt = _run(db, tmp_path, "text")
+    lines = txt.read_text().splitlines()
+    n_text_pages = -(-len(lines) // 60)
     n_pages = len(re.findall(rb"/Type\s*/Page\b", data))
-    assert n_pages >= 1 + len(METRICS)
+    assert n_pages == n_text_pages + len(METRICS)
+    text = " ".join(_pdf_pages_text(data))
+    for line in lines:
+        if line.strip():
+            assert " ".join(line.split()) in text, f"text-report line missing from the PDF: {line!r}"
+    for metric in METRICS:
+        assert f"CT1 - {metric} - {SINCE.isoformat()} to {UNTIL.isoformat()}" in text, metric
+
+
+def test_series_outside_the_period_are_counted(report_db, tmp_path, capsys):
+    """A report of part of the history says how many series fall before and after its period."""
+    db, hist, _ = report_db
+    since, until = SINCE + timedelta(days=10), SINCE + timedelta(days=29)
+    before = {h.uid for h in hist if h.acquired_at.date() < since}
+    after = {h.uid for h in hist if h.acquired_at.date() > until}
+    assert before and after  # the fixture's history spans the whole 45 days
+    out = tmp_path / "part.json"
+    rc = qa_report.run(_args("--scanner", "CT1", "--since", since.isoformat(), "--until", until.isoformat(),
+                             "--format", "json", "--out", str(out)), db, ["CT1"], SETTINGS)
+    assert rc == 0
+    period = json.loads(out.read_text())["period"]
+    assert (period["series_before"], period["series_after"]) == (len(before), len(after))
+    txt = tmp_path / "part.txt"
+    assert qa_report.run(_args("--scanner", "CT1", "--since", since.isoformat(), "--until", until.isoformat(),
+                               "--out", str(txt)), db, ["CT1"], SETTINGS) == 0
+    assert (f"Series outside the period (by acquisition date): {len(before)} before {since.isoformat()}, "
+            f"{len(after)} after {until.isoformat()}") in txt.read_text().splitlines()
+    # a period with no series at all names where the series are
+    rc = qa_report.run(_args("--scanner", "CT1", "--since", "2020-01-01", "--until", "2020-02-01"),
+                       db, ["CT1"], SETTINGS)
+    assert rc != 0
+    assert f"(0 series acquired before 2020-01-01, {len(hist)} after 2020-02-01)" in capsys.readouterr().err
+    # the same history, the whole period: none outside
+    full = tmp_path / "full.txt"
+    assert qa_report.run(_args("--scanner", "CT1", "--since", SINCE.isoformat(), "--until", UNTIL.isoformat(),
+                               "--out", str(full)), db, ["CT1"], SETTINGS) == 0
+    assert (f"Series outside the period (by acquisition date): 0 before {SINCE.isoformat()}, 0 after "
+            f"{UNTIL.isoformat()}") in full.read_text()
 
 
 def test_unknown_scanner_lists_known_ones(report_db, tmp_path, capsys):
