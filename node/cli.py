@@ -7,6 +7,7 @@ traceback means a bug in the node.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import math
@@ -55,6 +56,51 @@ def _load_optional(args) -> Settings:
     if not explicit and not path.exists():
         return settings_from_dict({"node": {}}, "<defaults>")
     return load_settings(getattr(args, "config", None))
+
+
+class NoDatabase(Exception):
+    """The node's database does not exist (yet) or cannot be opened: one line, exit 1."""
+
+
+def _sqlite_path(url: str) -> Path | None:
+    """The file of a ``sqlite:///PATH`` URL (None for in-memory or other backends)."""
+    if not url.startswith("sqlite:"):
+        return None
+    rest = url.split(":///", 1)[1] if ":///" in url else ""
+    rest = rest.split("?", 1)[0]
+    return Path(rest) if rest and rest != ":memory:" else None
+
+
+def ensure_database_folder(url: str) -> None:
+    """``serve`` creates the folder of a SQLite database (the file itself comes with the tables)."""
+    path = _sqlite_path(url)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+
+
+def open_existing_database(url: str):
+    """The node's database for a command that reads what ``serve`` recorded. A database that is not
+    there yet (or has no node tables) raises NoDatabase with one clear line; it is never created here."""
+    from sqlalchemy import inspect
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from storage.db import Database
+
+    path = _sqlite_path(url)
+    shown = str(path) if path is not None else url.split("@")[-1]  # never print a password
+    if path is not None and not path.is_file():
+        raise NoDatabase(f"no database at {path}: start `qa-node serve` first")
+    db = Database(url)
+    try:
+        if "jobs" not in inspect(db.engine).get_table_names():
+            db.dispose()
+            raise NoDatabase(f"no node tables in the database at {shown}: start `qa-node serve` first")
+        db.create_all()  # adds columns a newer version needs (see storage.models.upgrade_schema)
+    except SQLAlchemyError as exc:
+        db.dispose()
+        reason = " ".join(str(getattr(exc, "orig", exc)).split())[:200]
+        raise NoDatabase(f"cannot open the database at {shown}: {reason}") from None
+    return db
 
 
 # -- analyze ---------------------------------------------------------------------------------------
@@ -178,6 +224,7 @@ def cmd_serve(args) -> int:
 
     settings = _load(args)
     setup_logging(settings.node.log_level)
+    ensure_database_folder(settings.node.database)
     node = Node(settings, min_free_bytes=int(args.min_free_mb * 1024 * 1024))
     stop = threading.Event()
 
@@ -206,53 +253,83 @@ def cmd_serve(args) -> int:
 
 
 # -- status ----------------------------------------------------------------------------------------
-def cmd_status(args) -> int:
+def status_dict(db) -> dict:
+    """Everything `qa-node status` shows, as JSON-ready data."""
     from sqlalchemy import func, select
 
-    from storage.db import Database
     from storage.models import InstanceConflict, Job, Series
+    from storage.repo import latest_jobs, output_counts, outputs_state
 
-    settings = _load(args)
-    db = Database(settings.node.database)
-    db.create_all()
     with db.session() as s:
         series = s.scalars(select(Series).order_by(Series.id)).all()
-        last_job = {}
-        for j in s.scalars(select(Job).order_by(Job.id)):
-            last_job[j.series_id] = j
+        last_job = latest_jobs(s)
+        n_out = output_counts(s)
         counts = dict(s.execute(select(Job.state, func.count()).group_by(Job.state)).all())
         conflicts = s.scalar(select(func.count()).select_from(InstanceConflict))
-        rows = [{
-            "series_instance_uid": x.series_instance_uid, "scanner": x.scanner_name, "state": x.state,
-            "n_instances": x.n_instances, "generation": x.generation, "completions": x.completions,
-            "last_received_at": x.last_received_at.isoformat(),
-            "job": None if x.id not in last_job else {
-                "id": last_job[x.id].id, "state": last_job[x.id].state, "outcome": last_job[x.id].outcome,
-                "error": last_job[x.id].error},
-        } for x in series]
+        rows = []
+        outputs_counts: dict[str, int] = defaultdict(int)
+        for x in series:
+            j = last_job.get(x.id)
+            if j is not None:
+                state, error = outputs_state(j, n_out.get(j.id, 0))
+            else:
+                state, error = ("pending" if x.state == "complete" else "none"), None
+            outputs_counts[state] += 1
+            rows.append({
+                "series_instance_uid": x.series_instance_uid, "scanner": x.scanner_name, "state": x.state,
+                "n_instances": x.n_instances, "generation": x.generation, "completions": x.completions,
+                "last_received_at": x.last_received_at.isoformat(),
+                "job": None if j is None else {"id": j.id, "state": j.state, "outcome": j.outcome, "error": j.error},
+                "outputs": state, "outputs_error": error,
+            })
+    return {"series": rows, "jobs": counts, "outputs": dict(outputs_counts), "instance_conflicts": conflicts}
+
+
+def cmd_status(args) -> int:
+    settings = _load(args)
+    db = open_existing_database(settings.node.database)
+    try:
+        data = status_dict(db)
+    finally:
+        db.dispose()
+    data["quarantined"] = _quarantined(settings)
     if args.json:
-        json.dump({"series": rows, "jobs": counts, "instance_conflicts": conflicts}, sys.stdout, indent=2)
+        json.dump(data, sys.stdout, indent=2)
         sys.stdout.write("\n")
         return EXIT_OK
-    print(f"{'series':<66} {'scanner':<8} {'state':<10} {'n':>5} {'gen':>3}  job")
+    rows = data["series"]
+    print(f"{'series':<66} {'scanner':<8} {'state':<10} {'n':>5} {'gen':>3}  {'job':<14} outputs")
     for r in rows:
         j = r["job"]
         js = "-" if j is None else f"{j['state']}{'/' + j['outcome'] if j['outcome'] else ''}"
+        why = r["outputs_error"] or (j["error"] if j and j["outcome"] in ("skipped", "failed") else None)
         print(f"{r['series_instance_uid']:<66} {r['scanner'] or '-':<8} {r['state']:<10} {r['n_instances']:>5} "
-              f"{r['generation']:>3}  {js}")
-    print("jobs: " + (", ".join(f"{k} {v}" for k, v in sorted(counts.items())) or "none"))
-    print(f"instance conflicts (same UID, different bytes): {conflicts}")
+              f"{r['generation']:>3}  {js:<14} {r['outputs']}{'  (' + why + ')' if why else ''}")
+    print("jobs: " + (", ".join(f"{k} {v}" for k, v in sorted(data["jobs"].items())) or "none"))
+    oc = data["outputs"]
+    print("outputs: " + (", ".join(f"{k} {v}" for k, v in sorted(oc.items())) or "none")
+          + (f"  <- {oc['failed']} series without results in PACS: see `qa-node rebuild-outputs --failed`"
+             if oc.get("failed") else ""))
+    print(f"instance conflicts (same UID, different bytes): {data['instance_conflicts']}")
+    if data["quarantined"] is not None:
+        print(f"quarantined files (invalid instances found in the store at start-up): {data['quarantined']}")
     return EXIT_OK
+
+
+def _quarantined(settings) -> int | None:
+    try:
+        from storage.filestore import quarantine_count
+    except ImportError:
+        return None
+    return quarantine_count(settings.node.data_dir)
 
 
 # -- outbox ----------------------------------------------------------------------------------------
 def cmd_outbox(args) -> int:
-    from storage.db import Database
     from storage.outbox import list_deliveries
 
     settings = _load(args)
-    db = Database(settings.node.database)
-    db.create_all()
+    db = open_existing_database(settings.node.database)
     rows = list_deliveries(db, args.state)
     if args.json:
         json.dump(rows, sys.stdout, indent=2)
@@ -274,18 +351,58 @@ def cmd_outbox(args) -> int:
 
 
 def cmd_resend(args) -> int:
-    from storage.db import Database
     from storage.outbox import resend
 
     if not (args.id or args.dead or args.pending):
         raise UsageError("say what to resend: --id N (repeatable), --dead or --pending")
     settings = _load(args)
-    db = Database(settings.node.database)
-    db.create_all()
+    db = open_existing_database(settings.node.database)
     n = resend(db, ids=args.id or (), dead=args.dead, pending=args.pending)
     print(f"{n} deliver{'y' if n == 1 else 'ies'} queued to be sent now (a running node sends them within "
           f"{settings.outbox.poll_s:g} s)")
     return EXIT_OK
+
+
+# -- rebuild-outputs -------------------------------------------------------------------------------
+def cmd_rebuild_outputs(args) -> int:
+    from analysis.pipeline import parse_models
+    from node.rebuild import rebuild_outputs
+    from storage.filestore import FileStore
+    from storage.repo import queue_reanalysis, series_for_rebuild
+
+    if bool(args.series) == bool(args.failed):
+        raise UsageError("say which outputs to rebuild: --series UID or --failed")
+    settings = _load(args)
+    db = open_existing_database(settings.node.database)
+    try:
+        try:
+            targets = series_for_rebuild(db, series_uid=args.series, failed=args.failed)
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
+        if not targets:
+            print("no series with failed outputs")
+            return EXIT_OK
+        if args.reanalyse:
+            models = parse_models(settings.analysis.models)
+            for series_id, _ in targets:
+                queue_reanalysis(db, series_id, models)
+            print(f"{len(targets)} series queued for a new analysis with {', '.join(models)} (a running "
+                  "`qa-node serve` picks them up; outputs, maps included, are rebuilt when it finishes)")
+            return EXIT_OK
+        store = FileStore(settings.node.data_dir)
+        failed = 0
+        for _, job_id in targets:
+            r = rebuild_outputs(settings, db, store, job_id)
+            failed += r.outputs != "written"
+            print(f"{r.series_instance_uid}  outputs {r.outputs}" + (f"  ({r.outputs_error})" if r.outputs_error else ""))
+        dest = ", ".join(d.name for d in settings.destinations)
+        print(f"{len(targets) - failed} of {len(targets)} series rebuilt from stored results"
+              + (f" and queued for {dest} (a running node sends them within {settings.outbox.poll_s:g} s)"
+                 if dest else " (no destinations configured)")
+              + "; Parametric Maps are not stored: use --reanalyse for maps")
+        return EXIT_FAILED if failed else EXIT_OK
+    finally:
+        db.dispose()
 
 
 # -- trends: service events, demo history ---------------------------------------------------------
@@ -306,6 +423,7 @@ def cmd_event_add(args) -> int:
         raise UsageError(f"--date must be YYYY-MM-DD, got {args.date!r}") from None
     tz = settings.reporting.trends.tz()
     occurred = datetime.combine(day, time(0, 0), tzinfo=tz).astimezone(timezone.utc)
+    ensure_database_folder(settings.node.database)
     db = Database(settings.node.database)
     db.create_all()
     with db.session() as s:
@@ -346,6 +464,11 @@ TRAINERS = {"n2q": "analysis.n2q_train", "d2iqa": "analysis.d2iqa_train"}
 def cmd_train(args) -> int:
     import importlib
 
+    if args.model is None:
+        args.train_parser.print_help(sys.stderr)
+        return EXIT_USAGE
+    if args.model not in TRAINERS:
+        raise UsageError(f"unknown model {args.model!r} to train; choose one of {', '.join(sorted(TRAINERS))}")
     module = importlib.import_module(TRAINERS[args.model])
     parser = argparse.ArgumentParser(prog=f"qa-node train {args.model}")
     module.add_arguments(parser)
@@ -364,11 +487,18 @@ def cmd_demo(args) -> int:
 
 
 # -- parser ----------------------------------------------------------------------------------------
+CONFIG_HELP = "configuration file (default: $CTQA_CONFIG, else ./config.toml)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="qa-node", description="CT QA Node: receive CT series over DICOM, "
                                 "measure image quality, send the results back to PACS.")
-    p.add_argument("--config", help="configuration file (default: $CTQA_CONFIG, else ./config.toml)")
+    p.add_argument("--config", help=CONFIG_HELP)
     sub = p.add_subparsers(dest="command", required=True)
+    # --config is accepted before or after the subcommand (`qa-node serve --config FILE`)
+    config = argparse.ArgumentParser(add_help=False)
+    config.add_argument("--config", default=argparse.SUPPRESS, help=CONFIG_HELP)
+    sub.add_parser = functools.partial(sub.add_parser, parents=[config])
 
     sp = sub.add_parser("serve", help="run the storage SCP, the scheduler and the analysis worker")
     sp.add_argument("--port-file", help="write the bound port here (useful with port = 0)")
@@ -398,8 +528,24 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--pending", action="store_true", help="every pending delivery, without waiting")
     sp.set_defaults(func=cmd_resend)
 
+    sp = sub.add_parser("rebuild-outputs", help="build and queue the outputs (SR, report) of analysed series "
+                        "again from the stored results, without re-running the models",
+                        description="Build and queue the outputs of analysed series again from the results "
+                        "stored in the database, without re-running the models. The database keeps series "
+                        "and per-slice metrics, not pixel maps: the SR and the readable report are rebuilt; "
+                        "a Parametric Map only where it was already written. --reanalyse re-runs the models "
+                        "(a new analysis job for a running `qa-node serve`), which rebuilds every output, "
+                        "maps included.")
+    what = sp.add_mutually_exclusive_group(required=True)
+    what.add_argument("--series", metavar="UID", help="one series (Series Instance UID)")
+    what.add_argument("--failed", action="store_true", help="every series whose outputs failed (see `qa-node status`)")
+    sp.add_argument("--reanalyse", action="store_true",
+                    help="re-run the models instead (queues a new analysis job; maps are rebuilt too)")
+    sp.set_defaults(func=cmd_rebuild_outputs)
+
     sp = sub.add_parser("event", help="service events (shown on charts; optionally a new baseline)")
     esub = sp.add_subparsers(dest="event_command", required=True)
+    esub.add_parser = functools.partial(esub.add_parser, parents=[config])
     ep = esub.add_parser("add", help="record a service event for a scanner")
     ep.add_argument("--scanner", required=True, help="scanner name from config.toml")
     ep.add_argument("--date", required=True, help="date of the event, YYYY-MM-DD (site time zone)")
@@ -415,10 +561,12 @@ def build_parser() -> argparse.ArgumentParser:
     sp.set_defaults(func=cmd_demo_history)
 
     sp = sub.add_parser("train", help="train a model (n2q or d2iqa); see `qa-node train MODEL --help`",
-                        add_help=False)
-    sp.add_argument("model", choices=sorted(TRAINERS))
-    sp.add_argument("rest", nargs=argparse.REMAINDER)
-    sp.set_defaults(func=cmd_train)
+                        usage=f"qa-node train {{{','.join(sorted(TRAINERS))}}} [options]",
+                        description="Train a model; `qa-node train MODEL --help` lists that model's options "
+                        "(see the model cards in analysis/weights/).")
+    sp.add_argument("model", nargs="?", help=f"one of {', '.join(sorted(TRAINERS))}")
+    sp.add_argument("rest", nargs=argparse.REMAINDER, help="the model's own options")
+    sp.set_defaults(func=cmd_train, train_parser=sp)
 
     sp = sub.add_parser("demo", help="start the node, push a series to it with a real SCU, print the results")
     sp.add_argument("--series", default=str(Path("..") / "shared" / "data" / "ct" / "philips_head_phantom" / "S2020_1mm_std"),
@@ -443,6 +591,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UsageError as exc:
         print(f"qa-node: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except NoDatabase as exc:
+        print(f"qa-node: {exc}", file=sys.stderr)
+        return EXIT_FAILED
     except KeyboardInterrupt:
         return 130
 
@@ -461,9 +612,11 @@ def report_main(argv: Sequence[str] | None = None) -> int:
     setup_logging("WARNING")
     try:
         settings = _load(args)
-        db = Database(args.database or settings.node.database)
-        db.create_all()
+        db = open_existing_database(args.database or settings.node.database)
         return int(qa_report.run(args, db, [s.name for s in settings.scanners], settings.reporting.trends))
     except ConfigError as exc:
         print(f"qa-report: configuration error: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except NoDatabase as exc:
+        print(f"qa-report: {exc}", file=sys.stderr)
+        return EXIT_FAILED

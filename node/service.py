@@ -9,12 +9,13 @@ from apscheduler.schedulers.background import BackgroundScheduler
 
 from analysis.pipeline import parse_models
 from node.config import Settings
-from node.worker import AnalysisWorker
+from node.worker import AfterJob, AnalysisWorker
 from scp.ingest import Ingestor
 from scp.sender import Destination, run_outbox
 from scp.server import AllowedPeer, StorageSCP
 from storage.db import Database
 from storage.filestore import FileStore
+from storage.models import OutputsState
 from storage.nodelock import NodeLock
 from storage.outbox import RetryPolicy
 from storage.repo import complete_due_series, requeue_running_jobs
@@ -75,6 +76,40 @@ class _Guarded:
             log.info("%s recovered after %d failed attempt(s)", self.name, self.failures)
             self.failures = 0
         return out
+
+
+def _one_line(exc: BaseException, limit: int = 300) -> str:
+    text = " ".join(str(exc).split())
+    text = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def write_and_judge_outputs(settings: Settings, db: Database, store: FileStore, job_id: int, result,
+                            evaluations=None) -> tuple[str, str | None]:
+    """Build, write and queue the outputs of an analysed series; return (outputs state, reason).
+
+    ``written`` when the SR and whatever else could be built are written and queued; an output left
+    out (e.g. a map for a source without Frame of Reference) is named in the reason but is not a
+    failure of the rest. ``failed`` when nothing, or no SR, could be written, with one ERROR line."""
+    from node.outputs import write_outputs
+
+    uid = result.series_instance_uid
+    try:
+        res = write_outputs(settings, db, store, job_id, result, evaluations)
+    except Exception as exc:  # any builder/write/queue error: the series must show it, never "done"
+        error = f"outputs not written: {_one_line(exc)}"
+        log.error("series %s: outputs failed: %s", uid, error)
+        log.debug("outputs failure", exc_info=True)
+        return OutputsState.FAILED, error
+    written = list(getattr(res, "written", res) or [])
+    failures = list(getattr(res, "failures", []) or [])
+    left_out = "; ".join(f"{kind}: {reason}" for kind, reason in failures) or None
+    if not written or not any(w.kind == "sr" for w in written):
+        what = "no output object" if not written else "no measurement report (SR)"
+        error = f"{what} could be built" + (f": {left_out}" if left_out else "")
+        log.error("series %s: outputs failed: %s", uid, error)
+        return OutputsState.FAILED, error
+    return OutputsState.WRITTEN, left_out
 
 
 def send_outbox(db: Database, store: FileStore, calling_ae: str, destinations: list[Destination],
@@ -165,29 +200,25 @@ class Node:
             self.worker.start()
         return port
 
-    def _after_job(self, job_id: int, result) -> str | None:
-        """For an analysed series: outputs written and queued for every destination. Returns a
-        note for the job when something failed (the analysis results are kept regardless)."""
+    def _after_job(self, job_id: int, result) -> AfterJob:
+        """For an analysed series: trends recorded, outputs written and queued for every destination.
+        Returns the outputs state for the job (the analysis results are kept regardless)."""
         from sqlalchemy.exc import SQLAlchemyError
 
-        from node.outputs import write_outputs
         from node.trending import record_and_evaluate
 
-        notes = []
+        note = None
         evaluations: dict[str, str] = {}
         try:
             evaluations = record_and_evaluate(self.settings, self.db, job_id, result)
         except (ValueError, SQLAlchemyError, RuntimeError) as exc:
-            log.exception("series %s: trend evaluation failed", result.series_instance_uid)
-            notes.append(f"trend evaluation failed: {type(exc).__name__}: {exc}")
-        try:
-            write_outputs(self.settings, self.db, self.store, job_id, result, evaluations)
-        except (ValueError, OSError, TypeError, AttributeError, KeyError) as exc:
-            log.exception("series %s: outputs not written", result.series_instance_uid)
-            notes.append(f"outputs not written: {type(exc).__name__}: {exc}")
+            log.error("series %s: trend evaluation failed: %s", result.series_instance_uid, _one_line(exc))
+            log.debug("trend evaluation failure", exc_info=True)
+            note = f"trend evaluation failed: {_one_line(exc)}"
+        state, error = write_and_judge_outputs(self.settings, self.db, self.store, job_id, result, evaluations)
         if self.scheduler is not None and self.scheduler.get_job("send_outbox") is not None:
             self.scheduler.modify_job("send_outbox", next_run_time=_now())
-        return "; ".join(notes) or None
+        return AfterJob(state, error, note)
 
     def stop(self) -> None:
         """Stop receiving, stop the scheduler and worker, and put unfinished work back in the queue."""

@@ -8,13 +8,14 @@ import socket
 import threading
 import uuid
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from analysis.pipeline import SeriesResult, analyse_series, parse_models
 from analysis.results import RunContext
 from node.config import Settings
 from storage.db import Database
 from storage.filestore import FileStore
-from storage.models import JobState
+from storage.models import JobState, OutputsState
 from storage.repo import RunRecord, claim_job, finish_job, job_files
 
 log = logging.getLogger(__name__)
@@ -55,10 +56,19 @@ def run_records(result: SeriesResult) -> list[RunRecord]:
     ]
 
 
-# Called for an analysed series before its job is closed: (job_id, series_result) -> a note for the
-# job's error text, or None. The results stage (SR / maps / outbox, trends) plugs in here, so the
-# worker does not depend on reports.
-AfterJobHook = Callable[[int, SeriesResult], "str | None"]
+@dataclass(frozen=True)
+class AfterJob:
+    """What the results stage did for an analysed series: the outputs state (``OutputsState``) with
+    its reason, and a note for the job's error text (e.g. a failed trend evaluation)."""
+
+    outputs: str
+    outputs_error: str | None = None
+    note: str | None = None
+
+
+# Called for an analysed series before its job is closed: (job_id, series_result) -> AfterJob. The
+# results stage (SR / maps / outbox, trends) plugs in here, so the worker does not depend on reports.
+AfterJobHook = Callable[[int, SeriesResult], AfterJob]
 
 
 class AnalysisWorker:
@@ -121,10 +131,20 @@ class AnalysisWorker:
         # Outputs (SR, maps, report) are written and queued before the job is closed: their UIDs are
         # derived from the series and its generation, so a job re-run after a crash re-creates the
         # same objects instead of sending duplicates.
-        notes = self.after_job(job_id, result) if self.after_job is not None and result.status == "done" else None
-        error = "; ".join(x for x in (result.reason, notes) if x) or None
+        if result.status != "done":
+            after = AfterJob(OutputsState.NONE)
+        elif self.after_job is None:
+            after = AfterJob(OutputsState.NONE, "no results stage in this worker")
+        else:
+            try:
+                after = self.after_job(job_id, result)
+            except Exception as exc:  # the analysis is kept; the series shows outputs failed, never done
+                log.exception("series %s: results stage failed unexpectedly", series.series_instance_uid)
+                after = AfterJob(OutputsState.FAILED, f"{type(exc).__name__}: {exc}")
+        error = "; ".join(x for x in (result.reason, after.note) if x) or None
         kept = finish_job(self.db, job_id, self.worker_id, state=state, error=error,
-                          outcome=result.status, runs=run_records(result), slice_refs=refs)
+                          outcome=result.status, runs=run_records(result), slice_refs=refs,
+                          outputs=after.outputs, outputs_error=after.outputs_error)
         if not kept:
             log.info("series %s: job %d was re-queued while running; results discarded", series.series_instance_uid, job_id)
             return None

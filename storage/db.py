@@ -78,6 +78,9 @@ class Database:
         except ModuleNotFoundError:
             pass
         Base.metadata.create_all(self.engine)
+        added = storage.models.upgrade_schema(self.engine)
+        if added:
+            log.info("database upgraded: added column(s) %s", ", ".join(added))
 
     @contextmanager
     def session(self) -> Iterator[Session]:

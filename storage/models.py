@@ -35,6 +35,15 @@ class JobState:
     FAILED = "failed"
 
 
+class OutputsState:
+    """What became of an analysed series' outputs (SR, maps, PDF), per job."""
+
+    PENDING = "pending"  # not built yet (job pending or running)
+    WRITTEN = "written"  # written and queued for every destination; outputs_error lists any left out
+    FAILED = "failed"  # nothing (or no SR) could be built, written or queued: outputs_error says why
+    NONE = "none"  # no outputs are due: the series was skipped or its analysis failed
+
+
 class Series(Base):
     __tablename__ = "series"
 
@@ -113,6 +122,9 @@ class Job(Base):
     outcome: Mapped[str | None] = mapped_column(String(16))  # analysis result: done | skipped | failed
     worker: Mapped[str | None] = mapped_column(String(128))  # who holds it while running
     error: Mapped[str | None] = mapped_column(Text)
+    # OutputsState; NULL while the job is pending/running (and in databases from before this column)
+    outputs: Mapped[str | None] = mapped_column(String(16))
+    outputs_error: Mapped[str | None] = mapped_column(Text)  # why outputs failed or which were left out
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     started_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
@@ -212,3 +224,30 @@ class Delivery(Base):
         # the sender's poll: due pending deliveries
         Index("ix_deliveries_state_next_attempt", "state", "next_attempt_at"),
     )
+
+
+# Columns added after the first release: (table, column, DDL type). ``create_all`` does not alter
+# existing tables, so ``upgrade_schema`` adds them to a database created by an earlier version.
+ADDED_COLUMNS: tuple[tuple[str, str, str], ...] = (
+    ("jobs", "outputs", "VARCHAR(16)"),
+    ("jobs", "outputs_error", "TEXT"),
+)
+
+
+def upgrade_schema(engine) -> list[str]:
+    """Add the nullable columns of ADDED_COLUMNS that an existing database lacks (SQLite and
+    PostgreSQL). Returns the ``table.column`` names added."""
+    from sqlalchemy import inspect, text
+
+    added = []
+    insp = inspect(engine)
+    tables = set(insp.get_table_names())
+    with engine.begin() as conn:
+        for table, column, ddl in ADDED_COLUMNS:
+            if table not in tables:
+                continue
+            if column in {c["name"] for c in inspect(conn).get_columns(table)}:
+                continue
+            conn.execute(text(f"ALTER TABLE {table} ADD COLUMN {column} {ddl}"))
+            added.append(f"{table}.{column}")
+    return added

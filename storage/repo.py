@@ -20,6 +20,8 @@ from storage.models import (
     InstanceConflict,
     Job,
     JobState,
+    OutputObject,
+    OutputsState,
     Series,
     SeriesMetric,
     SeriesState,
@@ -222,6 +224,8 @@ def finish_job(
     outcome: str | None = None,
     runs: Sequence[RunRecord] = (),
     slice_refs: Sequence[tuple[str, int | None]] = (),
+    outputs: str | None = None,
+    outputs_error: str | None = None,
 ) -> bool:
     """Store results and close the job in one transaction, only if this worker still holds it.
     Older results of the same series are marked superseded (``current = False``), never duplicated.
@@ -256,6 +260,9 @@ def finish_job(
         job.state = state
         job.error = error
         job.outcome = outcome
+        job.outputs = outputs if outputs is not None else (
+            OutputsState.NONE if outcome != "done" else None)
+        job.outputs_error = outputs_error
         job.finished_at = utcnow()
         job.worker = None
         return True
@@ -270,6 +277,105 @@ def current_metrics(session: Session, series_id: int) -> dict[str, tuple[float |
         out[m.name] = (m.value, m.reason)
     return out
 
+
+
+def outputs_state(job: Job, n_outputs: int) -> tuple[str, str | None]:
+    """(outputs state, error) of a job as shown by ``qa-node status``. A job finished by a version
+    before the outputs column is judged by what it recorded in the outbox."""
+    if job.outputs:
+        return job.outputs, job.outputs_error
+    if job.state in (JobState.PENDING, JobState.RUNNING):
+        return OutputsState.PENDING, None
+    if job.outcome != "done":
+        return OutputsState.NONE, None
+    if n_outputs:
+        return OutputsState.WRITTEN, None
+    return OutputsState.FAILED, job.error or "no output recorded for this analysis"
+
+
+def set_outputs_state(db: Database, job_id: int, state: str, error: str | None) -> None:
+    with db.session() as s:
+        s.execute(update(Job).where(Job.id == job_id).values(outputs=state, outputs_error=error))
+
+
+def latest_jobs(session: Session) -> dict[int, Job]:
+    """series id -> its newest job."""
+    last: dict[int, Job] = {}
+    for j in session.scalars(select(Job).order_by(Job.id)):
+        last[j.series_id] = j
+    return last
+
+
+def output_counts(session: Session) -> dict[int, int]:
+    """job id -> number of output objects recorded for it."""
+    from sqlalchemy import func
+
+    return dict(session.execute(select(OutputObject.job_id, func.count()).group_by(OutputObject.job_id)).all())
+
+
+@dataclass
+class StoredRun:
+    """One current model run as stored: what an output rebuild needs instead of the model."""
+
+    model: str
+    algorithm: str
+    version: str
+    weights_sha256: str | None
+    info: dict[str, str]
+    series_metrics: dict[str, float | None]
+    reasons: dict[str, str]
+    slice_metrics: dict[str, list[float]]  # name -> value per slice index (NaN where none was stored)
+
+
+def stored_runs(db: Database, series_id: int, n_slices: int) -> list[StoredRun]:
+    """The current runs of a series with their series and per-slice metrics, in run order."""
+    out = []
+    with db.session() as s:
+        runs = s.scalars(select(AnalysisRun).where(AnalysisRun.series_id == series_id,
+                                                   AnalysisRun.current.is_(True)).order_by(AnalysisRun.id)).all()
+        for run in runs:
+            metrics = s.scalars(select(SeriesMetric).where(SeriesMetric.run_id == run.id)
+                                .order_by(SeriesMetric.id)).all()
+            slices: dict[str, list[float]] = {}
+            for m in s.scalars(select(SliceMetric).where(SliceMetric.run_id == run.id)):
+                values = slices.setdefault(m.name, [math.nan] * n_slices)
+                if 0 <= m.slice_index < n_slices:
+                    values[m.slice_index] = m.value if m.value is not None else math.nan
+            out.append(StoredRun(run.model, run.algorithm, run.version, run.weights_sha256,
+                                 json.loads(run.info) if run.info else {},
+                                 {m.name: m.value for m in metrics},
+                                 {m.name: m.reason for m in metrics if m.reason}, slices))
+    return out
+
+
+def series_for_rebuild(db: Database, *, series_uid: str | None = None, failed: bool = False) -> list[tuple[int, int]]:
+    """(series id, newest job id) of analysed series to rebuild: one by UID, or every series whose
+    newest job's outputs failed. An unknown UID or a series never analysed raises ValueError."""
+    with db.session() as s:
+        last = latest_jobs(s)
+        counts = output_counts(s)
+        if series_uid is not None:
+            sid = s.scalar(select(Series.id).where(Series.series_instance_uid == series_uid))
+            if sid is None:
+                raise ValueError(f"no series {series_uid} in the database")
+            job = last.get(sid)
+            if job is None or job.state != JobState.DONE or job.outcome != "done":
+                state = "never analysed" if job is None else f"job {job.state}/{job.outcome or '-'}"
+                raise ValueError(f"series {series_uid} has no completed analysis to build outputs from ({state})")
+            return [(sid, job.id)]
+        return [(sid, job.id) for sid, job in sorted(last.items())
+                if failed and job.state == JobState.DONE and job.outcome == "done"
+                and outputs_state(job, counts.get(job.id, 0))[0] == OutputsState.FAILED]
+
+
+def queue_reanalysis(db: Database, series_id: int, models: Sequence[str]) -> int:
+    """A new pending analysis job for the series' current generation (a running node picks it up)."""
+    with db.session() as s:
+        series = s.get(Series, series_id)
+        job = Job(series_id=series_id, generation=series.generation, state=JobState.PENDING, models=",".join(models))
+        s.add(job)
+        s.flush()
+        return job.id
 
 
 def indexed_rel_paths(db: Database, series_instance_uid: str) -> set[str]:

@@ -1,0 +1,95 @@
+"""``qa-node rebuild-outputs``: build and queue the outputs of analysed series again from the results
+stored in the database, without running the models.
+
+What the database keeps per analysis: every model's series metrics (with the reason a metric is
+absent), its per-slice metrics, algorithm name, version and weights checksum. It does not keep the
+pixel maps (local noise SD, N2Q quality): a rebuild from stored results therefore writes the SR and
+the readable report, and a Parametric Map only where the original one was already written (its file
+and outbox row are kept; the same deterministic UIDs are used). ``--reanalyse`` queues a new analysis
+job instead, which re-runs the models and rebuilds every output, maps included.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+
+from analysis.pipeline import SeriesResult
+from analysis.results import ModelOutput, SeriesSkipped
+from node.config import Settings
+from storage.db import Database
+from storage.filestore import FileStore
+from storage.models import OutputsState
+from storage.repo import job_files, set_outputs_state, stored_runs
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Rebuilt:
+    series_instance_uid: str
+    outputs: str  # OutputsState
+    outputs_error: str | None
+
+
+def result_from_storage(db: Database, store: FileStore, job_id: int) -> SeriesResult:
+    """The SeriesResult of a finished job, from its stored runs and the stored instances (pixels are
+    decoded to rebuild the volume's geometry and headers; no model runs). Maps are absent."""
+    from analysis.volume import load_series
+
+    job, series, rel_paths = job_files(db, job_id)
+    try:
+        volume = load_series([store.abs(p) for p in rel_paths])
+    except (SeriesSkipped, ValueError, OSError) as exc:
+        raise ValueError(f"cannot reload the stored instances: {exc}") from None
+    runs = stored_runs(db, series.id, volume.n_slices)
+    if not runs:
+        raise ValueError("no stored results for this series (analyse it again with --reanalyse)")
+    outputs = [ModelOutput(name=r.model, algorithm=r.algorithm, version=r.version, weights_sha256=r.weights_sha256,
+                           series_metrics=dict(r.series_metrics), reasons=dict(r.reasons),
+                           slice_metrics={k: np.asarray(v, float) for k, v in r.slice_metrics.items()},
+                           info=dict(r.info))
+               for r in runs]
+    return SeriesResult(series.series_instance_uid, series.study_instance_uid, len(rel_paths), "done", None,
+                        outputs, volume)
+
+
+def rebuild_outputs(settings: Settings, db: Database, store: FileStore, job_id: int) -> Rebuilt:
+    """Rebuild, write and queue the outputs of one finished job; record its new outputs state."""
+    from node.service import _one_line, write_and_judge_outputs
+    from node.trending import record_and_evaluate
+
+    job, series, _ = job_files(db, job_id)
+    uid = series.series_instance_uid
+    try:
+        result = result_from_storage(db, store, job_id)
+    except ValueError as exc:
+        error = f"rebuild failed: {exc}"
+        log.error("series %s: outputs failed: %s", uid, error)
+        set_outputs_state(db, job_id, OutputsState.FAILED, error)
+        return Rebuilt(uid, OutputsState.FAILED, error)
+    try:
+        evaluations = record_and_evaluate(settings, db, job_id, result)
+    except Exception as exc:  # the outputs still go, without the qualitative evaluation
+        log.error("series %s: trend evaluation failed: %s", uid, _one_line(exc))
+        evaluations = {}
+    state, error = write_and_judge_outputs(settings, db, store, job_id, result, evaluations)
+    if state == OutputsState.WRITTEN and not _has_map(db, job_id):
+        error = "; ".join(x for x in (error, MAPS_NOT_STORED) if x)
+    set_outputs_state(db, job_id, state, error)
+    return Rebuilt(uid, state, error)
+
+
+MAPS_NOT_STORED = "rebuilt from stored results: Parametric Maps are not stored (qa-node rebuild-outputs --reanalyse)"
+
+
+def _has_map(db: Database, job_id: int) -> bool:
+    from sqlalchemy import func, select
+
+    from storage.models import OutputObject
+
+    with db.session() as s:
+        return bool(s.scalar(select(func.count()).select_from(OutputObject)
+                             .where(OutputObject.job_id == job_id, OutputObject.kind == "pmap")))
