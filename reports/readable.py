@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 import logging
 import math
+import textwrap
 from collections.abc import Sequence
 from datetime import datetime, timezone
 
@@ -19,6 +20,7 @@ import highdicom as hd
 import numpy as np
 from matplotlib.backends.backend_pdf import PdfPages
 from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
 from pydicom import Dataset
 from pydicom.uid import UID
 
@@ -32,22 +34,55 @@ ENCAPSULATED_PDF_STORAGE = UID("1.2.840.10008.5.1.4.1.1.104.1")
 DOCUMENT_TITLE = "CT image quality report"
 
 
-def _fmt(value: float | None) -> str:
-    if value is None or not math.isfinite(value):
+def format_number(value: float | None, unit: str = "") -> str:
+    """A value as the report prints it: integers as integers, otherwise 3 significant digits
+    (no exponent between 0.001 and 10^6), the unit after a space; "n/a" for no value."""
+    if value is None or not math.isfinite(float(value)):
         return "n/a"
-    a = abs(value)
-    if a == 0 or 0.01 <= a < 1e5:
-        return f"{value:.3g}" if a < 10 else f"{value:.1f}" if a < 1000 else f"{value:.0f}"
-    return f"{value:.3e}"
+    v = float(value)
+    a = abs(v)
+    if v.is_integer() and a < 1e6:
+        text = str(int(v))
+    elif 1e-3 <= a < 1e6:
+        decimals = 2 - int(math.floor(math.log10(a)))
+        rounded = round(v, decimals)
+        if abs(rounded) >= 10 ** (3 - decimals):  # 9.996 -> 10.0: one digit more before the point
+            decimals -= 1
+            rounded = round(v, decimals)
+        text = f"{rounded:.{max(decimals, 0)}f}" if decimals > 0 else str(int(round(rounded)))
+    else:
+        text = f"{v:.2e}"
+    return f"{text} {unit}".strip() if unit and unit not in ("1", "no unit") else text
 
 
-def _remark(m: ReportMetric) -> str:
+#: What each score means and which way is better: one line each in the report.
+MEANING: dict[str, str] = {
+    "global_noise_hu": "image noise in soft tissue (mode of the local SD); lower is less noisy, at equal dose",
+    "wed_cm": "patient size as the water-equivalent diameter; describes the patient, neither better nor worse",
+    "ctdivol_mgy": "scanner-reported dose index; lower is less dose, for the same image quality",
+    "ssde_mgy": "size-specific dose estimate (CTDIvol corrected for patient size); lower is less dose",
+    "nps_f_peak_per_mm": "peak of the noise power spectrum; higher means finer-grained noise (sharper kernel)",
+    "nps_f_avg_per_mm": "mean frequency of the noise power spectrum; higher means finer-grained noise",
+    "mean_hu_tissue": "mean CT number of soft tissue; should stay stable for the protocol",
+    "n2q_mean_quality": "learned image quality (SSIM units, 0-1) over the body; higher is better",
+    "n2q_p05_quality": "5th percentile of the learned quality over the body; higher is better",
+    "n2q_low_fraction": "fraction of the body below the low-quality threshold; lower is better",
+    "d2iqa_score": "learned lesion detectability (mAP, 0-1); higher is better",
+    "ldctiqa_score": "learned radiologist-like quality score (0-4); higher is better",
+}
+
+
+#: Rows that describe the acquisition rather than score it: no baseline column.
+CONTEXT_KEYS = frozenset({"n_slices", "kvp", "slice_thickness_mm", "scan_length_mm"})
+
+
+def _status(m: ReportMetric) -> str:
     parts = []
     if m.evaluation is not None:
         parts.append("within limits" if m.evaluation.value == "within" else "OUTSIDE limits")
     if m.control_limits is not None:
         lo, hi = m.control_limits.lower, m.control_limits.upper
-        parts.append(f"[{'-' if lo is None else _fmt(lo)}, {'-' if hi is None else _fmt(hi)}]")
+        parts.append(f"[{'-' if lo is None else format_number(lo)}, {'-' if hi is None else format_number(hi)}]")
     if m.value is None or not math.isfinite(m.value):
         parts.append(m.note or "not measured")
     elif m.note:
@@ -75,7 +110,27 @@ def _header_text(src: Dataset, scanner_name: str) -> list[tuple[str, str]]:
     ]
 
 
-def render_pdf(
+_PAGE_W, _PAGE_H = 8.27, 11.69  # A4 portrait, inches
+_LEFT, _RIGHT = 0.07, 0.93
+
+
+def _wrap(text: str, width_frac: float, fontsize: float) -> list[str]:
+    """Lines of ``text`` that fit ``width_frac`` of the page width at ``fontsize`` (DejaVu Sans
+    averages about 0.55 em per character; 0.6 keeps a margin)."""
+    chars = max(8, int(width_frac * _PAGE_W * 72 / (0.6 * fontsize)))
+    return textwrap.wrap(text, chars) or [""]
+
+
+def render_pdf(*args, **kwargs) -> bytes:
+    """The PDF bytes of the readable report (no patient identifiers in it); see ``report_figure``."""
+    fig = report_figure(*args, **kwargs)
+    buf = io.BytesIO()
+    with PdfPages(buf, metadata={"Title": DOCUMENT_TITLE, "Creator": kwargs["device"].model_name}) as pdf:
+        pdf.savefig(fig)
+    return buf.getvalue()
+
+
+def report_figure(
     source: Dataset,
     metrics: Sequence[ReportMetric],
     scanner_name: str,
@@ -87,40 +142,58 @@ def render_pdf(
     map_unit: str | None = None,
     baselines: dict[str, float] | None = None,
     omitted_outputs: Sequence[tuple[str, str]] = (),
-) -> bytes:
-    """The PDF bytes of the readable report (no patient identifiers in it)."""
-    fig = Figure(figsize=(8.27, 11.69))  # A4 portrait
-    fig.text(0.07, 0.955, DOCUMENT_TITLE, fontsize=18, weight="bold")
-    fig.text(
-        0.07,
-        0.935,
-        f"{device.model_name} {device.software_version} - created {created:%Y-%m-%d %H:%M} UTC",
-        fontsize=8,
-        color="0.35",
-    )
-    y = 0.9
+) -> Figure:
+    """The one A4 page of the readable report. Every text is wrapped to its column, so nothing runs
+    off the page."""
+    fig = Figure(figsize=(_PAGE_W, _PAGE_H))
+    fig.text(_LEFT, 0.955, DOCUMENT_TITLE, fontsize=18, weight="bold")
+    fig.text(_LEFT, 0.935, f"{device.model_name} {device.software_version} - created {created:%Y-%m-%d %H:%M} UTC",
+             fontsize=8, color="0.35")
+    y = 0.905
     for k, v in _header_text(source, scanner_name):
-        fig.text(0.07, y, k, fontsize=10, color="0.3")
-        fig.text(0.32, y, v[:70], fontsize=10)
-        y -= 0.022
+        fig.text(_LEFT, y, k, fontsize=9.5, color="0.3")
+        fig.text(0.30, y, _wrap(v, _RIGHT - 0.30, 9.5)[0], fontsize=9.5)
+        y -= 0.019
 
-    table_bottom = 0.37
-    table_ax = fig.add_axes((0.07, table_bottom, 0.86, y - table_bottom))
-    table_ax.axis("off")
-    rows = [[m.label, _fmt(m.value), m.unit, _remark(m)] for m in metrics]
-    if rows:
-        table = table_ax.table(
-            cellText=rows,
-            colLabels=["Measurement", "Value", "Unit", "Control limits / note"],
-            colWidths=[0.40, 0.15, 0.10, 0.35],
-            cellLoc="left",
-            # rows of at most 0.22 inch, top-aligned: a long table shrinks instead of overflowing
-            bbox=(0.0, 1.0 - (h := min(1.0, (len(rows) + 1) * 0.22 / ((y - table_bottom) * 11.69))), 1.0, h),
-        )
-        table.auto_set_font_size(False)
-        table.set_fontsize(9 if len(rows) <= 24 else 7)
-    else:
-        table_ax.text(0, 1, "No measurements.", va="top")
+    # key-number table: columns as fractions of the page width
+    fs = 8.5 if len(metrics) <= 16 else 7.5
+    line = fs * 1.35 / 72 / _PAGE_H
+    cols = ((_LEFT, 0.26, "Measurement"), (0.33, 0.13, "Value"), (0.46, 0.16, "Baseline"),
+            (0.62, _RIGHT - 0.62, "Status / note"))
+    y -= 0.012
+    for x, _, title in cols:
+        fig.text(x, y, title, fontsize=fs, weight="bold")
+    y -= 0.004
+    fig.add_artist(Line2D([_LEFT, _RIGHT], [y, y], color="0.5", linewidth=0.6))
+    y -= line * 1.05
+    baselines = baselines or {}
+    for m in metrics:
+        base = baselines.get(m.key)
+        baseline = ("" if m.key in CONTEXT_KEYS else "no baseline yet") if base is None else format_number(base, m.unit)
+        cells = (m.label, format_number(m.value, m.unit), baseline, _status(m))
+        wrapped = [_wrap(text, w - 0.01, fs) for (_, w, _), text in zip(cols, cells)]
+        for (x, _, _), lines in zip(cols, wrapped):
+            for j, text in enumerate(lines):
+                fig.text(x, y - j * line, text, fontsize=fs,
+                         color="0.45" if text == "no baseline yet" else ("#b00000" if "OUTSIDE" in text else "black"))
+        y -= line * max(len(w) for w in wrapped) + line * 0.3
+
+    meanings = [(m.label, MEANING[m.key]) for m in metrics if m.key in MEANING]
+    if meanings:
+        y -= line * 0.6
+        fig.text(_LEFT, y, "What the numbers mean", fontsize=fs + 0.5, weight="bold")
+        y -= line * 1.2
+        for label, text in meanings:
+            for j, t in enumerate(_wrap(f"{label}: {text}", _RIGHT - _LEFT, fs - 0.5)):
+                fig.text(_LEFT, y, t, fontsize=fs - 0.5, color="0.2")
+                y -= line * 0.95
+    if omitted_outputs:
+        y -= line * 0.6
+        for kind, why in omitted_outputs:
+            name = f"Parametric Map {kind[5:]}" if kind.startswith("pmap:") else kind
+            for t in _wrap(f"Not produced: {name}: {why}", _RIGHT - _LEFT, fs - 0.5):
+                fig.text(_LEFT, y, t, fontsize=fs - 0.5, color="#b00000")
+                y -= line * 0.95
 
     if map_values is not None:
         mid = map_values.shape[0] // 2
@@ -129,16 +202,17 @@ def render_pdf(
         thumb = frame[::step, ::step]
         finite = thumb[np.isfinite(thumb)]
         vmin, vmax = (np.percentile(finite, [1, 99]) if finite.size else (0.0, 1.0))
-        ax = fig.add_axes((0.2, 0.04, 0.5, 0.28))
+        top = min(y - 0.03, 0.34)
+        height = max(0.12, top - 0.04)
+        ax = fig.add_axes((0.2, 0.035, 0.5, height))
         im = ax.imshow(thumb, cmap="viridis", vmin=vmin, vmax=vmax, interpolation="nearest")
-        ax.set_title(f"{map_label or 'Map'} - slice {mid + 1} of {map_values.shape[0]}", fontsize=10)
+        ax.set_title(f"{map_label or 'Map'} - slice {mid + 1} of {map_values.shape[0]}", fontsize=9)
         ax.set_xticks([])
         ax.set_yticks([])
-        fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
-    buf = io.BytesIO()
-    with PdfPages(buf, metadata={"Title": DOCUMENT_TITLE, "Creator": device.model_name}) as pdf:
-        pdf.savefig(fig)
-    return buf.getvalue()
+        bar = fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
+        bar.set_label(f"{map_label or 'Map'} ({map_unit or 'no unit'})", fontsize=8)
+        bar.ax.tick_params(labelsize=7)
+    return fig
 
 
 def build_readable_report(

@@ -15,7 +15,7 @@ import pytest
 
 from reports.codes import CATALOGUE
 from reports.inputs import ControlLimits, Evaluation
-from reports.readable import ENCAPSULATED_PDF_STORAGE, build_readable_report, pdf_bytes, report_metric
+from reports.readable import ENCAPSULATED_PDF_STORAGE, build_readable_report, format_number, pdf_bytes, report_metric
 from tests.unit.report_sources import assert_patient_study_copied
 
 CREATED = datetime(2026, 3, 4, 5, 6, 7, tzinfo=timezone.utc)
@@ -36,7 +36,9 @@ METRICS = [
 def report(headers) -> pydicom.Dataset:
     values = np.random.default_rng(0).gamma(3.0, 2.0, (len(headers), 512, 512)).astype(np.float32)
     ds = build_readable_report(
-        headers, METRICS, "CT4 (Ingenuity, room 2)", values, "Local noise SD (HU)", 9004, created=CREATED
+        headers, METRICS, "CT4 (Ingenuity, room 2)", values, "Local noise SD (HU)", 9004, created=CREATED,
+        map_unit="HU", baselines={"wed_cm": 16.0},
+        omitted_outputs=[("pmap:n2q_quality", "the source has no FrameOfReferenceUID")],
     )
     buf = io.BytesIO()
     ds.save_as(buf, enforce_file_format=True)
@@ -87,15 +89,51 @@ def test_pdf_text_has_key_numbers_and_scanner(headers, report) -> None:
         f"{src.Manufacturer} / {src.ManufacturerModelName}",
         f"{src.StationName} / {src.DeviceSerialNumber}",
         "2015-02-06",  # AcquisitionDate of the phantom series
-        "Global noise 4.84 HU within limits; [3.9, 5.6]",
-        "Water-equivalent diameter 17.2 cm",
-        "SSDE 29.9 mGy OUTSIDE limits",
-        "CTDIvol n/a mGy no CTDIvol in headers",
-        "Slices analysed 28",
+        "Global noise 4.84 HU no baseline yet within limits; [3.90, 5.60]",
+        "Water-equivalent diameter 17.2 cm 16 cm",  # its baseline, given
+        "SSDE 29.9 mGy no baseline yet OUTSIDE limits",
+        "CTDIvol n/a no baseline yet no CTDIvol in headers",
+        "Slices analysed 28 What the numbers mean",  # a context row: no baseline column
+        "Global noise: image noise in soft tissue (mode of the local SD); lower is less noisy, at equal dose",
+        "SSDE: size-speci",  # gs extracts the "fi" ligature as one glyph
         "Local noise SD (HU) - slice 15 of 28",
+        "Not produced: Parametric Map n2q_quality: the source has no FrameOfReferenceUID",
     ):
         assert expected in text, f"{expected!r} not in PDF text: {text[:800]}"
     assert str(src.PatientID) not in text
+
+
+@pytest.mark.parametrize("value,unit,text", [
+    (28, "", "28"), (28.0, "slices", "28 slices"), (120.0, "kV", "120 kV"), (5.0, "mm", "5 mm"),
+    (4.8372, "HU", "4.84 HU"), (17.25, "cm", "17.2 cm"), (0.5, "1", "0.500"), (0.0123456, "/mm", "0.0123 /mm"),
+    (9.996, "", "10.0"), (1234.5, "mGy", "1230 mGy"), (-12.345, "HU", "-12.3 HU"), (0.0, "HU", "0 HU"),
+    (1.5e-5, "", "1.50e-05"), (None, "HU", "n/a"), (float("nan"), "HU", "n/a"),
+])
+def test_numbers_integers_as_integers_else_three_significant_digits(value, unit, text) -> None:
+    assert format_number(value, unit) == text
+
+
+def test_page_fits_and_colour_bar_names_the_unit(headers) -> None:
+    """Every text lies inside the page (also a long reason), and the colour bar is labelled with the unit."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    from reports.inputs import DeviceInfo
+    from reports.readable import report_figure
+
+    long_note = "not measurable in any slice: " + "27 slice(s) with too few soft-tissue pixels; " * 6
+    metrics = [*METRICS, _metric("nps_f_peak_per_mm", None, note=long_note)]
+    values = np.ones((3, 64, 64), np.float32)
+    fig = report_figure(headers[0], metrics, "CT4", values, "Local noise SD", device=DeviceInfo(),
+                        created=CREATED, map_unit="HU")
+    canvas = FigureCanvasAgg(fig)
+    renderer = canvas.get_renderer()
+    w, h = fig.bbox.width, fig.bbox.height
+    texts = [t for t in fig.texts if t.get_text()]
+    assert any("27 slice(s)" in t.get_text() for t in texts)
+    for t in texts:
+        box = t.get_window_extent(renderer)
+        assert box.x0 >= 0 and box.x1 <= w and box.y0 >= 0 and box.y1 <= h, f"{t.get_text()!r} leaves the page"
+    assert fig.axes[-1].get_ylabel() == "Local noise SD (HU)"
 
 
 def test_report_metric_uses_catalogue() -> None:
