@@ -8,7 +8,7 @@ import re
 import warnings
 from collections.abc import Iterator, Sequence
 
-from pydicom import Dataset
+from pydicom import DataElement, Dataset
 from pydicom.uid import generate_uid
 
 logger = logging.getLogger(__name__)
@@ -247,7 +247,7 @@ def clean_source(ds: Dataset, problems: dict[str, str] | None = None) -> Dataset
         if why is None:
             continue
         if kw in TYPE2_PATIENT_STUDY or kw == "SliceThickness":
-            out[kw].value = None
+            out[kw] = DataElement(elem.tag, elem.VR, None)  # a new element: the source keeps its own
             problems[kw] = f"{why}: written empty"
         else:
             del out[kw]

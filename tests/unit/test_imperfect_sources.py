@@ -1,0 +1,161 @@
+"""Outputs from the world's data: real corpus files with absent Type 2 attributes, an empty or
+single-code-extension character set, an invalid date, no Frame of Reference, PatientIdentityRemoved
+without a method, and a crafted negative SpacingBetweenSlices. Each goes through the node's
+``build_outputs`` (basic + classical on the real pixels) and every object is written and read back."""
+
+from __future__ import annotations
+
+import io
+import logging
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+
+from analysis.pipeline import analyse_series
+from analysis.results import RunContext
+from analysis.volume import check_plausible_hu
+from node.outputs import build_outputs
+from reports.common import TYPE2_PATIENT_STUDY, clean_source
+from reports.sr import read_notes
+from tests.unit.report_sources import DATA
+
+CORPUS = DATA / "corpus"
+
+
+def _files(folder: str) -> list[Path]:
+    d = CORPUS / folder
+    if not d.is_dir():
+        pytest.skip(f"corpus folder {d} not found")
+    return sorted(p for p in d.iterdir() if p.is_file())
+
+
+def _build(folder: str):
+    result = analyse_series(_files(folder), ["basic", "classical"], RunContext(device="cpu"))
+    assert result.status == "done", result.reason
+    built = build_outputs(result, "CT1", uid_seed=f"test:{folder}")
+    back = {}
+    for kind, ds in built.objects:
+        buf = io.BytesIO()
+        ds.save_as(buf, enforce_file_format=True)
+        back[kind] = pydicom.dcmread(io.BytesIO(buf.getvalue()))
+    return built, back
+
+
+def test_absent_type2_written_empty_and_nothing_lost() -> None:
+    """GE 693: no PatientSex/BirthDate values, empty StudyDate/Time, no FrameOfReferenceUID."""
+    src = pydicom.dcmread(_files("pylibjpeg-data/GE_coreload_693_J2K_lossy")[0], stop_before_pixels=True)
+    assert "FrameOfReferenceUID" not in src
+    built, back = _build("pylibjpeg-data/GE_coreload_693_J2K_lossy")
+    assert sorted(back) == ["pdf", "sr"]
+    assert built.failures == [("pmap:local_noise_sd",
+                               "the source has no FrameOfReferenceUID: a Parametric Map needs a Frame of Reference")]
+    for kind, ds in back.items():
+        for kw in TYPE2_PATIENT_STUDY:
+            assert kw in ds, f"{kind}: Type 2 {kw} missing"
+        assert ds.StudyDate == "" and ds.PatientSex == ""
+        assert ds.StudyInstanceUID == src.StudyInstanceUID
+    notes = read_notes(back["sr"])
+    assert notes["output"] == ("Parametric Map local_noise_sd not produced: the source has no FrameOfReferenceUID: "
+                               "a Parametric Map needs a Frame of Reference")
+    # PatientIdentityRemoved YES without DeidentificationMethod is not copied into any output
+    assert src.PatientIdentityRemoved == "YES" and "DeidentificationMethod" not in src
+    for ds in back.values():
+        assert "PatientIdentityRemoved" not in ds and "DeidentificationMethod" not in ds
+
+
+def test_absent_slice_thickness_and_patient_sex() -> None:
+    """dicom2nifti GE LightSpeed16: no SliceThickness, PatientSex, AccessionNumber, FrameOfReferenceUID."""
+    built, back = _build("dicom2nifti/GE_LightSpeed16_sliceincrement")
+    assert sorted(back) == ["pdf", "sr"] and [k for k, _ in built.failures] == ["pmap:local_noise_sd"]
+    sr = back["sr"]
+    assert sr.PatientSex == "" and sr.AccessionNumber == ""
+    assert sr.SeriesDescription.startswith("CT QA measurements, series ")
+    # the metric that needs SliceThickness says why it is missing
+    assert read_notes(sr)["slice_thickness_mm"] == "not computed: no SliceThickness (0018,0050) in the series"
+
+
+def test_empty_character_set_and_empty_slice_thickness() -> None:
+    built, back = _build("dcmqi/GE_LightSpeedUltra_3slice")
+    assert not built.failures and sorted(back) == ["pdf", "pmap", "sr"]
+    for ds in back.values():
+        assert "SpecificCharacterSet" not in ds  # empty -> default repertoire (the names are ASCII)
+    built, back = _build("pydicom-data/Anon_pancreas_explicitVR_UN")
+    assert not built.failures and sorted(back) == ["pdf", "pmap", "sr"]
+
+
+def test_single_iso2022_ir100_becomes_iso_ir100() -> None:
+    src = pydicom.dcmread(_files("pylibjpeg-data/Toshiba_Aquilion_J2K_lossy")[0], stop_before_pixels=True)
+    assert src.SpecificCharacterSet == "ISO 2022 IR 100"
+    built, back = _build("pylibjpeg-data/Toshiba_Aquilion_J2K_lossy")
+    assert not built.failures and sorted(back) == ["pdf", "pmap", "sr"]
+    for ds in back.values():
+        assert ds.SpecificCharacterSet == "ISO_IR 100"
+        assert str(ds.PatientName) == str(src.PatientName)
+
+
+def test_invalid_date_dropped_with_one_warning_without_values(caplog) -> None:
+    src = pydicom.dcmread(_files("pylibjpeg-data/Anon_JPEGLossless_bad")[0], stop_before_pixels=True)
+    assert src.StudyDate == "00000000" and src.PatientBirthDate == "00000000"
+    problems: dict[str, str] = {}
+    out = clean_source(src, problems)
+    assert "StudyDate" in out and "PatientBirthDate" in out  # Type 2: present ...
+    assert not out.StudyDate and not out.PatientBirthDate  # ... and empty
+    assert "SeriesDate" not in out and "AcquisitionDate" not in out  # Type 3: left out
+    assert src.StudyDate == "00000000"  # the source header is not touched
+    assert problems["StudyDate"] == "not a valid DA value: written empty"
+    from reports.common import prepare_sources
+
+    with caplog.at_level(logging.WARNING, logger="reports.common"):
+        prepare_sources([src])
+    lines = [r.getMessage() for r in caplog.records if r.name == "reports.common"]
+    assert len(lines) == 1 and "StudyDate not a valid DA value" in lines[0] and "00000000" not in lines[0]
+
+
+def test_too_long_string_and_bad_sex_dropped() -> None:
+    src = pydicom.dcmread(_files("pylibjpeg-data/GE_coreload_693_J2K_lossy")[0], stop_before_pixels=True)
+    src.PatientID = "X" * 65  # LO: 64 at most
+    src.PatientSex = "Q"
+    src.PatientWeight = "70.0"
+    problems: dict[str, str] = {}
+    out = clean_source(src, problems)
+    assert "PatientID" in out and not out.PatientID and "PatientSex" in out and not out.PatientSex
+    assert float(out.PatientWeight) == 70.0  # a valid Type 3 value stays
+    assert problems["PatientID"] == "longer than the 64 characters LO allows: written empty"
+
+
+def test_negative_spacing_between_slices_is_not_copied() -> None:
+    """A real series with SpacingBetweenSlices made negative (some scanners write the signed step)."""
+    files = _files("dcmqi/GE_LightSpeedUltra_3slice")
+    src = pydicom.dcmread(files[0], stop_before_pixels=True)
+    src.SpacingBetweenSlices = "-2.5"
+    problems: dict[str, str] = {}
+    out = clean_source(src, problems)
+    assert "SpacingBetweenSlices" not in out
+    assert problems["SpacingBetweenSlices"] == "not positive (the standard forbids it): left out"
+
+
+def test_patient_identity_removed_kept_with_its_method() -> None:
+    src = pydicom.dcmread(_files("pylibjpeg-data/GE_coreload_693_J2K_lossy")[0], stop_before_pixels=True)
+    src.DeidentificationMethod = "PS3.15 Basic Profile"
+    out = clean_source(src, {})
+    assert out.PatientIdentityRemoved == "YES" and out.DeidentificationMethod == "PS3.15 Basic Profile"
+
+
+def test_corrupt_jpeg_stream_fails_the_series() -> None:
+    result = analyse_series(_files("pylibjpeg-data/Anon_JPEGLossless_bad"), ["basic"], RunContext(device="cpu"))
+    assert result.status == "failed"
+    assert "pixels do not decode to plausible CT numbers" in result.reason
+    assert "above 4000 HU (up to 31743)" in result.reason
+
+
+def test_metal_is_plausible_scattered_spikes_are_not() -> None:
+    hu = np.full((2, 512, 512), -1000.0, np.float32)
+    yy, xx = np.mgrid[:512, :512]
+    hu[:, (yy - 256) ** 2 + (xx - 300) ** 2 < 30**2] = 20000.0  # a compact implant: 1.1 % of the pixels
+    check_plausible_hu(hu)
+    spikes = np.random.default_rng(0).random((512, 512)) < 0.005
+    hu[1][spikes] = 31000.0
+    with pytest.raises(ValueError, match=r"slice 2 of 2 has 0\.\d+% scattered pixels above 4000 HU"):
+        check_plausible_hu(hu)
