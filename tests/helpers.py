@@ -87,9 +87,10 @@ def dataset_bytes(path: Path) -> bytes:
 class NodeProcess:
     """`qa-node serve` in a subprocess on a free port."""
 
-    def __init__(self, config: Path, workdir: Path) -> None:
+    def __init__(self, config: Path, workdir: Path, min_free_mb: int = 0) -> None:
         self.config = config
         self.workdir = workdir
+        self.min_free_mb = min_free_mb  # serve --min-free-mb
         self.port_file = workdir / "port.txt"
         self.log_path = workdir / "serve.log"
         self.proc: subprocess.Popen | None = None
@@ -100,7 +101,7 @@ class NodeProcess:
         self._log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "node", "--config", str(self.config), "serve", "--port-file",
-             str(self.port_file), "--min-free-mb", "0"],
+             str(self.port_file), "--min-free-mb", str(self.min_free_mb)],
             cwd=self.workdir, stdout=self._log, stderr=subprocess.STDOUT,
         )
         deadline = time.monotonic() + timeout
