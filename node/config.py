@@ -56,6 +56,18 @@ class DestinationSettings:
     ae_title: str
     host: str
     port: int
+    tls: bool = False  # DICOM TLS with the [tls] certificate; the PACS's certificate checked against its CA
+
+
+@dataclass(frozen=True)
+class TlsSettings:
+    """[tls]: DICOM TLS (PS3.15 Annex B) for the SCP's TLS listener and for destinations with tls = true."""
+
+    certificate: str  # PEM: the node's certificate (server and client), optionally followed by intermediates
+    private_key: str  # PEM, unencrypted
+    ca_certificates: str  # PEM: the CA(s) that sign the scanners' and the PACS's certificates
+    port: int = -1  # TLS listener port; -1 = no TLS listener (TLS only towards destinations)
+    require_client_certificate: bool = True
 
 
 @dataclass(frozen=True)
@@ -86,6 +98,7 @@ class Settings:
     analysis: AnalysisSettings
     outbox: OutboxSettings
     extra: dict[str, Any] = field(default_factory=dict)  # validated sections owned by other packages
+    tls: TlsSettings | None = None
 
     @property
     def reporting(self):
@@ -203,7 +216,7 @@ def _register_optional_sections() -> None:
 
 def parse_settings(data: dict, file: str) -> Settings:
     _register_optional_sections()
-    known = {"node", "scanners", "destinations", "analysis", "outbox", *SECTION_VALIDATORS}
+    known = {"node", "scanners", "destinations", "analysis", "outbox", "tls", *SECTION_VALIDATORS}
     unknown = sorted(set(data) - known)
     if unknown:
         raise ConfigError(f"{file}: unknown section or key '{unknown[0]}'; expected one of: {', '.join(sorted(known))}")
@@ -211,7 +224,8 @@ def parse_settings(data: dict, file: str) -> Settings:
         raise ConfigError(f"{file}: missing required section '[node]'")
     node = _build(NodeSettings, data["node"], file, "node")
     _validate_ae(node.ae_title, file, "node.ae_title")
-    _validate_port(node.port, file, "node.port", allow_zero=True)
+    if node.port != -1:  # -1: no plain DICOM listener (TLS only; checked with [tls] below)
+        _validate_port(node.port, file, "node.port", allow_zero=True)
     if node.stable_age_s <= 0:
         raise ConfigError(f"{file}: key 'node.stable_age_s' must be > 0 seconds, got {node.stable_age_s}")
     if node.max_pdu < 0:
@@ -272,12 +286,51 @@ def parse_settings(data: dict, file: str) -> Settings:
     if analysis.workers < 1:
         raise ConfigError(f"{file}: key 'analysis.workers' must be >= 1, got {analysis.workers}")
 
+    tls = _parse_tls(data, file, node, destinations)
+
     outbox = _build(OutboxSettings, data.get("outbox", {}), file, "outbox")
     if not 0 < outbox.retry_initial_s <= outbox.retry_max_s:
         raise ConfigError(f"{file}: keys 'outbox.retry_initial_s' and 'outbox.retry_max_s' must satisfy 0 < initial <= max")
 
     extra = {name: fn(data[name], file) for name, fn in SECTION_VALIDATORS.items() if name in data}
-    return Settings(file, node, scanners, destinations, analysis, outbox, extra)
+    return Settings(file, node, scanners, destinations, analysis, outbox, extra, tls=tls)
+
+
+def _parse_tls(data: dict, file: str, node: NodeSettings, destinations: list[DestinationSettings]) -> TlsSettings | None:
+    """[tls]: every file must exist and load (a certificate with its key, the CA file); a destination
+    with tls = true needs the section; node.port = -1 needs a TLS listener."""
+    tls = _build(TlsSettings, data["tls"], file, "tls") if "tls" in data else None
+    tls_dest = next((i for i, d in enumerate(destinations) if d.tls), None)
+    if tls is None:
+        if tls_dest is not None:
+            raise ConfigError(f"{file}: key 'destinations[{tls_dest}].tls' is true but there is no [tls] section "
+                              "(certificate, private_key, ca_certificates)")
+        if node.port == -1:
+            raise ConfigError(f"{file}: key 'node.port' is -1 (no plain DICOM) but there is no [tls] port: "
+                              "the node would not listen at all")
+        return None
+    if tls.port != -1:
+        _validate_port(tls.port, file, "tls.port")
+        if tls.port == node.port:
+            raise ConfigError(f"{file}: key 'tls.port' must differ from 'node.port' ({node.port})")
+    elif node.port == -1:
+        raise ConfigError(f"{file}: key 'node.port' is -1 (no plain DICOM) but 'tls.port' is not set: "
+                          "the node would not listen at all")
+    resolved = {}
+    for key in ("certificate", "private_key", "ca_certificates"):
+        path = Path(getattr(tls, key))
+        if not path.is_file():
+            raise ConfigError(f"{file}: key 'tls.{key}' names {str(path)!r}, which is not a readable file")
+        resolved[key] = str(path.resolve())
+    tls = dataclasses.replace(tls, **resolved)
+    from scp.tls import TlsSetupError, client_context, server_context
+
+    try:
+        server_context(tls.certificate, tls.private_key, tls.ca_certificates, tls.require_client_certificate)
+        client_context(tls.certificate, tls.private_key, tls.ca_certificates)
+    except TlsSetupError as exc:
+        raise ConfigError(f"{file}: key '{exc.key}': {exc}") from None
+    return tls
 
 
 def resolve_config_path(flag: str | None) -> Path:

@@ -24,7 +24,11 @@ def _free_port() -> int:
 
 class LocalOrthanc:
     def __init__(self, *, ae_title: str = "ORTHANC", known_aes: dict[str, tuple[str, int]] | None = None,
-                 workdir: Path | None = None, dicom_port: int | None = None, http_port: int | None = None) -> None:
+                 workdir: Path | None = None, dicom_port: int | None = None, http_port: int | None = None,
+                 tls: dict[str, str | bool] | None = None) -> None:
+        """``tls``: DICOM TLS on the DICOM port (Orthanc 1.9+), with keys ``certificate``,
+        ``private_key``, ``trusted_certificates`` (PEM paths) and ``remote_certificate_required``
+        (default true); the known AEs are then reached over TLS too."""
         self.exe = shutil.which("Orthanc")
         if self.exe is None:
             raise FileNotFoundError("Orthanc not found: install it with `apt-get install orthanc`")
@@ -34,6 +38,7 @@ class LocalOrthanc:
         self.workdir = Path(workdir or tempfile.mkdtemp(prefix="ctqa-orthanc-"))
         self.dicom_port = dicom_port or _free_port()
         self.http_port = http_port or _free_port()
+        self.tls = tls
         self.proc: subprocess.Popen | None = None
 
     @property
@@ -41,6 +46,20 @@ class LocalOrthanc:
         return f"http://127.0.0.1:{self.http_port}"
 
     def _config(self) -> dict:
+        cfg = self._plain_config()
+        if self.tls:
+            cfg.update({
+                "DicomTlsEnabled": True,
+                "DicomTlsCertificate": str(self.tls["certificate"]),
+                "DicomTlsPrivateKey": str(self.tls["private_key"]),
+                "DicomTlsTrustedCertificates": str(self.tls["trusted_certificates"]),
+                "DicomTlsRemoteCertificateRequired": bool(self.tls.get("remote_certificate_required", True)),
+                "DicomModalities": {name: {"AET": name, "Host": host, "Port": port, "UseDicomTls": True}
+                                    for name, (host, port) in self.known_aes.items()},
+            })
+        return cfg
+
+    def _plain_config(self) -> dict:
         return {
             "Name": "ctqa-local",
             "StorageDirectory": str(self.workdir / "db"),

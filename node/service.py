@@ -112,10 +112,19 @@ def write_and_judge_outputs(settings: Settings, db: Database, store: FileStore, 
     return OutputsState.WRITTEN, left_out
 
 
+_OUTBOX_PASS = threading.Lock()
+
+
 def send_outbox(db: Database, store: FileStore, calling_ae: str, destinations: list[Destination],
                 policy: RetryPolicy) -> dict[str, int]:
-    """Scheduler job: one pass of the outbox sender."""
-    return run_outbox(db, store, calling_ae=calling_ae, destinations=destinations, policy=policy)
+    """Scheduler job: one pass of the outbox sender. A backlog pass can outlast poll_s: a run that
+    finds one still going returns at once (silently, where APScheduler would warn every poll)."""
+    if not _OUTBOX_PASS.acquire(blocking=False):
+        return {}
+    try:
+        return run_outbox(db, store, calling_ae=calling_ae, destinations=destinations, policy=policy)
+    finally:
+        _OUTBOX_PASS.release()
 
 
 class Node:
@@ -160,11 +169,24 @@ class Node:
         self.worker = (AnalysisWorker(self.settings, self.db, self.store, after_job=self._after_job)
                        if run_worker else None)
         peers = [AllowedPeer(s.name, s.ae_title, tuple(s.hosts)) for s in self.settings.scanners]
+        tls = self.settings.tls
+        server_ctx = client_ctx = None
+        if tls is not None:
+            from scp.tls import client_context, server_context
+
+            if tls.port != -1:
+                server_ctx = server_context(tls.certificate, tls.private_key, tls.ca_certificates,
+                                            tls.require_client_certificate)
+            if any(d.tls for d in self.settings.destinations):
+                client_ctx = client_context(tls.certificate, tls.private_key, tls.ca_certificates)
         self.scp = StorageSCP(
-            ae_title=self.settings.node.ae_title, host=self.settings.node.host, port=self.settings.node.port,
-            peers=peers, ingestor=Ingestor(self.db, self.store, min_free_bytes=self.min_free_bytes),
+            ae_title=self.settings.node.ae_title, host=self.settings.node.host,
+            port=None if self.settings.node.port == -1 else self.settings.node.port,
+            peers=peers, ingestor=Ingestor(self.db, self.store, min_free_bytes=self.min_free_bytes,
+                              max_instance_bytes=self.settings.node.max_instance_mb << 20),
             spool_dir=self.store.spool, max_pdu=self.settings.node.max_pdu,
             max_associations=self.settings.node.max_associations, min_free_bytes=self.min_free_bytes,
+            tls_port=tls.port if server_ctx is not None else None, ssl_context=server_ctx,
         )
         port = self.scp.start()
         self.scheduler = BackgroundScheduler(timezone="UTC")
@@ -180,9 +202,10 @@ class Node:
             self.scheduler.add_job(
                 send_outbox, "interval", seconds=ob.poll_s, id="send_outbox",
                 args=[self.db, self.store, self.settings.node.ae_title,
-                      [Destination(d.name, d.ae_title, d.host, d.port) for d in self.settings.destinations],
+                      [Destination(d.name, d.ae_title, d.host, d.port, client_ctx if d.tls else None)
+                       for d in self.settings.destinations],
                       RetryPolicy(ob.retry_initial_s, ob.retry_max_s, ob.give_up_after_s)],
-                coalesce=True, max_instances=1, misfire_grace_time=60,
+                coalesce=True, max_instances=2, misfire_grace_time=60,  # the 2nd returns at once: see send_outbox
             )
         reporting = self.settings.reporting
         if reporting.alerts.enabled:

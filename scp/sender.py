@@ -111,13 +111,14 @@ def plan_associations(items: Sequence[Outgoing], max_objects: int = MAX_OBJECTS_
 
 
 class _ConnectErrors(logging.Filter):
-    """While we associate: takes pynetdicom's ERROR lines about a failed connection or a rejected
-    association (its DUL and ACSE log them, 2-3 lines each) off the log, and keeps the connection
-    error for our own single line per destination and pass."""
+    """While we associate: takes pynetdicom's ERROR lines about a failed connection, a failed TLS
+    handshake or a rejected association (its DUL, transport and ACSE log 2-3 lines and a traceback
+    each) off the log, and keeps the reason for our own single line per destination and pass."""
 
-    LOGGERS = ("pynetdicom.transport", "pynetdicom.acse")
+    LOGGERS = ("pynetdicom.transport", "pynetdicom.acse", "pynetdicom.dul")
     DROP = ("Association request failed: unable to connect to remote", "Association Rejected", "Result: ",
             "Reason: ", "Association Aborted", "Aborting Association")
+    CLOSED = "Connection closed before the entire PDU was received"
 
     def __init__(self) -> None:
         super().__init__()
@@ -127,6 +128,13 @@ class _ConnectErrors(logging.Filter):
         msg = record.getMessage()
         if msg.startswith("TCP Initialisation Error: "):
             self.reasons.append(msg.removeprefix("TCP Initialisation Error: "))
+            return False
+        if msg == self.CLOSED:
+            self.reasons.append("the peer closed the connection during association")
+            return False
+        if record.exc_info is not None:  # the traceback pynetdicom adds to the lines above
+            if self.reasons and self.reasons[-1] == "the peer closed the connection during association":
+                self.reasons[-1] += f" ({msg})"
             return False
         return not msg.startswith(self.DROP)
 
@@ -146,6 +154,8 @@ def _connect_reason(reason: str, dest: Destination) -> str:
         return f"TLS: the certificate of {dest.host}:{dest.port} is not accepted ({detail or reason})"
     if "SSL" in reason or "TLS" in reason:
         return f"TLS handshake with {dest.host}:{dest.port} failed: {reason}"
+    if reason.startswith("the peer closed") and not dest.tls:
+        reason += "; a DICOM TLS port? (set tls = true for this destination)"
     return f"cannot connect to {dest.host}:{dest.port}: {reason}"
 
 

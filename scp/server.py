@@ -182,17 +182,22 @@ class StorageSCP:
         *,
         ae_title: str,
         host: str,
-        port: int,
+        port: int | None,
         peers: Sequence[AllowedPeer],
         ingestor: Ingestor,
         spool_dir: Path,
         max_pdu: int = 1048576,
         max_associations: int = 10,
+        tls_port: int | None = None,
+        ssl_context=None,
         min_free_bytes: int = 0,
     ) -> None:
         self.ae_title = ae_title
         self.host = host
-        self.port = port
+        self.port = port  # None: no plain DICOM listener
+        self.tls_port = tls_port  # the DICOM TLS listener (PS3.15 Annex B), with ssl_context
+        self.ssl_context = ssl_context
+        self._tls_server = None
         self.peers = {p.ae_title: p for p in peers}
         self.ingestor = ingestor
         self.spool_dir = Path(spool_dir)
@@ -215,7 +220,8 @@ class StorageSCP:
 
     # -- lifecycle ----------------------------------------------------------------------------
     def start(self) -> int:
-        """Start serving in background threads; returns the bound port (useful with port 0)."""
+        """Start serving in background threads; returns the bound plain port (useful with port 0),
+        or the TLS port when there is no plain listener."""
         self.spool_dir.mkdir(parents=True, exist_ok=True)
         # pynetdicom's chunked receive writes each incoming dataset to a NamedTemporaryFile in the
         # default temp dir: ours goes to our spool (so that the final rename stays on one filesystem)
@@ -232,12 +238,43 @@ class StorageSCP:
             (evt.EVT_C_ECHO, self._on_echo),
             (evt.EVT_C_STORE, self._on_store),
         ]
-        self._server = self.ae.start_server((self.host, self.port), block=False, evt_handlers=handlers)
-        self.port = self._server.server_address[1]
-        log.info("storage SCP %s listening on %s:%d", self.ae_title, self.host, self.port)
-        return self.port
+        if self.port is not None:
+            self._server = self.ae.start_server((self.host, self.port), block=False, evt_handlers=handlers)
+            self.port = self._server.server_address[1]
+            log.info("storage SCP %s listening on %s:%d", self.ae_title, self.host, self.port)
+        if self.tls_port is not None:
+            self._start_tls(handlers)
+        return self.port if self.port is not None else self.tls_port
+
+    def _start_tls(self, handlers) -> None:
+        """The TLS listener: the same AE, handlers and allow list as the plain one; the TLS handshake
+        (client certificate checked against the CA) runs before any DICOM is read."""
+        import ssl
+
+        from pynetdicom.utils import make_target
+
+        from scp.tls import TlsAssociationServer
+
+        try:
+            server = self.ae.make_server((self.host, self.tls_port), ssl_context=self.ssl_context,
+                                         evt_handlers=handlers, server_class=TlsAssociationServer)
+        except OSError:
+            if self._server is not None:
+                self._server.shutdown()
+                self._server = None
+            raise
+        self.ae._servers.append(server)  # as AE.start_server does: counted for max_associations, shut down by ae
+        threading.Thread(target=make_target(server.serve_forever), name="TlsAcceptor", daemon=True).start()
+        self._tls_server = server
+        self.tls_port = server.server_address[1]
+        mode = ("client certificate required" if self.ssl_context.verify_mode == ssl.CERT_REQUIRED
+                else "client certificate optional")
+        log.info("storage SCP %s listening for DICOM TLS on %s:%d (%s)", self.ae_title, self.host, self.tls_port, mode)
 
     def stop(self) -> None:
+        if self._tls_server is not None:
+            self._tls_server.shutdown()
+            self._tls_server = None
         if self._server is not None:
             self._server.shutdown()
             self._server = None
