@@ -104,8 +104,15 @@ def test_permanent_refusal_goes_to_dead_letter_and_resend(tmp_path):
             rows = wait_until(lambda: (o := outbox(node)) and len(o) == 3 and all(r["state"] == "dead" for r in o)
                               and o, timeout=120, what="dead letters")
             assert all("rejected" in r["last_error"] for r in rows)
+            before = {r["id"]: r["attempts"] for r in rows}
             r = qa_node("--config", str(node.config), "resend", "--dead", cwd=tmp_path)
             assert r.returncode == 0 and r.stdout.startswith("3 deliveries")
-            assert all(r["state"] in ("pending", "dead") for r in outbox(node))
+            # each dead delivery is tried once more (the PACS still rejects us) and is dead again
+            again = wait_until(lambda: (o := outbox(node)) and all(
+                x["state"] == "dead" and x["attempts"] == before[x["id"]] + 1 for x in o) and o,
+                timeout=60, what="the resent deliveries tried again")
+            assert {x["id"] for x in again} == set(before)
+            assert all("rejected" in x["last_error"] for x in again)
+            assert pacs.instances_in_study(study_uid(series)) == []
         finally:
             node.stop()

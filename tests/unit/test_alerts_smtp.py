@@ -141,7 +141,10 @@ def test_alert_is_mailed_once_without_patient_data(db, smtp_server):
     assert "CT1" in msg["Subject"] and "2 trend alert" in msg["Subject"]
     body = msg.get_content()
     assert "global_noise_hu" in body and "2026-11-03" in body and "2026-11-04" in body
-    assert "13.2" in body and "11" in body  # value and centre
+    # value, baseline centre, control limits, tolerance and action levels: each labelled, both alerts
+    lines = [" ".join(ln.split()) for ln in body.splitlines()]
+    assert lines.count("value (median of 21 series) 13.2; baseline centre 11; control limits 10.1 to 11.9") == 2
+    assert sum(1 for ln in lines if ln.startswith("tolerance 9.9 to 12.1; action 8.8 to 13.2")) == 2
     assert "1.2.826.0.1.3680043.2.1125.1.99" in body
     # the alert tables hold no patient data; the message must not invent any
     lowered = data.decode("utf-8", "replace").lower()
