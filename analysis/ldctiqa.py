@@ -59,9 +59,11 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 AIR_HU = -1024.0
 
-# 300 slices must stay under the 60 s CPU budget: on this 2-core machine one 512 x 512 slice takes
-# about 0.9 s on 1 thread / 0.55 s on 2 (bench/models.py), so 32 evenly spaced slices cost ~18-29 s.
-DEFAULT_MAX_SLICES = 32
+# A 300-slice series must stay under the 60 s CPU budget. On this 2-core machine one 512 x 512 slice
+# takes about 0.9 s on 1 torch thread when the machine is quiet and up to ~1.6-2.5 s when other work
+# competes for the cores (bench/models.py); 24 evenly spaced slices therefore cost ~22 s quiet and stay
+# under 60 s even at 2.5 s per slice. The forward pass is ~65 % fp32 GEMMs: there is little left to gain.
+DEFAULT_MAX_SLICES = 24
 DEFAULT_BATCH_CPU = 4
 DEFAULT_BATCH_CUDA = 32
 

@@ -2,8 +2,12 @@
 300-slice 512x512 series made of synthetic anatomical phantoms with CT-like noise, beside the
 target budget (300 slices in 60 s) as the reference: ratio = measured / target slices/s (>= 1 meets it).
 
-    .venv/bin/python bench/models.py [--models n2q,d2iqa,classical] [--slices 300] [--device auto]
+    .venv/bin/python bench/models.py [--models n2q,d2iqa,ldctiqa,classical] [--slices 300] [--device auto]
                                      [--threads N]
+
+LDCTIQA (not yet a pipeline model) runs ``analysis.ldctiqa.score_series`` with seeded random weights (the
+published file is not shipped; same architecture, same FLOPs) on its default evenly spaced subset of
+``DEFAULT_MAX_SLICES`` slices, and reports scored slices/s (CUDA: with fp16 autocast).
 
 On this CPU it runs with ``--threads`` torch threads (default: all cores); on a machine with a GPU,
 ``--device auto`` measures there.
@@ -51,9 +55,33 @@ def make_volume(n: int, size: int = 512):
                     headers=headers, meta={"kvp": 120.0, "slice_thickness_mm": 1.0, "body_part": "ABDOMEN"})
 
 
+def bench_ldctiqa(vol, device: str, target: float) -> None:
+    import numpy as np
+    import torch
+
+    from analysis.ldctiqa import DEFAULT_MAX_SLICES, MultiHeadSwin, score_series
+
+    torch.manual_seed(0)
+    net = MultiHeadSwin().eval().to(device)  # random weights: same architecture and FLOPs as ldct-iqa.pt
+    n = vol.hu.shape[0]
+    score_series(net, vol.hu[:2], device=device, max_slices=0)  # warm-up
+    t0, c0 = time.perf_counter(), time.process_time()
+    out = score_series(net, vol.hu, device=device, max_slices=DEFAULT_MAX_SLICES)
+    dt, cpu = time.perf_counter() - t0, time.process_time() - c0
+    scored = len(out.indices)
+    assert np.isfinite(out.series_expected_score)
+    rate = n / dt
+    amp = " (fp16 autocast)" if device == "cuda" else ""
+    print(f"{'ldctiqa':<10} {dt:7.1f} s for the series ({rate:6.2f} series-slices/s, {scored} slices scored){amp}; "
+          f"ratio to target {rate / target:.2f} ({'meets' if dt <= TARGET_S * n / 300 else 'misses'})")
+    print(f"{'':<10} LDCTIQA on the default subset of {DEFAULT_MAX_SLICES} slices: {scored / dt:.2f} scored slices/s "
+          f"({dt / max(scored, 1):.2f} s per scored slice; all {n} slices would take {n * dt / max(scored, 1):.0f} s); "
+          f"process CPU time {cpu:.1f} s (wall >> CPU x threads means other work shared the cores)")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--models", default="n2q,d2iqa")
+    ap.add_argument("--models", default="n2q,d2iqa,ldctiqa")
     ap.add_argument("--slices", type=int, default=300)
     ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = all cores)")
@@ -74,6 +102,9 @@ def main() -> int:
     print(f"{args.slices} slices of 512x512 on {where}; target {TARGET_S:.0f} s per 300 slices "
           f"= {300 / TARGET_S:.1f} slices/s")
     for name in [m.strip() for m in args.models.split(",") if m.strip()]:
+        if name == "ldctiqa":
+            bench_ldctiqa(vol, device, target)
+            continue
         run = resolve_model(name)
         run(make_volume(2), ctx)  # warm-up: weights loaded once per process, kernels compiled
         t0 = time.perf_counter()
