@@ -14,6 +14,7 @@ import socket
 import tempfile
 import threading
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,6 +48,31 @@ TRANSFER_SYNTAXES = [
 
 
 DUL_LOOP_DELAY_S = 0.0001
+
+
+class _PeerValueEcho(logging.Filter):
+    """Drops pydicom's and pynetdicom's warnings about a peer's invalid UID (or other value) logged
+    on an association's threads (DIMSE and DUL): scp.ingest answers the C-STORE with one line that
+    names it, and these repeat it once per decoding of the request (a dozen lines for one instance)."""
+
+    PREFIXES = ("Invalid value for VR", "Non-conformant '")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from pynetdicom.association import Association
+        from pynetdicom.dul import DULServiceProvider
+
+        if not isinstance(threading.current_thread(), (Association, DULServiceProvider)):
+            return True
+        return not str(record.msg).startswith(self.PREFIXES)
+
+
+def _quiet_peer_value_echoes() -> None:
+    for name in ("pydicom", "pynetdicom.utils"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _PeerValueEcho) for f in logger.filters):
+            logger.addFilter(_PeerValueEcho())
+    # pydicom also raises the same text as a Python warning (printed to stderr once per value)
+    warnings.filterwarnings("ignore", message="Invalid value for VR", category=UserWarning, module="pydicom")
 
 
 class SpoolFile:
@@ -223,6 +249,7 @@ class StorageSCP:
         """Start serving in background threads; returns the bound plain port (useful with port 0),
         or the TLS port when there is no plain listener."""
         self.spool_dir.mkdir(parents=True, exist_ok=True)
+        _quiet_peer_value_echoes()
         # pynetdicom's chunked receive writes each incoming dataset to a NamedTemporaryFile in the
         # default temp dir: ours goes to our spool (so that the final rename stays on one filesystem)
         # and turns a write error into a 0xA700 answer instead of an aborted association.
@@ -316,16 +343,18 @@ class StorageSCP:
 
         pynetdicom picks by the acceptor's order; a scanner lists its native (as-stored) syntax
         first, and choosing it is what lets us store every instance exactly as the scanner has it
-        (an SCU asked for a syntax it cannot convert to fails the store)."""
-        order: list[str] = []
+        (an SCU asked for a syntax it cannot convert to fails the store). The order is taken per SOP
+        class: contexts of different SOP classes may rank their syntaxes differently."""
+        order: dict[str, list[str]] = {}
         for rq_cx in assoc.requestor.primitive.presentation_context_definition_list or []:
+            ranked = order.setdefault(str(rq_cx.abstract_syntax), [])
             for ts in rq_cx.transfer_syntax:
-                if ts not in order:
-                    order.append(str(ts))
+                if str(ts) not in ranked:
+                    ranked.append(str(ts))
         for cx in assoc.acceptor.supported_contexts:
+            theirs = order.get(str(cx.abstract_syntax), [])
             ours = list(cx.transfer_syntax)
-            ranked = [ts for ts in order if ts in ours] + [ts for ts in ours if ts not in order]
-            cx.transfer_syntax = ranked
+            cx.transfer_syntax = [ts for ts in theirs if ts in ours] + [ts for ts in ours if ts not in theirs]
 
     def _on_rejected(self, event) -> None:
         rq = event.assoc.requestor.primitive
