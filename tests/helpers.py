@@ -239,13 +239,14 @@ def queue_outbox_objects(db, store, n: int, destinations: list[str], *, implicit
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, PYDICOM_IMPLEMENTATION_UID, generate_uid
 
-    from storage.models import Series
+    from storage.models import Series, SeriesState
     from storage.outbox import record_output
 
     study_uid = study_uid or generate_uid()
     src_series = generate_uid()
     with db.session() as s:
-        row = Series(series_instance_uid=src_series, study_instance_uid=study_uid, modality="CT")
+        row = Series(series_instance_uid=src_series, study_instance_uid=study_uid, modality="CT",
+                     state=SeriesState.COMPLETE, completions=1)  # an analysed series: not completed again
         s.add(row)
         s.flush()
         series_id = row.id
