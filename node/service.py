@@ -39,6 +39,20 @@ def sweep_completed_series(db: Database, stable_age_s: float, models: list[str],
     return done
 
 
+class _QuietSkips(logging.Filter):
+    """An interval job with max_instances=1 whose run outlasts its interval skips a tick: expected
+    (the job coalesces), not worth a WARNING line each time."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith('Execution of job "%s" skipped: maximum number of running')
+
+
+def _quiet_scheduler_skips() -> None:
+    lg = logging.getLogger("apscheduler.scheduler")
+    if not any(isinstance(f, _QuietSkips) for f in lg.filters):
+        lg.addFilter(_QuietSkips())
+
+
 class _Guarded:
     """A scheduler job that backs off while it fails (disk full, database down) instead of failing,
     with a traceback, at every tick: one line when it starts failing, exponential back-off
@@ -85,17 +99,18 @@ def _one_line(exc: BaseException, limit: int = 300) -> str:
 
 
 def write_and_judge_outputs(settings: Settings, db: Database, store: FileStore, job_id: int, result,
-                            evaluations=None) -> tuple[str, str | None]:
+                            evaluations=None, *, writer=None) -> tuple[str, str | None]:
     """Build, write and queue the outputs of an analysed series; return (outputs state, reason).
 
     ``written`` when the SR and whatever else could be built are written and queued; an output left
     out (e.g. a map for a source without Frame of Reference) is named in the reason but is not a
-    failure of the rest. ``failed`` when nothing, or no SR, could be written, with one ERROR line."""
+    failure of the rest. ``failed`` when nothing, or no SR, could be written, with one ERROR line.
+    ``writer`` replaces ``node.outputs.write_outputs`` (same signature and result)."""
     from node.outputs import write_outputs
 
     uid = result.series_instance_uid
     try:
-        res = write_outputs(settings, db, store, job_id, result, evaluations)
+        res = (writer or write_outputs)(settings, db, store, job_id, result, evaluations)
     except Exception as exc:  # any builder/write/queue error: the series must show it, never "done"
         error = f"outputs not written: {_one_line(exc)}"
         log.error("series %s: outputs failed: %s", uid, error)
@@ -190,10 +205,11 @@ class Node:
         )
         port = self.scp.start()
         self.scheduler = BackgroundScheduler(timezone="UTC")
+        _quiet_scheduler_skips()
         interval = max(0.5, min(5.0, self.settings.node.stable_age_s / 4))
         self.scheduler.add_job(
             _Guarded(sweep_completed_series, "series completion sweep"), "interval", seconds=interval,
-            id="sweep_completed_series",
+            id="sweep_completed_series", name="sweep_completed_series",
             args=[self.db, self.settings.node.stable_age_s, self.models, self.worker],
             coalesce=True, max_instances=1, misfire_grace_time=60,
         )

@@ -99,8 +99,23 @@ class AnalysisWorker:
             self._thread.join(timeout)
 
     def _loop(self) -> None:
+        from sqlalchemy.exc import SQLAlchemyError
+
+        failing = 0
         while not self._stop.is_set():
-            job_id = claim_job(self.db, self.worker_id)
+            try:
+                job_id = claim_job(self.db, self.worker_id)
+            except SQLAlchemyError as exc:  # database down or disk full: the worker waits, it does not die
+                failing += 1
+                if failing == 1:
+                    log.error("analysis worker: cannot read the job queue (%s); retrying with back-off",
+                              type(exc).__name__)
+                self._wake.wait(min(60.0, self.poll_s * 2 ** min(failing, 6)))
+                self._wake.clear()
+                continue
+            if failing:
+                log.info("analysis worker: job queue readable again after %d failed attempt(s)", failing)
+                failing = 0
             if job_id is None:
                 self._wake.wait(self.poll_s)
                 self._wake.clear()
@@ -109,8 +124,11 @@ class AnalysisWorker:
                 self.process(job_id)
             except Exception as exc:  # the worker outlives any one job; the job records why it failed
                 log.exception("analysis job %d failed unexpectedly", job_id)
-                finish_job(self.db, job_id, self.worker_id, state=JobState.FAILED,
-                           error=f"{type(exc).__name__}: {exc}", outcome="failed")
+                try:
+                    finish_job(self.db, job_id, self.worker_id, state=JobState.FAILED,
+                               error=f"{type(exc).__name__}: {exc}", outcome="failed")
+                except SQLAlchemyError as db_exc:  # left running: re-queued at the next start
+                    log.error("analysis job %d could not be marked failed (%s)", job_id, type(db_exc).__name__)
 
     def process(self, job_id: int) -> SeriesResult | None:
         job, series, rel_paths = job_files(self.db, job_id)

@@ -156,3 +156,43 @@ def test_failing_sweep_backs_off_and_logs_once(caplog):
     assert job() == ["1.2.3"]
     assert any("recovered after 9 failed attempt(s)" in r.getMessage() for r in caplog.records)
     assert job() == ["1.2.3"] and job.failures == 0
+
+
+def test_worker_survives_a_failing_job_queue(tmp_path, monkeypatch, caplog):
+    """The analysis worker on a database that fails (disk full): it waits with back-off, logs one
+    line, does not die, and takes jobs again once the database answers."""
+    import time
+
+    from sqlalchemy.exc import OperationalError
+
+    import node.worker as worker_mod
+    from node.config import settings_from_dict
+    from storage.db import Database
+    from storage.filestore import FileStore
+
+    settings = settings_from_dict({"node": {"data_dir": str(tmp_path), "database": f"sqlite:///{tmp_path}/db.sqlite"},
+                                   "analysis": {"device": "cpu", "models": ["basic"]}}, "test.toml")
+    calls = []
+
+    def claim(db, worker):
+        calls.append(time.monotonic())
+        if len(calls) <= 4:
+            raise OperationalError("UPDATE jobs", {}, Exception("database or disk is full"))
+        return None
+
+    monkeypatch.setattr(worker_mod, "claim_job", claim)
+    caplog.set_level(logging.INFO, logger="node.worker")
+    w = worker_mod.AnalysisWorker(settings, Database(settings.node.database), FileStore(tmp_path), poll_s=0.01)
+    w.start()
+    try:
+        deadline = time.monotonic() + 10
+        while len(calls) < 6 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert len(calls) >= 6 and w._thread.is_alive()
+    finally:
+        w.stop(timeout=5)
+    gaps = [b - a for a, b in zip(calls, calls[1:5])]
+    assert all(g >= 0.9 * e for g, e in zip(gaps, (0.02, 0.04, 0.08, 0.16))), gaps  # doubling back-off
+    msgs = [r.getMessage() for r in caplog.records]
+    assert sum("cannot read the job queue" in m for m in msgs) == 1
+    assert any("job queue readable again after 4 failed attempt(s)" in m for m in msgs)
