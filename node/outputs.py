@@ -193,7 +193,7 @@ def build_outputs(result: SeriesResult, scanner_name: str | None,
             first_map.values if first_map is not None else None,
             first_map.label if first_map is not None else None, PDF_SERIES_NUMBER,
             map_unit=_unit_display(first_map) if first_map is not None else None,
-            baselines=None, omitted_outputs=list(built.failures),
+            baselines=dict(getattr(evaluations, "centres", None) or {}), omitted_outputs=list(built.failures),
             series_description=f"QA report (PDF), {src_label}"[:64], **uids("pdf"))))
     except (ValueError, TypeError, AttributeError, KeyError, IndexError, RuntimeError) as exc:
         log.warning("series %s: readable report not built: %s", result.series_instance_uid, _one_line(exc))

@@ -16,9 +16,20 @@ from storage.trends import protocol_key, record_series, size_band
 log = logging.getLogger(__name__)
 
 
+class Judged(dict):
+    """metric -> "within" | "outside" (what the SR's qualitative evaluation says), plus the chart's
+    baseline centre per trended metric (``centres``, where the baseline has one) for the readable
+    report's baseline column."""
+
+    def __init__(self, *args, centres: dict[str, float] | None = None, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.centres: dict[str, float] = dict(centres or {})
+
+
 def record_and_evaluate(settings: Settings, db: Database, job_id: int, result: SeriesResult) -> dict[str, str]:
-    """Record one analysed series and evaluate it. Returns metric -> "within" | "outside".
-    A series without a configured scanner (offline import) has no trend and returns {}."""
+    """Record one analysed series and evaluate it. Returns metric -> "within" | "outside" (a
+    ``Judged`` dict that also carries the baseline centres). A series without a configured scanner
+    (offline import) has no trend and returns {}."""
     reporting = settings.reporting
     with db.session() as s:
         series = s.get(Job, job_id).series
@@ -33,7 +44,8 @@ def record_and_evaluate(settings: Settings, db: Database, job_id: int, result: S
                       series_instance_uid=series.series_instance_uid,
                       acquired_at=series.acquired_at or utcnow(), metrics=metrics)
         evaluations = evaluate_series(s, reporting.trends, series.scanner_name, series.series_instance_uid)
-        out = {e.metric: v for e in evaluations if (v := sr_evaluation(e.status, e.alert_rules))}
+        out = Judged({e.metric: v for e in evaluations if (v := sr_evaluation(e.status, e.alert_rules))},
+                     centres={e.metric: float(e.centre) for e in evaluations if e.centre is not None})
         outside = sorted(k for k, v in out.items() if v == "outside")
         if outside:
             log.warning("series %s on scanner %s: outside control limits: %s", series.series_instance_uid,

@@ -138,6 +138,24 @@ def test_results_outputs_and_sr_equal_database(node):
     assert trend["ctdivol_mgy"] == pytest.approx(db_metrics["ctdivol_mgy"])
     evaluated = {m.key: m.evaluation for m in content.series_metrics if m.evaluation is not None}
     assert evaluated == {"ctdivol_mgy": "within"}
+    # the readable report: CTDIvol beside its baseline (the history's value), "no baseline yet" elsewhere
+    import shutil
+    import subprocess
+
+    from reports.readable import format_number, pdf_bytes
+
+    if shutil.which("gs"):
+        pdf = pdf_bytes(pydicom.dcmread(node.store.abs(outputs["pdf"].rel_path)))
+        text = " ".join(subprocess.run(["gs", "-q", "-dNOPAUSE", "-dBATCH", "-dSAFER", "-sDEVICE=txtwrite",
+                                        "-sOutputFile=-", "-"], input=pdf, capture_output=True, check=True,
+                                       timeout=60).stdout.decode("utf-8", "replace").split())
+        import re
+
+        want = format_number(db_metrics["ctdivol_mgy"], "mGy")
+        m = re.search(rf"CTDIvol {re.escape(want)} (\S+) mGy within limits", text)
+        assert m, text[:1500]
+        assert float(m.group(1)) == pytest.approx(ctdi, rel=0.02)  # the history's centre, around this CTDIvol
+        assert f"SSDE {format_number(db_metrics['ssde_mgy'], 'mGy')} no baseline yet" in text
     # per-slice values reference the analysed images and equal the slice rows
     with node.db.session() as s:
         wed_rows = {r.sop_instance_uid: r.value for r in s.scalars(
