@@ -171,8 +171,9 @@ def wait_until(pred, timeout: float = 60.0, interval: float = 0.1, what: str = "
 # -- DICOM TLS: a throwaway PKI ---------------------------------------------------------------------
 
 class TlsPki:
-    """A test CA with leaf certificates for the node, a PACS and a scanner, and a second CA with a
-    "stranger" scanner certificate (signed by nobody the node trusts). RSA 2048, made with openssl."""
+    """A test CA with leaf certificates for the node, a PACS and a scanner (all naming 127.0.0.1 and
+    localhost), "wrongname" (signed by the CA but naming only elsewhere.example), and a second CA with
+    a "stranger" certificate (signed by nobody the node trusts). RSA 2048, made with openssl."""
 
     LEAVES = ("node", "pacs", "scanner")
 
@@ -209,11 +210,14 @@ class TlsPki:
         for ca in ("ca", "other-ca"):
             run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{ca}.key", "-out", f"{ca}.crt",
                 "-days", "2", "-subj", f"/CN=CT QA test {ca}")
-        for leaf, ca in [*((leaf, "ca") for leaf in self.LEAVES), ("stranger", "other-ca")]:
+        self.path("wrongname.ext").write_text(ext.read_text().replace("DNS:localhost,IP:127.0.0.1",
+                                                                      "DNS:elsewhere.example"))
+        for leaf, ca, ext_file in [*((leaf, "ca", "leaf.ext") for leaf in self.LEAVES),
+                                   ("wrongname", "ca", "wrongname.ext"), ("stranger", "other-ca", "leaf.ext")]:
             run("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{leaf}.key", "-out", f"{leaf}.csr",
                 "-subj", f"/CN={leaf}")
             run("x509", "-req", "-in", f"{leaf}.csr", "-CA", f"{ca}.crt", "-CAkey", f"{ca}.key",
-                "-CAcreateserial", "-out", f"{leaf}.crt", "-days", "2", "-extfile", "leaf.ext")
+                "-CAcreateserial", "-out", f"{leaf}.crt", "-days", "2", "-extfile", ext_file)
         return self
 
     def tls_section(self, port: int = -1, require_client_certificate: bool = True) -> str:

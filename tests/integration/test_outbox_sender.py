@@ -26,7 +26,8 @@ EXPLICIT, IMPLICIT = "1.2.840.10008.1.2.1", "1.2.840.10008.1.2"
 class FakePacs:
     """A pynetdicom Storage SCP that records what it receives and answers what the test says."""
 
-    def __init__(self, status=0x0000, delay_s: float = 0.0, reject: tuple[int, int, int] | None = None) -> None:
+    def __init__(self, status=0x0000, delay_s: float = 0.0, reject: tuple[int, int, int] | None = None,
+                 ssl_context=None) -> None:
         self.status = status  # int, or callable(sop_instance_uid) -> int
         self.delay_s = delay_s
         self.reject = reject
@@ -38,7 +39,7 @@ class FakePacs:
         for sop in (PDF_STORAGE, BASIC_TEXT_SR):
             ae.add_supported_context(sop, [EXPLICIT, IMPLICIT])
         self.ae = ae
-        self.server = ae.start_server(("127.0.0.1", 0), block=False, evt_handlers=[
+        self.server = ae.start_server(("127.0.0.1", 0), block=False, ssl_context=ssl_context, evt_handlers=[
             (evt.EVT_REQUESTED, self._on_requested), (evt.EVT_C_STORE, self._on_store)])
         self.port = self.server.server_address[1]
 
@@ -49,6 +50,8 @@ class FakePacs:
             event.assoc.acse.send_reject(*self.reject)
             event.assoc.kill()
             return
+        sock = event.assoc.dul.socket.socket
+        self.client_certificate = sock.getpeercert() if hasattr(sock, "getpeercert") else None
         rq = event.assoc.requestor.primitive.presentation_context_definition_list
         with self._lock:
             self.associations.append([(str(cx.abstract_syntax), tuple(map(str, cx.transfer_syntax))) for cx in rq])
@@ -258,3 +261,27 @@ def test_missing_or_unreadable_output_file_goes_dead_without_blocking_the_rest(o
     assert rows[uids[0]]["last_error"] == f"output file {rows[uids[0]]['path']} is missing"
     assert rows[uids[1]]["last_error"].startswith(f"output file {rows[uids[1]]['path']} is not a DICOM file")
     assert set(pacs.received) == set(uids[2:])
+
+
+def test_tls_destination_checks_the_pacs_certificate_and_its_host_name(outbox_env, pacs_factory, tmp_path):
+    from scp.tls import client_context, server_context
+    from tests.helpers import TlsPki
+
+    pki = TlsPki(tmp_path / "pki").make()
+    db, store = outbox_env
+    client = client_context(str(pki.cert("node")), str(pki.key("node")), str(pki.ca))
+    good = pacs_factory(ssl_context=server_context(str(pki.cert("pacs")), str(pki.key("pacs")), str(pki.ca)))
+    misnamed = pacs_factory(ssl_context=server_context(str(pki.cert("wrongname")), str(pki.key("wrongname")),
+                                                       str(pki.ca)))
+    uids = queue_outbox_objects(db, store, 2, ["GOOD", "MISNAMED"])
+    dests = [Destination("GOOD", "PACS", "127.0.0.1", good.port, client),
+             Destination("MISNAMED", "PACS", "127.0.0.1", misnamed.port, client)]
+    counts = run_outbox(db, store, calling_ae="CTQA", destinations=dests, policy=RetryPolicy())
+    assert counts["sent"] == 2 and counts["retry"] == 2
+    assert set(good.received) == set(uids) and not misnamed.received
+    # the PACS required and saw the node's client certificate
+    assert dict(x[0] for x in good.client_certificate["subject"]) == {"commonName": "node"}
+    rows = {r["destination"]: r for r in list_deliveries(db) if r["state"] == "pending"}
+    assert set(rows) == {"MISNAMED"}
+    assert rows["MISNAMED"]["last_error"].startswith(f"TLS: the certificate of 127.0.0.1:{misnamed.port} is not accepted")
+    assert "IP address mismatch" in rows["MISNAMED"]["last_error"]

@@ -66,6 +66,11 @@ def test_scanner_with_site_certificate_is_stored_others_are_refused(tmp_path, pk
     port = node.start()
     try:
         assert port == node.tls_port  # no plain listener: the port file names the TLS port
+        # the README's check from another machine: echoscu with the scanner's certificate
+        echo = subprocess.run([require_tool("echoscu"), "+tls", str(pki.key("scanner")), str(pki.cert("scanner")),
+                               "+cf", str(pki.ca), "-aet", "CT1", "-aec", "CTQA", "127.0.0.1", str(port)],
+                              capture_output=True, text=True, timeout=60)
+        assert echo.returncode == 0, echo.stderr
         # a scanner certificate signed by the configured CA: stored
         r = push_tls(port, files, pki.key("scanner"), pki.cert("scanner"), pki.ca)
         assert r.returncode == 0, r.stderr
