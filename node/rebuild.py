@@ -75,11 +75,48 @@ def rebuild_outputs(settings: Settings, db: Database, store: FileStore, job_id: 
     except Exception as exc:  # the outputs still go, without the qualitative evaluation
         log.error("series %s: trend evaluation failed: %s", uid, _one_line(exc))
         evaluations = {}
-    state, error = write_and_judge_outputs(settings, db, store, job_id, result, evaluations)
+    state, error = write_and_judge_outputs(settings, db, store, job_id, result, evaluations,
+                                           writer=write_missing_outputs)
     if state == OutputsState.WRITTEN and not _has_map(db, job_id):
         error = "; ".join(x for x in (error, MAPS_NOT_STORED) if x)
     set_outputs_state(db, job_id, state, error)
     return Rebuilt(uid, state, error)
+
+
+def write_missing_outputs(settings: Settings, db: Database, store: FileStore, job_id: int, result: SeriesResult,
+                          evaluations=None):
+    """Like ``node.outputs.write_outputs``, but an object this analysis already wrote (same
+    deterministic SOP Instance UID, recorded in the outbox) is kept as it is: never rewritten, never
+    queued twice. Returns the same ``OutputsWritten`` (kept objects count as written)."""
+    from sqlalchemy import select
+
+    from node.outputs import OutputsWritten, WrittenOutput, _encode, build_outputs
+    from storage.models import Job, OutputObject
+    from storage.outbox import record_output
+
+    with db.session() as s:
+        job = s.get(Job, job_id)
+        series_id, scanner = job.series_id, job.series.scanner_name
+        seed = f"{job.series.series_instance_uid}:{job.generation}"
+        recorded = {o.sop_instance_uid: o for o in s.scalars(select(OutputObject)
+                                                              .where(OutputObject.series_id == series_id))}
+    destinations = [d.name for d in settings.destinations]
+    built = build_outputs(result, scanner, evaluations, uid_seed=seed)
+    written, n_new = [], 0
+    for kind, ds in built.objects:
+        sop = str(ds.SOPInstanceUID)
+        if sop in recorded:
+            written.append(WrittenOutput(kind, sop, recorded[sop].rel_path))
+            continue
+        rel = store.output_rel_path(str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID), sop)
+        store.write_bytes(rel, _encode(ds))
+        record_output(db, series_id=series_id, job_id=job_id, kind=kind, sop_class_uid=str(ds.SOPClassUID),
+                      sop_instance_uid=sop, rel_path=rel, destinations=destinations)
+        written.append(WrittenOutput(kind, sop, rel))
+        n_new += 1
+    log.info("series %s: outputs rebuilt from stored results: %d new object(s), %d kept as written",
+             result.series_instance_uid, n_new, len(written) - n_new)
+    return OutputsWritten(written, list(built.failures))
 
 
 MAPS_NOT_STORED = "rebuilt from stored results: Parametric Maps are not stored (qa-node rebuild-outputs --reanalyse)"

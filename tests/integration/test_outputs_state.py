@@ -80,7 +80,9 @@ def test_forced_sr_failure_is_failed_then_rebuilt_from_stored_results(setup, cap
         assert (job.state, job.outcome, job.outputs) == ("done", "done", "failed")
         assert "sr: ValueError: forced builder failure" in job.outputs_error
     # the map and the PDF were still written and queued; the SR was not
-    assert sorted(outputs_of(n)) == ["pdf", "pmap"]
+    first = outputs_of(n)
+    assert sorted(first) == ["pdf", "pmap"]
+    first_bytes = {k: n.store.abs(v[0].rel_path).read_bytes() for k, v in first.items()}
 
     doc = status(capsys, cfg)
     (row,) = doc["series"]
@@ -108,6 +110,10 @@ def test_forced_sr_failure_is_failed_then_rebuilt_from_stored_results(setup, cap
     assert "1 of 1 series rebuilt from stored results and queued for PACS" in out
     kinds = outputs_of(n)
     assert sorted(kinds) == ["pdf", "pmap", "sr"] and all(len(v) == 1 for v in kinds.values())
+    # what was already written is kept as it was (same UID, same bytes), never rewritten or queued twice
+    for k in ("pdf", "pmap"):
+        assert kinds[k][0].id == first[k][0].id
+        assert n.store.abs(kinds[k][0].rel_path).read_bytes() == first_bytes[k]
     with n.db.session() as s:
         assert s.get(Job, job_id).outputs == "written"
         deliveries = s.scalars(select(Delivery)).all()
