@@ -1,0 +1,61 @@
+"""Bias of the global noise (docs/metrics.md, "Global noise" table), reprinted.
+
+Synthetic 30 cm soft-tissue cylinders (50 HU, 512 x 512, 0.7 mm pixels, 5 slices) with white, CT-like
+(ramp x Hann), band-pass (ring at 0.3 mm^-1) and low-pass (Gaussian 0.8 px) noise scaled so that the
+pixel SD inside the body is exactly 5, 10, 20 or 40 HU (the truth, after any filtering); the
+classical model's series global noise against that truth, in percent. The phantoms are those of
+``tests/unit/test_classical.py`` (same generator, seed = int(SD) as there).
+
+    .venv/bin/python bench/global_noise_bias.py [--seeds 1] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import numpy as np  # noqa: E402
+
+from analysis import classical  # noqa: E402
+from analysis.results import RunContext  # noqa: E402
+from tests.unit.test_classical import _noisy_cylinder, _volume  # noqa: E402
+
+KINDS = {"white": "white", "ramp": "CT-like (ramp x Hann)", "band": "band-pass (ring at 0.3 mm^-1)",
+         "lowpass": "low-pass (Gaussian 0.8 px)"}
+SDS = (5.0, 10.0, 20.0, 40.0)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--seeds", type=int, default=1, help="phantoms per cell (seeds int(SD) + 100 k); mean bias")
+    ap.add_argument("--json")
+    args = ap.parse_args(argv)
+    t0 = time.perf_counter()
+    ctx = RunContext()
+    table: dict[str, dict[str, float]] = {}
+    print("| Noise | " + " | ".join(f"{sd:g} HU" for sd in SDS) + " |")
+    print("|---|" + "---|" * len(SDS))
+    for kind, label in KINDS.items():
+        row = {}
+        for sd in SDS:
+            biases = []
+            for k in range(args.seeds):
+                out = classical.run(_volume(_noisy_cylinder(sd, kind, seed=int(sd) + 100 * k), 0.7), ctx)
+                biases.append(100.0 * (out.series_metrics["global_noise_hu"] / sd - 1.0))
+            row[f"{sd:g}"] = float(np.mean(biases))
+        table[kind] = row
+        print(f"| {label} | " + " | ".join(f"{v:+.1f} %" for v in row.values()) + " |")
+    print(f"({time.perf_counter() - t0:.0f} s)")
+    if args.json:
+        Path(args.json).write_text(json.dumps(table, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
