@@ -142,6 +142,11 @@ class SpoolFile:
     def flush(self) -> None:
         pass  # unbuffered
 
+    def discard(self) -> None:
+        """The association ended before the dataset was complete: nothing of it is kept."""
+        if self.error is None:
+            self._fail(None, "association ended before the dataset was complete")
+
     def close(self) -> None:
         if self._fd is not None:
             fd, self._fd = self._fd, None
@@ -364,6 +369,11 @@ class StorageSCP:
                         event.assoc.requestor.address)
 
     def _on_closed(self, event) -> None:
+        # A peer gone in the middle of a C-STORE (abort, connection lost) leaves its partial dataset
+        # in pynetdicom's unfinished message: remove it now rather than at the next start.
+        partial = getattr(getattr(getattr(event.assoc, "dimse", None), "message", None), "_data_set_file", None)
+        if isinstance(partial, SpoolFile):
+            partial.discard()
         with self._lock:
             st = self._stats.pop(id(event.assoc), None)
         if st is None:

@@ -196,3 +196,47 @@ def test_worker_survives_a_failing_job_queue(tmp_path, monkeypatch, caplog):
     msgs = [r.getMessage() for r in caplog.records]
     assert sum("cannot read the job queue" in m for m in msgs) == 1
     assert any("job queue readable again after 4 failed attempt(s)" in m for m in msgs)
+
+
+def test_peer_killed_mid_dataset_leaves_no_spool_file(tmp_path):
+    """A scanner that dies in the middle of a C-STORE (storescu SIGKILLed while sending a 128 MiB
+    instance): the association is aborted, its partial dataset leaves the spool at once (not at the
+    next start), and the node keeps serving."""
+    import signal
+    import time
+
+    import numpy as np
+    from pydicom.uid import generate_uid
+
+    from tests.helpers import require_tool, storescu, wait_until
+
+    exe = require_tool("storescu")
+    import pydicom
+
+    src = sorted(require(PHANTOM_5MM).iterdir())[0]
+    ds = pydicom.dcmread(src)
+    ds.Rows = ds.Columns = 8192
+    ds.PixelData = np.zeros((8192, 8192), np.uint16).tobytes()
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    big = tmp_path / "big.dcm"
+    ds.save_as(big, enforce_file_format=True)
+    del ds
+
+    data = tmp_path / "var"
+    node = NodeProcess(write_config(tmp_path / "config.toml", data_dir=data, stable_age_s=3600), tmp_path)
+    node.start()
+    try:
+        scu = subprocess.Popen([exe, "-aet", "CT1", "-aec", "CTQA", "127.0.0.1", str(node.port), str(big)],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            wait_until(lambda: any((data / "spool").iterdir()), 30, 0.01, "the dataset arriving in the spool")
+        finally:
+            scu.send_signal(signal.SIGKILL)
+            scu.wait()
+        wait_until(lambda: "association aborted" in node.log(), 30, what="the abort")
+        time.sleep(0.2)
+        assert list((data / "spool").iterdir()) == []
+        assert storescu(node.port, src).returncode == 0  # still serving
+        assert _indexed(data / "ctqa.sqlite") and list((data / "spool").iterdir()) == []
+    finally:
+        node.stop()

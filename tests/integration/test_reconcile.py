@@ -3,6 +3,7 @@ rename and the row's commit leaves) are indexed when they are valid instances, q
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 
@@ -13,12 +14,12 @@ from node.service import Node
 from scp.ingest import Ingestor, StoreStatus
 from storage.filestore import quarantine_count, sha256_file
 from storage.models import Instance, Series
-from tests.helpers import PHANTOM_5MM, require
+from tests.helpers import PHANTOM_5MM, qa_node, require, write_config
 
 
 def _settings(tmp_path):
     return settings_from_dict({
-        "node": {"data_dir": str(tmp_path / "var"), "database": f"sqlite:///{tmp_path / 'var' / 'db.sqlite'}",
+        "node": {"data_dir": str(tmp_path / "var"), "database": f"sqlite:///{tmp_path / 'var' / 'ctqa.sqlite'}",
                  "port": 0},
         "scanners": [{"name": "CT1", "ae_title": "CT1"}],
         "analysis": {"device": "cpu", "models": ["basic"]},
@@ -87,6 +88,10 @@ def test_unindexed_store_files_are_indexed_or_quarantined(tmp_path, caplog):
     assert moved == planted
     assert quarantine_count(settings.node.data_dir) == 3 == store.quarantine_count()
     node.stop()
+    cfg = write_config(tmp_path / "config.toml", data_dir=tmp_path / "var")  # the same data folder and database
+    r = qa_node("--config", str(cfg), "status", "--json", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["quarantined"] == 3
 
     # A second start finds nothing to do.
     caplog.clear()
