@@ -61,7 +61,7 @@ OUTSIDE_CONTROL_LIMITS = private("OUTSIDE_CL", "Outside control limits")
 #: TEXT item of the SR's Qualitative Evaluations: an output (a Parametric Map) left out, and why.
 OUTPUT_NOT_PRODUCED = private("OUTPUT_OMITTED", "Output not produced")
 #: TID 1500 row 12 container holding those TEXT items and the "not computed" reasons.
-QUALITATIVE_EVALUATIONS = dcm("126010", "Qualitative Evaluations")
+QUALITATIVE_EVALUATIONS = Code("C0034375", "UMLS", "Qualitative Evaluations")
 
 
 @dataclass(frozen=True)

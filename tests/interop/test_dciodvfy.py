@@ -85,6 +85,8 @@ def test_measurement_report_sr(headers, tmp_path: Path) -> None:
         ],
         slices,
         series_number=9001,
+        not_computed={"nps_f_peak_per_mm": "only 2 uniform ROIs; at least 4 are needed"},
+        omitted_outputs=[("pmap:n2q_quality", "the source has no FrameOfReferenceUID")],
     )
     path = tmp_path / "sr.dcm"
     sr.save_as(path, enforce_file_format=True)
@@ -218,6 +220,8 @@ def test_sr_content_tree_passes_dcmtk_dsrdump(headers, tmp_path: Path, multifram
         ],
         slices,
         series_number=9001,
+        not_computed={"nps_f_peak_per_mm": "only 2 uniform ROIs; at least 4 are needed"},
+        omitted_outputs=[("pmap:n2q_quality", "the source has no FrameOfReferenceUID")],
     )
     path = tmp_path / "sr.dcm"
     sr.save_as(path, enforce_file_format=True)
@@ -227,3 +231,4 @@ def test_sr_content_tree_passes_dcmtk_dsrdump(headers, tmp_path: Path, multifram
     problems = [ln for ln in out.splitlines() if re.match(r"^(W|E|F):", ln)]
     assert problems == [], "\n".join(problems)
     assert "Imaging Measurement Report" in out and "Within control limits" in out
+    assert '="not computed: only 2 unifor' in out and '"Output not produced")="Parametric Map n2q_quality' in out

@@ -31,7 +31,7 @@ from reports.inputs import (
     metrics_from_mapping,
     slice_metrics_from_array,
 )
-from reports.sr import build_measurement_report, read_measurement_report
+from reports.sr import build_measurement_report, read_measurement_report, read_notes
 from tests.unit.report_sources import assert_patient_study_copied, enhanced_ct_header, roundtrip
 
 CLASSICAL = AlgorithmId("ctqa-classical", "1.2.0")
@@ -353,3 +353,31 @@ def test_control_limits_evaluate_and_validate() -> None:
         ControlLimits(None, None)
     with pytest.raises(ValueError, match="must not exceed"):
         ControlLimits(5.0, 4.0)
+
+
+def test_not_computed_metrics_and_omitted_outputs_are_said_with_the_reason(headers) -> None:
+    sr = roundtrip(build_measurement_report(
+        headers, [MetricValue("wed_cm", 17.0, CLASSICAL)], series_number=9001,
+        series_description="CT QA measurements, series 201 STD BRAIN 5MM",
+        not_computed={"global_noise_hu": "not measurable in any slice: too few soft-tissue pixels",
+                      "ssde_mgy": "no CTDIvol in the series"},
+        omitted_outputs=[("pmap:local_noise_sd", "the source has no FrameOfReferenceUID"),
+                         ("pdf", "RuntimeError: boom")],
+    ))
+    assert sr.SeriesDescription == "CT QA measurements, series 201 STD BRAIN 5MM"
+    assert read_notes(sr) == {
+        "global_noise_hu": "not computed: not measurable in any slice: too few soft-tissue pixels",
+        "ssde_mgy": "not computed: no CTDIvol in the series",
+        "output": "Parametric Map local_noise_sd not produced: the source has no FrameOfReferenceUID | "
+                  "Readable report (PDF) not produced: RuntimeError: boom",
+    }
+    # TID 1500 row 12 (UMLS C0034375) after Imaging Measurements (DCM 126010); each note names the metric
+    root = [(item.ConceptNameCodeSequence[0].CodingSchemeDesignator, item.ConceptNameCodeSequence[0].CodeValue)
+            for item in sr.ContentSequence]
+    assert root[-1] == ("UMLS", "C0034375") and root.index(("DCM", "126010")) == len(root) - 2
+    notes = sr.ContentSequence[-1].ContentSequence
+    assert notes[0].ConceptNameCodeSequence[0].CodeValue == metric_code("global_noise_hu").concept.value
+    assert notes[0].RelationshipType == "CONTAINS" and notes[0].ValueType == "TEXT"
+    # the measured value is still a measurement; the not-computed ones are not
+    assert [m.key for m in read_measurement_report(sr).series_metrics] == ["wed_cm"]
+    assert hd.sr.Comprehensive3DSR.from_dataset(sr).content is not None
