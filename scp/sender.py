@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import socket
 import ssl
+import threading
 import time
 from collections import Counter, defaultdict
 from collections.abc import Callable, Sequence
@@ -81,9 +82,7 @@ class BatchResult:
     connected: bool  # False: the association was never established (the destination is unreachable)
 
 
-def _status_outcome(status: int | None) -> SendOutcome:
-    if status is None:
-        return SendOutcome(False, False, "no response (connection lost or timeout)")
+def _status_outcome(status: int) -> SendOutcome:
     if status == 0x0000 or 0xB000 <= status <= 0xBFFF:  # success, or a warning: stored
         return SendOutcome(True, message=f"status 0x{status:04X}")
     if 0xA700 <= status <= 0xA7FF:  # out of resources: the peer may recover
@@ -110,35 +109,51 @@ def plan_associations(items: Sequence[Outgoing], max_objects: int = MAX_OBJECTS_
     return batches
 
 
-class _ConnectErrors(logging.Filter):
-    """While we associate: takes pynetdicom's ERROR lines about a failed connection, a failed TLS
-    handshake or a rejected association (its DUL, transport and ACSE log 2-3 lines and a traceback
-    each) off the log, and keeps the reason for our own single line per destination and pass."""
+class _PeerErrors(logging.Filter):
+    """For one association of ours: takes pynetdicom's ERROR lines and tracebacks about a failed
+    connection, a failed TLS handshake, a rejection, a timeout or a peer that went away (its DUL,
+    transport, ACSE and association modules log 2-4 lines each) off the log, and keeps the reason
+    for our own single line per destination and pass. While associating any thread's records are
+    looked at (the connection is made on a DUL thread not known yet); afterwards only those of the
+    threads serving our association, so the SCP's own associations log as before."""
 
-    LOGGERS = ("pynetdicom.transport", "pynetdicom.acse", "pynetdicom.dul")
+    LOGGERS = ("pynetdicom.transport", "pynetdicom.acse", "pynetdicom.dul", "pynetdicom.association")
     DROP = ("Association request failed: unable to connect to remote", "Association Rejected", "Result: ",
             "Reason: ", "Association Aborted", "Aborting Association")
-    CLOSED = "Connection closed before the entire PDU was received"
+    CLOSED = "the peer closed the connection"
 
-    def __init__(self) -> None:
+    def __init__(self, timeout_s: float) -> None:
         super().__init__()
+        self.timeout_s = timeout_s
         self.reasons: list[str] = []
+        self.threads: set[int] | None = None  # None: still associating
+
+    def follow(self, assoc) -> None:
+        self.threads = {threading.get_ident(), assoc.ident, assoc.dul.ident}
+
+    @property
+    def reason(self) -> str | None:
+        return self.reasons[-1] if self.reasons else None
 
     def filter(self, record: logging.LogRecord) -> bool:
+        if self.threads is not None and record.thread not in self.threads:
+            return True
         msg = record.getMessage()
         if msg.startswith("TCP Initialisation Error: "):
             self.reasons.append(msg.removeprefix("TCP Initialisation Error: "))
-            return False
-        if msg == self.CLOSED:
-            self.reasons.append("the peer closed the connection during association")
-            return False
-        if record.exc_info is not None:  # the traceback pynetdicom adds to the lines above
-            if self.reasons and self.reasons[-1] == "the peer closed the connection during association":
+        elif msg.startswith("Connection closed"):  # before the entire PDU / while waiting for a DIMSE message
+            if self.reason is None or not self.reason.startswith(self.CLOSED):
+                self.reasons.append(self.CLOSED)
+        elif msg in ("DIMSE timeout reached while waiting for message response", "Network timeout reached"):
+            self.reasons.append(f"no answer within {self.timeout_s:g} s")
+        elif record.exc_info is not None:  # the traceback pynetdicom adds to the lines above
+            if self.reason == self.CLOSED:
                 self.reasons[-1] += f" ({msg})"
-            return False
-        return not msg.startswith(self.DROP)
+        elif not msg.startswith(self.DROP):
+            return True
+        return False
 
-    def __enter__(self) -> "_ConnectErrors":
+    def __enter__(self) -> "_PeerErrors":
         for name in self.LOGGERS:
             logging.getLogger(name).addFilter(self)
         return self
@@ -154,7 +169,7 @@ def _connect_reason(reason: str, dest: Destination) -> str:
         return f"TLS: the certificate of {dest.host}:{dest.port} is not accepted ({detail or reason})"
     if "SSL" in reason or "TLS" in reason:
         return f"TLS handshake with {dest.host}:{dest.port} failed: {reason}"
-    if reason.startswith("the peer closed") and not dest.tls:
+    if reason.startswith(_PeerErrors.CLOSED) and not dest.tls:
         reason += "; a DICOM TLS port? (set tls = true for this destination)"
     return f"cannot connect to {dest.host}:{dest.port}: {reason}"
 
@@ -197,49 +212,53 @@ def send_batch(calling_ae: str, dest: Destination, items: Sequence[Outgoing], ti
         return BatchResult([outcome] * len(items), connected)
 
     tls_args = (dest.ssl_context, dest.host) if dest.ssl_context is not None else None
-    try:
-        with _ConnectErrors() as errors:
+    with _PeerErrors(timeout_s) as errors:
+        try:
             assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title, tls_args=tls_args,
                                  evt_handlers=[(evt.EVT_CONN_OPEN, _on_conn_open)])
-    except (OSError, socket.error) as exc:
-        return fail_all(SendOutcome(False, False, _connect_reason(str(exc), dest)))
-    if assoc.is_rejected:
-        rsp = assoc.acceptor.primitive
-        permanent = rsp is not None and rsp.result == 0x01
-        why = (f"association rejected (result {rsp.result}, source {rsp.result_source}, reason {rsp.diagnostic})"
-               if rsp else "association rejected")
-        return fail_all(SendOutcome(False, permanent, why))
-    if not assoc.is_established:
-        if errors.reasons:
-            return fail_all(SendOutcome(False, False, _connect_reason(errors.reasons[-1], dest)))
-        how = " (after the TLS handshake)" if dest.tls else ""
-        return fail_all(SendOutcome(False, False,
-                                    f"cannot connect to {dest.host}:{dest.port}: no association{how}"))
-    outcomes: list[SendOutcome] = []
-    try:
-        accepted = {(str(cx.abstract_syntax), str(cx.transfer_syntax[0])) for cx in assoc.accepted_contexts}
-        accepted_classes = {sop for sop, _ts in accepted}
-        for it in items:
-            if it.context not in accepted:
-                what = (f"transfer syntax {it.transfer_syntax} for SOP class {it.delivery.sop_class_uid}"
-                        if it.delivery.sop_class_uid in accepted_classes else f"SOP class {it.delivery.sop_class_uid}")
-                outcome = SendOutcome(False, True, f"{what} not accepted by {dest.name}")
-            elif not assoc.is_established:
-                outcome = SendOutcome(False, False, "association lost")
-            else:
-                try:
-                    rsp = _send_file(assoc, it.path)
-                    outcome = _status_outcome(rsp.Status if "Status" in rsp else None)
-                except (InvalidDicomError, AttributeError, ValueError) as exc:
-                    outcome = SendOutcome(False, True, f"output file {it.delivery.rel_path} cannot be sent: {exc}")
-                except OSError as exc:
-                    outcome = SendOutcome(False, False, f"cannot read {it.delivery.rel_path}: {exc.strerror or exc}")
-            outcomes.append(outcome)
-            if on_outcome is not None:
-                on_outcome(it, outcome)
-    finally:
-        if assoc.is_established:
-            assoc.release()
+        except (OSError, socket.error) as exc:
+            return fail_all(SendOutcome(False, False, _connect_reason(str(exc), dest)))
+        if assoc.is_rejected:
+            rsp = assoc.acceptor.primitive
+            permanent = rsp is not None and rsp.result == 0x01
+            why = (f"association rejected (result {rsp.result}, source {rsp.result_source}, reason {rsp.diagnostic})"
+                   if rsp else "association rejected")
+            return fail_all(SendOutcome(False, permanent, why))
+        if not assoc.is_established:
+            if errors.reason:
+                return fail_all(SendOutcome(False, False, _connect_reason(errors.reason, dest)))
+            how = " (after the TLS handshake)" if dest.tls else ""
+            return fail_all(SendOutcome(False, False,
+                                        f"cannot connect to {dest.host}:{dest.port}: no association{how}"))
+        errors.follow(assoc)
+        outcomes: list[SendOutcome] = []
+        try:
+            accepted = {(str(cx.abstract_syntax), str(cx.transfer_syntax[0])) for cx in assoc.accepted_contexts}
+            accepted_classes = {sop for sop, _ts in accepted}
+            for it in items:
+                if it.context not in accepted:
+                    what = (f"transfer syntax {it.transfer_syntax} for SOP class {it.delivery.sop_class_uid}"
+                            if it.delivery.sop_class_uid in accepted_classes
+                            else f"SOP class {it.delivery.sop_class_uid}")
+                    outcome = SendOutcome(False, True, f"{what} not accepted by {dest.name}")
+                elif not assoc.is_established:
+                    outcome = SendOutcome(False, False, f"association lost: {errors.reason or 'aborted'}")
+                else:
+                    try:
+                        rsp = _send_file(assoc, it.path)
+                        status = rsp.Status if "Status" in rsp else None
+                        outcome = (_status_outcome(status) if status is not None else
+                                   SendOutcome(False, False, f"no response: {errors.reason or 'connection lost'}"))
+                    except (InvalidDicomError, AttributeError, ValueError) as exc:
+                        outcome = SendOutcome(False, True, f"output file {it.delivery.rel_path} cannot be sent: {exc}")
+                    except OSError as exc:
+                        outcome = SendOutcome(False, False, f"cannot read {it.delivery.rel_path}: {exc.strerror or exc}")
+                outcomes.append(outcome)
+                if on_outcome is not None:
+                    on_outcome(it, outcome)
+        finally:
+            if assoc.is_established:
+                assoc.release()
     return BatchResult(outcomes, True)
 
 

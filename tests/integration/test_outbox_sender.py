@@ -5,6 +5,8 @@ unreachable PACS, the backoff doubling to its cap and give-up -> dead."""
 from __future__ import annotations
 
 import logging
+import socket
+import struct
 import threading
 import time
 from collections import Counter
@@ -27,10 +29,11 @@ class FakePacs:
     """A pynetdicom Storage SCP that records what it receives and answers what the test says."""
 
     def __init__(self, status=0x0000, delay_s: float = 0.0, reject: tuple[int, int, int] | None = None,
-                 ssl_context=None) -> None:
+                 ssl_context=None, reset_on: str | None = None) -> None:
         self.status = status  # int, or callable(sop_instance_uid) -> int
         self.delay_s = delay_s
         self.reject = reject
+        self.reset_on = reset_on  # this SOP Instance UID: drop the TCP connection (RST) instead of answering
         self.received: Counter[str] = Counter()
         self.associations: list[list[tuple[str, tuple[str, ...]]]] = []  # proposed contexts per association
         self.requests = 0
@@ -58,6 +61,11 @@ class FakePacs:
 
     def _on_store(self, event) -> int:
         uid = str(event.request.AffectedSOPInstanceUID)
+        if uid == self.reset_on:  # the PACS process dies mid-association
+            sock = event.assoc.dul.socket.socket
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            sock.close()
+            return 0x0000
         if self.delay_s:
             time.sleep(self.delay_s)
         status = self.status(uid) if callable(self.status) else self.status
@@ -209,8 +217,8 @@ def test_a_pacs_that_does_not_answer_times_out_and_is_retried(outbox_env, pacs_f
     assert time.monotonic() - started < 10  # gave up waiting after the timeout, not the PACS's 3 s x 3
     assert counts == {"sent": 0, "retry": 3, "dead": 0, "associations": 1}
     rows = deliveries(db)
-    assert rows[uids[0]]["last_error"] == "no response (connection lost or timeout)"
-    assert {rows[u]["last_error"] for u in uids[1:]} == {"association lost"}
+    assert rows[uids[0]]["last_error"] == "no response: no answer within 1 s"
+    assert {rows[u]["last_error"] for u in uids[1:]} == {"association lost: no answer within 1 s"}
     assert all(next_attempt(db, rows[u]["id"]) == t0 + timedelta(seconds=30) for u in uids)
 
 
@@ -285,3 +293,30 @@ def test_tls_destination_checks_the_pacs_certificate_and_its_host_name(outbox_en
     assert set(rows) == {"MISNAMED"}
     assert rows["MISNAMED"]["last_error"].startswith(f"TLS: the certificate of 127.0.0.1:{misnamed.port} is not accepted")
     assert "IP address mismatch" in rows["MISNAMED"]["last_error"]
+
+
+def test_pacs_that_dies_mid_association_loses_nothing_and_logs_one_line_per_reason(outbox_env, pacs_factory,
+                                                                                   caplog):
+    db, store = outbox_env
+    uids = queue_outbox_objects(db, store, 6, ["PACS"])
+    pacs = pacs_factory(reset_on=uids[2])
+    t0 = utcnow()
+    with caplog.at_level(logging.WARNING):
+        counts = run_outbox(db, store, calling_ae="CTQA", destinations=[pacs.destination()],
+                            policy=RetryPolicy(initial_s=30), now=t0, timeout_s=5)
+    assert counts == {"sent": 2, "retry": 4, "dead": 0, "associations": 1}
+    rows = deliveries(db)
+    assert [rows[u]["state"] for u in uids] == ["sent", "sent"] + ["pending"] * 4
+    closed = "the peer closed the connection ([Errno 104] Connection reset by peer)"
+    assert rows[uids[2]]["last_error"] == f"no response: {closed}"
+    assert {rows[u]["last_error"] for u in uids[3:]} == {f"association lost: {closed}"}
+    # our two lines, none of pynetdicom's ERROR lines or tracebacks for our association
+    lines = sorted(r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING)
+    assert lines == [f"outbox: 1 delivery(ies) to PACS failed (will retry): no response: {closed}",
+                     f"outbox: 3 delivery(ies) to PACS failed (will retry): association lost: {closed}"]
+    # the PACS is back: the next due pass sends the four others, nothing twice
+    pacs.reset_on = None
+    counts = run_outbox(db, store, calling_ae="CTQA", destinations=[pacs.destination()],
+                        policy=RetryPolicy(initial_s=30), now=t0 + timedelta(seconds=30))
+    assert counts["sent"] == 4
+    assert pacs.received == Counter({u: 1 for u in uids})

@@ -200,6 +200,6 @@ def test_outbox_delivers_to_orthanc_over_dicom_tls(tmp_path, pki):
         errors = {r["destination"]: r["last_error"] for r in rows}
         assert errors["WRONGCA"].startswith(f"TLS: the certificate of 127.0.0.1:{pacs.dicom_port} is not accepted")
         assert errors["PLAIN"].startswith(f"cannot connect to 127.0.0.1:{pacs.dicom_port}: the peer closed the "
-                                          "connection during association")
+                                          "connection")
         assert errors["PLAIN"].endswith("; a DICOM TLS port? (set tls = true for this destination)")
         db.dispose()
