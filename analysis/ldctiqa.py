@@ -60,9 +60,10 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 AIR_HU = -1024.0
 
 # A 300-slice series must stay under the 60 s CPU budget. On this 2-core machine one 512 x 512 slice
-# takes about 0.9 s on 1 torch thread when the machine is quiet and up to ~1.6-2.5 s when other work
-# competes for the cores (bench/models.py); 24 evenly spaced slices therefore cost ~22 s quiet and stay
-# under 60 s even at 2.5 s per slice. The forward pass is ~65 % fp32 GEMMs: there is little left to gain.
+# costs 0.9-1.1 s of CPU on 1 torch thread (bench/models.py: 25.9 s of process CPU time for 24 slices;
+# 0.91 s/slice wall when the machine was quiet), so 24 evenly spaced slices take ~22-26 s on a quiet
+# core and stay under 60 s up to ~2.5 s per slice. The forward pass is ~65 % fp32 GEMMs (addmm):
+# there is little left to gain on the CPU without leaving fp32.
 DEFAULT_MAX_SLICES = 24
 DEFAULT_BATCH_CPU = 4
 DEFAULT_BATCH_CUDA = 32
