@@ -45,6 +45,7 @@ _OFFSET_TABLE_MAX = 8 << 20  # Basic/Extended Offset Table values read (1 millio
 _UNDEFINED = 0xFFFFFFFF
 _ITEM, _ITEM_END, _SEQ_END = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
 PIXEL_DATA = 0x7FE00010
+SPECIFIC_CHARACTER_SET = 0x00080005
 EXTENDED_OFFSET_TABLE = 0x7FE00001
 
 _LONG_VRS = frozenset(b"OB OD OF OL OV OW SQ UC UN UR UT SV UV".split())
@@ -86,6 +87,11 @@ _US = {"SamplesPerPixel", "PlanarConfiguration", "Rows", "Columns", "BitsAllocat
        "PixelRepresentation"}
 _PHOTOMETRIC = {"MONOCHROME1", "MONOCHROME2", "PALETTE COLOR", "RGB", "YBR_FULL", "YBR_FULL_422",
                 "YBR_PARTIAL_420", "YBR_PARTIAL_422", "YBR_ICT", "YBR_RCT", "HSV", "ARGB", "CMYK"}
+
+
+def _limit(max_bytes: int) -> str:
+    mib = max_bytes >> 20
+    return f"{mib} MiB (node.max_instance_mb)" if mib and mib << 20 == max_bytes else f"{max_bytes} bytes"
 
 
 class DatasetError(ValueError):
@@ -206,7 +212,7 @@ class _InflateSource:
             if out:
                 self.inflated += len(out)
                 if self.inflated > self.cap:
-                    raise InstanceTooLarge(f"inflated dataset exceeds the instance limit of {self.cap >> 20} MiB")
+                    raise InstanceTooLarge(f"inflated dataset exceeds the instance limit of {_limit(self.cap)}")
                 return out
         trailing = len(self.z.unused_data) + len(self.f.read(2))
         if trailing > 8:  # tolerated: DCMTK's pad byte, a stray zlib/gzip trailer (pydicom ignores them too)
@@ -233,7 +239,7 @@ class _InflateSource:
 
     def skip(self, n: int) -> None:
         if self.pos + n > self.cap:
-            raise InstanceTooLarge(f"inflated dataset exceeds the instance limit of {self.cap >> 20} MiB")
+            raise InstanceTooLarge(f"inflated dataset exceeds the instance limit of {_limit(self.cap)}")
         left = n
         if self.buf:
             take = min(left, len(self.buf))
@@ -292,8 +298,8 @@ def walk_file(path: Path, transfer_syntax: str, *, max_bytes: int) -> Structure:
             src: _FileSource | _InflateSource = _InflateSource(f, start, max_bytes)
         else:
             if size - start > max_bytes:
-                raise InstanceTooLarge(f"dataset of {(size - start) >> 20} MiB exceeds the instance limit "
-                                       f"of {max_bytes >> 20} MiB")
+                raise InstanceTooLarge(f"dataset of {size - start} bytes exceeds the instance limit of "
+                                       f"{_limit(max_bytes)}")
             src = _FileSource(f, start, size)
         return _walk(src, transfer_syntax, max_bytes)
 
@@ -411,6 +417,15 @@ def _walk(src, ts: str, max_bytes: int) -> Structure:
         if length == _UNDEFINED:
             raise DatasetError(f"({tag >> 16:04X},{tag & 0xFFFF:04X}) has an undefined length but is no sequence")
         _check_fits(src, end, length, max_bytes)
+        if tag == SPECIFIC_CHARACTER_SET:  # at any depth: readers switch codecs on it mid-dataset
+            if length > _CAPTURE_MAX:
+                raise DatasetError(f"SpecificCharacterSet of {length} bytes")
+            value = read(length)
+            if any(c < 0x20 for c in value):
+                raise DatasetError("SpecificCharacterSet holds control characters (a reader cannot look up its codec)")
+            if kind == _DATASET:
+                raw["SpecificCharacterSet"] = (vr, value)
+            continue
         if kind == _DATASET:
             keyword = CAPTURED.get(tag)
             if keyword is not None:
@@ -438,7 +453,7 @@ def _check_fits(src, end: int | None, length: int, max_bytes: int) -> None:
     if end is not None and src.pos + length > end:
         raise DatasetError(f"a value of {length} bytes runs past the end of its item or sequence")
     if src.pos + length > max_bytes:
-        raise InstanceTooLarge(f"a value of {length} bytes exceeds the instance limit of {max_bytes >> 20} MiB")
+        raise InstanceTooLarge(f"a value of {length} bytes exceeds the instance limit of {_limit(max_bytes)}")
 
 
 def check_pixel_data(s: Structure) -> None:

@@ -194,7 +194,7 @@ def test_deflate_bomb_refused_with_bounded_memory(tmp_path):
     with pytest.raises(InstanceTooLarge, match="a value of 3221225472 bytes exceeds"):
         info_of(f2, DEFLATED, like=slice_path(), max_bytes=2048 * MiB)
     # and a plain instance over the cap is refused by its size
-    with pytest.raises(InstanceTooLarge, match="exceeds the instance limit of 0 MiB"):
+    with pytest.raises(InstanceTooLarge, match="dataset of 531580 bytes exceeds the instance limit of 1000 bytes"):
         info_of(slice_path(), max_bytes=1000)
 
 
@@ -239,6 +239,26 @@ def test_structure_errors(tmp_path):
     for what, tail in cases.items():
         f = write_instance(tmp_path / "bad.dcm", body[:pix] + tail, EXPLICIT, CT_IMAGE, str(ds.SOPInstanceUID))
         with pytest.raises(DatasetError, match=messages[what]):
+            info_of(f, EXPLICIT, like=slice_path())
+
+
+def test_character_set_a_reader_cannot_use_is_refused_at_any_depth(tmp_path):
+    """Found by the fuzzer: a NUL inside (0008,0005) makes pydicom's reader itself fail (codec lookup),
+    top level or inside an item, so such a dataset must not be acknowledged."""
+    ds = pydicom.dcmread(slice_path())
+    body = encode(ds, EXPLICIT)
+    pix = pixel_data_offset(body)
+    charset = struct.pack("<HH2sH", 0x0008, 0x0005, b"CS", 10) + b"ISO_IR\x00100"
+    item = charset + struct.pack("<HH2sH", 0x0008, 0x0100, b"SH", 4) + b"T-1 "
+    nested = (struct.pack("<HH2s2xI", 0x0040, 0xA730, b"SQ", 8 + len(item))
+              + struct.pack("<HHI", 0xFFFE, 0xE000, len(item)) + item)
+    at = body.index(struct.pack("<HH", 0x0008, 0x0016))  # before SOP Class UID: the dataset stays ordered
+    for name, data in (("top.dcm", body[:at] + charset + body[at:]), ("nested.dcm", body[:pix] + nested + body[pix:])):
+        f = write_instance(tmp_path / name, data, EXPLICIT, CT_IMAGE, str(ds.SOPInstanceUID))
+        with pytest.raises((ValueError, TypeError)):  # pydicom cannot read it ("embedded null character")
+            back = pydicom.dcmread(f)
+            back.get("ContentSequence") and back.ContentSequence[0].CodeValue  # (a defined-length SQ is read lazily)
+        with pytest.raises(DatasetError, match="SpecificCharacterSet holds control characters"):
             info_of(f, EXPLICIT, like=slice_path())
 
 
