@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 
 from apscheduler.schedulers.background import BackgroundScheduler
 
@@ -29,9 +30,20 @@ def _now():
     return datetime.now(timezone.utc)
 
 
-def sweep_completed_series(db: Database, stable_age_s: float, models: list[str], worker: AnalysisWorker | None) -> list[str]:
-    """Scheduler job: complete idle (or fully counted) series and queue their analysis."""
-    done = complete_due_series(db, stable_age_s, models)
+_NEVER_IDLE_S = 10 * 365 * 86400.0
+
+
+def sweep_completed_series(db: Database, stable_age_s: float, models: list[str], worker: AnalysisWorker | None,
+                           started: float | None = None) -> list[str]:
+    """Scheduler job: complete idle (or fully counted) series and queue their analysis.
+
+    ``started`` (time.monotonic() at the node's start): for the first ``stable_age_s`` after a start
+    no series completes by idleness, so that the node's own downtime (a crash, a restart) does not
+    count as the scanner having finished; series whose expected count is reached still complete."""
+    age = stable_age_s
+    if started is not None and time.monotonic() - started < stable_age_s:
+        age = _NEVER_IDLE_S
+    done = complete_due_series(db, age, models)
     for uid in done:
         log.info("series %s complete; analysis queued", uid)
     if done and worker is not None:
@@ -210,7 +222,7 @@ class Node:
         self.scheduler.add_job(
             _Guarded(sweep_completed_series, "series completion sweep"), "interval", seconds=interval,
             id="sweep_completed_series", name="sweep_completed_series",
-            args=[self.db, self.settings.node.stable_age_s, self.models, self.worker],
+            args=[self.db, self.settings.node.stable_age_s, self.models, self.worker, time.monotonic()],
             coalesce=True, max_instances=1, misfire_grace_time=60,
         )
         if self.settings.destinations:

@@ -104,3 +104,27 @@ def test_unindexed_store_files_are_indexed_or_quarantined(tmp_path, caplog):
 
 def test_quarantine_count_without_folder(tmp_path):
     assert quarantine_count(tmp_path / "nowhere") == 0
+
+
+def test_downtime_does_not_complete_a_series(tmp_path):
+    """A series left receiving when the node went down is not completed at the restart merely because
+    the node itself was away: idleness counts from the start; a counted series still completes."""
+    import time
+    from datetime import timedelta
+
+    from sqlalchemy import update
+
+    from node.service import sweep_completed_series
+    from storage.db import utcnow
+
+    files = sorted(require(PHANTOM_5MM).iterdir())
+    node = Node(_settings(tmp_path))
+    node.prepare()
+    _ingest(node, files[0])
+    with node.db.session() as s:  # last instance an hour ago: the node was down meanwhile
+        s.execute(update(Series).values(last_received_at=utcnow() - timedelta(hours=1)))
+    started = time.monotonic()
+    assert sweep_completed_series(node.db, 30.0, ["basic"], None, started) == []
+    assert sweep_completed_series(node.db, 30.0, ["basic"], None, started - 31.0) == [str(
+        pydicom.dcmread(files[0], stop_before_pixels=True).SeriesInstanceUID)]
+    node.stop()
