@@ -195,7 +195,8 @@ class _InflateSource:
         self.cap = cap
         f.seek(start)
         self.z = zlib.decompressobj(-zlib.MAX_WBITS)
-        self.buf = b""
+        self.buf = b""  # inflated, not yet consumed from self.off on
+        self.off = 0
         self.pos = 0  # position in the inflated dataset
         self.inflated = 0
 
@@ -220,20 +221,22 @@ class _InflateSource:
         return b""
 
     def _fill(self, n: int) -> None:
-        parts = [self.buf]
-        have = len(self.buf)
+        """Make at least ``n`` unread bytes available in ``buf`` from ``off`` on."""
+        parts = [self.buf[self.off:]]
+        have = len(parts[0])
         while have < n:
             out = self._inflate(min(CHUNK, max(n - have, 1 << 16)))
             if not out:
                 raise DatasetError(f"dataset ends early: {n} bytes needed at offset {self.pos}")
             parts.append(out)
             have += len(out)
-        self.buf = b"".join(parts)
+        self.buf, self.off = b"".join(parts), 0
 
     def read(self, n: int) -> bytes:
-        if len(self.buf) < n:
+        if len(self.buf) - self.off < n:
             self._fill(n)
-        data, self.buf = self.buf[:n], self.buf[n:]
+        data = self.buf[self.off:self.off + n]
+        self.off += n
         self.pos += n
         return data
 
@@ -241,10 +244,9 @@ class _InflateSource:
         if self.pos + n > self.cap:
             raise InstanceTooLarge(f"inflated dataset exceeds the instance limit of {_limit(self.cap)}")
         left = n
-        if self.buf:
-            take = min(left, len(self.buf))
-            self.buf = self.buf[take:]
-            left -= take
+        take = min(left, len(self.buf) - self.off)
+        self.off += take
+        left -= take
         while left:
             out = self._inflate(min(CHUNK, left))
             if not out:
@@ -253,9 +255,9 @@ class _InflateSource:
         self.pos += n
 
     def at_end(self) -> bool:
-        if self.buf:
+        if self.off < len(self.buf):
             return False
-        self.buf = self._inflate(1 << 16)
+        self.buf, self.off = self._inflate(1 << 16), 0
         return not self.buf
 
 
@@ -484,7 +486,7 @@ def check_pixel_data(s: Structure) -> None:
     if photometric not in _PHOTOMETRIC:
         raise DatasetError(f"PhotometricInterpretation {photometric!r}")
     frames = 1
-    if "NumberOfFrames" in s.raw:
+    if "NumberOfFrames" in s.raw and s.raw["NumberOfFrames"][1].strip(b" \x00"):  # empty: one frame
         frames = s.integer("NumberOfFrames")
         if frames is None or frames < 1:
             raise DatasetError("NumberOfFrames invalid")
