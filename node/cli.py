@@ -273,7 +273,7 @@ def status_dict(db) -> dict:
             if j is not None:
                 state, error = outputs_state(j, n_out.get(j.id, 0))
             else:
-                state, error = ("pending" if x.state == "complete" else "none"), None
+                state, error = "pending", None  # receiving or just completed: its outputs are to come
             outputs_counts[state] += 1
             rows.append({
                 "series_instance_uid": x.series_instance_uid, "scanner": x.scanner_name, "state": x.state,
