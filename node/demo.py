@@ -110,6 +110,7 @@ def _run_demo(settings: Settings, *, series_dir: Path, out: TextIO, stable_age_s
         out.write(f"storescu exit code {rc}, {t_push:.1f} s\n")
         ids = wait_for_analysis(node, timeout_s)
         out.write(f"series complete and analysed after {time.monotonic() - t0:.1f} s\n\n")
+        outputs_failed = False
         with node.db.session() as s:
             for sid in ids:
                 series = s.get(Series, sid)
@@ -119,6 +120,9 @@ def _run_demo(settings: Settings, *, series_dir: Path, out: TextIO, stable_age_s
                           f"station {series.station_name}, serial {series.device_serial})\n")
                 out.write(f"  received  {series.n_instances} instances, stored under {data_dir / 'store'}\n")
                 out.write(f"  analysis  {job.outcome}{'  (' + job.error + ')' if job.error else ''}\n")
+                out.write(f"  outputs   {job.outputs or '-'}"
+                          f"{'  (' + job.outputs_error + ')' if job.outputs_error else ''}\n")
+                outputs_failed = outputs_failed or job.outputs == "failed"
                 for name, (value, reason) in current_metrics(s, sid).items():
                     shown = "-" if value is None else f"{value:.4g}"
                     out.write(f"  {name:<26} {shown:>12}{'   ' + reason if value is None and reason else ''}\n")
@@ -136,6 +140,6 @@ def _run_demo(settings: Settings, *, series_dir: Path, out: TextIO, stable_age_s
             out.write(f"\nin Orthanc, study {study}: {len(found)} instances ({', '.join(kinds)}); "
                       f"browse {orthanc.url}/app/explorer.html while the demo runs, or list with "
                       f"{orthanc.url}/studies\n")
-        return 0 if rc == 0 else 1
+        return 0 if rc == 0 and not outputs_failed else 1
     finally:
         node.stop()
