@@ -155,45 +155,65 @@ def report_figure(
         fig.text(0.30, y, _wrap(v, _RIGHT - 0.30, 9.5)[0], fontsize=9.5)
         y -= 0.019
 
-    # key-number table: columns as fractions of the page width
-    fs = 8.5 if len(metrics) <= 16 else 7.5
-    line = fs * 1.35 / 72 / _PAGE_H
+    # key-number table, meanings, outputs not produced: laid out at the largest font size (and the
+    # most lines per note) that leaves room for the map thumbnail; without room the thumbnail goes
+    top_y = y
     cols = ((_LEFT, 0.26, "Measurement"), (0.33, 0.13, "Value"), (0.46, 0.16, "Baseline"),
             (0.62, _RIGHT - 0.62, "Status / note"))
-    y -= 0.012
-    for x, _, title in cols:
-        fig.text(x, y, title, fontsize=fs, weight="bold")
-    y -= 0.004
-    fig.add_artist(Line2D([_LEFT, _RIGHT], [y, y], color="0.5", linewidth=0.6))
-    y -= line * 1.05
     baselines = baselines or {}
-    for m in metrics:
-        base = baselines.get(m.key)
-        baseline = ("" if m.key in CONTEXT_KEYS else "no baseline yet") if base is None else format_number(base, m.unit)
-        cells = (m.label, format_number(m.value, m.unit), baseline, _status(m))
-        wrapped = [_wrap(text, w - 0.01, fs) for (_, w, _), text in zip(cols, cells)]
-        for (x, _, _), lines in zip(cols, wrapped):
-            for j, text in enumerate(lines):
-                fig.text(x, y - j * line, text, fontsize=fs,
-                         color="0.45" if text == "no baseline yet" else ("#b00000" if "OUTSIDE" in text else "black"))
-        y -= line * max(len(w) for w in wrapped) + line * 0.3
-
     meanings = [(m.label, MEANING[m.key]) for m in metrics if m.key in MEANING]
-    if meanings:
-        y -= line * 0.6
-        fig.text(_LEFT, y, "What the numbers mean", fontsize=fs + 0.5, weight="bold")
-        y -= line * 1.2
-        for label, text in meanings:
-            for j, t in enumerate(_wrap(f"{label}: {text}", _RIGHT - _LEFT, fs - 0.5)):
-                fig.text(_LEFT, y, t, fontsize=fs - 0.5, color="0.2")
-                y -= line * 0.95
-    if omitted_outputs:
-        y -= line * 0.6
-        for kind, why in omitted_outputs:
-            name = f"Parametric Map {kind[5:]}" if kind.startswith("pmap:") else kind
-            for t in _wrap(f"Not produced: {name}: {why}", _RIGHT - _LEFT, fs - 0.5):
-                fig.text(_LEFT, y, t, fontsize=fs - 0.5, color="#b00000")
-                y -= line * 0.95
+
+    def body(fs: float, max_lines: int | None, draw: bool) -> float:
+        line = fs * 1.35 / 72 / _PAGE_H
+
+        def put(x: float, yy: float, text: str, **kw) -> None:
+            if draw:
+                fig.text(x, yy, text, **kw)
+
+        yy = top_y - 0.012
+        for x, _, title in cols:
+            put(x, yy, title, fontsize=fs, weight="bold")
+        yy -= 0.004
+        if draw:
+            fig.add_artist(Line2D([_LEFT, _RIGHT], [yy, yy], color="0.5", linewidth=0.6))
+        yy -= line * 1.05
+        for m in metrics:
+            base = baselines.get(m.key)
+            baseline = ("" if m.key in CONTEXT_KEYS else "no baseline yet") if base is None else \
+                format_number(base, m.unit)
+            cells = (m.label, format_number(m.value, m.unit), baseline, _status(m))
+            wrapped = [_wrap(text, w - 0.01, fs) for (_, w, _), text in zip(cols, cells)]
+            if max_lines is not None and len(wrapped[3]) > max_lines:
+                wrapped[3] = wrapped[3][:max_lines - 1] + [wrapped[3][max_lines - 1][:-3] + "..."]
+            for (x, _, _), lines in zip(cols, wrapped):
+                for j, text in enumerate(lines):
+                    put(x, yy - j * line, text, fontsize=fs,
+                        color="0.45" if text == "no baseline yet" else ("#b00000" if "OUTSIDE" in text else "black"))
+            yy -= line * max(len(w) for w in wrapped) + line * 0.3
+        if meanings:
+            yy -= line * 0.6
+            put(_LEFT, yy, "What the numbers mean", fontsize=fs + 0.5, weight="bold")
+            yy -= line * 1.2
+            for label, text in meanings:
+                for t in _wrap(f"{label}: {text}", _RIGHT - _LEFT, fs - 0.5):
+                    put(_LEFT, yy, t, fontsize=fs - 0.5, color="0.2")
+                    yy -= line * 0.95
+        if omitted_outputs:
+            yy -= line * 0.6
+            for kind, why in omitted_outputs:
+                name = f"Parametric Map {kind[5:]}" if kind.startswith("pmap:") else kind
+                for t in _wrap(f"Not produced: {name}: {why}", _RIGHT - _LEFT, fs - 0.5):
+                    put(_LEFT, yy, t, fontsize=fs - 0.5, color="#b00000")
+                    yy -= line * 0.95
+        return yy
+
+    layouts = [(fs, n) for fs in (8.5, 7.5, 6.5) for n in (None, 4, 2)]
+    need = 0.20 if map_values is not None else 0.03
+    choice = next((lay for lay in layouts if body(*lay, draw=False) >= need), None)
+    if choice is None:  # no room for the thumbnail: the numbers matter more
+        map_values = None
+        choice = next((lay for lay in layouts if body(*lay, draw=False) >= 0.03), layouts[-1])
+    y = body(*choice, draw=True)
 
     if map_values is not None:
         mid = map_values.shape[0] // 2

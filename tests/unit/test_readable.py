@@ -113,26 +113,37 @@ def test_numbers_integers_as_integers_else_three_significant_digits(value, unit,
     assert format_number(value, unit) == text
 
 
-def test_page_fits_and_colour_bar_names_the_unit(headers) -> None:
-    """Every text lies inside the page (also a long reason), and the colour bar is labelled with the unit."""
+@pytest.mark.parametrize("crowded", [False, True], ids=["one-long-note", "every-row-a-long-note"])
+def test_page_fits_and_colour_bar_names_the_unit(headers, crowded: bool) -> None:
+    """Every text lies inside the page and above the map thumbnail (also long reasons on every row),
+    and the colour bar is labelled with the unit."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 
+    from node.outputs import REPORT_KEYS
     from reports.inputs import DeviceInfo
     from reports.readable import report_figure
 
     long_note = "not measurable in any slice: " + "27 slice(s) with too few soft-tissue pixels; " * 6
-    metrics = [*METRICS, _metric("nps_f_peak_per_mm", None, note=long_note)]
+    if crowded:
+        metrics = [_metric(k, None if i % 2 else 1.5 * i, note=long_note if i % 2 else "")
+                   for i, k in enumerate(REPORT_KEYS)]
+    else:
+        metrics = [*METRICS, _metric("nps_f_peak_per_mm", None, note=long_note)]
     values = np.ones((3, 64, 64), np.float32)
     fig = report_figure(headers[0], metrics, "CT4", values, "Local noise SD", device=DeviceInfo(),
-                        created=CREATED, map_unit="HU")
+                        created=CREATED, map_unit="HU", omitted_outputs=[("pmap:n2q_quality", "no FoR")])
     canvas = FigureCanvasAgg(fig)
     renderer = canvas.get_renderer()
     w, h = fig.bbox.width, fig.bbox.height
     texts = [t for t in fig.texts if t.get_text()]
-    assert any("27 slice(s)" in t.get_text() for t in texts)
+    assert any("not measurable in any slice" in t.get_text() for t in texts)
+    assert any(t.get_text().startswith("Not produced: Parametric Map n2q_quality") for t in texts)
+    image_ax = fig.axes[0]
+    map_top = image_ax.get_window_extent(renderer).y1 + image_ax.title.get_window_extent(renderer).height
     for t in texts:
         box = t.get_window_extent(renderer)
         assert box.x0 >= 0 and box.x1 <= w and box.y0 >= 0 and box.y1 <= h, f"{t.get_text()!r} leaves the page"
+        assert box.y0 > map_top, f"{t.get_text()!r} runs into the map thumbnail"
     assert fig.axes[-1].get_ylabel() == "Local noise SD (HU)"
 
 
