@@ -46,7 +46,8 @@ SYNTAXES = ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2", "1.2.840.10008.1.2.2", "
 SOP_CLASSES = ["1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.5.1.4.1.1.2.1", "1.2.840.10008.5.1.4.1.1.2.2"]
 REQUEST_UID = "2.25.1"
 MAX_BYTES = 64 << 20  # the cap in the fuzzer: a bomb must be refused, not inflated to 2 GiB per input
-SPOOL = Path(tempfile.mkdtemp(prefix="ctqa-fuzz-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None))
+SPOOL = Path(os.environ.get("CTQA_FUZZ_SPOOL") or tempfile.mkdtemp(prefix="ctqa-fuzz-"))  # the test passes its tmp dir
+SPOOL.mkdir(parents=True, exist_ok=True)
 META = {(ts, cls): file_meta(cls, REQUEST_UID, ts) for ts in SYNTAXES for cls in SOP_CLASSES}
 EXPECTED = (InvalidUID, KeyError, _Mismatch, dataset_check.DatasetError)
 

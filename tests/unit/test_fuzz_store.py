@@ -60,7 +60,8 @@ def test_fuzz_validation_path_for_a_bounded_time(tmp_path):
     r = subprocess.run(
         [sys.executable, str(TARGET), str(corpus), f"-max_total_time={seconds}", "-timeout=20",
          "-rss_limit_mb=2048", f"-artifact_prefix={tmp_path}/", "-print_final_stats=1", "-max_len=65536"],
-        capture_output=True, text=True, cwd=REPO, timeout=seconds + 120)
+        capture_output=True, text=True, cwd=REPO, timeout=seconds + 120,
+        env=dict(os.environ, CTQA_FUZZ_SPOOL=str(tmp_path / "spool")))
     out = r.stdout + r.stderr
     crashes = sorted(tmp_path.glob("crash-*")) + sorted(tmp_path.glob("timeout-*")) + sorted(tmp_path.glob("oom-*"))
     assert r.returncode == 0 and not crashes, f"fuzzer found a failing input {crashes[:1]}:\n{out[-4000:]}"
