@@ -138,6 +138,20 @@ def test_encapsulated_fragments_and_offset_tables(tmp_path):
     assert info_of(instance(item(bot2) + b"".join(map(item, split)) + end, "bot2.dcm"), ts).number_of_frames == 3
     with pytest.raises(DatasetError, match="Basic Offset Table does not give one fragment start per frame"):
         info_of(instance(item(bot) + b"".join(map(item, split)) + end, "badbot.dcm"), ts)
+    # an Extended Offset Table (7FE0,0001) instead of the BOT, as for frames of more than 4 GiB in all
+    eot = lambda offsets: struct.pack("<HH2s2xI", 0x7FE0, 0x0001, b"OV", 8 * len(offsets)) + struct.pack(  # noqa: E731
+        f"<{len(offsets)}Q", *offsets)
+
+    def with_eot(offsets, name):
+        body = encode(ds, EXPLICIT)
+        at = pixel_data_offset(body)
+        body = body[:at] + eot(offsets) + struct.pack("<HH2s2xI", 0x7FE0, 0x0010, b"OB", 0xFFFFFFFF)
+        return write_instance(tmp_path / name, body + item(b"") + b"".join(map(item, split)) + end, ts, CT_IMAGE,
+                              str(ds.SOPInstanceUID))
+
+    assert info_of(with_eot([0, 1020, 2032], "eot.dcm"), ts).number_of_frames == 3
+    with pytest.raises(DatasetError, match="Extended Offset Table does not give one fragment start per frame"):
+        info_of(with_eot([0, 1012, 2024], "badeot.dcm"), ts)
     with pytest.raises(DatasetError, match="2 Pixel Data fragments for 3 frames and no offset table"):
         info_of(instance(item(b"") + b"".join(map(item, frames[:2])) + end, "few.dcm"), ts)
     with pytest.raises(DatasetError, match="dataset ends early"):
