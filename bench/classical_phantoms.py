@@ -6,7 +6,9 @@
 - NPS: band-pass noise peaking at 0.30 mm^-1 in a 30 cm cylinder at 0.45 mm (64 px ROIs) and 0.7 mm
   pixels (32 px ROIs): f_peak and f_avg in mm^-1;
 - cost: ``classical.run`` per slice on 30 cm soft-tissue cylinders filling the field of view at 0.78
-  and 0.45 mm pixels (CT-like noise, 10 slices), CPU time of this process, best of --repeat, one thread.
+  and 0.45 mm pixels (CT-like noise, 10 slices), CPU time of this process, best of --repeat, one thread;
+  and the cost of its steps on one such slice (local mean/SD, body mask, noise histogram) and of
+  reading and decoding one file of the shared phantom series.
 
     .venv/bin/python bench/classical_phantoms.py [--repeat 3] [--json out.json]
 """
@@ -79,6 +81,30 @@ def main(argv=None) -> int:
         res["ms_per_slice_cpu"][f"{spacing} mm"] = round(1000 * best, 2)
         print(f"classical step on a 30 cm cylinder filling the field, {spacing} mm pixels: {1000 * best:.1f} ms "
               "per slice (CPU)")
+    # cost of the steps on one 512 x 512 slice filling the field (0.78 mm pixels), CPU ms, best of 20
+    from analysis.mask import body_mask
+
+    sl = _noisy_cylinder(10.0, "ramp", n_slices=1, spacing=0.78)[0]
+    kernel = classical.noise_kernel_px((0.78, 0.78))
+    mean, sd = classical.local_mean_sd(sl, kernel)
+    tissue = sd[(mean > 0) & (mean < 150)]
+    phantom = sorted((ROOT.parent / "shared" / "data" / "ct" / "philips_head_phantom" / "S2020_1mm_std").iterdir())
+    steps = {"local mean and SD": lambda: classical.local_mean_sd(sl, kernel),
+             "body mask": lambda: body_mask(sl, (0.78, 0.78)),
+             "noise histogram": lambda: classical.histogram_mode(tissue)}
+    if phantom:
+        import pydicom
+
+        steps["reading and decoding (phantom file)"] = lambda: pydicom.dcmread(phantom[70]).pixel_array
+    res["step_ms_cpu"] = {}
+    for name, fn in steps.items():
+        best = float("inf")
+        for _ in range(20):
+            c0 = time.process_time()
+            fn()
+            best = min(best, time.process_time() - c0)
+        res["step_ms_cpu"][name] = round(1000 * best, 2)
+    print("per 512x512 slice (CPU): " + ", ".join(f"{k} {v:.1f} ms" for k, v in res["step_ms_cpu"].items()))
     if args.json:
         Path(args.json).write_text(json.dumps(res, indent=1))
     return 0
