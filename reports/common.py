@@ -302,6 +302,9 @@ def source_series_label(src: Dataset) -> str:
     """"series <number> <description>" of a (prepared) source header, for output series
     descriptions: two analysed series of one study get outputs one can tell apart."""
     number = str(src.get("SeriesNumber", "") or "").strip()
-    desc = " ".join(str(src.get("SeriesDescription", "") or "").replace("\\", "/").split())
+    raw = src.get("SeriesDescription", "") or ""
+    # a backslash (the value separator) in a source's description reads as several values
+    text = " / ".join(str(v).strip() for v in raw) if not isinstance(raw, str) else raw.replace("\\", "/")
+    desc = " ".join(text.split())
     label = f"series {number}" if number else "series"
     return f"{label} {desc}".strip() if desc else (label if number else "series without number")

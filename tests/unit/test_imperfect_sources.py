@@ -159,3 +159,25 @@ def test_metal_is_plausible_scattered_spikes_are_not() -> None:
     hu[1][spikes] = 31000.0
     with pytest.raises(ValueError, match=r"slice 2 of 2 has 0\.\d+% scattered pixels above 4000 HU"):
         check_plausible_hu(hu)
+
+
+def test_output_series_descriptions_name_the_source_series() -> None:
+    """Two analysed series of one study: their outputs are told apart by the source series."""
+    from reports.common import source_series_label
+
+    src = pydicom.dcmread(_files("dcmqi/GE_LightSpeedUltra_3slice")[0], stop_before_pixels=True)
+    assert (src.SeriesNumber, src.get("SeriesDescription", "")) == (2, "")  # no description: the number says it
+    label = "series 2"
+    built, back = _build("dcmqi/GE_LightSpeedUltra_3slice")
+    assert back["sr"].SeriesDescription == f"CT QA measurements, {label}"[:64]
+    assert back["pmap"].SeriesDescription == f"QA map: Local noise SD, {label}"[:64]
+    assert back["pdf"].SeriesDescription == f"QA report (PDF), {label}"[:64]
+    other = pydicom.Dataset()
+    other.SeriesNumber, other.SeriesDescription = 7, "Thorax  1.0 \\ B30f " + "x" * 80
+    assert source_series_label(other).startswith("series 7 Thorax 1.0 / B30f xxx")
+    assert source_series_label(pydicom.Dataset()) == "series without number"
+    back5 = pydicom.dcmread(next(p for p in sorted((DATA / "ct" / "philips_head_phantom" / "S2010_5mm").iterdir())
+                                 if p.is_file()), stop_before_pixels=True)
+    assert source_series_label(back5) == "series 201 STD BRAIN 5MM"
+    long = f"CT QA measurements, {source_series_label(other)}"[:64]
+    assert len(long) == 64 and "\\" not in long
