@@ -295,3 +295,25 @@ def _bytes(ds: pydicom.Dataset) -> bytes:
     buf = io.BytesIO()
     ds.save_as(buf, enforce_file_format=True)
     return buf.getvalue()
+
+
+def test_reduced_resolution_multiframe_source_positions_per_frame() -> None:
+    """Enhanced CT (positions in functional groups), map slices given in reverse frame order."""
+    ect = enhanced_ct_header()
+    v = np.stack([np.full((ect.Rows, ect.Columns), x, np.float32) for x in (0.25, 0.75)])
+    ds = roundtrip(build_parametric_map([ect, ect], v, name="n2q_quality", label="N2Q quality", unit_code="1",
+                                        unit_meaning="no units", algorithm=N2Q, series_number=7,
+                                        frame_numbers=[2, 1], downsample=2))
+    assert (ds.Rows, ds.Columns) == (ect.Rows // 2, ect.Columns // 2)
+    shared = ect.SharedFunctionalGroupsSequence[0]
+    ps = [float(x) for x in shared.PixelMeasuresSequence[0].PixelSpacing]
+    iop = np.array([float(x) for x in shared.PlaneOrientationSequence[0].ImageOrientationPatient])
+    pixels = map_values(ds)
+    for k, frame in enumerate(ds.PerFrameFunctionalGroupsSequence):
+        uid, frames = _frame_source(frame)
+        src_pos = np.array([float(x) for x in
+                            ect.PerFrameFunctionalGroupsSequence[frames[0] - 1].PlanePositionSequence[0].ImagePositionPatient])
+        want = src_pos + 0.5 * (ps[1] * iop[:3] + ps[0] * iop[3:])
+        np.testing.assert_allclose([float(x) for x in frame.PlanePositionSequence[0].ImagePositionPatient], want,
+                                   atol=1e-4)
+        np.testing.assert_allclose(pixels[k], 0.75 if frames == [1] else 0.25, atol=0.5 / 65535 * 1.001)
