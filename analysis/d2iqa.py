@@ -10,7 +10,7 @@ Method (../shared/REFERENCE.md section 1; Lee et al., the D2IQA paper):
    ``analysis.coco_map``) **pooled** over ``T`` trials: the T trial images are evaluated together as
    one COCO data set (T "images"), which is far less noisy than the mean of T per-trial mAPs (one
    trial has only 2-5 objects, so its mAP is very coarse).
-4. Series score = mean of the slice scores over a subset of slices (``d2iqa_max_slices`` evenly
+4. Series score = mean of the slice scores over a subset of slices (``[analysis.d2iqa] max_slices`` evenly
    spaced slices; all when 0).
 
 Trials are seeded per slice (``seed + slice index``), so re-running a series, or scoring a lower-dose
@@ -29,11 +29,8 @@ layer changed per-slice scores by up to 0.13 in the baseline study).
 
 from __future__ import annotations
 
-import functools
-import hashlib
 import logging
 import math
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,20 +50,15 @@ from analysis.d2iqa_insert import (
     sample_layout,
     window01,
 )
-from analysis.mask import volume_body_masks
-from analysis.results import ModelOutput, RunContext
-from analysis.volume import CTVolume
+from analysis.models.d2iqa import ALGORITHM, DEFAULT_MAX_SLICES, DEFAULT_TRIALS, VERSION  # noqa: F401  (the spec)
+from analysis.weights import file_sha256, load_cached  # noqa: F401
 
 log = logging.getLogger(__name__)
 
-ALGORITHM = "D2IQA (virtual-object detection mAP)"
-VERSION = "1.0"
 WEIGHTS_PATH = Path(__file__).resolve().parent / "weights" / "d2iqa.pt"
 STRIDE = 4
 N_CLASSES = len(SHAPES)
 MAX_DETS = 20  # detections kept per trial image (COCO allows 100; with 2-5 objects 20 is ample)
-DEFAULT_TRIALS = 50  # bench/d2iqa_convergence.py: score SD ~0.023 at T=50 vs 0.038 at T=20 (model card)
-DEFAULT_MAX_SLICES = 16
 DEFAULT_SEED = 0
 CROP_MARGIN_PX = 24
 
@@ -188,14 +180,6 @@ def decode(outputs: tuple[torch.Tensor, torch.Tensor, torch.Tensor], max_dets: i
 
 
 # ------------------------------------------------------------------------------------------ weights
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 @dataclass(frozen=True)
 class LoadedModel:
     net: D2IQANet
@@ -204,20 +188,23 @@ class LoadedModel:
     path: Path
 
 
-@functools.lru_cache(maxsize=4)
-def load_model(path: str | Path = WEIGHTS_PATH, device: str = "cpu") -> LoadedModel:
-    """Load the detector once per (path, device) per process."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"D2IQA weights not found at {path}; train them with `qa-node train d2iqa` or set d2iqa_weights")
+def _build(path: Path, device: str) -> D2IQANet:
     blob = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(blob, dict) or "model_state_dict" not in blob:
         raise ValueError(f"{path} is not a D2IQA weights file (expected a dict with 'model_state_dict')")
     cfg = blob.get("config", {})
     net = D2IQANet(width=int(cfg.get("width", 24)), n_classes=int(cfg.get("n_classes", N_CLASSES)))
     net.load_state_dict({k: v.float() for k, v in blob["model_state_dict"].items()})
-    net.eval().to(device)
-    return LoadedModel(net, device, file_sha256(path), path)
+    return net.eval().to(device)
+
+
+def load_model(path: str | Path = WEIGHTS_PATH, device: str = "cpu") -> LoadedModel:
+    """Load the detector once per (path, device) per process (``analysis.weights``); raises
+    ``WeightsNotInstalled`` without a file."""
+    path = Path(path)
+    loaded = load_cached("D2IQA", path, device, _build, missing=(
+        f"D2IQA weights not found at {path}; train them with `qa-node train d2iqa` or set [analysis.d2iqa] weights"))
+    return LoadedModel(loaded.model, device, loaded.sha256, path)
 
 
 # ------------------------------------------------------------------------------------------ scoring
@@ -351,52 +338,3 @@ def select_slices(n_slices: int, max_slices: int) -> np.ndarray:
     if max_slices <= 0 or max_slices >= n_slices:
         return np.arange(n_slices)
     return np.unique(np.linspace(0, n_slices - 1, max_slices).round().astype(int))
-
-
-def _option(options: dict, name: str, default: int, minimum: int) -> int:
-    value = options.get(name, default)
-    try:
-        iv = int(value)
-    except (TypeError, ValueError) as exc:
-        raise ValueError(f'Option "{name}" must be an integer, got {value!r}') from exc
-    if iv < minimum:
-        raise ValueError(f'Option "{name}" must be >= {minimum}, got {iv}')
-    return iv
-
-
-def run(volume: CTVolume, ctx: RunContext) -> ModelOutput:
-    """Per-slice and series D2IQA score (metric ``d2iqa_score``; slices outside the subset are nan).
-
-    Options (``ctx.options``): ``d2iqa_trials`` (default 50), ``d2iqa_max_slices`` (default 16; 0 = all),
-    ``d2iqa_seed`` (default 0), ``d2iqa_batch_size`` (default 8 on CPU, 64 on CUDA),
-    ``d2iqa_weights`` (path; default the shipped ``analysis/weights/d2iqa.pt``)."""
-    opts = ctx.options or {}
-    trials = _option(opts, "d2iqa_trials", DEFAULT_TRIALS, 1)
-    max_slices = _option(opts, "d2iqa_max_slices", DEFAULT_MAX_SLICES, 0)
-    seed = _option(opts, "d2iqa_seed", DEFAULT_SEED, 0)
-    device = "cuda" if ctx.device == "cuda" and torch.cuda.is_available() else "cpu"
-    batch_size = _option(opts, "d2iqa_batch_size", 64 if device == "cuda" else 8, 1)
-    weights = Path(opts.get("d2iqa_weights") or WEIGHTS_PATH)
-    out = ModelOutput(name="d2iqa", algorithm=ALGORITHM, version=VERSION)
-    n = volume.n_slices
-    slice_scores = np.full(n, np.nan)
-    out.slice_metrics["d2iqa_score"] = slice_scores
-    try:
-        model = load_model(weights, device)
-    except FileNotFoundError as exc:
-        out.set_metric("d2iqa_score", None, str(exc))
-        return out
-    out.weights_sha256 = model.sha256
-    t0 = time.perf_counter()
-    idx = select_slices(n, max_slices)
-    masks = volume_body_masks(volume)  # shared with the other models of the run (cached on the volume)
-    for i in idx:
-        s = score_slice(model, volume.hu[i], trials=trials, seed=seed + int(i), batch_size=batch_size, body=masks[i])
-        slice_scores[i] = s.score
-    n_ok = int(np.isfinite(slice_scores).sum())
-    log.info("d2iqa: %d/%d slices scored (T=%d) in %.1f s on %s", n_ok, len(idx), trials, time.perf_counter() - t0, device)
-    if n_ok == 0:
-        out.set_metric("d2iqa_score", None, "no slice of the subset has room for virtual objects (no soft-tissue region)")
-    else:
-        out.set_metric("d2iqa_score", float(np.nanmean(slice_scores)))
-    return out

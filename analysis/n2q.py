@@ -11,28 +11,26 @@ bottleneck (global average pool + Linear(256, 5)) classifies the dose among 5, 1
 The network output lives in [-1, 1] (``2 * SSIM - 1``); the node reports ``(out + 1) / 2``, i.e.
 SSIM units in [0, 1] where 1 means "indistinguishable from full dose".
 
-Node use: ``run(volume, ctx) -> ModelOutput`` resizes each slice to 256 x 256 (square-padded with
+Node use: ``analysis.models.n2q.run`` resizes each slice to 256 x 256 (square-padded with
 air), predicts in batches (CUDA + autocast when ``ctx.device == "cuda"``), upsamples the map to the
 native matrix and reports, over the body mask (``analysis.mask.body_mask``):
 
 - ``n2q_mean_quality``: mean predicted SSIM quality inside the body, all slices;
 - ``n2q_p05_quality``: its 5th percentile;
-- ``n2q_low_fraction``: fraction of body pixels below ``ctx.options["n2q_low_threshold"]``
+- ``n2q_low_fraction``: fraction of body pixels below ``[analysis.n2q] low_threshold``
   (default 0.8: on the held-out real slices of ``bench/n2q_eval.py`` the TRUE body-mean SSIM is
   0.70 at 5 % dose, 0.80 at 10 %, 0.91 at 25 % and 0.96-0.99 at 50-75 %, so 0.8 marks tissue degraded
   about as much as a 10 %-dose scan; a full-dose series should have a small fraction below it).
 
-Options read from ``ctx.options``: ``n2q_weights`` (path, default ``analysis/weights/n2q.pt``),
-``n2q_batch`` (default 8), ``n2q_low_threshold`` (default 0.8), ``n2q_threads`` (CPU threads; default
-left to torch).
+Options (``[analysis.n2q]``, ``analysis.models.n2q.Options``): ``weights`` (path, default
+``analysis/weights/n2q.pt``), ``batch`` (default 8), ``low_threshold`` (default 0.8); CPU threads are
+``[analysis] torch_threads``.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,20 +39,16 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from analysis.results import MapOutput, ModelOutput, RunContext, SeriesSkipped
+from analysis.models.n2q import ALGORITHM, MAP_LABEL, MAP_NAME, VERSION  # noqa: F401  (declared by the spec)
 from analysis.ssim import window_hu
-from analysis.volume import CTVolume
+from analysis.weights import file_sha256, load_cached
 
 log = logging.getLogger(__name__)
 
-ALGORITHM = "N2Q Noise2Quality SSIM-map U-Net"
-VERSION = "1.1"
 MODEL_SIZE = 256
 DOSE_CLASSES: tuple[float, ...] = (0.05, 0.10, 0.25, 0.50, 0.75)
 DEFAULT_WEIGHTS = Path(__file__).resolve().parent / "weights" / "n2q.pt"
 DEFAULT_LOW_THRESHOLD = 0.8
-MAP_NAME = "n2q_quality"
-MAP_LABEL = "N2Q SSIM quality"
 
 
 # ----------------------------------------------------------------------------------------- model
@@ -177,18 +171,6 @@ class LoadedModel:
     device: str
 
 
-_CACHE: dict[tuple[str, str], LoadedModel] = {}
-_LOCK = threading.Lock()
-
-
-def file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def build_from_config(config: dict) -> N2QNet:
     return N2QNet(
         in_channels=int(config.get("in_channels", 2)),
@@ -214,28 +196,27 @@ def save_weights(net: N2QNet, path: str | Path, config: dict, meta: dict | None 
     return file_sha256(path)
 
 
+def _build(p: Path, device: str) -> tuple[N2QNet, dict]:
+    try:
+        blob = torch.load(p, map_location="cpu", weights_only=True)
+    except (RuntimeError, OSError, EOFError) as exc:
+        raise ValueError(f"N2Q weights at {p} cannot be read: {exc}") from exc
+    if not isinstance(blob, dict) or blob.get("format") != "n2q-weights-1":
+        raise ValueError(f"{p} is not an N2Q weights file (format n2q-weights-1)")
+    net = build_from_config(blob["config"])
+    net.load_state_dict({k: (v.float() if v.is_floating_point() else v) for k, v in blob["state_dict"].items()})
+    net.eval().to(device)
+    return net, dict(blob["config"])
+
+
 def load_model(path: str | Path | None = None, device: str = "cpu") -> LoadedModel:
-    """Load (once per process and device) the weights file; raises ValueError with the path on failure."""
+    """Load (once per process and device, ``analysis.weights``) the weights file; raises
+    ``WeightsNotInstalled`` without a file, ValueError with the path for a file that is not N2Q's."""
     p = Path(path) if path else DEFAULT_WEIGHTS
-    key = (str(p.resolve()), device)
-    with _LOCK:
-        if key in _CACHE:
-            return _CACHE[key]
-        if not p.is_file():
-            raise ValueError(f"N2Q weights not found at {p}; train them with `qa-node train n2q` or set [analysis] n2q_weights")
-        try:
-            blob = torch.load(p, map_location="cpu", weights_only=True)
-        except (RuntimeError, OSError, EOFError) as exc:
-            raise ValueError(f"N2Q weights at {p} cannot be read: {exc}") from exc
-        if not isinstance(blob, dict) or blob.get("format") != "n2q-weights-1":
-            raise ValueError(f"{p} is not an N2Q weights file (format n2q-weights-1)")
-        net = build_from_config(blob["config"])
-        net.load_state_dict({k: (v.float() if v.is_floating_point() else v) for k, v in blob["state_dict"].items()})
-        net.eval().to(device)
-        loaded = LoadedModel(net, file_sha256(p), dict(blob["config"]), str(p), device)
-        _CACHE[key] = loaded
-        log.info("loaded N2Q weights %s (sha256 %s) on %s", p, loaded.sha256[:12], device)
-        return loaded
+    loaded = load_cached("N2Q", p, device, _build, missing=(
+        f"N2Q weights not found at {p}; train them with `qa-node train n2q` or set [analysis.n2q] weights"))
+    net, config = loaded.model
+    return LoadedModel(net, loaded.sha256, config, loaded.path, device)
 
 
 # ----------------------------------------------------------------------------------- inference
@@ -284,41 +265,3 @@ def summarise(quality: np.ndarray, body: np.ndarray, threshold: float) -> tuple[
     if vals.size == 0:
         return None, None, None
     return float(vals.mean()), float(np.percentile(vals, 5)), float((vals < threshold).mean())
-
-
-def run(volume: CTVolume, ctx: RunContext) -> ModelOutput:
-    """N2Q over one series: a quality map per slice and the body summary (see the module docstring)."""
-    opts = ctx.options or {}
-    threshold = float(opts.get("n2q_low_threshold", DEFAULT_LOW_THRESHOLD))
-    if not 0.0 < threshold <= 1.0:
-        raise ValueError(f'Option "n2q_low_threshold" must be in (0, 1], got {threshold}')
-    batch = int(opts.get("n2q_batch", 8))
-    threads = opts.get("n2q_threads")
-    if threads:
-        torch.set_num_threads(int(threads))
-    device = "cuda" if ctx.device == "cuda" and torch.cuda.is_available() else "cpu"
-    if ctx.device == "cuda" and device == "cpu":
-        log.warning("CUDA requested but not available: N2Q runs on the CPU")
-    if volume.n_slices == 0:
-        raise SeriesSkipped("no slices")
-    quality, probs, sha = predict_quality(volume.hu, weights=opts.get("n2q_weights"), device=device, batch=batch)
-    from analysis.mask import body_mask  # local import keeps module import light for tests
-
-    body = np.stack([body_mask(s, volume.pixel_spacing_mm) for s in volume.hu])
-    out = ModelOutput(name="n2q", algorithm=ALGORITHM, version=VERSION, weights_sha256=sha)
-    mean, p05, low = summarise(quality, body, threshold)
-    reason = "no body pixels found in any slice"
-    out.set_metric("n2q_mean_quality", mean, reason)
-    out.set_metric("n2q_p05_quality", p05, reason)
-    out.set_metric("n2q_low_fraction", low, reason)
-    per_slice = np.full(volume.n_slices, np.nan)
-    for i in range(volume.n_slices):
-        if body[i].any():
-            per_slice[i] = float(quality[i][body[i]].mean())
-    out.slice_metrics["n2q_mean_quality"] = per_slice
-    dose_idx = np.argmax(np.nan_to_num(probs, nan=-1.0), axis=1)
-    expected = np.array([DOSE_CLASSES[k] for k in dose_idx], dtype=float)
-    if not np.isnan(probs).all():
-        out.slice_metrics["n2q_dose_class"] = expected
-    out.maps.append(MapOutput(name=MAP_NAME, label=MAP_LABEL, values=quality.astype(np.float32), unit_code="1", unit_meaning="no units"))
-    return out

@@ -1,63 +1,66 @@
 """The analysis pipeline: load series -> select/validate -> run models -> results.
 
-A model is registered here by name as ``"module:function"`` and imported only when selected, so
-that a run of the classical metrics never imports torch. Each model function has the signature
-``run(volume: CTVolume, ctx: RunContext) -> ModelOutput`` (see ``analysis.results``).
+The models are the specs of ``analysis.models`` (one module per model); a model's code is imported
+only when it runs, so that a run of the classical metrics never imports torch. Each model's
+``run(volume, ctx, options) -> ModelOutput`` (see ``analysis.results``) gets its own options
+(``ctx.options_for(name)``, the table ``[analysis.<name>]``).
 """
 
 from __future__ import annotations
 
-import importlib
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from analysis import models as registry
+from analysis.models.spec import ModelSpec
 from analysis.results import ModelOutput, RunContext, SeriesSkipped
 from analysis.volume import CTVolume
 
 log = logging.getLogger(__name__)
 
-# name -> "module:function". Order is the order models run in and appear in outputs.
-MODEL_REGISTRY: dict[str, str] = {
-    "basic": "analysis.basic:run",
-    "classical": "analysis.classical:run",
-    "n2q": "analysis.n2q:run",
-    "d2iqa": "analysis.d2iqa:run",
-}
-DEFAULT_MODELS: tuple[str, ...] = ("basic", "classical")
+
+class _Registry(Mapping):
+    """name -> ModelSpec, in run order (read from ``analysis.models`` on first use)."""
+
+    def __getitem__(self, name: str) -> ModelSpec:
+        return registry.specs()[name]
+
+    def __iter__(self):
+        return iter(registry.specs())
+
+    def __len__(self) -> int:
+        return len(registry.specs())
+
+
+MODEL_REGISTRY: Mapping[str, ModelSpec] = _Registry()
+
+
+def default_models() -> list[str]:
+    return list(registry.default_models())
 
 
 def available_models() -> list[str]:
-    """Models whose module is importable in this installation."""
-    names = []
-    for name, target in MODEL_REGISTRY.items():
-        module = target.split(":")[0]
-        if importlib.util.find_spec(module) is not None:
-            names.append(name)
-    return names
+    """Models whose requirements are importable in this installation."""
+    return [name for name, spec in registry.specs().items() if registry.is_available(spec)]
 
 
-def resolve_model(name: str) -> Callable[[CTVolume, RunContext], ModelOutput]:
-    if name not in MODEL_REGISTRY:
-        raise ValueError(f"Unknown model {name!r}; known models: {', '.join(MODEL_REGISTRY)}")
-    module_name, func_name = MODEL_REGISTRY[name].split(":")
-    try:
-        module = importlib.import_module(module_name)
-    except ModuleNotFoundError as exc:
-        raise ValueError(f"Model {name!r} is not available in this installation ({exc})") from exc
-    return getattr(module, func_name)
+def resolve_model(name: str) -> ModelSpec:
+    spec = registry.get(name)
+    if not registry.is_available(spec):
+        raise ValueError(f"Model {name!r} is not available in this installation (needs {', '.join(spec.requires)})")
+    return spec
 
 
 def parse_models(spec: str | Sequence[str] | None) -> list[str]:
     """``"basic,classical"`` or a list -> validated list of model names (default when empty)."""
     if spec is None or spec == "" or spec == []:
-        return list(DEFAULT_MODELS)
+        return default_models()
     names = [s.strip() for s in spec.split(",")] if isinstance(spec, str) else list(spec)
     names = [n for n in names if n]
     for n in names:
-        if n not in MODEL_REGISTRY:
-            raise ValueError(f"Unknown model {n!r}; known models: {', '.join(MODEL_REGISTRY)}")
+        registry.get(n)  # ValueError naming the known models
     return names
 
 
@@ -93,6 +96,28 @@ class SeriesResult:
         return merged
 
 
+def not_installed_output(spec: ModelSpec, reason: str) -> ModelOutput:
+    """The output of a model whose weights are not installed: every metric null with the reason."""
+    out = ModelOutput(name=spec.name, algorithm=spec.algorithm, version=spec.version)
+    for m in spec.metrics:
+        out.set_metric(m.key, None, reason)
+    return out
+
+
+def run_model(name: str, volume: CTVolume, ctx: RunContext) -> ModelOutput:
+    """One model on a loaded series, with its configured options. A model whose weights file is
+    missing returns its metrics null with the reason (the series is still analysed)."""
+    from analysis.weights import WeightsNotInstalled, set_torch_threads
+
+    spec = resolve_model(name)
+    if spec.uses_torch:
+        set_torch_threads(ctx.torch_threads)
+    try:
+        return spec.run(volume, ctx, ctx.options_for(name))
+    except WeightsNotInstalled as exc:
+        return not_installed_output(spec, str(exc))
+
+
 def analyse_series(
     paths: Sequence[str | Path],
     models: Sequence[str],
@@ -117,9 +142,8 @@ def analyse_series(
     study_uid = study_instance_uid or str(getattr(hdr, "StudyInstanceUID", "") or "") or None
     result = SeriesResult(series_uid, study_uid, n, "done", None, [], volume)
     for name in models:
-        func = resolve_model(name)
         try:
-            result.outputs.append(func(volume, ctx))
+            result.outputs.append(run_model(name, volume, ctx))
         except SeriesSkipped as exc:
             result.status, result.reason = "skipped", f"{name}: {exc}"
             return result

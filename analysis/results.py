@@ -1,7 +1,8 @@
 """Result types every analysis stage returns.
 
-The pipeline (``analysis.pipeline``) runs a list of *models* over one loaded series. A model is a
-plain function ``run(volume: CTVolume, ctx: RunContext) -> ModelOutput``. Its output is what the
+The pipeline (``analysis.pipeline``) runs a list of *models* over one loaded series. A model is
+declared by its spec (``analysis.models``); its ``run(volume: CTVolume, ctx: RunContext, options)``
+returns a ``ModelOutput``. That output is what the
 node stores in the database, prints in ``qa-node analyze --json`` and hands to the SR and
 Parametric Map builders:
 
@@ -10,12 +11,15 @@ Parametric Map builders:
 - ``slice_metrics``: ``name -> float array (n_slices,)``, ``nan`` where a slice has no value.
 - ``maps``: pixel-wise maps (one float32 frame per slice) to be sent as Parametric Maps.
 - ``info``: text context that is not a number (kernel, which SSDE phantom was used, ...).
-- ``algorithm``/``version``/``weights_sha256``: provenance that goes into every SR and map.
+- ``algorithm``/``version``/``weights_sha256``/``parameters``: provenance that goes into every SR and map.
+- ``out_of_distribution``: reasons the series lies outside a learned model's training distribution.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -47,6 +51,11 @@ class ModelOutput:
     maps: list[MapOutput] = field(default_factory=list)
     # text context that is not a metric, e.g. {"ssde_phantom": "16 cm", "kernel": "UB"}
     info: dict[str, str] = field(default_factory=dict)
+    # provenance beside the checksum, written as TID 4019 Algorithm Parameters ("name=value"),
+    # e.g. "resampled=256x256 to 512x512"
+    parameters: list[str] = field(default_factory=list)
+    # why the series lies outside the model's training distribution (empty: inside, or not checkable)
+    out_of_distribution: list[str] = field(default_factory=list)
 
     def set_metric(self, name: str, value: float | None, reason: str | None = None) -> None:
         """Record a series metric; a missing value must come with the reason it is missing."""
@@ -62,10 +71,21 @@ class ModelOutput:
 
 @dataclass(frozen=True)
 class RunContext:
-    """What a model needs besides the volume: the torch device and knobs from ``[analysis]``."""
+    """What a model needs besides the volume: the torch device, the torch CPU threads, and each
+    model's options (model name -> its options dataclass, the table ``[analysis.<name>]``; a model
+    missing here runs with its defaults)."""
 
     device: str = "cpu"  # resolved: "cpu" or "cuda"
-    options: dict = field(default_factory=dict)
+    options: Mapping[str, Any] = field(default_factory=dict)
+    torch_threads: int = 0  # 0 = torch's default (the cores available to the process)
+
+    def options_for(self, name: str):
+        """The options of model ``name`` (its defaults when not configured)."""
+        if name in self.options:
+            return self.options[name]
+        from analysis.models import default_options
+
+        return default_options(name)
 
 
 class SeriesSkipped(Exception):

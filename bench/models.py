@@ -90,13 +90,13 @@ def main() -> int:
     import torch
 
     torch.set_num_threads(args.threads or os.cpu_count() or 1)
-    from analysis.pipeline import resolve_model
+    from analysis.pipeline import run_model
     from analysis.results import RunContext
     from node.worker import resolve_device
 
     device = resolve_device(args.device)
     vol = make_volume(args.slices)
-    ctx = RunContext(device=device, options={"torch_threads": torch.get_num_threads()})
+    ctx = RunContext(device=device, torch_threads=torch.get_num_threads())
     target = args.slices / (TARGET_S * args.slices / 300)
     where = torch.cuda.get_device_name(0) if device == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"{args.slices} slices of 512x512 on {where}; target {TARGET_S:.0f} s per 300 slices "
@@ -105,10 +105,9 @@ def main() -> int:
         if name == "ldctiqa":
             bench_ldctiqa(vol, device, target)
             continue
-        run = resolve_model(name)
-        run(make_volume(2), ctx)  # warm-up: weights loaded once per process, kernels compiled
+        run_model(name, make_volume(2), ctx)  # warm-up: weights loaded once per process, kernels compiled
         t0 = time.perf_counter()
-        out = run(vol, ctx)
+        out = run_model(name, vol, ctx)
         dt = time.perf_counter() - t0
         scored = args.slices
         if name == "d2iqa":
@@ -119,7 +118,7 @@ def main() -> int:
         print(f"{name:<10} {dt:7.1f} s for the series ({rate:6.2f} series-slices/s, {scored} slices scored); "
               f"ratio to target {rate / target:.2f} ({'meets' if dt <= TARGET_S * args.slices / 300 else 'misses'})")
         if name == "d2iqa":
-            from analysis.d2iqa import DEFAULT_MAX_SLICES, DEFAULT_TRIALS
+            from analysis.models.d2iqa import DEFAULT_MAX_SLICES, DEFAULT_TRIALS
 
             print(f"{'':<10} D2IQA at the default T={DEFAULT_TRIALS} on the default subset of {DEFAULT_MAX_SLICES} slices: "
                   f"{scored / dt:.2f} scored slices/s ({dt / max(scored, 1):.2f} s per scored slice)")

@@ -70,15 +70,29 @@ class TlsSettings:
     require_client_certificate: bool = True
 
 
+def _default_models() -> list[str]:
+    from analysis.models import default_models
+
+    return list(default_models())
+
+
 @dataclass(frozen=True)
 class AnalysisSettings:
+    """[analysis] and one table [analysis.<model>] per model (its spec's options dataclass)."""
+
     device: str = "auto"
-    models: list[str] = field(default_factory=lambda: ["basic", "classical"])
+    models: list[str] = field(default_factory=_default_models)
     workers: int = 1
-    torch_threads: int = 0  # 0 = number of CPU cores available to the process
-    n2q_low_threshold: float = 0.8
-    d2iqa_trials: int = 0  # 0 = the model's documented default
-    d2iqa_max_slices: int = 0  # 0 = the model's documented default
+    torch_threads: int = 0  # 0 = torch's default (the CPU cores available to the process)
+    # model name -> its options (analysis.models.<name>.Options); every model has an entry
+    model_options: dict[str, Any] = field(default_factory=dict, metadata={"toml": False})
+
+    def options(self, name: str):
+        if name in self.model_options:
+            return self.model_options[name]
+        from analysis.models import default_options
+
+        return default_options(name)
 
 
 @dataclass(frozen=True)
@@ -164,7 +178,7 @@ def _build(cls: type, data: Any, file: str, section: str):
     if not isinstance(data, dict):
         raise ConfigError(f"{file}: '{section}' must be a table, got {data!r}")
     hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.metadata.get("toml", True)}
     unknown = sorted(set(data) - set(fields))
     if unknown:
         raise ConfigError(
@@ -215,6 +229,8 @@ def _register_optional_sections() -> None:
 
 
 def parse_settings(data: dict, file: str) -> Settings:
+    import node.catalogue  # noqa: F401  (the model specs' codes: [trends] defaults depend on them)
+
     _register_optional_sections()
     known = {"node", "scanners", "destinations", "analysis", "outbox", "tls", *SECTION_VALIDATORS}
     unknown = sorted(set(data) - known)
@@ -273,18 +289,7 @@ def parse_settings(data: dict, file: str) -> Settings:
             raise ConfigError(f"{file}: key 'destinations[{i}].name' repeats {d.name!r}; names must be unique")
         dest_names.add(d.name)
 
-    analysis = _build(AnalysisSettings, data.get("analysis", {}), file, "analysis")
-    if analysis.device not in {"auto", "cpu", "cuda"}:
-        raise ConfigError(f"{file}: key 'analysis.device' must be one of auto, cpu, cuda, got {analysis.device!r}")
-    from analysis.pipeline import MODEL_REGISTRY
-
-    for m in analysis.models:
-        if m not in MODEL_REGISTRY:
-            raise ConfigError(
-                f"{file}: key 'analysis.models' names unknown model {m!r}; known: {', '.join(MODEL_REGISTRY)}"
-            )
-    if analysis.workers < 1:
-        raise ConfigError(f"{file}: key 'analysis.workers' must be >= 1, got {analysis.workers}")
+    analysis = _parse_analysis(data.get("analysis", {}), file)
 
     tls = _parse_tls(data, file, node, destinations)
 
@@ -294,6 +299,56 @@ def parse_settings(data: dict, file: str) -> Settings:
 
     extra = {name: fn(data[name], file) for name, fn in SECTION_VALIDATORS.items() if name in data}
     return Settings(file, node, scanners, destinations, analysis, outbox, extra, tls=tls)
+
+
+def _parse_analysis(raw: Any, file: str) -> AnalysisSettings:
+    """[analysis] plus [analysis.<model>] tables, one per model spec (analysis.models): each table is
+    that model's options dataclass, validated like every other section. Keys that moved from
+    [analysis] into a model's table get a one-line migration error."""
+    from analysis import models as registry
+
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{file}: 'analysis' must be a table, got {raw!r}")
+    specs = registry.specs()
+    flat = {k: v for k, v in raw.items() if k not in specs}
+    for key in flat:
+        for spec in specs.values():
+            if key in spec.moved_keys:
+                raise ConfigError(f"{file}: key 'analysis.{key}' has moved: write it as [analysis.{spec.name}] "
+                                  f"{spec.moved_keys[key]} = {flat[key]!r}")
+    allowed = {f.name for f in dataclasses.fields(AnalysisSettings) if f.metadata.get("toml", True)}
+    unknown = sorted(set(flat) - allowed)
+    if unknown:
+        raise ConfigError(f"{file}: unknown key 'analysis.{unknown[0]}'; expected one of: {', '.join(sorted(allowed))}, "
+                          f"or a model table [analysis.<model>] ({', '.join(specs)})")
+    analysis = _build(AnalysisSettings, flat, file, "analysis")
+    if analysis.device not in {"auto", "cpu", "cuda"}:
+        raise ConfigError(f"{file}: key 'analysis.device' must be one of auto, cpu, cuda, got {analysis.device!r}")
+    for m in analysis.models:
+        if m not in specs:
+            raise ConfigError(
+                f"{file}: key 'analysis.models' names unknown model {m!r}; known: {', '.join(specs)}"
+            )
+    if analysis.workers < 1:
+        raise ConfigError(f"{file}: key 'analysis.workers' must be >= 1, got {analysis.workers}")
+    if analysis.torch_threads < 0:
+        raise ConfigError(f"{file}: key 'analysis.torch_threads' must be >= 0 (0 = torch's default), "
+                          f"got {analysis.torch_threads}")
+    options = {}
+    for name, spec in specs.items():
+        section = f"analysis.{name}"
+        table = raw.get(name, {})
+        if spec.options is registry.spec.NoOptions and table and isinstance(table, dict):
+            raise ConfigError(f"{file}: unknown key '{section}.{sorted(table)[0]}'; the model {name} has no options")
+        opts = _build(spec.options, table, file, section)
+        try:
+            validate = getattr(opts, "validate", None)
+            if validate is not None:
+                validate()
+        except ValueError as exc:  # "key 'trials' must be >= 1, got 0"
+            raise ConfigError(f"{file}: {str(exc).replace(chr(39), chr(39) + section + '.', 1)}") from None
+        options[name] = opts
+    return dataclasses.replace(analysis, model_options=options)
 
 
 def _parse_tls(data: dict, file: str, node: NodeSettings, destinations: list[DestinationSettings]) -> TlsSettings | None:

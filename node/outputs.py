@@ -13,7 +13,9 @@ import numpy as np
 
 from analysis.pipeline import SeriesResult
 from node.config import Settings
-from reports.codes import CATALOGUE
+from analysis.models import report_keys
+from node import catalogue as _catalogue  # noqa: F401  (installs the model specs' codes)
+from reports.codes import CATALOGUE, map_code
 from reports.common import prepare_sources, source_series_label, stable_uid
 from reports.inputs import AlgorithmId, Evaluation, MetricValue, ReportMetric, slice_metrics_from_array
 from reports.pmap import MapNotPossible, build_parametric_map
@@ -30,10 +32,9 @@ SR_SERIES_NUMBER = 9901
 PDF_SERIES_NUMBER = 9902
 MAP_SERIES_NUMBER = 9910  # + index of the map
 
-# Key numbers of the readable report, in order (those present are shown).
-REPORT_KEYS = ("global_noise_hu", "wed_cm", "ctdivol_mgy", "ssde_mgy", "nps_f_peak_per_mm", "nps_f_avg_per_mm",
-               "mean_hu_tissue", "n2q_mean_quality", "n2q_p05_quality", "n2q_low_fraction", "d2iqa_score",
-               "n_slices", "kvp", "slice_thickness_mm")
+# Key numbers of the readable report, in order (those present are shown): the metrics the model
+# specs mark in_report, scores first, then the acquisition context.
+REPORT_KEYS = report_keys()
 
 
 @dataclass(frozen=True)
@@ -68,11 +69,14 @@ def _encode(ds) -> bytes:
 
 
 def _algorithm(out) -> AlgorithmId:
-    return AlgorithmId(out.algorithm[:64], out.version[:64], out.weights_sha256)
+    return AlgorithmId(out.algorithm[:64], out.version[:64], out.weights_sha256,
+                       notes=tuple(getattr(out, "parameters", ()) or ()) + _ood_notes(out))
 
 
-N2Q_MODEL_SIZE = 256  # analysis.n2q.MODEL_SIZE: the matrix N2Q predicts at
-NOISE_MAP_DETAIL_MM = 3.0  # the local SD over a 6 mm box has no detail finer than half the box
+def _ood_notes(out) -> tuple[str, ...]:
+    """The out-of-distribution flag beside the model's scores (TID 4019 Algorithm Parameters)."""
+    reasons = list(getattr(out, "out_of_distribution", ()) or ())
+    return (f"out_of_distribution=yes: {'; '.join(reasons)}",) if reasons else ()
 
 
 def map_resolution(name: str, rows: int, cols: int, pixel_spacing_mm: tuple[float, float]) -> tuple[int, str]:
@@ -83,15 +87,18 @@ def map_resolution(name: str, rows: int, cols: int, pixel_spacing_mm: tuple[floa
     6 mm: it carries no detail finer than about 3 mm, so it is stored at the largest power-of-two
     reduction whose pixels stay at or below 3 mm. A factor that does not divide the matrix falls
     back to the next smaller one (at worst 1, the source matrix)."""
-    if name == "n2q_quality":
+    try:
+        code = map_code(name)
+    except ValueError:
+        return 1, "stored at the source matrix"
+    why = code.why
+    if code.model_matrix:
         n = max(rows, cols)
-        f = n // N2Q_MODEL_SIZE if n % N2Q_MODEL_SIZE == 0 else 1
-        why = f"N2Q predicts at {N2Q_MODEL_SIZE} x {N2Q_MODEL_SIZE} (the slice padded to a square)"
-    elif name == "local_noise_sd":
+        f = n // code.model_matrix if n % code.model_matrix == 0 else 1
+    elif code.detail_mm:
         f = 1
-        while f * 2 * max(pixel_spacing_mm) <= NOISE_MAP_DETAIL_MM:
+        while f * 2 * max(pixel_spacing_mm) <= code.detail_mm:
             f *= 2
-        why = f"a local SD over a 6 mm box has no detail finer than about {NOISE_MAP_DETAIL_MM:g} mm"
     else:
         return 1, "stored at the source matrix"
     while f > 1 and (rows % f or cols % f):

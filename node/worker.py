@@ -38,13 +38,26 @@ def resolve_device(requested: str) -> str:
 
 
 def run_context(settings: Settings, device: str | None = None) -> RunContext:
+    """[analysis] -> what every model run gets: the device, torch_threads, and each model's options
+    (its table [analysis.<name>], validated by node.config)."""
     a = settings.analysis
-    options = {"n2q_low_threshold": a.n2q_low_threshold, "torch_threads": a.torch_threads}
-    if a.d2iqa_trials:
-        options["d2iqa_trials"] = a.d2iqa_trials
-    if a.d2iqa_max_slices:
-        options["d2iqa_max_slices"] = a.d2iqa_max_slices
-    return RunContext(device=resolve_device(device or a.device), options=options)
+    return RunContext(device=resolve_device(device or a.device), options=dict(a.model_options),
+                      torch_threads=a.torch_threads)
+
+
+def startup_warnings(settings: Settings) -> list[str]:
+    """One line per configured model that cannot work as configured (e.g. its weights file is not
+    installed): logged once when the worker starts, not for every series."""
+    from analysis.models import get
+
+    lines = []
+    for name in settings.analysis.models:
+        spec = get(name)
+        if spec.startup_check is not None:
+            why = spec.startup_check(settings.analysis.options(name))
+            if why:
+                lines.append(f"model {name}: {why}")
+    return lines
 
 
 def run_records(result: SeriesResult) -> list[RunRecord]:
@@ -86,6 +99,8 @@ class AnalysisWorker:
         self._ctx: RunContext | None = None
 
     def start(self) -> None:
+        for line in startup_warnings(self.settings):
+            log.warning("%s", line)
         self._thread = threading.Thread(target=self._loop, name="analysis-worker", daemon=True)
         self._thread.start()
 

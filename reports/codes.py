@@ -5,14 +5,16 @@ Where no standard concept exists the node uses ONE private coding scheme, design
 its Coding Scheme Identification Sequence (``private_coding_scheme()``). The full table is in
 docs/outputs.md; ``tests/unit/test_sr.py`` checks that the two agree.
 
-Unknown metric keys are an error (``ValueError`` naming the key and the known keys): a code cannot
-be made up at run time, because a code's meaning must never change once PACS archives hold it.
-Add a new metric here (with a new, never reused private code value) and in docs/outputs.md.
+The metric and map entries are declared by the model specs (``analysis/models/<name>.py``) and
+installed here by ``node.catalogue`` (this package does not import ``analysis``). Unknown metric
+keys are an error (``ValueError`` naming the key and the known keys): a code cannot be made up at
+run time, because a code's meaning must never change once PACS archives hold it. A new metric gets
+a new, never reused private code value in its model's spec, and a row in docs/outputs.md.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
 
@@ -66,58 +68,23 @@ QUALITATIVE_EVALUATIONS = Code("C0034375", "UMLS", "Qualitative Evaluations")
 
 @dataclass(frozen=True)
 class MetricCode:
-    """How one metric key is coded in DICOM: concept, UCUM unit, a short display unit and a label."""
+    """How one metric key is coded in DICOM: concept, UCUM unit, a short display unit and a label,
+    and how it is shown (trended by default, a row of the readable report, acquisition context,
+    one line of meaning)."""
 
     key: str
     concept: Code
     unit: Code
     unit_display: str  # short unit for humans, e.g. "HU", "mGy"
     label: str  # human-readable label for the readable report
+    trended: bool = False
+    in_report: bool = False
+    context: bool = False  # describes the acquisition rather than scores it
+    meaning: str = ""
 
     @property
     def is_private(self) -> bool:
         return self.concept.scheme_designator == PRIVATE_SCHEME
-
-
-def _m(key: str, concept: Code, unit: Code, unit_display: str, label: str) -> MetricCode:
-    return MetricCode(key, concept, unit, unit_display, label)
-
-
-_CATALOGUE: dict[str, MetricCode] = {
-    m.key: m
-    for m in (
-        # classical, patient-based metrics
-        _m("global_noise_hu", private("GLOBAL_NOISE", "Global noise"), HU, "HU", "Global noise"),
-        _m("wed_cm", dcm("113980", "Water Equivalent Diameter"), CM, "cm", "Water-equivalent diameter"),
-        _m("ssde_mgy", dcm("113930", "Size Specific Dose Estimate"), MGY, "mGy", "SSDE"),
-        _m("ctdivol_mgy", dcm("113830", "Mean CTDIvol"), MGY, "mGy", "CTDIvol"),
-        _m("nps_f_peak_per_mm", private("NPS_F_PEAK", "NPS peak frequency"), PER_MM, "1/mm", "NPS peak frequency"),
-        _m("nps_f_avg_per_mm", private("NPS_F_AVG", "NPS average frequency"), PER_MM, "1/mm", "NPS mean frequency"),
-        _m("nps_noise_hu", private("NPS_NOISE", "Noise from NPS integral"), HU, "HU", "Noise (NPS integral)"),
-        _m("mean_hu_tissue", private("TISSUE_MEAN", "Mean CT number in soft tissue"), HU, "HU",
-           "Soft-tissue mean CT number"),
-        _m("sd_hu_tissue", private("TISSUE_SD", "CT number SD in soft tissue"), HU, "HU", "Soft-tissue CT number SD"),
-        _m("body_mean_hu", dcm("112181", "Mean Attenuation Coefficient"), HU, "HU", "Body mean CT number"),
-        _m("body_sd_hu", dcm("112183", "Standard Deviation of Attenuation Coefficient"), HU, "HU",
-           "Body CT number SD"),
-        # acquisition and series facts
-        _m("n_slices", private("N_SLICES", "Number of slices analysed"), SLICES, "", "Slices analysed"),
-        _m("scan_length_mm", dcm("113825", "Scanning Length"), MM, "mm", "Scan length"),
-        _m("kvp", dcm("113733", "KVP"), KV, "kV", "Tube voltage"),
-        _m("slice_thickness_mm", dcm("112225", "Slice Thickness"), MM, "mm", "Slice thickness"),
-        # learned image-quality models
-        _m("n2q_mean_quality", private("N2Q_MEAN", "N2Q mean quality"), NO_UNITS, "", "N2Q mean quality"),
-        _m("n2q_p05_quality", private("N2Q_P05", "N2Q 5th percentile quality"), NO_UNITS, "",
-           "N2Q 5th-percentile quality"),
-        _m("n2q_low_fraction", private("N2Q_LOW_FRAC", "N2Q low-quality fraction"), NO_UNITS, "",
-           "N2Q low-quality fraction"),
-        _m("d2iqa_score", private("D2IQA_SCORE", "D2IQA detectability score"), NO_UNITS, "", "D2IQA score (mAP)"),
-        _m("ldctiqa_score", private("LDCTIQA_SCORE", "LDCTIQA Likert score"), NO_UNITS, "", "LDCTIQA score (0-4)"),
-    )
-}
-
-#: key -> MetricCode, read-only.
-CATALOGUE: Mapping[str, MetricCode] = MappingProxyType(_CATALOGUE)
 
 
 @dataclass(frozen=True)
@@ -127,31 +94,49 @@ class MapCode:
     name: str
     quantity: Code
     unit: Code
+    model_matrix: int = 0  # the square matrix the model predicts at; 0 = not reduced for that
+    detail_mm: float = 0.0  # the finest detail the map has; 0 = not reduced for that
+    why: str = ""  # why the map is stored at reduced resolution
 
 
-_MAPS: dict[str, MapCode] = {
-    m.name: m
-    for m in (
-        MapCode("local_noise_sd", private("LOCAL_NOISE_SD", "Local noise standard deviation"), HU),
-        MapCode("n2q_quality", private("N2Q_QUALITY", "N2Q pixel-wise quality"), NO_UNITS),
-    )
-}
+# The entries come from the model specs: ``node.catalogue`` assembles them (reports does not import
+# analysis) and calls ``install`` before any report is built. Order = the models' run order.
+_CATALOGUE: dict[str, MetricCode] = {}
+_MAPS: dict[str, MapCode] = {}
+_PRIVATE: dict[str, str] = {}
+
+#: key -> MetricCode, read-only.
+CATALOGUE: Mapping[str, MetricCode] = MappingProxyType(_CATALOGUE)
 MAPS: Mapping[str, MapCode] = MappingProxyType(_MAPS)
-
 #: Every private concept the node writes (metrics, maps, evaluation values): value -> meaning.
-PRIVATE_CODES: Mapping[str, str] = MappingProxyType(
-    {
+PRIVATE_CODES: Mapping[str, str] = MappingProxyType(_PRIVATE)
+
+
+def install(metrics: Iterable[MetricCode], maps: Iterable[MapCode]) -> None:
+    """Replace the catalogue with these entries (``node.catalogue`` does, from the model specs)."""
+    metrics, maps = list(metrics), list(maps)
+    _check_unique(metrics)
+    _CATALOGUE.clear()
+    _CATALOGUE.update({m.key: m for m in metrics})
+    _MAPS.clear()
+    _MAPS.update({m.name: m for m in maps})
+    _PRIVATE.clear()
+    _PRIVATE.update({
         c.value: c.meaning
         for c in (
-            *(m.concept for m in _CATALOGUE.values()),
-            *(m.quantity for m in _MAPS.values()),
+            *(m.concept for m in metrics),
+            *(m.quantity for m in maps),
             WITHIN_CONTROL_LIMITS,
             OUTSIDE_CONTROL_LIMITS,
             OUTPUT_NOT_PRODUCED,
         )
         if c.scheme_designator == PRIVATE_SCHEME
-    }
-)
+    })
+
+
+def trended_keys() -> tuple[str, ...]:
+    """The metrics charted and judged by default."""
+    return tuple(k for k, m in _CATALOGUE.items() if m.trended)
 
 
 # --- anatomy (Frame Anatomy of Parametric Maps) ----------------------------------------------
@@ -202,7 +187,7 @@ def metric_code(key: str) -> MetricCode:
     except KeyError:
         raise ValueError(
             f'Unknown metric key {key!r}: it has no DICOM code. Known keys: {", ".join(sorted(_CATALOGUE))}. '
-            "Add it to reports/codes.py and docs/outputs.md."
+            "Declare it in its model's spec (analysis/models/) and docs/outputs.md."
         ) from None
 
 
@@ -213,7 +198,7 @@ def map_code(name: str) -> MapCode:
     except KeyError:
         raise ValueError(
             f'Unknown map name {name!r}: it has no DICOM quantity code. Known maps: {", ".join(sorted(_MAPS))}. '
-            "Add it to reports/codes.py and docs/outputs.md."
+            "Declare it in its model's spec (analysis/models/) and docs/outputs.md."
         ) from None
 
 
@@ -231,13 +216,10 @@ def private_coding_scheme() -> CodingSchemeIdentificationItem:
     )
 
 
-def _check_unique() -> None:
+def _check_unique(metrics: Iterable[MetricCode]) -> None:
     seen: dict[tuple[str, str], str] = {}
-    for m in _CATALOGUE.values():
+    for m in metrics:
         k = (m.concept.scheme_designator, m.concept.value)
         if k in seen:
             raise RuntimeError(f"Metric catalogue: {m.key} and {seen[k]} share the concept {k}")
         seen[k] = m.key
-
-
-_check_unique()

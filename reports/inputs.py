@@ -42,6 +42,9 @@ class AlgorithmId:
     name: str
     version: str
     weights_sha256: str | None = None
+    # further TID 4019 Algorithm Parameters ("name=value"), e.g. "resampled=256x256 to 512x512" or
+    # "out_of_distribution=yes: ..."
+    notes: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if not self.name or len(self.name) > 64:
@@ -56,8 +59,8 @@ class AlgorithmId:
 
     @property
     def parameters(self) -> list[str]:
-        """TID 4019 "Algorithm Parameters" text items: where the weights checksum is recorded."""
-        return [f"weights_sha256={self.weights_sha256}"] if self.weights_sha256 else []
+        """TID 4019 "Algorithm Parameters" text items: the weights checksum, then the notes."""
+        return ([f"weights_sha256={self.weights_sha256}"] if self.weights_sha256 else []) + list(self.notes)
 
 
 class Evaluation(StrEnum):

@@ -55,25 +55,20 @@ def format_number(value: float | None, unit: str = "") -> str:
     return f"{text} {unit}".strip() if unit and unit not in ("1", "no unit") else text
 
 
-#: What each score means and which way is better: one line each in the report.
-MEANING: dict[str, str] = {
-    "global_noise_hu": "image noise in soft tissue (mode of the local SD); lower is less noisy, at equal dose",
-    "wed_cm": "patient size as the water-equivalent diameter; describes the patient, neither better nor worse",
-    "ctdivol_mgy": "scanner-reported dose index; lower is less dose, for the same image quality",
-    "ssde_mgy": "size-specific dose estimate (CTDIvol corrected for patient size); lower is less dose",
-    "nps_f_peak_per_mm": "peak of the noise power spectrum; higher means finer-grained noise (sharper kernel)",
-    "nps_f_avg_per_mm": "mean frequency of the noise power spectrum; higher means finer-grained noise",
-    "mean_hu_tissue": "mean CT number of soft tissue; should stay stable for the protocol",
-    "n2q_mean_quality": "learned image quality (SSIM units, 0-1) over the body; higher is better",
-    "n2q_p05_quality": "5th percentile of the learned quality over the body; higher is better",
-    "n2q_low_fraction": "fraction of the body below the low-quality threshold; lower is better",
-    "d2iqa_score": "learned lesion detectability (mAP, 0-1); higher is better",
-    "ldctiqa_score": "learned radiologist-like quality score (0-4); higher is better",
-}
+def _meaning(key: str) -> str:
+    """What a score means and which way is better (the model spec's ``meaning``): one line in the report."""
+    try:
+        return metric_code(key).meaning
+    except ValueError:
+        return ""
 
 
-#: Rows that describe the acquisition rather than score it: no baseline column.
-CONTEXT_KEYS = frozenset({"n_slices", "kvp", "slice_thickness_mm", "scan_length_mm"})
+def _is_context(key: str) -> bool:
+    """Rows that describe the acquisition rather than score it: no baseline column."""
+    try:
+        return metric_code(key).context
+    except ValueError:
+        return False
 
 
 def _status(m: ReportMetric) -> str:
@@ -161,7 +156,7 @@ def report_figure(
     cols = ((_LEFT, 0.26, "Measurement"), (0.33, 0.13, "Value"), (0.46, 0.16, "Baseline"),
             (0.62, _RIGHT - 0.62, "Status / note"))
     baselines = baselines or {}
-    meanings = [(m.label, MEANING[m.key]) for m in metrics if m.key in MEANING]
+    meanings = [(m.label, _meaning(m.key)) for m in metrics if _meaning(m.key)]
 
     def body(fs: float, max_lines: int | None, draw: bool) -> float:
         line = fs * 1.35 / 72 / _PAGE_H
@@ -179,7 +174,7 @@ def report_figure(
         yy -= line * 1.05
         for m in metrics:
             base = baselines.get(m.key)
-            baseline = ("" if m.key in CONTEXT_KEYS else "no baseline yet") if base is None else \
+            baseline = ("" if _is_context(m.key) else "no baseline yet") if base is None else \
                 format_number(base, m.unit)
             cells = (m.label, format_number(m.value, m.unit), baseline, _status(m))
             wrapped = [_wrap(text, w - 0.01, fs) for (_, w, _), text in zip(cols, cells)]

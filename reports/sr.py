@@ -471,10 +471,13 @@ def _algorithm_of(item: Dataset) -> AlgorithmId | None:
     if _ALGO_NAME not in found or _ALGO_VERSION not in found:
         return None
     sha = None
+    notes = []
     for p in found.get(_ALGO_PARAMS, []):
         if p.startswith("weights_sha256="):
             sha = p.split("=", 1)[1]
-    return AlgorithmId(found[_ALGO_NAME][0], found[_ALGO_VERSION][0], sha)
+        else:
+            notes.append(p)
+    return AlgorithmId(found[_ALGO_NAME][0], found[_ALGO_VERSION][0], sha, tuple(notes))
 
 
 def read_measurement_report(dataset: Dataset) -> ReportContent:

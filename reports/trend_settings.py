@@ -26,23 +26,15 @@ RULE_TREND = "trend"
 RULE_ACTION = "action_level"
 SPC_RULES: tuple[str, ...] = (RULE_BEYOND, RULE_RUN, RULE_TREND)
 REPORT_FORMATS: tuple[str, ...] = ("text", "csv", "json", "html", "pdf")
-#: Metrics charted and judged by default: image quality and dose. Patient descriptors (wed_cm, body_*),
-#: counts (n_slices) and protocol constants are stored but not trended unless listed in [trends] metrics.
-DEFAULT_TREND_METRICS: tuple[str, ...] = (
-    "global_noise_hu",
-    "nps_noise_hu",
-    "nps_f_avg_per_mm",
-    "nps_f_peak_per_mm",
-    "sd_hu_tissue",
-    "mean_hu_tissue",
-    "ctdivol_mgy",
-    "ssde_mgy",
-    "n2q_mean_quality",
-    "n2q_p05_quality",
-    "n2q_low_fraction",
-    "d2iqa_score",
-    "ldctiqa_score",
-)
+def default_trend_metrics() -> tuple[str, ...]:
+    """Metrics charted and judged by default: those the model specs mark ``trended`` (image quality
+    and dose; reports.codes.trended_keys). Patient descriptors (wed_cm, body_*), counts (n_slices)
+    and protocol constants are stored but not trended unless listed in [trends] metrics."""
+    from reports.codes import trended_keys
+
+    return trended_keys()
+
+
 _EMAIL_RE = re.compile(r"^[^@\s]+@[^@\s]+$")
 
 
@@ -177,7 +169,7 @@ class TrendSettings:
     by_size_band: bool = False
     timezone: str = "UTC"
     limits: dict[str, MetricLimits] = field(default_factory=dict)
-    metrics: tuple[str, ...] = DEFAULT_TREND_METRICS  # "*" = every stored metric
+    metrics: tuple[str, ...] = field(default_factory=default_trend_metrics)  # "*" = every stored metric
 
     def trended(self, metric: str) -> bool:
         """Whether ``metric`` gets a control chart (and can raise alerts)."""
@@ -234,7 +226,7 @@ class TrendSettings:
                     f"{file}: key '{prefix}.rules[{i}]' must be one of {', '.join(SPC_RULES)} (an empty list "
                     f"turns the SPC rules off), got {r!r}"
                 )
-        metrics = _get(section, "metrics", list, list(DEFAULT_TREND_METRICS), file, prefix)
+        metrics = _get(section, "metrics", list, list(default_trend_metrics()), file, prefix)
         for i, m in enumerate(metrics):
             if not isinstance(m, str) or not m:
                 raise TrendConfigError(

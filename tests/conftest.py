@@ -5,6 +5,7 @@ from __future__ import annotations
 import pydicom
 import pytest
 
+import node.catalogue  # noqa: F401  (the node installs the model specs' codes into reports.codes; so do the tests)
 from tests.unit.report_sources import phantom_headers
 
 

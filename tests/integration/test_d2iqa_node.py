@@ -14,6 +14,7 @@ import torch
 from sqlalchemy import select
 
 from analysis import d2iqa
+from analysis.models import d2iqa as d2iqa_model
 from analysis.results import RunContext
 from analysis.volume import load_series
 from node.service import Node
@@ -27,8 +28,8 @@ TRIALS, MAX_SLICES = 6, 6  # small, so the test is quick; the node must pass the
 
 
 def _node(tmp_path) -> Node:
-    return make_node(tmp_path, analysis={"device": "cpu", "models": ["basic", "d2iqa"], "d2iqa_trials": TRIALS,
-                     "d2iqa_max_slices": MAX_SLICES})
+    return make_node(tmp_path, analysis={"device": "cpu", "models": ["basic", "d2iqa"],
+                     "d2iqa": {"trials": TRIALS, "max_slices": MAX_SLICES}})
 
 
 @needs_weights
@@ -45,7 +46,7 @@ def test_series_d2iqa_score_and_slice_scores_in_database_and_sr(tmp_path):
         sr_path = s.scalars(select(OutputObject).where(OutputObject.kind == "sr")).one().rel_path
 
     vol = load_series(files)
-    ref = d2iqa.run(vol, RunContext(device="cpu", options={"d2iqa_trials": TRIALS, "d2iqa_max_slices": MAX_SLICES}))
+    ref = d2iqa_model.run(vol, RunContext(device="cpu"), d2iqa_model.Options(trials=TRIALS, max_slices=MAX_SLICES))
     ref_slices = ref.slice_metrics["d2iqa_score"]
     scored = {vol.sop_instance_uids[i]: float(v) for i, v in enumerate(ref_slices) if np.isfinite(v)}
     assert 1 <= len(scored) <= MAX_SLICES  # only the evenly spaced subset, and only slices with room
@@ -78,7 +79,7 @@ def test_analyze_json_reports_d2iqa_score(tmp_path):
     assert item["status"] == "done"
     assert "d2iqa" in [m["name"] for m in item["models"]]
     torch.set_num_threads(1)
-    ref = d2iqa.run(load_series([ct2]), RunContext(device="cpu"))  # the CLI runs the model defaults
+    ref = d2iqa_model.run(load_series([ct2]), RunContext(device="cpu"))  # the CLI runs the model defaults
     assert ref.series_metrics["d2iqa_score"] is not None
     assert item["metrics"]["d2iqa_score"] == pytest.approx(ref.series_metrics["d2iqa_score"], rel=1e-5, abs=1e-7)
     assert 0.0 < item["metrics"]["d2iqa_score"] <= 1.0

@@ -15,6 +15,7 @@ import torch
 from sqlalchemy import select
 
 from analysis import n2q
+from analysis.models import n2q as n2q_model
 from analysis.results import RunContext
 from analysis.volume import load_series
 from node.service import Node
@@ -51,7 +52,7 @@ def test_series_with_n2q_gets_its_quality_map_in_a_parametric_map(tmp_path):
     # what the model itself says about these slices (same loader, same weights)
     vol = load_series(files)
     expected, _, sha = n2q.predict_quality(vol.hu)
-    ref = n2q.run(vol, RunContext(device="cpu"))
+    ref = n2q_model.run(vol, RunContext(device="cpu"))
     (pm,) = _n2q_maps(node)
     assert pm.NumberOfFrames == len(files) == vol.n_slices
     assert any(sha in str(e.get("ContributionDescription", "")) for e in pm.ContributingEquipmentSequence)
@@ -88,7 +89,7 @@ def test_analyze_json_reports_the_n2q_summary(tmp_path):
     assert item["status"] == "done"
     assert "n2q" in [m["name"] for m in item["models"]]
     torch.set_num_threads(1)
-    ref = n2q.run(load_series([ct1]), RunContext(device="cpu"))
+    ref = n2q_model.run(load_series([ct1]), RunContext(device="cpu"))
     for key in N2Q_KEYS:
         assert item["metrics"][key] == pytest.approx(ref.series_metrics[key], rel=1e-4, abs=1e-6), key
     assert 0.0 < item["metrics"]["n2q_p05_quality"] <= item["metrics"]["n2q_mean_quality"] <= 1.0

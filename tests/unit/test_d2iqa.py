@@ -25,7 +25,9 @@ from analysis.d2iqa import (
     trial_layouts,
 )
 from analysis.d2iqa_insert import InsertionConfig, placement_mask, sample_layout
+from analysis.models import d2iqa as d2iqa_model
 from analysis.results import RunContext
+from analysis.weights import file_sha256
 from analysis.volume import CTVolume
 
 HAVE_WEIGHTS = WEIGHTS_PATH.is_file()
@@ -102,7 +104,7 @@ def test_run_without_weights_reports_the_reason(tmp_path: Path) -> None:
     rng = np.random.default_rng(0)
     hu, _ = _head_like(rng, 128)
     vol = _volume(np.stack([hu, hu]))
-    out = d2iqa.run(vol, RunContext(options={"d2iqa_weights": str(tmp_path / "none.pt")}))
+    out = d2iqa_model.run(vol, RunContext(), d2iqa_model.Options(weights=str(tmp_path / "none.pt")))
     assert out.series_metrics["d2iqa_score"] is None
     assert "weights" in out.reasons["d2iqa_score"]
     assert np.isnan(out.slice_metrics["d2iqa_score"]).all()
@@ -110,8 +112,8 @@ def test_run_without_weights_reports_the_reason(tmp_path: Path) -> None:
 
 def test_run_rejects_bad_options() -> None:
     vol = _volume(np.full((1, 64, 64), -1000.0, np.float32))
-    with pytest.raises(ValueError, match="d2iqa_trials"):
-        d2iqa.run(vol, RunContext(options={"d2iqa_trials": 0}))
+    with pytest.raises(ValueError, match="key 'trials' must be >= 1"):
+        d2iqa_model.run(vol, RunContext(), d2iqa_model.Options(trials=0))
 
 
 def _volume(hu: np.ndarray) -> CTVolume:
@@ -128,14 +130,14 @@ def test_run_with_shipped_weights() -> None:
     rng = np.random.default_rng(5)
     slices = [_head_like(rng, 256)[0] for _ in range(3)]
     vol = _volume(np.stack(slices + [np.full((256, 256), -1000.0, np.float32)]))
-    out = d2iqa.run(vol, RunContext(options={"d2iqa_trials": 8, "d2iqa_max_slices": 0}))
+    out = d2iqa_model.run(vol, RunContext(), d2iqa_model.Options(trials=8, max_slices=0))
     s = out.slice_metrics["d2iqa_score"]
     assert s.shape == (4,)
     assert np.all((s[:3] >= 0) & (s[:3] <= 1)) and np.isnan(s[3])  # the air-only slice has no room
     assert out.series_metrics["d2iqa_score"] == pytest.approx(float(np.nanmean(s)))
-    assert out.weights_sha256 == d2iqa.file_sha256(WEIGHTS_PATH)
+    assert out.weights_sha256 == file_sha256(WEIGHTS_PATH)
     # subset: only the evenly spaced slices are scored, the same seed gives the same scores
-    out2 = d2iqa.run(vol, RunContext(options={"d2iqa_trials": 8, "d2iqa_max_slices": 2}))
+    out2 = d2iqa_model.run(vol, RunContext(), d2iqa_model.Options(trials=8, max_slices=2))
     s2 = out2.slice_metrics["d2iqa_score"]
     assert np.isfinite(s2[0]) and np.isnan(s2[1]) and np.isnan(s2[2])
     assert s2[0] == pytest.approx(s[0])

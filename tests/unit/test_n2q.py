@@ -19,9 +19,10 @@ from analysis.n2q import (
     make_input,
     predict_quality,
     resize_to_model,
-    run,
     save_weights,
 )
+from analysis.models.n2q import Options as N2QOptions
+from analysis.models.n2q import run
 from analysis.phantoms import make_phantom
 from analysis.results import RunContext
 from analysis.volume import CTVolume
@@ -182,15 +183,15 @@ def test_run_gives_node_metrics_and_native_maps() -> None:
         sop_instance_uids=["1.2.3.1", "1.2.3.2"], frame_numbers=[None, None], sop_class_uids=["1.2.840.10008.5.1.4.1.1.2"] * 2,
         ctdivol_mgy=np.array([10.0, 10.0]), headers=[None, None],
     )
-    out = run(vol, RunContext(device="cpu", options={"n2q_batch": 2}))
+    out = run(vol, RunContext(device="cpu"), N2QOptions(batch=2))
     assert set(out.series_metrics) == {"n2q_mean_quality", "n2q_p05_quality", "n2q_low_fraction"}
     assert 0.0 < out.series_metrics["n2q_p05_quality"] <= out.series_metrics["n2q_mean_quality"] <= 1.0
     assert 0.0 <= out.series_metrics["n2q_low_fraction"] <= 1.0
     assert out.weights_sha256 and len(out.weights_sha256) == 64
     (m,) = out.maps
     assert m.name == "n2q_quality" and m.unit_code == "1" and m.values.shape == hu.shape and m.values.dtype == np.float32
-    with pytest.raises(ValueError, match="n2q_low_threshold"):
-        run(vol, RunContext(options={"n2q_low_threshold": 2.0}))
+    with pytest.raises(ValueError, match="low_threshold"):
+        run(vol, RunContext(), N2QOptions(low_threshold=2.0))
 
 
 def _train_args(tmp_path: Path, name: str, extra: list[str] | None = None):

@@ -6,17 +6,18 @@ gives a physicist a sanity check (a water phantom should read about 0 HU inside 
 
 from __future__ import annotations
 
-import numpy as np
-
-from analysis.mask import volume_body_masks
-from analysis.results import ModelOutput, RunContext
-from analysis.volume import CTVolume
+from analysis.models.spec import HU, SLICES, MetricSpec, ModelSpec, dcm, private
 
 ALGORITHM = "CTQA basic body statistics"
 VERSION = "1.0"
 
 
-def run(volume: CTVolume, ctx: RunContext) -> ModelOutput:
+def run(volume, ctx, options=None):
+    import numpy as np
+
+    from analysis.mask import volume_body_masks
+    from analysis.results import ModelOutput
+
     out = ModelOutput(name="basic", algorithm=ALGORITHM, version=VERSION)
     out.set_metric("n_slices", float(volume.n_slices))
     means = np.full(volume.n_slices, np.nan)
@@ -46,3 +47,21 @@ def run(volume: CTVolume, ctx: RunContext) -> ModelOutput:
         out.set_metric("body_mean_hu", mean)
         out.set_metric("body_sd_hu", float(np.sqrt(max(acc_sq / total - mean * mean, 0.0))))
     return out
+
+
+SPEC = ModelSpec(
+    name="basic",
+    algorithm=ALGORITHM,
+    version=VERSION,
+    run=run,
+    order=10,
+    default=True,
+    summary="slice count and CT-number statistics inside the body",
+    metrics=(
+        MetricSpec("body_mean_hu", dcm("112181", "Mean Attenuation Coefficient"), HU, "Body mean CT number"),
+        MetricSpec("body_sd_hu", dcm("112183", "Standard Deviation of Attenuation Coefficient"), HU,
+                   "Body CT number SD"),
+        MetricSpec("n_slices", private("N_SLICES", "Number of slices analysed"), SLICES, "Slices analysed",
+                   in_report=True, context=True),
+    ),
+)

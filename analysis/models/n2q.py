@@ -1,0 +1,106 @@
+"""N2Q (Noise2Quality) as a model of the platform: ``[analysis.n2q]`` options, metrics, the quality
+map, the training distribution of the shipped weights, and ``run``. The network, the weights
+format and the inference are ``analysis.n2q`` (torch)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from analysis.models.spec import NO_UNITS, MapSpec, MetricSpec, ModelSpec, TrainingDistribution, private
+
+ALGORITHM = "N2Q Noise2Quality SSIM-map U-Net"
+VERSION = "1.1"
+MODEL_CARD = "analysis/weights/N2Q_MODEL_CARD.md"
+MAP_NAME = "n2q_quality"
+MAP_LABEL = "N2Q SSIM quality"
+
+
+@dataclass(frozen=True)
+class Options:
+    """[analysis.n2q]"""
+
+    weights: str = ""  # "" = the shipped analysis/weights/n2q.pt
+    batch: int = 8  # slices per forward pass
+    low_threshold: float = 0.8  # quality below this counts as low in n2q_low_fraction
+
+    def validate(self) -> None:
+        if not 0.0 < self.low_threshold <= 1.0:
+            raise ValueError(f"key 'low_threshold' must be in (0, 1], got {self.low_threshold}")
+        if self.batch < 1:
+            raise ValueError(f"key 'batch' must be >= 1, got {self.batch}")
+
+
+def run(volume, ctx, options: Options | None = None):
+    """N2Q over one series: a quality map per slice and the body summary (see ``analysis.n2q``)."""
+    import logging
+
+    import numpy as np
+    import torch
+
+    from analysis import n2q
+    from analysis.mask import body_mask
+    from analysis.results import MapOutput, ModelOutput, SeriesSkipped
+
+    opts = options or Options()
+    opts.validate()
+    device = "cuda" if ctx.device == "cuda" and torch.cuda.is_available() else "cpu"
+    if ctx.device == "cuda" and device == "cpu":
+        logging.getLogger(__name__).warning("CUDA requested but not available: N2Q runs on the CPU")
+    if volume.n_slices == 0:
+        raise SeriesSkipped("no slices")
+    quality, probs, sha = n2q.predict_quality(volume.hu, weights=opts.weights or None, device=device,
+                                              batch=opts.batch)
+    body = np.stack([body_mask(s, volume.pixel_spacing_mm) for s in volume.hu])
+    out = ModelOutput(name="n2q", algorithm=ALGORITHM, version=VERSION, weights_sha256=sha)
+    mean, p05, low = n2q.summarise(quality, body, opts.low_threshold)
+    reason = "no body pixels found in any slice"
+    out.set_metric("n2q_mean_quality", mean, reason)
+    out.set_metric("n2q_p05_quality", p05, reason)
+    out.set_metric("n2q_low_fraction", low, reason)
+    per_slice = np.full(volume.n_slices, np.nan)
+    for i in range(volume.n_slices):
+        if body[i].any():
+            per_slice[i] = float(quality[i][body[i]].mean())
+    out.slice_metrics["n2q_mean_quality"] = per_slice
+    dose_idx = np.argmax(np.nan_to_num(probs, nan=-1.0), axis=1)
+    expected = np.array([n2q.DOSE_CLASSES[k] for k in dose_idx], dtype=float)
+    if not np.isnan(probs).all():
+        out.slice_metrics["n2q_dose_class"] = expected
+    out.maps.append(MapOutput(name=MAP_NAME, label=MAP_LABEL, values=quality.astype(np.float32), unit_code="1",
+                              unit_meaning="no units"))
+    return out
+
+
+SPEC = ModelSpec(
+    name="n2q",
+    algorithm=ALGORITHM,
+    version=VERSION,
+    run=run,
+    order=30,
+    options=Options,
+    requires=("torch",),
+    uses_torch=True,
+    learned=True,
+    model_card=MODEL_CARD,
+    summary="learned pixel-wise SSIM quality map (no reference)",
+    metrics=(
+        MetricSpec("n2q_mean_quality", private("N2Q_MEAN", "N2Q mean quality"), NO_UNITS, "N2Q mean quality",
+                   trended=True, in_report=True,
+                   meaning="learned image quality (SSIM units, 0-1) over the body; higher is better"),
+        MetricSpec("n2q_p05_quality", private("N2Q_P05", "N2Q 5th percentile quality"), NO_UNITS,
+                   "N2Q 5th-percentile quality", trended=True, in_report=True,
+                   meaning="5th percentile of the learned quality over the body; higher is better"),
+        MetricSpec("n2q_low_fraction", private("N2Q_LOW_FRAC", "N2Q low-quality fraction"), NO_UNITS,
+                   "N2Q low-quality fraction", trended=True, in_report=True,
+                   meaning="fraction of the body below the low-quality threshold; lower is better"),
+    ),
+    maps=(MapSpec(MAP_NAME, private("N2Q_QUALITY", "N2Q pixel-wise quality"), NO_UNITS, MAP_LABEL,
+                  model_matrix=256, why="N2Q predicts at 256 x 256 (the slice padded to a square)"),),
+    # model card, "Training distribution": head and body (neck, chest, abdomen) slices; global noise
+    # of the training samples from routine dose (1-12 HU) down to 5 % dose (x 4.5): 1-60 HU;
+    # real training slices 1 mm and 5 mm thick
+    training=TrainingDistribution(
+        body_regions=("HEAD", "BRAIN", "SKULL", "NECK", "HEADNECK", "CHEST", "THORAX", "ABDOMEN", "PANCREAS"),
+        global_noise_hu=(1.0, 60.0), slice_thickness_mm=(1.0, 5.0), source=MODEL_CARD),
+    moved_keys={"n2q_low_threshold": "low_threshold", "n2q_weights": "weights", "n2q_batch": "batch"},
+)
