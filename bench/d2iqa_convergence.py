@@ -26,7 +26,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from analysis import dose_sim  # noqa: E402
+from analysis.training import dose_sim  # noqa: E402
 from analysis.d2iqa import WEIGHTS_PATH, detect_trials, load_model, pooled_map, trial_layouts  # noqa: E402
 from analysis.d2iqa_insert import InsertionConfig, placement_mask  # noqa: E402
 from analysis.volume import load_series  # noqa: E402

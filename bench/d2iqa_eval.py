@@ -1,6 +1,6 @@
 """Held-out evaluation of the shipped D2IQA detector.
 
-For every held-out slice: simulate doses 100/50/25/12/5 % (projection domain, ``analysis.dose_sim``,
+For every held-out slice: simulate doses 100/50/25/12/5 % (projection domain, ``analysis.training.dose_sim``,
 ``I0_full`` calibrated per series), draw ``T_max`` insertion layouts ONCE from the 100 % image (fixed
 seed per slice) and score every dose on those same layouts. Reports, for T in a list of trial counts
 (the first T of the T_max trials):
@@ -12,7 +12,7 @@ seed per slice) and score every dose on those same layouts. Reports, for T in a 
 
 Held out (never trained on): /work/shared/data/ct/philips_head_phantom/S2010_5mm (28 slices; the
 training used S2020 of the same phantom), wg04 CT1 and CT2 (UNC), pydicom-data 693_UNCR.dcm, and two
-synthetic series of textured phantoms (``analysis.phantoms``, 512 x 512) from seeds the trainer never
+synthetic series of textured phantoms (``analysis.training.phantoms``, 512 x 512) from seeds the trainer never
 uses (``d2iqa_train.HELDOUT_PHANTOM_SEED0`` on; training phantoms start at ``TRAIN_PHANTOM_SEED0``):
 ``synthetic_head`` (8 head slices, routine full-dose global noise 4 HU) and ``synthetic_body`` (8 body
 slices, 12 HU), the noise made with ``dose_sim`` at an I0_full calibrated to that level.
@@ -35,7 +35,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from analysis import dose_sim  # noqa: E402
+from analysis.training import dose_sim  # noqa: E402
 from analysis.d2iqa import (  # noqa: E402
     DEFAULT_TRIALS,
     WEIGHTS_PATH,
@@ -45,8 +45,8 @@ from analysis.d2iqa import (  # noqa: E402
     trial_layouts,
 )
 from analysis.d2iqa_insert import InsertionConfig, placement_mask  # noqa: E402
-from analysis.d2iqa_train import HELDOUT_PHANTOM_SEED0  # noqa: E402
-from analysis.phantoms import make_phantom  # noqa: E402
+from analysis.training.d2iqa_train import HELDOUT_PHANTOM_SEED0  # noqa: E402
+from analysis.training.phantoms import make_phantom  # noqa: E402
 from analysis.volume import load_series  # noqa: E402
 
 log = logging.getLogger("d2iqa_eval")
@@ -54,7 +54,7 @@ DATA = ROOT.parent / "shared" / "data"
 DOSES = (1.0, 0.5, 0.25, 0.12, 0.05)
 # held-out synthetic series: name -> (phantom kind, full-dose global noise in HU, first seed, slices).
 # The noise levels are routine ones measured on real series here (head about 3-5 HU, neck/abdomen
-# about 10-15 HU at 512 x 512; analysis/n2q_train.py).
+# about 10-15 HU at 512 x 512; analysis/training/n2q_train.py).
 PHANTOM_SERIES = {"synthetic_head": ("head", 4.0, HELDOUT_PHANTOM_SEED0, 8),
                   "synthetic_body": ("body", 12.0, HELDOUT_PHANTOM_SEED0 + 100, 8)}
 

@@ -32,7 +32,7 @@ def make_volume(n: int, size: int = 512):
     from pydicom.dataset import Dataset
     from pydicom.uid import generate_uid
 
-    from analysis.phantoms import make_phantom
+    from analysis.training.phantoms import make_phantom
     from analysis.volume import CTVolume
 
     rng = np.random.default_rng(0)

@@ -36,11 +36,11 @@ from skimage.metrics import normalized_root_mse, structural_similarity
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from analysis import dose_sim  # noqa: E402
+from analysis.training import dose_sim  # noqa: E402
 from analysis.mask import body_mask  # noqa: E402
-from analysis.n2q_train import PHANTOM_FULL_NOISE_HU  # noqa: E402
+from analysis.training.n2q_train import PHANTOM_FULL_NOISE_HU  # noqa: E402
 from analysis.n2q import DOSE_CLASSES, MODEL_SIZE, load_model, predict_model_res, resize_to_model  # noqa: E402
-from analysis.phantoms import make_phantom  # noqa: E402
+from analysis.training.phantoms import make_phantom  # noqa: E402
 from analysis.ssim import ssim_map, window_hu  # noqa: E402
 
 LEVELS = tuple(DOSE_CLASSES) + (1.0,)

@@ -458,7 +458,13 @@ def cmd_demo_history(args) -> int:
 
 
 # -- train -----------------------------------------------------------------------------------------
-TRAINERS = {"n2q": "analysis.n2q_train", "d2iqa": "analysis.d2iqa_train"}
+def _trainers() -> dict[str, str]:
+    from analysis.models import specs
+
+    return {name: spec.trainer for name, spec in specs().items() if spec.trainer}
+
+
+TRAINERS = _trainers()  # model -> its trainer module (the model specs' `trainer`)
 
 
 def cmd_train(args) -> int:

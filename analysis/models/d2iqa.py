@@ -88,6 +88,7 @@ SPEC = ModelSpec(
     uses_torch=True,
     learned=True,
     model_card=MODEL_CARD,
+    trainer="analysis.training.d2iqa_train",
     summary="learned lesion detectability: detector mAP on virtual objects inserted into the slices",
     metrics=(
         MetricSpec("d2iqa_score", private("D2IQA_SCORE", "D2IQA detectability score"), NO_UNITS, "D2IQA score (mAP)",

@@ -82,6 +82,7 @@ SPEC = ModelSpec(
     uses_torch=True,
     learned=True,
     model_card=MODEL_CARD,
+    trainer="analysis.training.n2q_train",
     summary="learned pixel-wise SSIM quality map (no reference)",
     metrics=(
         MetricSpec("n2q_mean_quality", private("N2Q_MEAN", "N2Q mean quality"), NO_UNITS, "N2Q mean quality",

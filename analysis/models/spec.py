@@ -126,6 +126,7 @@ class ModelSpec:
     learned: bool = False
     training: TrainingDistribution | None = None
     model_card: str | None = None  # path in the project, e.g. analysis/weights/N2Q_MODEL_CARD.md
+    trainer: str | None = None  # module behind `qa-node train <name>` (add_arguments/run), in analysis.training
     summary: str = ""  # one line for --help and README
     # (options) -> None or one line to log once at start-up (e.g. weights not installed)
     startup_check: Callable[[Any], str | None] | None = None

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 
 from analysis.d2iqa_insert import WINDOW_HU, WINDOW_WIDTH_HU, InsertionConfig, render_objects
-from analysis.d2iqa_train import (
+from analysis.training.d2iqa_train import (
     HELDOUT_PHANTOM_SEED0,
     MAX_PHANTOMS,
     PHANTOM_FULL_NOISE_HU,

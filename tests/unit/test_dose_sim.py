@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from analysis import dose_sim
-from analysis.phantoms import make_phantom
+from analysis.training import dose_sim
+from analysis.training.phantoms import make_phantom
 
 N = 128
 PS = 1.5  # mm: a 19 cm field of view

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from analysis import dose_sim
+from analysis.training import dose_sim
 from analysis.n2q import (
     DEFAULT_WEIGHTS,
     DOSE_CLASSES,
@@ -23,7 +23,7 @@ from analysis.n2q import (
 )
 from analysis.models.n2q import Options as N2QOptions
 from analysis.models.n2q import run
-from analysis.phantoms import make_phantom
+from analysis.training.phantoms import make_phantom
 from analysis.results import RunContext
 from analysis.volume import CTVolume
 
@@ -122,7 +122,7 @@ def test_training_noise_has_the_amplitude_the_node_sees() -> None:
     noise there with the I0 calibrated at the native matrix: 1.6x the SD (and a whiter spectrum)
     of what a real lower-dose scan shows after the node's resize. Truth here = noise simulated at
     the native matrix and resized with ``resize_to_model`` (the node path). Matrices halved for speed."""
-    from analysis.n2q_train import _noise_like_node
+    from analysis.training.n2q_train import _noise_like_node
 
     native, ps = make_phantom("body", 256, np.random.default_rng([4242, 7]))
     i0, dose, size = 1.0e6, 0.25, 128
@@ -197,7 +197,7 @@ def test_run_gives_node_metrics_and_native_maps() -> None:
 def _train_args(tmp_path: Path, name: str, extra: list[str] | None = None):
     import argparse
 
-    from analysis import n2q_train
+    from analysis.training import n2q_train
 
     parser = argparse.ArgumentParser()
     n2q_train.add_arguments(parser)
@@ -209,7 +209,7 @@ def _train_args(tmp_path: Path, name: str, extra: list[str] | None = None):
 
 
 def test_training_is_deterministic_and_resumable(tmp_path: Path) -> None:
-    from analysis import n2q_train
+    from analysis.training import n2q_train
 
     assert n2q_train.run(_train_args(tmp_path, "a")) == 0
     assert n2q_train.run(_train_args(tmp_path, "b")) == 0
@@ -227,7 +227,7 @@ def test_training_is_deterministic_and_resumable(tmp_path: Path) -> None:
 
 
 def test_time_schedule_and_init_from_instance_norm_weights(tmp_path: Path) -> None:
-    from analysis import n2q_train
+    from analysis.training import n2q_train
 
     lr = n2q_train._one_cycle_lr
     assert lr(1e-3, 0.0) == pytest.approx(4e-5) and lr(1e-3, 0.05) == pytest.approx(1e-3)

@@ -7,7 +7,7 @@ import pytest
 import torch
 from skimage.metrics import structural_similarity
 
-from analysis.phantoms import make_phantom
+from analysis.training.phantoms import make_phantom
 from analysis.ssim import ssim_map, ssim_map_torch, window_hu, window_size
 
 

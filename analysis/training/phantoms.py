@@ -13,7 +13,7 @@ Every tissue carries smooth, spatially correlated texture (a few to ~20 HU) so t
 are not perfectly flat, and edges are slightly blurred (partial volume). Patient size varies
 (body 24-46 cm lateral width, head 13-19 cm) while the reconstructed field of view is chosen like a
 scanner would (object fills 65-92 % of it), so the pixel spacing varies as in real series. The
-phantoms have NO noise: add it with ``analysis.dose_sim``.
+phantoms have NO noise: add it with ``analysis.training.dose_sim``.
 """
 
 from __future__ import annotations

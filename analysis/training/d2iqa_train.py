@@ -2,7 +2,7 @@
 
 Every training sample is made fresh: a random slice of the training series, optionally with the air
 inside the body replaced by tissue-range values (phantoms such as the shared head phantom are mostly
-air inside the skull), a random simulated dose (projection-domain noise from ``analysis.dose_sim``:
+air inside the skull), a random simulated dose (projection-domain noise from ``analysis.training.dose_sim``:
 one unit-``I0`` noise realisation per slice, rescaled to the dose, with ``I0_full`` calibrated per
 series), a random crop with flips/rotations, and 2-5 freshly inserted virtual objects whose boxes and
 classes are the labels. Optionally a share of built-in synthetic anatomical phantoms adds variety.
@@ -56,7 +56,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--air-replace", type=float, default=0.5, help="probability of replacing in-body air by tissue values")
     parser.add_argument("--synthetic", type=float, default=0.15, help="share of samples from the crude built-in synthetic phantoms")
     parser.add_argument("--phantoms", type=int, default=0, metavar="N",
-                        help="textured synthetic head/body phantoms (analysis.phantoms, 512 x 512, half each) in the pool")
+                        help="textured synthetic head/body phantoms (analysis.training.phantoms, 512 x 512, half each) in the pool")
     parser.add_argument("--phantom-share", type=float, default=0.6, help="share of samples from the --phantoms pool")
     parser.add_argument("--init", metavar="WEIGHTS", default=None,
                         help="start from these weights (fine-tune: fresh optimiser and schedule; --resume continues a run)")
@@ -105,7 +105,7 @@ def _find_series(dirs: list[str], exclude: list[str]) -> dict[str, list[Path]]:
 
 
 def load_training_slices(dirs: list[str], exclude: list[str], rng: np.random.Generator) -> list[TrainSlice]:
-    from analysis import dose_sim
+    from analysis.training import dose_sim
     from analysis.results import SeriesSkipped
     from analysis.volume import load_series
 
@@ -164,9 +164,9 @@ def synthetic_phantom(rng: np.random.Generator, size: int = 512) -> np.ndarray:
     return ndimage.gaussian_filter(img, 1.0)
 
 
-# Textured phantoms (analysis.phantoms) are noise free; each sample gets a full-dose noise SD drawn
+# Textured phantoms (analysis.training.phantoms) are noise free; each sample gets a full-dose noise SD drawn
 # log-uniformly from this range (HU, soft tissue, 512 x 512), by kind. Routine head protocols measure
-# about 3-5 HU and neck/abdomen about 10-15 HU here (N2Q card, analysis/n2q_train.py), 1 mm slices more.
+# about 3-5 HU and neck/abdomen about 10-15 HU here (N2Q card, analysis/training/n2q_train.py), 1 mm slices more.
 PHANTOM_FULL_NOISE_HU = {"head": (2.5, 8.0), "body": (6.0, 25.0)}
 # Seeds of the training phantoms: TRAIN_PHANTOM_SEED0 + k. bench/d2iqa_eval.py draws its held-out
 # phantom series from HELDOUT_PHANTOM_SEED0 on, which no training run reaches (--phantoms is capped).
@@ -181,7 +181,7 @@ def phantom_kind(k: int) -> str:
 
 def make_training_phantoms(n: int, size: int = 512) -> list[TrainSlice]:
     """The ``n`` textured training phantoms (deterministic: phantom k uses seed TRAIN_PHANTOM_SEED0 + k)."""
-    from analysis.phantoms import make_phantom
+    from analysis.training.phantoms import make_phantom
 
     if not 0 <= n <= MAX_PHANTOMS:
         raise ValueError(f'Argument "--phantoms" must be in [0, {MAX_PHANTOMS}], got {n}')
@@ -204,7 +204,7 @@ def tissue_sd(noise: np.ndarray, hu: np.ndarray) -> float:
 
 def _unit_noise(s: TrainSlice, rng: np.random.Generator) -> np.ndarray:
     if s._noise is None:
-        from analysis import dose_sim
+        from analysis.training import dose_sim
 
         s._noise = dose_sim.unit_noise(s.hu, pixel_spacing_mm=s.spacing_mm, rng=rng)[0].astype(np.float32)
     return s._noise
@@ -330,7 +330,7 @@ def run(args: argparse.Namespace) -> int:
     n_real = len(slices)
     synth: list[TrainSlice] = []
     if args.synthetic > 0:
-        from analysis import dose_sim
+        from analysis.training import dose_sim
 
         for _ in range(16):
             synth.append(TrainSlice(synthetic_phantom(rng), 0.7, dose_sim.DEFAULT_I0_FULL * float(rng.uniform(0.3, 3.0)), "synthetic"))
@@ -454,7 +454,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Stand-alone entry point (``python -m analysis.d2iqa_train``); the node mounts ``add_arguments``/``run``."""
+    """Stand-alone entry point (``python -m analysis.training.d2iqa_train``); the node mounts ``add_arguments``/``run``."""
     parser = argparse.ArgumentParser(prog="d2iqa-train", description=__doc__.split("\n")[0])
     add_arguments(parser)
     args = parser.parse_args(argv)

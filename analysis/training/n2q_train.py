@@ -4,9 +4,9 @@ No labels are needed. Training pairs come from routine-dose slices alone:
 
 1. a *pool* of base slices at the model resolution (256 x 256): real routine-dose CT slices found
    under ``--data`` (every CT file, recursively; ``--exclude`` glob patterns on file names keep
-   held-out files out) and synthetic phantoms (``analysis.phantoms``: body and head, several sizes);
+   held-out files out) and synthetic phantoms (``analysis.training.phantoms``: body and head, several sizes);
    for each base slice two projection-domain noise realisations at I0 = 1 are simulated once
-   (``analysis.dose_sim.unit_noise``) and cached. The noise is simulated at the slice's own matrix
+   (``analysis.training.dose_sim.unit_noise``) and cached. The noise is simulated at the slice's own matrix
    (real slices: native, where I0_full is calibrated; phantoms: drawn at ``--sim-matrix``, 512) and
    slice and noise are then resized to 256 with the node's own ``resize_to_model``, so amplitude and
    texture are those of a real lower-dose scan fed to the node (simulating at 256 with the I0
@@ -44,9 +44,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from analysis import dose_sim
+from analysis.training import dose_sim
 from analysis.n2q import DOSE_CLASSES, MODEL_SIZE, NORMS, N2QNet, make_input, resize_to_model, save_weights
-from analysis.phantoms import make_phantom
+from analysis.training.phantoms import make_phantom
 from analysis.ssim import ssim_map_torch, window_hu
 
 log = logging.getLogger(__name__)
@@ -455,7 +455,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Stand-alone entry point (``python -m analysis.n2q_train``) for the same arguments."""
+    """Stand-alone entry point (``python -m analysis.training.n2q_train``) for the same arguments."""
     parser = argparse.ArgumentParser(prog="n2q-train", description=__doc__.split("\n")[0])
     add_arguments(parser)
     args = parser.parse_args(argv)
