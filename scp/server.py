@@ -86,8 +86,10 @@ class SpoolFile:
     unbuffered, so an error is seen at the write that caused it and no partial file is left behind.
     """
 
-    def __init__(self, spool_dir: Path, min_free_bytes: int = 0) -> None:
+    def __init__(self, spool_dir: Path, min_free_bytes: int = 0, max_bytes: int = 0) -> None:
         self.min_free_bytes = min_free_bytes
+        self.max_bytes = max_bytes  # more than this arriving: dropped too (node.max_instance_mb, 0xC212)
+        self.too_large = False
         self.spool_dir = spool_dir
         self.error: str | None = None
         self.received = 0
@@ -126,7 +128,11 @@ class SpoolFile:
         n = len(data)
         self.received += n
         if self.error is not None:
-            return n  # read from the network and dropped: the handler answers 0xA700
+            return n  # read from the network and dropped: the handler answers 0xA700 (0xC212: too large)
+        if self.max_bytes and self.received > self.max_bytes:
+            self.too_large = True
+            self._fail(None, f"more than {self.max_bytes} bytes arriving")
+            return n
         view = memoryview(data)
         try:
             while view:
@@ -172,7 +178,11 @@ def _spool_file_factory(*args, **kwargs):
     scp = _SCP_BY_AE.get(id(getattr(assoc, "ae", None))) if assoc is not None else None
     if scp is None:
         return _NamedTemporaryFile(*args, **kwargs)
-    return SpoolFile(scp.spool_dir, scp.min_free_bytes)
+    # the encoded dataset is never much larger than its inflated size: a dataset arriving beyond the
+    # instance limit (plus room for the file meta) is dropped while it arrives, not spooled whole
+    cap = scp.ingestor.max_instance_bytes
+    limit = cap + cap // 256 + (1 << 16) if cap else 0  # (deflate expands incompressible data by < 0.1 %)
+    return SpoolFile(scp.spool_dir, scp.min_free_bytes, limit)
 
 
 class RejectReason:
@@ -395,10 +405,14 @@ class StorageSCP:
         if isinstance(spooled, SpoolFile):
             spooled.close()  # complete: everything was written (unbuffered) before this event
             if spooled.error is not None:
-                log.error("C-STORE failed: instance not stored while receiving (%s); %d bytes dropped",
-                          spooled.error, spooled.received)
                 if st is not None:
                     st.failed += 1
+                if spooled.too_large:
+                    log.warning("C-STORE refused: instance too large (%d bytes arrived; the limit is %d MiB, "
+                                "node.max_instance_mb)", spooled.received, self.ingestor.max_instance_bytes >> 20)
+                    return int(StoreStatus.TOO_LARGE)
+                log.error("C-STORE failed: instance not stored while receiving (%s); %d bytes dropped",
+                          spooled.error, spooled.received)
                 return int(StoreStatus.OUT_OF_RESOURCES)
         try:
             path = Path(event.dataset_path)

@@ -18,7 +18,7 @@ from tests.crafted import (
     pixel_data_offset, write_instance,
 )
 from tests.helpers import (
-    PHANTOM_5MM, SHARED_DATA, NodeProcess, dataset_bytes, node_status, require, storescu, write_config,
+    PHANTOM_5MM, SHARED_DATA, NodeProcess, dataset_bytes, node_status, require, storescu, wait_until, write_config,
 )
 
 pytestmark = pytest.mark.interop
@@ -283,14 +283,27 @@ def test_max_associations_max_pdu_and_max_instance_mb(tmp_path):
         assert held[0].acceptor.maximum_length == 16384  # node.max_pdu, as the node announces it
         third = ae.associate("127.0.0.1", node.port, ae_title="CTQA")
         assert third.is_rejected  # A-ASSOCIATE-RJ: local limit exceeded (transient)
-        held[0].release()
-        again = ae.associate("127.0.0.1", node.port, ae_title="CTQA")
-        assert again.is_established
+        held[0].release()  # the node frees the slot when its side of the release is done (a moment later)
+        again = wait_until(lambda: (a := ae.associate("127.0.0.1", node.port, ae_title="CTQA")).is_established and a,
+                           timeout=10, interval=0.2, what="a free association slot after a release")
         # max_instance_mb = 1: a slice of 0.5 MiB is stored, a 2-frame 512 x 512 Enhanced CT (1 MiB of pixels) is not
         src = require(PHANTOM_5MM) / "I10"
         assert status_of(again, src) == 0x0000
         two = next((SHARED_DATA / "corpus" / "dicomParser" / "Acme_EnhancedCT_2frames").glob("*.dcm"))
         assert status_of(again, two) == 0xC212
+        # 4 MiB arriving: dropped while it arrives (never spooled whole), same answer
+        ds, header = header_of(src)
+        big = write_instance(tmp_path / "big.dcm", header + struct.pack("<HH2s2xI", 0x7FE0, 0x0010, b"OW", 4 << 20)
+                             + bytes(4 << 20), EXPLICIT, CT_IMAGE, "2.25.4242")
+        from pynetdicom import _config
+
+        _config.STORE_SEND_CHUNKED_DATASET = True
+        try:
+            assert status_of(again, big) == 0xC212
+        finally:
+            _config.STORE_SEND_CHUNKED_DATASET = False
+        assert re.search(r"instance too large \(\d+ bytes arrived; the limit is 1 MiB", node.log())
+        assert not list((node.workdir / "var" / "spool").iterdir())
         again.release()
         held[1].release()
         assert re.search(r"instance too large \(dataset of 10\d{5} bytes exceeds the instance limit of 1 MiB "
