@@ -226,6 +226,26 @@ class Delivery(Base):
     )
 
 
+class Rating(Base):
+    """One rater's score of one image (slice or frame) on the LDCTIQA / Delta-IQA Likert scale 0-4,
+    made on the rating page (``qa-node rate``) or imported from a ratings CSV. An imported mean over
+    raters may be fractional. An undo on the page sets ``withdrawn_at`` (the row stays, for the record;
+    exports leave withdrawn ratings out)."""
+
+    __tablename__ = "ratings"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    rater: Mapped[str | None] = mapped_column(String(64))  # None: not named (e.g. an imported mean)
+    rated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    sop_instance_uid: Mapped[str | None] = mapped_column(String(UID_LEN), index=True)
+    series_instance_uid: Mapped[str | None] = mapped_column(String(UID_LEN))
+    frame: Mapped[int | None] = mapped_column(Integer)  # 1-based frame of a multi-frame image, else None
+    score: Mapped[float] = mapped_column(Float)
+    path: Mapped[str] = mapped_column(String(1024))  # the DICOM file (absolute)
+    source: Mapped[str] = mapped_column(String(16), default="page")  # page | import
+    withdrawn_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+
 # Columns added after the first release: (table, column, DDL type). ``create_all`` does not alter
 # existing tables, so ``upgrade_schema`` adds them to a database created by an earlier version.
 ADDED_COLUMNS: tuple[tuple[str, str, str], ...] = (
