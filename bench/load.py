@@ -19,7 +19,7 @@ start (the reference).
 The same run without faults (no kill, PACS steady) goes first as the reference: its push and settle
 times and peak RSS are printed beside those of the run with faults.
 
-    .venv/bin/python bench/load.py [--copies 6] [--kill-at 0.35] [--flap-s 4] [--stable-age-s 10]
+    .venv/bin/python bench/load.py [--copies 6] [--kill-at 0.35] [--flap-s 4] [--stable-age-s 30]
 """
 
 from __future__ import annotations
@@ -172,7 +172,7 @@ def main() -> int:
     ap.add_argument("--copies", type=int, default=6, help="copies of the 140-slice phantom as other studies")
     ap.add_argument("--kill-at", type=float, default=0.35, help="SIGKILL the node at this fraction acknowledged")
     ap.add_argument("--flap-s", type=float, default=4.0, help="PACS down for this long, then up as long")
-    ap.add_argument("--stable-age-s", type=float, default=10.0, help="the node's node.stable_age_s")
+    ap.add_argument("--stable-age-s", type=float, default=30.0, help="the node's node.stable_age_s")
     ap.add_argument("--timeout", type=float, default=900.0)
     ap.add_argument("--keep", action="store_true", help="keep the working folder")
     args = ap.parse_args()
@@ -185,6 +185,7 @@ def main() -> int:
         print("Orthanc not installed (apt-get install orthanc)", file=sys.stderr)
         return 2
 
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run the clean-up below
     work = Path(tempfile.mkdtemp(prefix="ctqa-load-"))
     series = {"S2020_1mm": dicom_files(PHANTOM_1MM), "S2010_5mm": dicom_files(PHANTOM_5MM)}
     for c in CORPUS_SERIES:
@@ -247,6 +248,16 @@ poll_s = 1
 """)
     node = NodeProcess(cfg, work)
     rss = Rss()
+    try:
+        return _run(work, series, args, faults, total, node_port, pacs, data, cfg, node, rss)
+    finally:  # whatever happens (an error, SIGTERM), no node or Orthanc is left running
+        if node.proc is not None:
+            node.stop(signal.SIGKILL)
+        pacs.cleanup()
+        rss.stop()
+
+
+def _run(work, series, args, faults, total, node_port, pacs, data, cfg, node, rss) -> dict:
     node.start()
     rss.pid = node.proc.pid
     time.sleep(1.0)
@@ -305,7 +316,7 @@ poll_s = 1
         finished = [r for r in rows if r["state"] == "complete" and r["job"]
                     and r["job"]["state"] in ("done", "failed")]
         ob = outbox()
-        if len(finished) >= len(series) and ob and all(d["state"] in ("sent", "dead") for d in ob):
+        if len(finished) >= len(series) and all(d["state"] in ("sent", "dead") for d in ob):
             break
         time.sleep(1.0)
     settle_s = time.monotonic() - t0 - push_s
@@ -317,8 +328,6 @@ poll_s = 1
                  if "reconciliation" in ln]
     in_pacs = pacs.get("/statistics").get("CountInstances")
     node.stop()
-    pacs.cleanup()
-    rss.stop()
     return {
         "push_s": push_s, "settle_s": settle_s, "acked": len(acked), "stored": len(ok),
         "lost": len(set(acked) - ok), "bad": len(bad), "refused": sum(len(p.refused) for p in pushers),
