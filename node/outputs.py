@@ -137,7 +137,7 @@ def build_outputs(result: SeriesResult, scanner_name: str | None,
     src_label = source_series_label(sources[0])
     evals = {k: Evaluation(v) for k, v in (evaluations or {}).items()}
 
-    # maps first: the SR names those that could not be made
+    # maps first, then the PDF, then the SR: the later ones name what could not be made
     first_map = None
     i = 0
     for out in result.outputs:
@@ -160,6 +160,27 @@ def build_outputs(result: SeriesResult, scanner_name: str | None,
                 built.failures.append((kind, _one_line(exc)))
             i += 1
 
+    try:
+        metrics = result.metrics
+        reasons = result.reasons
+        rows = []
+        for key in REPORT_KEYS:
+            if key not in metrics:
+                continue
+            code = CATALOGUE[key]
+            ev = evals.get(key)
+            rows.append(ReportMetric(key, metrics[key], code.unit_display, code.label, ev,
+                                     reasons.get(key, "") if metrics[key] is None else ""))
+        built.objects.append(("pdf", build_readable_report(
+            sources, rows, scanner_name or "unknown scanner",
+            first_map.values if first_map is not None else None,
+            first_map.label if first_map is not None else None, PDF_SERIES_NUMBER,
+            map_unit=_unit_display(first_map) if first_map is not None else None,
+            baselines=dict(getattr(evaluations, "centres", None) or {}), omitted_outputs=list(built.failures),
+            series_description=f"QA report (PDF), {src_label}"[:64], **uids("pdf"))))
+    except (ValueError, TypeError, AttributeError, KeyError, IndexError, RuntimeError) as exc:
+        log.warning("series %s: readable report not built: %s", result.series_instance_uid, _one_line(exc))
+        built.failures.append(("pdf", _one_line(exc)))
     try:
         series_metrics, slice_metrics, seen = [], [], set()
         for out in result.outputs:
@@ -184,27 +205,6 @@ def build_outputs(result: SeriesResult, scanner_name: str | None,
         log.warning("series %s: measurement report not built: %s", result.series_instance_uid, _one_line(exc))
         built.failures.append(("sr", _one_line(exc)))
 
-    try:
-        metrics = result.metrics
-        reasons = result.reasons
-        rows = []
-        for key in REPORT_KEYS:
-            if key not in metrics:
-                continue
-            code = CATALOGUE[key]
-            ev = evals.get(key)
-            rows.append(ReportMetric(key, metrics[key], code.unit_display, code.label, ev,
-                                     reasons.get(key, "") if metrics[key] is None else ""))
-        built.objects.append(("pdf", build_readable_report(
-            sources, rows, scanner_name or "unknown scanner",
-            first_map.values if first_map is not None else None,
-            first_map.label if first_map is not None else None, PDF_SERIES_NUMBER,
-            map_unit=_unit_display(first_map) if first_map is not None else None,
-            baselines=dict(getattr(evaluations, "centres", None) or {}), omitted_outputs=list(built.failures),
-            series_description=f"QA report (PDF), {src_label}"[:64], **uids("pdf"))))
-    except (ValueError, TypeError, AttributeError, KeyError, IndexError, RuntimeError) as exc:
-        log.warning("series %s: readable report not built: %s", result.series_instance_uid, _one_line(exc))
-        built.failures.append(("pdf", _one_line(exc)))
     return built
 
 
