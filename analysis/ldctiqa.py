@@ -40,12 +40,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from storage.filestore import sha256_file
+from analysis.models.ldctiqa import ALGORITHM, DEFAULT_MAX_SLICES, VERSION  # noqa: F401  (declared by the spec)
+from analysis.weights import WeightsNotInstalled, load_cached  # noqa: F401  (WeightsNotInstalled: part of this API)
 
 log = logging.getLogger(__name__)
 
-ALGORITHM = "LDCTIQA (ldct-benchmark multi-head Swin-T)"
-VERSION = "1.0"
 PUBLISHED_SHA256 = "4d7596a1638ebb1ccb8945f079b08b30791a1241965f1541dc842d48a0341bc2"
 WEIGHTS_URL = "https://downloads.eeulig.com/ldct-benchmark/ldct-iqa.pt"  # where the user gets the file; never fetched here
 MODEL_CARD = "analysis/weights/LDCTIQA_MODEL_CARD.md"
@@ -63,14 +62,10 @@ AIR_HU = -1024.0
 # costs 0.9-1.1 s of CPU on 1 torch thread (bench/models.py: 25.9 s of process CPU time for 24 slices;
 # 0.91 s/slice wall when the machine was quiet), so 24 evenly spaced slices take ~22-26 s on a quiet
 # core and stay under 60 s up to ~2.5 s per slice. The forward pass is ~65 % fp32 GEMMs (addmm):
-# there is little left to gain on the CPU without leaving fp32.
-DEFAULT_MAX_SLICES = 24
+# there is little left to gain on the CPU without leaving fp32. (DEFAULT_MAX_SLICES = 24 is declared by
+# the spec, analysis/models/ldctiqa.py.)
 DEFAULT_BATCH_CPU = 4
 DEFAULT_BATCH_CUDA = 32
-
-
-class WeightsNotInstalled(FileNotFoundError):
-    """No weights file at the configured path; str() is the reason to report beside null metrics."""
 
 
 def not_installed_reason(path: str | Path | None) -> str:
@@ -249,47 +244,43 @@ class LoadedLDCTIQA:
     published: bool  # the file is the published ldct-iqa.pt (checksum matches)
 
 
-_CACHE: dict[tuple, LoadedLDCTIQA] = {}
 _LOCK = threading.Lock()
+_WRAPPED: dict[int, LoadedLDCTIQA] = {}  # id(analysis.weights.Loaded) -> its LoadedLDCTIQA (same object per cache entry)
+
+
+def _build(p: Path, device: str) -> MultiHeadSwin:
+    try:
+        blob = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises several types for a foreign/corrupt file
+        raise ValueError(f"LDCTIQA weights at {p} cannot be read: {type(exc).__name__}: {str(exc)[:200]}") from None
+    if not isinstance(blob, dict) or not isinstance(blob.get("model_state_dict"), dict):
+        raise ValueError(f"{p} is not an LDCTIQA checkpoint (expected a dict with 'model_state_dict')")
+    net = MultiHeadSwin()
+    state = {k: (v.float() if torch.is_tensor(v) and v.is_floating_point() else v) for k, v in blob["model_state_dict"].items()}
+    try:
+        net.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()
+        raise ValueError(f"{p} does not fit the LDCTIQA multi-head Swin-T: {' '.join(first[:3])[:300]}") from None
+    return net.eval().to(device)
 
 
 def load_weights(path: str | Path | None, device: str = "cpu") -> LoadedLDCTIQA:
     """Load a ``{"model_state_dict": ...}`` file strictly into ``MultiHeadSwin`` (once per process per
-    path/device/file version). Raises ``WeightsNotInstalled`` when there is no file, ``ValueError``
+    path/device/file version, through ``analysis.weights``). The published checksum loads silently,
+    another one with one warning. Raises ``WeightsNotInstalled`` when there is no file, ``ValueError``
     with the path when the file is not an LDCTIQA checkpoint."""
     if not path:
         raise WeightsNotInstalled(not_installed_reason(None))
     p = Path(path).expanduser()
-    if not p.is_file():
-        raise WeightsNotInstalled(not_installed_reason(p))
-    st = p.stat()
-    key = (str(p.resolve()), str(device), st.st_mtime_ns, st.st_size)
+    loaded = load_cached("LDCTIQA", p, str(device), _build, missing=not_installed_reason(p),
+                         published_sha256=PUBLISHED_SHA256)
     with _LOCK:
-        if key in _CACHE:
-            return _CACHE[key]
-        sha = sha256_file(p)
-        try:
-            blob = torch.load(p, map_location="cpu", weights_only=True)
-        except Exception as exc:  # torch raises several types for a foreign/corrupt file
-            raise ValueError(f"LDCTIQA weights at {p} cannot be read: {type(exc).__name__}: {str(exc)[:200]}") from None
-        if not isinstance(blob, dict) or not isinstance(blob.get("model_state_dict"), dict):
-            raise ValueError(f"{p} is not an LDCTIQA checkpoint (expected a dict with 'model_state_dict')")
-        net = MultiHeadSwin()
-        state = {k: (v.float() if torch.is_tensor(v) and v.is_floating_point() else v) for k, v in blob["model_state_dict"].items()}
-        try:
-            net.load_state_dict(state, strict=True)
-        except RuntimeError as exc:
-            first = str(exc).strip().splitlines()
-            raise ValueError(f"{p} does not fit the LDCTIQA multi-head Swin-T: {' '.join(first[:3])[:300]}") from None
-        net.eval().to(device)
-        published = sha == PUBLISHED_SHA256
-        if not published:
-            log.warning("LDCTIQA weights %s have SHA-256 %s, not the published %s...: using them as a site's own model",
-                        p, sha, PUBLISHED_SHA256[:12])
-        loaded = LoadedLDCTIQA(net, sha, str(p), str(device), published)
-        _CACHE[key] = loaded
-        log.info("loaded LDCTIQA weights %s (sha256 %s) on %s", p, sha[:12], device)
-        return loaded
+        wrapped = _WRAPPED.get(id(loaded))
+        if wrapped is None or wrapped.sha256 != loaded.sha256:
+            wrapped = LoadedLDCTIQA(loaded.model, loaded.sha256, loaded.path, loaded.device, bool(loaded.published))
+            _WRAPPED[id(loaded)] = wrapped
+    return wrapped
 
 
 # ------------------------------------------------------------------------------ preprocessing

@@ -151,4 +151,24 @@ def analyse_series(
             log.exception("model %s failed on series", name)
             result.status, result.reason = "failed", f"{name}: {exc}"
             return result
+    flag_out_of_distribution(result)
     return result
+
+
+def flag_out_of_distribution(result: SeriesResult) -> None:
+    """For each learned model with a stated training distribution (its spec's ``training``), record
+    in its output why the series lies outside it (body part, the classical global noise, slice
+    thickness). Outputs without scores (weights not installed) are not flagged."""
+    vol = result.volume
+    meta = vol.meta if vol is not None else {}
+    metrics = result.metrics
+    thickness = metrics.get("slice_thickness_mm")
+    if thickness is None:
+        thickness = meta.get("slice_thickness_mm")
+    for out in result.outputs:
+        spec = registry.specs().get(out.name)
+        if spec is None or spec.training is None or not any(v is not None for v in out.series_metrics.values()):
+            continue
+        out.out_of_distribution = spec.training.outside(
+            body_part=meta.get("body_part"), global_noise_hu=metrics.get("global_noise_hu"),
+            slice_thickness_mm=float(thickness) if thickness is not None else None)

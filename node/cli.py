@@ -147,10 +147,35 @@ def _identity(hdr) -> dict:
             "device_serial": g("DeviceSerialNumber"), "station_name": g("StationName")}
 
 
-def result_to_json(result, scanner: str | None = None) -> dict:
+def _finite(v) -> float | None:
+    return None if v is None or not math.isfinite(v) else float(v)
+
+
+def slices_to_json(result) -> list[dict]:
+    """``analyze --per-slice``: every slice of the series with the per-slice metrics of every model."""
+    vol = result.volume
+    if vol is None:
+        return []
+    per_slice = {k: v for o in result.outputs for k, v in o.slice_metrics.items()}
+    rows = []
+    for i, uid in enumerate(vol.sop_instance_uids):
+        hdr = vol.headers[i] if i < len(vol.headers) else None
+        number = getattr(hdr, "InstanceNumber", None) if hdr is not None else None
+        row = {"sop_instance_uid": uid, "instance_number": int(number) if number not in (None, "") else None,
+               "metrics": {k: _finite(float(v[i])) for k, v in per_slice.items()}}
+        if vol.frame_numbers[i] is not None:
+            row["frame_number"] = vol.frame_numbers[i]
+        rows.append(row)
+    return rows
+
+
+def result_to_json(result, scanner: str | None = None, per_slice: bool = False) -> dict:
     hdr = result.volume.header if result.volume is not None else None
     metrics = {k: (None if v is None or not math.isfinite(v) else v) for k, v in result.metrics.items()}
-    return {
+    # the out-of-distribution flag beside each score of a model whose training did not cover the series
+    flags = {k: "outside the model's training distribution: " + "; ".join(o.out_of_distribution)
+             for o in result.outputs if o.out_of_distribution for k in o.series_metrics}
+    item = {
         "series_instance_uid": result.series_instance_uid,
         "study_instance_uid": result.study_instance_uid,
         "scanner": scanner,
@@ -161,9 +186,15 @@ def result_to_json(result, scanner: str | None = None) -> dict:
         "metrics": metrics,
         "metric_reasons": result.reasons,
         "info": result.info,
+        "metric_flags": flags,
         "models": [{"name": o.name, "algorithm": o.algorithm, "version": o.version,
-                    "weights_sha256": o.weights_sha256} for o in result.outputs],
+                    "weights_sha256": o.weights_sha256, "parameters": list(o.parameters),
+                    "out_of_distribution": bool(o.out_of_distribution),
+                    "out_of_distribution_reasons": list(o.out_of_distribution)} for o in result.outputs],
     }
+    if per_slice:
+        item["slices"] = slices_to_json(result)
+    return item
 
 
 def _fmt(v) -> str:
@@ -186,6 +217,10 @@ def print_text(items: list[dict], out=sys.stdout) -> None:
             out.write(f"  {k:<26} {_fmt(v):>12}{'   ' + why if v is None and why else ''}\n")
         for k, v in (it.get("info") or {}).items():
             out.write(f"  {k:<26} {v}\n")
+        for m in it.get("models") or []:
+            if m.get("out_of_distribution"):
+                out.write(f"  {m['name']}: outside its training distribution: "
+                          f"{'; '.join(m['out_of_distribution_reasons'])}\n")
         out.write("\n")
 
 
@@ -208,7 +243,7 @@ def cmd_analyze(args) -> int:
     items = []
     for uid, paths in groups.items():
         result = analyse_series(paths, models, ctx, series_instance_uid=uid)
-        items.append(result_to_json(result))
+        items.append(result_to_json(result, per_slice=args.per_slice))
     if args.json:
         json.dump(items, sys.stdout, indent=2)
         sys.stdout.write("\n")
@@ -517,6 +552,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--json", action="store_true", help="print a JSON array, one object per series")
     sp.add_argument("--models", help="comma-separated models to run (default: [analysis] models)")
     sp.add_argument("--device", choices=["auto", "cpu", "cuda"], help="override [analysis] device")
+    sp.add_argument("--per-slice", action="store_true",
+                    help="with --json: add each series' slices (SOP Instance UID, Instance Number, per-slice metrics)")
     sp.set_defaults(func=cmd_analyze)
 
     sp = sub.add_parser("status", help="show received series, their state and analysis jobs")

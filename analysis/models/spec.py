@@ -104,6 +104,25 @@ class TrainingDistribution:
     slice_thickness_mm: tuple[float, float] | None = None
     source: str = ""  # where the numbers come from (the model card)
 
+    def outside(self, *, body_part: str | None, global_noise_hu: float | None,
+                slice_thickness_mm: float | None) -> list[str]:
+        """Why a series lies outside this distribution (one phrase each; empty: inside, or only
+        unknown values). A value the series does not carry (no BodyPartExamined, no global noise
+        because the classical model did not run or could not measure it) is not judged."""
+        why: list[str] = []
+        part = (body_part or "").strip().upper()
+        if self.body_regions and part and part not in self.body_regions:
+            why.append(f"body part {part} is not among the training regions ({', '.join(self.body_regions)})")
+        for label, value, rng, unit in (("global noise", global_noise_hu, self.global_noise_hu, "HU"),
+                                        ("slice thickness", slice_thickness_mm, self.slice_thickness_mm, "mm")):
+            if rng is None or value is None or value != value:  # nan: not measured
+                continue
+            lo, hi = rng
+            if value < lo or value > hi:
+                side = "below" if value < lo else "above"
+                why.append(f"{label} {value:.3g} {unit} is {side} the training range {lo:g}-{hi:g} {unit}")
+        return why
+
 
 @dataclass(frozen=True)
 class NoOptions:

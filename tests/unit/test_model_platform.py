@@ -110,3 +110,52 @@ def test_model_tables_are_validated_and_old_keys_get_a_migration_line():
         with pytest.raises(ConfigError) as err:
             settings_from_dict({"node": {}, "analysis": table}, "c.toml")
         assert str(err.value) == f"c.toml: {message}", name
+
+
+def test_series_noisier_than_the_training_data_is_flagged_in_the_result_and_the_sr():
+    """WG-04 CT1 (a 5 mm chest slice, global noise 25 HU) with 70 HU of added noise: beyond N2Q's
+    training range (1-60 HU). The flag and its reason stand beside N2Q's scores (ModelOutput, and
+    the SR's TID 4019 parameters); the classical metrics are never flagged."""
+    from analysis.pipeline import SeriesResult, flag_out_of_distribution, run_model
+    from analysis.volume import load_series
+    from node.outputs import build_outputs
+    from reports.sr import read_measurement_report
+
+    torch.set_num_threads(1)
+    vol = load_series([require(WG04) / "CT1_UNC"])
+    rng = np.random.default_rng(0)
+    vol.hu[:] = vol.hu + rng.normal(0.0, 70.0, vol.hu.shape).astype(np.float32)
+    ctx = RunContext(device="cpu")
+    result = SeriesResult("1.2.3", "1.2", 1, "done", None, [run_model(m, vol, ctx) for m in ("classical", "n2q")], vol)
+    flag_out_of_distribution(result)
+    classical, n2q = result.outputs
+    noise = classical.series_metrics["global_noise_hu"]
+    assert noise > 65
+    assert classical.out_of_distribution == []
+    assert n2q.out_of_distribution == [f"global noise {noise:.3g} HU is above the training range 1-60 HU"]
+
+    built = build_outputs(result, "CT1", uid_seed="test-ood")
+    sr = dict(built.objects)["sr"]
+    content = read_measurement_report(sr)
+    by_key = {m.key: m.algorithm for m in content.series_metrics}
+    assert by_key["n2q_mean_quality"].notes == (f"out_of_distribution=yes: {n2q.out_of_distribution[0]}",)
+    assert by_key["global_noise_hu"].notes == ()
+
+    # inside the range (the unmodified slice, 25 HU, 5 mm): no flag
+    clean = load_series([require(WG04) / "CT1_UNC"])
+    ok = SeriesResult("1.2.3", "1.2", 1, "done", None, [run_model(m, clean, ctx) for m in ("classical", "n2q")], clean)
+    flag_out_of_distribution(ok)
+    assert ok.outputs[1].out_of_distribution == []
+
+
+def test_training_distribution_reasons():
+    spec = registry.get("d2iqa").training
+    assert spec.outside(body_part="HEAD", global_noise_hu=10.0, slice_thickness_mm=1.0) == []
+    assert spec.outside(body_part=None, global_noise_hu=None, slice_thickness_mm=None) == []  # unknown: not judged
+    assert spec.outside(body_part="knee", global_noise_hu=1.0, slice_thickness_mm=5.0) == [
+        "body part KNEE is not among the training regions (HEAD, BRAIN, SKULL, NECK, HEADNECK, CHEST, THORAX, ABDOMEN)",
+        "global noise 1 HU is below the training range 2.5-125 HU",
+        "slice thickness 5 mm is above the training range 1-1 mm",
+    ]
+    assert registry.get("ldctiqa").training.outside(body_part="ABDOMEN", global_noise_hu=500.0,
+                                                    slice_thickness_mm=10.0) == []  # only the region is stated

@@ -1,0 +1,103 @@
+"""LDCTIQA (the MICCAI 2023 LDCTIQA challenge-winning Likert model, ldct-benchmark's multi-head
+Swin-T) as a model of the platform. Network, preprocessing and weights loading are
+``analysis.ldctiqa``. No weights ship with the node: ``[analysis.ldctiqa] weights`` names the
+user's copy of ldct-benchmark's published ``ldct-iqa.pt`` (see the model card). Without it the
+model's metrics are null with the reason, and the node warns once at start-up."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from analysis.models.spec import NO_UNITS, MetricSpec, ModelSpec, TrainingDistribution, private
+
+ALGORITHM = "LDCTIQA (ldct-benchmark multi-head Swin-T)"
+VERSION = "1.0"
+MODEL_CARD = "analysis/weights/LDCTIQA_MODEL_CARD.md"
+DEFAULT_MAX_SLICES = 24  # a 300-slice series stays under the 60 s CPU budget (model card, "Speed")
+
+
+@dataclass(frozen=True)
+class Options:
+    """[analysis.ldctiqa]"""
+
+    weights: str = ""  # path of ldct-benchmark's ldct-iqa.pt; "" = not installed
+    max_slices: int = DEFAULT_MAX_SLICES  # evenly spaced slices scored per series; 0 = all
+    batch_size: int = 0  # 0 = 4 on the CPU, 32 on CUDA
+
+    def validate(self) -> None:
+        for key in ("max_slices", "batch_size"):
+            if getattr(self, key) < 0:
+                raise ValueError(f"key '{key}' must be >= 0, got {getattr(self, key)}")
+
+
+def not_installed(options: Options) -> str | None:
+    """The start-up warning when the weights file is missing (None when it is there)."""
+    from analysis.ldctiqa import not_installed_reason
+
+    if not options.weights:
+        return not_installed_reason(None) + "; set [analysis.ldctiqa] weights"
+    if not Path(options.weights).expanduser().is_file():
+        return not_installed_reason(options.weights)
+    return None
+
+
+def run(volume, ctx, options: Options | None = None):
+    """Per-slice and series LDCTIQA scores (means over the scored, evenly spaced slices)."""
+    import numpy as np
+    import torch
+
+    from analysis import ldctiqa
+    from analysis.results import ModelOutput
+
+    opts = options or Options()
+    opts.validate()
+    device = "cuda" if ctx.device == "cuda" and torch.cuda.is_available() else "cpu"
+    loaded = ldctiqa.load_weights(opts.weights or None, device)  # WeightsNotInstalled -> null metrics
+    out = ModelOutput(name="ldctiqa", algorithm=ALGORITHM, version=VERSION, weights_sha256=loaded.sha256)
+    n = volume.n_slices
+    if n == 0:
+        for key in ("ldctiqa_score", "ldctiqa_expected_score"):
+            out.set_metric(key, None, "no slices")
+        return out
+    res = ldctiqa.score_series(loaded.net, volume.hu, device=device, max_slices=opts.max_slices,
+                               batch_size=opts.batch_size or None)
+    out.slice_metrics["ldctiqa_score"] = np.asarray(res.slice_score, float)
+    out.slice_metrics["ldctiqa_expected_score"] = np.asarray(res.slice_expected_score, float)
+    out.set_metric("ldctiqa_score", res.series_score, "no slice scored")
+    out.set_metric("ldctiqa_expected_score", res.series_expected_score, "no slice scored")
+    out.parameters.append(f"scored_slices={len(res.indices)} of {n}")
+    if res.resampled:
+        rows, cols = res.matrix
+        out.parameters.append(f"resampled={rows}x{cols} to {ldctiqa.INPUT_SIZE}x{ldctiqa.INPUT_SIZE}")
+        out.info["ldctiqa_resampled"] = (f"slices resampled from {rows} x {cols} to {ldctiqa.INPUT_SIZE} x "
+                                         f"{ldctiqa.INPUT_SIZE} (the model's input)")
+    return out
+
+
+SPEC = ModelSpec(
+    name="ldctiqa",
+    algorithm=ALGORITHM,
+    version=VERSION,
+    run=run,
+    order=50,
+    options=Options,
+    requires=("torch",),
+    uses_torch=True,
+    learned=True,
+    model_card=MODEL_CARD,
+    summary="learned radiologist-like Likert quality score 0-4 (ldct-benchmark's ldct-iqa.pt, user supplied)",
+    startup_check=not_installed,
+    metrics=(
+        MetricSpec("ldctiqa_score", private("LDCTIQA_SCORE", "LDCTIQA Likert score"), NO_UNITS, "LDCTIQA score (0-4)",
+                   trended=True, in_report=True,
+                   meaning="learned radiologist-like quality score (0-4, steps of 0.2); higher is better"),
+        MetricSpec("ldctiqa_expected_score", private("LDCTIQA_EXPECTED", "LDCTIQA expected Likert score"), NO_UNITS,
+                   "LDCTIQA expected score (0-4)", trended=True, in_report=True,
+                   meaning="probability-weighted LDCTIQA score (0-4, continuous); higher is better"),
+    ),
+    # model card, "Training distribution": abdominal CT only, four noise levels (not stated in HU),
+    # slice thicknesses not stated: only the body region can be checked
+    training=TrainingDistribution(body_regions=("ABDOMEN", "ABDOMENPELVIS", "PANCREAS", "LIVER"),
+                                  source=MODEL_CARD),
+)
