@@ -9,7 +9,7 @@ only when it runs, so that a run of the classical metrics never imports torch. E
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -73,6 +73,10 @@ class SeriesResult:
     reason: str | None = None
     outputs: list[ModelOutput] = field(default_factory=list)
     volume: CTVolume | None = None
+    # per requested model: selected or skipped, by which rule, why (analysis.selection.Decision);
+    # empty when no selection policy was applied or the series could not be loaded
+    selection: list = field(default_factory=list)
+    facts: object | None = None  # analysis.selection.SeriesFacts of the loaded series
 
     @property
     def metrics(self) -> dict[str, float | None]:
@@ -125,23 +129,52 @@ def analyse_series(
     *,
     series_instance_uid: str | None = None,
     study_instance_uid: str | None = None,
+    selection=None,
+    scanner: str | None = None,
+    duplicate_of: Callable[[object], str | None] | None = None,
 ) -> SeriesResult:
     """Run the selected models on the files of one series. Never raises for bad data: the
-    result's status says ``skipped`` or ``failed`` with the reason."""
+    result's status says ``skipped`` or ``failed`` with the reason.
+
+    ``selection`` (an ``analysis.selection.SelectionPolicy``; None: every model runs, no decisions)
+    decides per model from the loaded series (``scanner`` is its [[scanners]] name);
+    ``duplicate_of(facts)`` returns the UID of an already analysed series of the same study holding
+    the same reconstruction, or None (the node looks it up in its database)."""
     from analysis.volume import load_series
 
     n = len(paths)
     try:
         volume = load_series(paths)
     except SeriesSkipped as exc:
-        return SeriesResult(series_instance_uid, study_instance_uid, n, "skipped", str(exc))
+        skipped = SeriesResult(series_instance_uid, study_instance_uid, n, "skipped", str(exc))
+        if selection is not None:
+            from analysis.selection import load_skip_decisions
+
+            skipped.selection = load_skip_decisions(str(exc), list(models))
+        return skipped
     except (ValueError, OSError) as exc:
         return SeriesResult(series_instance_uid, study_instance_uid, n, "failed", f"cannot load series: {exc}")
     hdr = volume.header
     series_uid = series_instance_uid or str(getattr(hdr, "SeriesInstanceUID", "") or "") or None
     study_uid = study_instance_uid or str(getattr(hdr, "StudyInstanceUID", "") or "") or None
     result = SeriesResult(series_uid, study_uid, n, "done", None, [], volume)
-    for name in models:
+    run_models = list(models)
+    skip_reason = None
+    if selection is not None:
+        from analysis.selection import facts_from_volume, summarise
+
+        facts = facts_from_volume(volume, scanner=scanner, series_instance_uid=series_uid,
+                                  study_instance_uid=study_uid)
+        result.facts = facts
+        dup = duplicate_of(facts) if duplicate_of is not None else None
+        result.selection = selection.decide(facts, list(models), duplicate_of=dup)
+        run_models = [d.model for d in result.selection if d.selected]
+        series_skipped, skip_reason = summarise(result.selection, list(models))
+        if series_skipped:
+            result.status, result.reason = "skipped", skip_reason
+        else:
+            result.reason = skip_reason
+    for name in run_models:
         try:
             result.outputs.append(run_model(name, volume, ctx))
         except SeriesSkipped as exc:

@@ -113,6 +113,14 @@ class Settings:
     outbox: OutboxSettings
     extra: dict[str, Any] = field(default_factory=dict)  # validated sections owned by other packages
     tls: TlsSettings | None = None
+    selection: tuple = ()  # [[selection]] rules (analysis.selection.Rule), in file order
+
+    @property
+    def selection_policy(self):
+        """Which models analyse which series: the [[selection]] rules, then the defaults."""
+        from analysis.selection import SelectionPolicy
+
+        return SelectionPolicy(tuple(self.selection))
 
     @property
     def reporting(self):
@@ -232,7 +240,7 @@ def parse_settings(data: dict, file: str) -> Settings:
     import node.catalogue  # noqa: F401  (the model specs' codes: [trends] defaults depend on them)
 
     _register_optional_sections()
-    known = {"node", "scanners", "destinations", "analysis", "outbox", "tls", *SECTION_VALIDATORS}
+    known = {"node", "scanners", "destinations", "analysis", "outbox", "tls", "selection", *SECTION_VALIDATORS}
     unknown = sorted(set(data) - known)
     if unknown:
         raise ConfigError(f"{file}: unknown section or key '{unknown[0]}'; expected one of: {', '.join(sorted(known))}")
@@ -297,8 +305,21 @@ def parse_settings(data: dict, file: str) -> Settings:
     if not 0 < outbox.retry_initial_s <= outbox.retry_max_s:
         raise ConfigError(f"{file}: keys 'outbox.retry_initial_s' and 'outbox.retry_max_s' must satisfy 0 < initial <= max")
 
+    selection = _parse_selection(data.get("selection", []), file)
+
     extra = {name: fn(data[name], file) for name, fn in SECTION_VALIDATORS.items() if name in data}
-    return Settings(file, node, scanners, destinations, analysis, outbox, extra, tls=tls)
+    return Settings(file, node, scanners, destinations, analysis, outbox, extra, tls=tls, selection=selection)
+
+
+def _parse_selection(raw: Any, file: str) -> tuple:
+    """[[selection]] rules (analysis.selection): unknown key, wrong type, unknown model -> one line."""
+    from analysis import models as registry
+    from analysis.selection import SelectionError, parse_rules
+
+    try:
+        return parse_rules(raw, registry.specs())
+    except SelectionError as exc:
+        raise ConfigError(f"{file}: {exc}") from None
 
 
 def _parse_analysis(raw: Any, file: str) -> AnalysisSettings:
