@@ -1,15 +1,21 @@
-"""Ingest throughput: DCMTK storescu pushing a 300-slice 512x512 series to (a) DCMTK storescp and
-(b) `qa-node serve` with full durability (fsync + atomic rename + database row before Success).
+"""Ingest throughput: DCMTK storescu pushing one series (by default the shared 140-slice Philips
+series, ../shared/data/ct/philips_head_phantom/S2020_1mm_std; ``--slices N`` makes a synthetic
+512x512 series instead) on one association to (a) DCMTK storescp, (b) `qa-node serve` with full
+durability (fsync + atomic rename + database row before Success) and (d) Orthanc, the PACS a site
+would otherwise point its scanners at (its storage area synced, ``SyncStorageArea``).
 
-Three runs each, alternating; prints slices/s per run, the medians and the ratio node/storescp.
-Target: ratio >= 0.5. TCP_NODELAY=1 is set for DCMTK on both ends (DCMTK leaves Nagle on).
+Rounds alternate the receivers; prints slices/s per round, the medians and the ratios.
+Targets: qa-node >= Orthanc and >= 0.9 of the minimal pynetdicom SCP. TCP_NODELAY=1 is set for
+DCMTK everywhere, Orthanc included (DCMTK leaves Nagle on, and Orthanc's DICOM side is DCMTK: without
+it each PDU waits for the delayed ACK and Orthanc stalls at ~20 slices/s; Orthanc's own
+``TcpNoDelay`` option is for its HTTP server only).
 
 A third receiver, (c) a minimal pynetdicom SCP in the node's configuration (chunked receive,
 TCP_NODELAY, 1 MiB max PDU, 0.1 ms DUL loop delay) whose C-STORE handler only deletes the spooled file,
 is timed in the same rotation: it is the ceiling that pynetdicom itself puts on any node built on it,
 before header parsing, hashing, fsync and the index.
 
-    .venv/bin/python bench/ingest.py [--slices 300] [--runs 3]
+    .venv/bin/python bench/ingest.py [--series FOLDER | --slices N] [--runs 3] [--only node,orthanc,...]
 """
 
 from __future__ import annotations
@@ -76,6 +82,19 @@ def push(port: int, folder: Path, called: str) -> float:
     return dt
 
 
+def wait_port(port: int, timeout: float = 30.0) -> None:
+    import socket
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise TimeoutError(f"nothing listens on port {port}")
+
+
 def run_storescp(folder: Path, work: Path, n: int) -> float:
     out = work / "storescp-out"
     shutil.rmtree(out, ignore_errors=True)
@@ -85,7 +104,7 @@ def run_storescp(folder: Path, work: Path, n: int) -> float:
                             env=dict(os.environ, TCP_NODELAY="1"), stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     try:
-        time.sleep(0.5)
+        wait_port(port)
         dt = push(port, folder, "STORESCP")
     finally:
         proc.terminate()
@@ -132,6 +151,32 @@ def run_minimal_pynetdicom(folder: Path, work: Path, n: int) -> float:
     return n / dt
 
 
+def run_orthanc(folder: Path, work: Path, n: int) -> float:
+    from node.orthanc import LocalOrthanc
+
+    class BenchOrthanc(LocalOrthanc):
+        def _plain_config(self) -> dict:
+            cfg = super()._plain_config()
+            # durability like the node's: every stored file synced before the C-STORE response
+            # (SyncStorageArea, set explicitly); its index is SQLite with Orthanc's defaults
+            cfg.update({"SyncStorageArea": True, "StorageCompression": False})
+            return cfg
+
+    odir = work / "orthanc"
+    shutil.rmtree(odir, ignore_errors=True)
+    odir.mkdir()
+    os.environ["TCP_NODELAY"] = "1"  # inherited by Orthanc: its DICOM server is DCMTK
+    orthanc = BenchOrthanc(workdir=odir, known_aes={"CT1": ("127.0.0.1", free_port())})
+    orthanc.start()
+    try:
+        dt = push(orthanc.dicom_port, folder, "ORTHANC")
+        stored = orthanc.get("/statistics")["CountInstances"]
+    finally:
+        orthanc.stop()
+    assert stored == n, f"Orthanc stored {stored} of {n} slices"
+    return n / dt
+
+
 def run_node(folder: Path, work: Path, n: int) -> float:
     node_dir = work / "node"
     shutil.rmtree(node_dir, ignore_errors=True)
@@ -148,32 +193,61 @@ def run_node(folder: Path, work: Path, n: int) -> float:
     return n / dt
 
 
+SHARED_SERIES = REPO.parent / "shared" / "data" / "ct" / "philips_head_phantom" / "S2020_1mm_std"
+RECEIVERS = {"storescp": run_storescp, "node": run_node, "minimal": run_minimal_pynetdicom, "orthanc": run_orthanc}
+LABELS = {"storescp": "storescp", "node": "qa-node", "minimal": "minimal pynetdicom", "orthanc": "Orthanc"}
+
+
+def load_note() -> str:
+    one, five, fifteen = os.getloadavg()
+    return f"load average {one:.2f} {five:.2f} {fifteen:.2f} on {os.cpu_count()} cores"
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--slices", type=int, default=300)
+    ap.add_argument("--series", type=Path, default=None,
+                    help=f"folder of one series to push (default: {SHARED_SERIES} when present)")
+    ap.add_argument("--slices", type=int, default=None, help="push a synthetic series of N 512x512 slices instead")
     ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--only", default=",".join(RECEIVERS), help="comma-separated receivers: " + ", ".join(RECEIVERS))
     args = ap.parse_args()
-    for tool in ("storescu", "storescp"):
+    only = [x.strip() for x in args.only.split(",") if x.strip()]
+    for x in only:
+        if x not in RECEIVERS:
+            print(f"unknown receiver {x!r}; known: {', '.join(RECEIVERS)}", file=sys.stderr)
+            return 2
+    tools = ["storescu"] + (["storescp"] if "storescp" in only else []) + (["Orthanc"] if "orthanc" in only else [])
+    for tool in tools:
         if shutil.which(tool) is None:
-            print(f"{tool} not found: apt-get install dcmtk", file=sys.stderr)
+            print(f"{tool} not found: apt-get install {'orthanc' if tool == 'Orthanc' else 'dcmtk'}", file=sys.stderr)
             return 2
     with tempfile.TemporaryDirectory(prefix="ctqa-bench-", dir=REPO / "var" if (REPO / "var").exists() else None) as tmp:
         work = Path(tmp)
-        series = work / "series"
-        series.mkdir()
-        make_series(series, args.slices)
-        ref, ours, minimal = [], [], []
+        if args.slices is None and (args.series or SHARED_SERIES).is_dir():
+            series = args.series or SHARED_SERIES
+            n = sum(1 for p in series.iterdir() if p.is_file() and p.name not in ("LICENSE", "README.md"))
+            what = f"{series} ({n} files)"
+        else:
+            series = work / "series"
+            series.mkdir()
+            n = args.slices or 300
+            make_series(series, n)
+            what = f"synthetic {n} slices 512x512"
+        print(f"series: {what}; one association per round; {load_note()}")
+        figures: dict[str, list[float]] = {x: [] for x in only}
         for i in range(args.runs):
-            ref.append(run_storescp(series, work, args.slices))
-            ours.append(run_node(series, work, args.slices))
-            minimal.append(run_minimal_pynetdicom(series, work, args.slices))
-            print(f"run {i + 1}: storescp {ref[-1]:7.1f} slices/s   qa-node {ours[-1]:7.1f} slices/s   "
-                  f"minimal pynetdicom {minimal[-1]:7.1f} slices/s")
-        r, o, m = statistics.median(ref), statistics.median(ours), statistics.median(minimal)
-        print(f"median: storescp {r:.1f} slices/s, qa-node (durable) {o:.1f} slices/s, ratio {o / r:.2f} "
-              f"(target >= 0.5)")
-        print(f"reference: minimal pynetdicom SCP (no durability) {m:.1f} slices/s, ratio to storescp "
-              f"{m / r:.2f}; qa-node reaches {o / m:.2f} of it")
+            for x in only:
+                figures[x].append(RECEIVERS[x](series, work, n))
+            print(f"round {i + 1}: " + "   ".join(f"{LABELS[x]} {figures[x][-1]:7.1f}" for x in only)
+                  + f" slices/s   ({load_note()})")
+        med = {x: statistics.median(v) for x, v in figures.items()}
+        print("median slices/s: " + ", ".join(f"{LABELS[x]} {med[x]:.1f}" for x in only))
+        if "node" in med:
+            for ref, target in (("orthanc", 1.0), ("minimal", 0.9), ("storescp", None)):
+                if ref in med:
+                    goal = f" (target >= {target})" if target else ""
+                    print(f"qa-node / {LABELS[ref]}: {med['node'] / med[ref]:.2f}{goal}")
+        print(f"after: {load_note()}")
     return 0
 
 
