@@ -603,7 +603,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--database", help="SQLAlchemy URL (default: sqlite under data_dir/demo-history.sqlite)")
     sp.set_defaults(func=cmd_demo_history)
 
-    sp = sub.add_parser("train", help="train a model (n2q or d2iqa); see `qa-node train MODEL --help`",
+    sp = sub.add_parser("train", help=f"train a model ({', '.join(sorted(TRAINERS))}); see `qa-node train MODEL --help`",
                         usage=f"qa-node train {{{','.join(sorted(TRAINERS))}}} [options]",
                         description="Train a model; `qa-node train MODEL --help` lists that model's options "
                         "(see the model cards in analysis/weights/).")
