@@ -67,13 +67,17 @@ def test_serve_creates_the_database_folder_and_takes_config_after_the_subcommand
 
 
 def test_train_help(tmp_path):
+    from node.cli import TRAINERS
+
+    names = sorted(TRAINERS)
+    assert {"n2q", "d2iqa"} <= set(names)
     r = qa_node("train", "--help", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
-    assert r.stdout.startswith("usage: qa-node train {d2iqa,n2q} [options]")
-    assert "one of d2iqa, n2q" in r.stdout
+    assert r.stdout.startswith(f"usage: qa-node train {{{','.join(names)}}} [options]")
+    assert f"one of {', '.join(names)}" in r.stdout
     r = qa_node("train", "n2q", "--help", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert r.stdout.startswith("usage: qa-node train n2q") and "--out FILE" in r.stdout
     r = qa_node("train", "resnet", cwd=tmp_path)
     assert r.returncode == 2
-    assert r.stderr.strip() == "qa-node: unknown model 'resnet' to train; choose one of d2iqa, n2q"
+    assert r.stderr.strip() == f"qa-node: unknown model 'resnet' to train; choose one of {', '.join(names)}"
