@@ -82,8 +82,10 @@ class AnalysisSettings:
 
     device: str = "auto"
     models: list[str] = field(default_factory=_default_models)
-    workers: int = 1
+    workers: int = 1  # analysis worker processes (1: a thread of `serve`; 0: serve only receives and sends)
     torch_threads: int = 0  # 0 = torch's default (the CPU cores available to the process)
+    lease_s: float = 120.0  # a running job's lease, renewed by its live worker; then claimed again
+    backlog_warn_s: float = 3600.0  # the oldest waiting job this old: one WARNING and an alert; 0 = off
     # model name -> its options (analysis.models.<name>.Options); every model has an entry
     model_options: dict[str, Any] = field(default_factory=dict, metadata={"toml": False})
 
@@ -350,8 +352,14 @@ def _parse_analysis(raw: Any, file: str) -> AnalysisSettings:
             raise ConfigError(
                 f"{file}: key 'analysis.models' names unknown model {m!r}; known: {', '.join(specs)}"
             )
-    if analysis.workers < 1:
-        raise ConfigError(f"{file}: key 'analysis.workers' must be >= 1, got {analysis.workers}")
+    if analysis.workers < 0:
+        raise ConfigError(f"{file}: key 'analysis.workers' must be >= 0 (0 = this node only receives and sends), "
+                          f"got {analysis.workers}")
+    if not analysis.lease_s >= 3:
+        raise ConfigError(f"{file}: key 'analysis.lease_s' must be >= 3 seconds, got {analysis.lease_s}")
+    if not analysis.backlog_warn_s >= 0:
+        raise ConfigError(f"{file}: key 'analysis.backlog_warn_s' must be >= 0 (0 = no backlog warning), "
+                          f"got {analysis.backlog_warn_s}")
     if analysis.torch_threads < 0:
         raise ConfigError(f"{file}: key 'analysis.torch_threads' must be >= 0 (0 = torch's default), "
                           f"got {analysis.torch_threads}")

@@ -174,7 +174,7 @@ def test_worker_survives_a_failing_job_queue(tmp_path, monkeypatch, caplog):
                                    "analysis": {"device": "cpu", "models": ["basic"]}}, "test.toml")
     calls = []
 
-    def claim(db, worker):
+    def claim(db, worker, **_kw):
         calls.append(time.monotonic())
         if len(calls) <= 4:
             raise OperationalError("UPDATE jobs", {}, Exception("database or disk is full"))

@@ -1,0 +1,287 @@
+"""Analysis worker processes (``analysis.workers = N``, ``qa-node worker``) and the backlog watch.
+
+Each worker process is a fresh interpreter (multiprocessing *spawn*: no GIL shared with the
+receiving node, no inherited database connections): it builds its own Database and FileStore, claims
+jobs from the database queue (storage.repo.claim_job: ``FOR UPDATE SKIP LOCKED`` and a lease on
+PostgreSQL) and runs the same results stage as a one-worker node (node.service.after_job: trends,
+SR / maps / report written and queued in the outbox). The receiving node keeps the storage SCP, the
+completion sweep, the outbox sender and the reports. Torch CPU threads are split between the
+processes: ``torch_threads`` (0 = the machine's cores) / N, at least 1.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import multiprocessing as mp
+import os
+import signal
+import socket
+import threading
+import time
+from functools import partial
+
+from node.config import Settings
+from storage.db import Database
+from storage.repo import queue_stats, requeue_running_jobs
+
+log = logging.getLogger(__name__)
+
+
+def threads_per_worker(torch_threads: int, n_workers: int, cores: int | None = None) -> int:
+    """torch CPU threads of each of ``n_workers`` processes: the configured total (0 = the cores
+    available) divided between them, at least 1."""
+    total = torch_threads or cores
+    if not total:
+        total = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, int(total) // max(1, n_workers))
+
+
+def worker_settings(settings: Settings, n_workers: int) -> Settings:
+    """The settings a worker process runs with: its share of the torch threads."""
+    share = threads_per_worker(settings.analysis.torch_threads, n_workers)
+    return dataclasses.replace(settings, analysis=dataclasses.replace(settings.analysis, torch_threads=share))
+
+
+def _die_with_parent() -> None:
+    """Linux: the kernel sends SIGKILL to this process when its parent dies (even by SIGKILL)."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux: the parent watch below still ends the process
+        pass
+
+
+def make_worker(settings: Settings, db: Database, store):
+    """An AnalysisWorker whose results stage is node.service.after_job on this process's own
+    Database and FileStore."""
+    from node.service import after_job
+    from node.worker import AnalysisWorker
+
+    return AnalysisWorker(settings, db, store, after_job=partial(after_job, settings, db, store))
+
+
+def worker_process_main(settings: Settings, index: int, n_workers: int, parent_pid: int, stop) -> None:
+    """Entry point of one worker process (spawned): runs until ``stop`` is set or the parent dies."""
+    _die_with_parent()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the parent decides
+    from node.cli import setup_logging
+    from storage.filestore import FileStore
+
+    setup_logging(settings.node.log_level)
+    settings = worker_settings(settings, n_workers)
+    db = Database(settings.node.database)
+    worker = make_worker(settings, db, FileStore(settings.node.data_dir))
+
+    def _stop(*_args) -> None:
+        worker.stop()
+
+    signal.signal(signal.SIGTERM, _stop)
+
+    def _watch() -> None:
+        while not stop.wait(1.0):
+            if os.getppid() != parent_pid:  # orphaned: the parent died without telling us
+                log.error("analysis worker %d: parent process gone; stopping", index + 1)
+                os._exit(1)
+        worker.stop()
+
+    threading.Thread(target=_watch, name="parent-watch", daemon=True).start()
+    log.info("analysis worker process %d/%d started (pid %d, torch threads %d)", index + 1, n_workers,
+             os.getpid(), settings.analysis.torch_threads)
+    try:
+        worker.run()
+    finally:
+        db.dispose()
+
+
+class WorkerPool:
+    """N worker processes: started, restarted when one dies (its job re-queued at once), stopped
+    with their unfinished jobs put back in the queue."""
+
+    def __init__(self, settings: Settings, n_workers: int, *, stop_timeout_s: float = 5.0) -> None:
+        self.settings = settings
+        self.n = n_workers
+        self.stop_timeout_s = stop_timeout_s
+        self._ctx = mp.get_context("spawn")
+        self._stop = self._ctx.Event()
+        self._procs: list = [None] * n_workers
+        self._stopping = threading.Event()
+        self._supervisor: threading.Thread | None = None
+        self._host = socket.gethostname()
+
+    def _spawn(self, i: int) -> None:
+        p = self._ctx.Process(target=worker_process_main, name=f"qa-node-worker-{i + 1}",
+                              args=(self.settings, i, self.n, os.getpid(), self._stop))
+        p.start()
+        self._procs[i] = p
+
+    def start(self) -> None:
+        for i in range(self.n):
+            self._spawn(i)
+        self._supervisor = threading.Thread(target=self._supervise, name="worker-pool", daemon=True)
+        self._supervisor.start()
+
+    @property
+    def pids(self) -> list[int]:
+        return [p.pid for p in self._procs if p is not None and p.pid is not None]
+
+    def _requeue_of(self, pid: int, db: Database | None = None) -> int:
+        own = db is None
+        db = db or Database(self.settings.node.database)
+        try:
+            return requeue_running_jobs(db, f"{self._host}:{pid}:")
+        finally:
+            if own:
+                db.dispose()
+
+    def _supervise(self) -> None:
+        restarts = [0] * self.n
+        while not self._stopping.wait(2.0):
+            for i, p in enumerate(self._procs):
+                if p is None or p.is_alive() or self._stopping.is_set():
+                    continue
+                restarts[i] += 1
+                try:
+                    n = self._requeue_of(p.pid)
+                except Exception as exc:  # noqa: BLE001 - the lease expiry re-queues it anyway
+                    log.error("analysis worker %d: could not re-queue its job (%s)", i + 1, type(exc).__name__)
+                    n = 0
+                log.error("analysis worker process %d (pid %d) exited with code %s%s; restarting", i + 1, p.pid,
+                          p.exitcode, f", its job re-queued" if n else "")
+                time.sleep(min(60.0, 2.0 ** min(restarts[i], 6)) if restarts[i] > 1 else 0)
+                if not self._stopping.is_set():
+                    self._spawn(i)
+
+    def stop(self) -> None:
+        """Stop the processes: idle ones exit at once; one in the middle of a job is ended after
+        ``stop_timeout_s`` and its job goes back to the queue (as with a one-worker node)."""
+        self._stopping.set()
+        self._stop.set()
+        deadline = time.monotonic() + self.stop_timeout_s
+        for p in self._procs:
+            if p is not None:
+                p.join(max(0.0, deadline - time.monotonic()))
+        db = Database(self.settings.node.database)
+        try:
+            for p in self._procs:
+                if p is None:
+                    continue
+                if p.is_alive():
+                    p.kill()
+                    p.join(5)
+                n = self._requeue_of(p.pid, db)
+                if n:
+                    log.info("re-queued %d unfinished analysis job(s) of worker pid %d", n, p.pid)
+        finally:
+            db.dispose()
+
+
+def run_workers(settings: Settings, n_workers: int, stop: threading.Event) -> None:
+    """``qa-node worker``: N analysis workers until ``stop`` is set. One worker runs in this
+    process; several are worker processes. No node lock is taken: workers on several machines share
+    the database and the data folder."""
+    from storage.filestore import FileStore
+
+    if n_workers == 1:
+        db = Database(settings.node.database)
+        worker = make_worker(settings, db, FileStore(settings.node.data_dir))
+        worker.start()
+        log.info("analysis worker started (pid %d)", os.getpid())
+        stop.wait()
+        worker.stop()
+        n = requeue_running_jobs(db, worker.worker_id)
+        if n:
+            log.info("re-queued %d unfinished analysis job(s)", n)
+        db.dispose()
+        return
+    pool = WorkerPool(settings, n_workers)
+    pool.start()
+    stop.wait()
+    pool.stop()
+
+
+class BacklogWatch:
+    """Scheduler job of the receiving node: when the oldest waiting job is older than
+    ``analysis.backlog_warn_s``, one WARNING line and one alert e-mail (through [alerts]) until the
+    backlog clears (then one INFO line); never one per check. No patient data: counts and ages."""
+
+    def __init__(self, settings: Settings, db: Database, *, send=None, clock=None) -> None:
+        self.settings = settings
+        self.db = db
+        self.limit_s = float(settings.analysis.backlog_warn_s)
+        self.send = send  # (AlertSettings, EmailMessage) -> None; default reports.alerts.send_message
+        self.clock = clock
+        self.warned = False
+        self.alerted = False
+
+    def __call__(self) -> bool:
+        """Returns whether the backlog is over the limit now."""
+        now = self.clock() if self.clock is not None else None
+        stats = queue_stats(self.db, now, configured_workers=self.settings.analysis.workers)
+        over = stats.oldest_wait_s is not None and stats.oldest_wait_s > self.limit_s
+        if not over:
+            if self.warned:
+                log.info("analysis backlog cleared: %d job(s) waiting", stats.depth)
+            self.warned = self.alerted = False
+            return False
+        if not self.warned:
+            self.warned = True
+            log.warning("analysis backlog: %s", backlog_text(stats, self.limit_s))
+        if not self.alerted:
+            self.alerted = self._alert(stats)
+        return True
+
+    def _alert(self, stats) -> bool:
+        alerts = self.settings.reporting.alerts
+        if not alerts.enabled:
+            return True  # nothing to send: the WARNING is the alert
+        from reports.alerts import AlertDeliveryError, send_message
+
+        msg = backlog_email(stats, self.limit_s, alerts, self.settings.node.ae_title)
+        try:
+            (self.send or send_message)(alerts, msg)
+        except AlertDeliveryError as exc:
+            log.warning("%s; the backlog alert is retried at the next check", exc)
+            return False
+        log.info("backlog alert e-mailed to %d recipient(s)", len(alerts.smtp_to))
+        return True
+
+
+def _duration(s: float | None) -> str:
+    if s is None:
+        return "unknown"
+    s = float(s)
+    if s < 120:
+        return f"{s:.0f} s"
+    if s < 7200:
+        return f"{s / 60:.0f} min"
+    return f"{s / 3600:.1f} h"
+
+
+def backlog_text(stats, limit_s: float) -> str:
+    return (f"{stats.depth} job(s) waiting, the oldest for {_duration(stats.oldest_wait_s)} "
+            f"(limit analysis.backlog_warn_s = {_duration(limit_s)}); {len(stats.workers)} worker(s) active, "
+            f"ETA {_duration(stats.eta_s)}")
+
+
+def backlog_email(stats, limit_s: float, alerts, ae_title: str):
+    from email.message import EmailMessage
+    from email.utils import formatdate, make_msgid
+
+    msg = EmailMessage()
+    msg["Subject"] = f"{alerts.subject_prefix} {ae_title}: analysis backlog, {stats.depth} job(s) waiting"
+    msg["From"] = alerts.smtp_from
+    msg["To"] = ", ".join(alerts.smtp_to)
+    msg["Date"] = formatdate(localtime=False, usegmt=True)
+    msg["Message-ID"] = make_msgid(domain=alerts.smtp_from.rsplit("@", 1)[-1])
+    msg.set_content("\n".join([
+        f"The CT QA node {ae_title} is not keeping up with the series it receives.",
+        "",
+        f"Analysis backlog: {backlog_text(stats, limit_s)}.",
+        "",
+        "Add workers (analysis.workers, or `qa-node worker` on another machine sharing the database and",
+        "the data folder), or narrow the series selected for analysis. See `qa-node status`.",
+    ]))
+    return msg

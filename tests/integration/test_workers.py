@@ -1,0 +1,130 @@
+"""analysis.workers = N on one machine (SQLite): N worker processes share the queue, each series is
+analysed once and its outputs written by the process that analysed it; job leases (claim, renew,
+expiry, a stale worker refused) on the repository functions."""
+
+from __future__ import annotations
+
+import shutil
+from datetime import timedelta
+
+import pydicom
+import pytest
+from sqlalchemy import func, select
+
+from node.config import settings_from_dict
+from node.service import Node
+from scp.ingest import Ingestor
+from storage.db import Database, utcnow
+from storage.models import AnalysisRun, Job, OutputObject, Series
+from storage.repo import MAX_ATTEMPTS, claim_job, complete_due_series, finish_job, renew_lease, \
+    requeue_abandoned_jobs
+from tests.helpers import PHANTOM_5MM, require, wait_until
+from tests.integration.test_workers_postgres import make_series
+
+
+def _settings(tmp_path, workers: int):
+    return settings_from_dict({
+        "node": {"data_dir": str(tmp_path / "var"), "database": f"sqlite:///{tmp_path / 'var' / 'db.sqlite'}",
+                 "port": 0, "stable_age_s": 0.5},
+        "scanners": [{"name": "CT1", "ae_title": "CT1"}],
+        "destinations": [{"name": "PACS", "ae_title": "ORTHANC", "host": "127.0.0.1", "port": 9}],
+        "analysis": {"device": "cpu", "models": ["basic", "classical"], "workers": workers, "lease_s": 5},
+        "outbox": {"retry_initial_s": 3600},
+    }, "test.toml")
+
+
+def _push(node: Node, folder) -> None:
+    ing = Ingestor(node.db, node.store)
+    for f in sorted(folder.rglob("*.dcm")):
+        ds = pydicom.dcmread(f, stop_before_pixels=True)
+        spool = node.store.spool / "in.dcm"
+        shutil.copyfile(f, spool)
+        r = ing.store_file(spool, affected_sop_class=str(ds.SOPClassUID), affected_sop_instance=str(ds.SOPInstanceUID),
+                           transfer_syntax=str(ds.file_meta.TransferSyntaxUID), scanner="CT1", calling_ae="CT1",
+                           peer_host="127.0.0.1")
+        assert r.status == 0
+
+
+def test_two_worker_processes_share_the_queue(tmp_path):
+    uids = make_series(require(PHANTOM_5MM), tmp_path / "push", 4, slices=2)
+    node = Node(_settings(tmp_path, workers=2))
+    node.start()
+    try:
+        assert node.worker is None and node.pool is not None and len(node.pool.pids) == 2
+        _push(node, tmp_path / "push")
+
+        def done():
+            with node.db.session() as s:
+                return s.scalar(select(func.count()).select_from(Job).where(Job.state == "done")) == 4
+        wait_until(done, timeout=120, what="4 series analysed by the worker processes")
+        with node.db.session() as s:
+            jobs = s.execute(select(Series.series_instance_uid, Job.attempts, Job.finished_by, Job.outputs, Job.id)
+                             .join(Series)).all()
+            runs = s.execute(select(AnalysisRun.job_id, AnalysisRun.model)).all()
+            outputs = s.execute(select(OutputObject.job_id, OutputObject.kind)).all()
+        assert sorted(j.series_instance_uid for j in jobs) == sorted(uids)
+        assert {(j.attempts, j.outputs) for j in jobs} == {(1, "written")}
+        # analysed in the worker processes, not in this one
+        pids = {int(j.finished_by.split(":")[1]) for j in jobs}
+        assert pids <= set(node.pool.pids) and len(pids) >= 1
+        assert sorted(runs) == sorted((j.id, m) for j in jobs for m in ("basic", "classical"))
+        # outputs written by the process that analysed the series: SR, map and report, once per series
+        assert sorted(outputs) == sorted((j.id, k) for j in jobs for k in ("sr", "pmap", "pdf"))
+    finally:
+        node.stop()
+
+
+@pytest.fixture()
+def queue(tmp_path):
+    db = Database(f"sqlite:///{tmp_path / 'q.sqlite'}")
+    db.create_all()
+    with db.session() as s:
+        s.add(Series(series_instance_uid="1.2.3.4", study_instance_uid="1.2.3", state="receiving", n_instances=1))
+    complete_due_series(db, 0.0, ["basic"])
+    yield db
+    db.dispose()
+
+
+def test_expired_lease_is_claimed_again_and_the_stale_worker_is_refused(queue):
+    now = utcnow()
+    job = claim_job(queue, "host:1:a", lease_s=10, now=now)
+    assert job is not None
+    assert claim_job(queue, "host:2:b", lease_s=10, now=now + timedelta(seconds=9)) is None  # lease still held
+    assert renew_lease(queue, job, "host:1:a", lease_s=10)  # the heartbeat: now held until ~now + 10 s
+    with queue.session() as s:
+        lease = s.get(Job, job).lease_until
+    assert claim_job(queue, "host:2:b", lease_s=10, now=lease - timedelta(seconds=1)) is None
+    assert claim_job(queue, "host:2:b", lease_s=10, now=lease + timedelta(seconds=1)) == job
+    # the first worker comes back: its lease is gone, it cannot renew or close the job
+    assert not renew_lease(queue, job, "host:1:a")
+    assert finish_job(queue, job, "host:1:a", state="done", error=None, outcome="done") is False
+    assert finish_job(queue, job, "host:2:b", state="done", error=None, outcome="done") is True
+    with queue.session() as s:
+        j = s.get(Job, job)
+        assert (j.state, j.attempts, j.finished_by, j.worker, j.lease_until) == ("done", 2, "host:2:b", None, None)
+
+
+def test_a_job_whose_worker_keeps_dying_fails_with_the_reason(queue):
+    now = utcnow()
+    for i in range(MAX_ATTEMPTS):
+        assert claim_job(queue, f"host:{i}:x", lease_s=5, now=now + timedelta(seconds=10 * i)) is not None
+    assert claim_job(queue, "host:9:x", lease_s=5, now=now + timedelta(seconds=10 * MAX_ATTEMPTS)) is None
+    with queue.session() as s:
+        j = s.scalars(select(Job)).one()
+        assert (j.state, j.outcome, j.attempts) == ("failed", "failed", MAX_ATTEMPTS)
+        assert j.error.startswith(f"analysis interrupted {MAX_ATTEMPTS} times")
+
+
+def test_start_requeues_only_jobs_no_live_worker_holds(queue):
+    now = utcnow()
+    job = claim_job(queue, "here:4242:a", lease_s=60, now=now)
+    # a live worker (here or on another machine) keeps its job across a receiving node's restart
+    assert requeue_abandoned_jobs(queue, "here", now=now, alive=lambda pid: True) == 0
+    assert requeue_abandoned_jobs(queue, "elsewhere", now=now, alive=lambda pid: False) == 0
+    # its process gone (same host): back to the queue at once, without waiting for the lease
+    assert requeue_abandoned_jobs(queue, "here", now=now, alive=lambda pid: pid != 4242) == 1
+    with queue.session() as s:
+        assert (s.get(Job, job).state, s.get(Job, job).worker) == ("pending", None)
+    # a lease expired on another machine: back to the queue too
+    claim_job(queue, "far:1:b", lease_s=60, now=now)
+    assert requeue_abandoned_jobs(queue, "here", now=now + timedelta(seconds=61)) == 1
