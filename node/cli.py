@@ -191,6 +191,8 @@ def result_to_json(result, scanner: str | None = None, per_slice: bool = False) 
                     "weights_sha256": o.weights_sha256, "parameters": list(o.parameters),
                     "out_of_distribution": bool(o.out_of_distribution),
                     "out_of_distribution_reasons": list(o.out_of_distribution)} for o in result.outputs],
+        # per requested model: selected or skipped, by which [[selection]] rule or default, and why
+        "selection": [d.as_dict() for d in result.selection],
     }
     if per_slice:
         item["slices"] = slices_to_json(result)
@@ -212,6 +214,8 @@ def print_text(items: list[dict], out=sys.stdout) -> None:
         who = " ".join(str(v) for v in ident.values() if v)
         out.write(f"  scanner   {it.get('scanner') or '-'}  {who}\n")
         out.write(f"  status    {it['status']}{'  (' + it['reason'] + ')' if it.get('reason') else ''}\n")
+        for d in it.get("selection") or []:
+            out.write(f"  {'runs' if d['selected'] else 'skips':<5} {d['model']:<10} rule {d['rule']}: {d['reason']}\n")
         for k, v in it["metrics"].items():
             why = it["metric_reasons"].get(k)
             out.write(f"  {k:<26} {_fmt(v):>12}{'   ' + why if v is None and why else ''}\n")
@@ -242,8 +246,9 @@ def cmd_analyze(args) -> int:
         log.warning("%s: skipped: %s", f, why)
     items = []
     for uid, paths in groups.items():
-        result = analyse_series(paths, models, ctx, series_instance_uid=uid)
-        items.append(result_to_json(result, per_slice=args.per_slice))
+        result = analyse_series(paths, models, ctx, series_instance_uid=uid, scanner=args.scanner,
+                                selection=None if args.all_models else settings.selection_policy)
+        items.append(result_to_json(result, scanner=args.scanner, per_slice=args.per_slice))
     if args.json:
         json.dump(items, sys.stdout, indent=2)
         sys.stdout.write("\n")
@@ -287,37 +292,6 @@ def cmd_serve(args) -> int:
     return EXIT_OK
 
 
-# -- worker ----------------------------------------------------------------------------------------
-def cmd_worker(args) -> int:
-    """Analysis workers only: claim jobs from the configured database, read the series from the
-    (shared) data folder, write and queue the outputs. No storage SCP, no node lock."""
-    from node.workers import run_workers
-
-    settings = _load(args)
-    setup_logging(settings.node.log_level)
-    n = args.workers if args.workers is not None else settings.analysis.workers
-    if n < 1:
-        raise UsageError(f"{settings.file}: analysis.workers = {n}: no worker to run; give --workers N (N >= 1)")
-    if not Path(settings.node.data_dir).is_dir():
-        raise UsageError(f"data folder {settings.node.data_dir} not found (on another machine: is the shared "
-                         "folder mounted?)")
-    db = open_existing_database(settings.node.database)
-    db.dispose()
-    if _sqlite_path(settings.node.database) is not None:
-        log.info("database is SQLite: workers on this machine only (several machines need PostgreSQL)")
-    stop = threading.Event()
-
-    def _signal(signum, _frame):
-        log.info("received %s: stopping", signal.Signals(signum).name)
-        stop.set()
-
-    signal.signal(signal.SIGTERM, _signal)
-    signal.signal(signal.SIGINT, _signal)
-    run_workers(settings, n, stop)
-    log.info("stopped")
-    return EXIT_OK
-
-
 # -- status ----------------------------------------------------------------------------------------
 def status_dict(db) -> dict:
     """Everything `qa-node status` shows, as JSON-ready data."""
@@ -325,6 +299,7 @@ def status_dict(db) -> dict:
 
     from storage.models import InstanceConflict, Job, Series
     from storage.repo import latest_jobs, output_counts, outputs_state
+    from analysis.selection import decisions_from_json
 
     with db.session() as s:
         series = s.scalars(select(Series).order_by(Series.id)).all()
@@ -347,6 +322,8 @@ def status_dict(db) -> dict:
                 "last_received_at": x.last_received_at.isoformat(),
                 "job": None if j is None else {"id": j.id, "state": j.state, "outcome": j.outcome, "error": j.error},
                 "outputs": state, "outputs_error": error,
+                # which [[selection]] rule (or default) selected or skipped the series for which model
+                "selection": decisions_from_json(j.selection) if j is not None else [],
             })
     return {"series": rows, "jobs": counts, "outputs": dict(outputs_counts), "instance_conflicts": conflicts}
 
@@ -359,7 +336,6 @@ def cmd_status(args) -> int:
     finally:
         db.dispose()
     data["quarantined"] = _quarantined(settings)
-    data["queue"] = _queue(settings)
     if args.json:
         json.dump(data, sys.stdout, indent=2)
         sys.stdout.write("\n")
@@ -372,6 +348,10 @@ def cmd_status(args) -> int:
         why = r["outputs_error"] or (j["error"] if j and j["outcome"] in ("skipped", "failed") else None)
         print(f"{r['series_instance_uid']:<66} {r['scanner'] or '-':<8} {r['state']:<10} {r['n_instances']:>5} "
               f"{r['generation']:>3}  {js:<14} {r['outputs']}{'  (' + why + ')' if why else ''}")
+        sel = r.get("selection") or []
+        if any(d.get("rule") != "default" for d in sel):  # plain defaults (every model ran) say nothing
+            print("    selection: " + ", ".join(f"{d['model']} {'runs' if d['selected'] else 'skipped'} ({d['rule']})"
+                                             for d in sel))
     print("jobs: " + (", ".join(f"{k} {v}" for k, v in sorted(data["jobs"].items())) or "none"))
     oc = data["outputs"]
     print("outputs: " + (", ".join(f"{k} {v}" for k, v in sorted(oc.items())) or "none")
@@ -380,36 +360,7 @@ def cmd_status(args) -> int:
     print(f"instance conflicts (same UID, different bytes): {data['instance_conflicts']}")
     if data["quarantined"] is not None:
         print(f"quarantined files (invalid instances found in the store at start-up): {data['quarantined']}")
-    print_queue(data["queue"], settings.analysis.backlog_warn_s)
     return EXIT_OK
-
-def _queue(settings) -> dict:
-    from storage.repo import queue_stats
-
-    db = open_existing_database(settings.node.database)
-    try:
-        return queue_stats(db, configured_workers=settings.analysis.workers).as_dict()
-    finally:
-        db.dispose()
-
-
-def print_queue(q: dict, backlog_warn_s: float = 0.0, out=None) -> None:
-    """The analysis queue lines of `qa-node status`."""
-    from node.workers import _duration
-
-    out = out or sys.stdout
-    over = backlog_warn_s > 0 and q["oldest_wait_s"] is not None and q["oldest_wait_s"] > backlog_warn_s
-    print(f"analysis queue: {q['depth']} waiting, {q['running']} running; oldest waiting "
-          f"{_duration(q['oldest_wait_s']) if q['oldest_wait_s'] is not None else '-'}"
-          + (f"  <- BACKLOG over analysis.backlog_warn_s ({_duration(backlog_warn_s)})" if over else ""), file=out)
-    mean = f"mean job {_duration(q['mean_job_s'])} over the last {q['n_recent']}" if q["mean_job_s"] is not None \
-        else "no finished job to time yet"
-    eta = "0 s" if q["eta_s"] == 0 else (_duration(q["eta_s"]) if q["eta_s"] is not None else "unknown")
-    print(f"ETA for the waiting jobs: {eta} ({mean}; {q['n_workers']} worker(s))", file=out)
-    for w in q["workers"]:
-        print(f"  worker {w['worker']}: {w['running']} running, {w['done_last_hour']} finished in the last hour",
-              file=out)
-
 
 
 def _quarantined(settings) -> int | None:
@@ -608,11 +559,6 @@ def build_parser() -> argparse.ArgumentParser:
                     help="refuse instances (Out of Resources) when less disk is free (default 200)")
     sp.set_defaults(func=cmd_serve)
 
-    sp = sub.add_parser("worker", help="run analysis workers only (against the configured database and a "
-                        "data folder shared with the receiving node)")
-    sp.add_argument("--workers", type=int, help="worker processes (default: analysis.workers)")
-    sp.set_defaults(func=cmd_worker)
-
     sp = sub.add_parser("analyze", help="run the analysis pipeline on files or folders, without the network")
     sp.add_argument("paths", nargs="+", help="DICOM files or folders (grouped by series)")
     sp.add_argument("--json", action="store_true", help="print a JSON array, one object per series")
@@ -620,6 +566,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--device", choices=["auto", "cpu", "cuda"], help="override [analysis] device")
     sp.add_argument("--per-slice", action="store_true",
                     help="with --json: add each series' slices (SOP Instance UID, Instance Number, per-slice metrics)")
+    sp.add_argument("--scanner", help="the [[scanners]] name the files come from, for [[selection]] scanner patterns "
+                                      "(default: none, so rules with a scanner key do not match)")
+    sp.add_argument("--all-models", action="store_true",
+                    help="run every requested model on every series: no [[selection]] rules, no defaults")
     sp.set_defaults(func=cmd_analyze)
 
     sp = sub.add_parser("status", help="show received series, their state and analysis jobs")
