@@ -40,7 +40,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from analysis.models.ldctiqa import ALGORITHM, DEFAULT_MAX_SLICES, VERSION  # noqa: F401  (declared by the spec)
 from analysis.weights import WeightsNotInstalled, load_cached  # noqa: F401  (WeightsNotInstalled: part of this API)
 
 log = logging.getLogger(__name__)
@@ -62,8 +61,9 @@ AIR_HU = -1024.0
 # costs 0.9-1.1 s of CPU on 1 torch thread (bench/models.py: 25.9 s of process CPU time for 24 slices;
 # 0.91 s/slice wall when the machine was quiet), so 24 evenly spaced slices take ~22-26 s on a quiet
 # core and stay under 60 s up to ~2.5 s per slice. The forward pass is ~65 % fp32 GEMMs (addmm):
-# there is little left to gain on the CPU without leaving fp32. (DEFAULT_MAX_SLICES = 24 is declared by
-# the spec, analysis/models/ldctiqa.py.)
+# there is little left to gain on the CPU without leaving fp32. ([analysis.ldctiqa] max_slices: the spec,
+# analysis/models/ldctiqa.py, declares the same default; a test checks.)
+DEFAULT_MAX_SLICES = 24
 DEFAULT_BATCH_CPU = 4
 DEFAULT_BATCH_CUDA = 32
 

@@ -39,7 +39,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from analysis.models.n2q import ALGORITHM, MAP_LABEL, MAP_NAME, VERSION  # noqa: F401  (declared by the spec)
 from analysis.ssim import window_hu
 from analysis.weights import file_sha256, load_cached
 

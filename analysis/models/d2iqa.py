@@ -11,8 +11,8 @@ from analysis.models.spec import NO_UNITS, MetricSpec, ModelSpec, TrainingDistri
 ALGORITHM = "D2IQA (virtual-object detection mAP)"
 VERSION = "1.0"
 MODEL_CARD = "analysis/weights/D2IQA_MODEL_CARD.md"
-DEFAULT_TRIALS = 50  # bench/d2iqa_convergence.py: score SD ~0.023 at T=50 vs 0.038 at T=20 (model card)
-DEFAULT_MAX_SLICES = 16
+DEFAULT_TRIALS = 50  # = analysis.d2iqa.DEFAULT_TRIALS (T=50: score SD ~0.023 vs 0.038 at T=20, model card)
+DEFAULT_MAX_SLICES = 16  # = analysis.d2iqa.DEFAULT_MAX_SLICES
 
 
 @dataclass(frozen=True)

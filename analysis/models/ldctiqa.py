@@ -14,7 +14,7 @@ from analysis.models.spec import NO_UNITS, MetricSpec, ModelSpec, TrainingDistri
 ALGORITHM = "LDCTIQA (ldct-benchmark multi-head Swin-T)"
 VERSION = "1.0"
 MODEL_CARD = "analysis/weights/LDCTIQA_MODEL_CARD.md"
-DEFAULT_MAX_SLICES = 24  # a 300-slice series stays under the 60 s CPU budget (model card, "Speed")
+DEFAULT_MAX_SLICES = 24  # = analysis.ldctiqa.DEFAULT_MAX_SLICES: a 300-slice series stays under the 60 s CPU budget
 
 
 @dataclass(frozen=True)

@@ -67,7 +67,7 @@ def test_series_d2iqa_score_and_slice_scores_in_database_and_sr(tmp_path):
     assert sr_slices.keys() == scored.keys()
     for uid, v in scored.items():
         assert sr_slices[uid] == pytest.approx(v, rel=1e-5, abs=1e-7)
-    assert all(m.algorithm.name == d2iqa.ALGORITHM for m in content.slice_metrics if m.key == "d2iqa_score")
+    assert all(m.algorithm.name == d2iqa_model.ALGORITHM for m in content.slice_metrics if m.key == "d2iqa_score")
 
 
 @needs_weights

@@ -35,7 +35,7 @@ def _n2q_maps(node: Node) -> list[pydicom.Dataset]:
     with node.db.session() as s:
         paths = [o.rel_path for o in s.scalars(select(OutputObject).where(OutputObject.kind == "pmap"))]
     maps = [pydicom.dcmread(node.store.abs(p)) for p in paths]
-    return [pm for pm in maps if any(e.get("ManufacturerModelName") == n2q.ALGORITHM
+    return [pm for pm in maps if any(e.get("ManufacturerModelName") == n2q_model.ALGORITHM
                                      for e in pm.get("ContributingEquipmentSequence", []))]
 
 

@@ -159,3 +159,14 @@ def test_training_distribution_reasons():
     ]
     assert registry.get("ldctiqa").training.outside(body_part="ABDOMEN", global_noise_hu=500.0,
                                                     slice_thickness_mm=10.0) == []  # only the region is stated
+
+
+def test_spec_defaults_equal_the_implementations_defaults():
+    """The spec modules import no torch, so the implementation keeps its own defaults: they must agree."""
+    from analysis import d2iqa, ldctiqa
+    from analysis.models import ldctiqa as ldctiqa_model
+
+    assert (d2iqa_model.Options().trials, d2iqa_model.Options().max_slices) == (d2iqa.DEFAULT_TRIALS,
+                                                                                 d2iqa.DEFAULT_MAX_SLICES)
+    assert ldctiqa_model.Options().max_slices == ldctiqa.DEFAULT_MAX_SLICES
+    assert registry.get("n2q").maps[0].model_matrix == __import__("analysis.n2q").n2q.MODEL_SIZE
