@@ -5,7 +5,7 @@ target budget (300 slices in 60 s) as the reference: ratio = measured / target s
     .venv/bin/python bench/models.py [--models n2q,d2iqa,ldctiqa,classical] [--slices 300] [--device auto]
                                      [--threads N]
 
-LDCTIQA (not yet a pipeline model) runs ``analysis.ldctiqa.score_series`` with seeded random weights (the
+LDCTIQA runs its scoring (``analysis.ldctiqa.score_series``, what the model's ``run`` calls) with seeded random weights (the
 published file is not shipped; same architecture, same FLOPs) on its default evenly spaced subset of
 ``DEFAULT_MAX_SLICES`` slices, and reports scored slices/s (CUDA: with fp16 autocast).
 
