@@ -530,6 +530,64 @@ def cmd_train(args) -> int:
     return int(module.run(targs))
 
 
+# -- rate / ratings (site ratings for Delta-IQA and calibration) -------------------------------------
+def _ratings_database(settings):
+    """The node's database for rating commands: made (with its tables) when it is not there yet, so a
+    site can rate a folder before the node has received anything."""
+    from storage.db import Database
+
+    path = _sqlite_path(settings.node.database)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    db = Database(settings.node.database)
+    db.create_all()
+    return db
+
+
+def cmd_rate(args) -> int:
+    from node import rate
+
+    settings = _load_optional(args)
+    setup_logging(settings.node.log_level)
+    if args.sample < 0:
+        raise UsageError("--sample must be >= 0 (0 = every image)")
+    if args.folder:
+        folder = Path(args.folder)
+        if not folder.is_dir():
+            raise UsageError(f"{folder}: no such folder")
+        db = _ratings_database(settings)
+        items = rate.items_from_folder(folder)
+    else:
+        db = open_existing_database(settings.node.database)
+        try:
+            items = rate.items_from_store(db, settings.node.data_dir, args.series)
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
+    return rate.run(db, items, host=args.host, port=args.port, sample=args.sample, seed=args.seed)
+
+
+def cmd_ratings(args) -> int:
+    from node import ratings
+
+    settings = _load_optional(args)
+    if args.ratings_command == "export":
+        db = open_existing_database(settings.node.database)
+        n = ratings.export_ratings(db, args.out, rater=args.rater)
+        print(f"{n} rating(s) written to {args.out}")
+        return EXIT_OK
+    try:
+        rows = ratings.read_ratings_csv(args.file)
+    except ratings.RatingsFileError as exc:
+        print(f"qa-node: {exc.path}: {len(exc.errors)} problem(s); nothing imported:", file=sys.stderr)
+        for e in exc.errors:
+            print(f"  {e}", file=sys.stderr)
+        return EXIT_USAGE
+    db = _ratings_database(settings)
+    n = ratings.import_ratings(db, rows)
+    print(f"{n} rating(s) imported from {args.file}")
+    return EXIT_OK
+
+
 # -- demo (the README's main job) --------------------------------------------------------------------
 def cmd_demo(args) -> int:
     from node.demo import run_demo
@@ -626,6 +684,31 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("model", nargs="?", help=f"one of {', '.join(sorted(TRAINERS))}")
     sp.add_argument("rest", nargs=argparse.REMAINDER, help="the model's own options")
     sp.set_defaults(func=cmd_train, train_parser=sp)
+
+    sp = sub.add_parser("rate", help="a local web page on which raters score slices 0-4 (Likert); scores go into the database",
+                        description="Serve a rating page (loopback only by default): slices sampled from received series "
+                        "(or a folder of DICOM files) in a CT window, scored 0-4 on the LDCTIQA / Delta-IQA Likert scale "
+                        "(keys 0-4, S skip, U undo, W window). Every score is stored with the rater's name, the time, "
+                        "the SOP Instance UID, the frame and the file. No patient name or ID is shown.")
+    src = sp.add_mutually_exclusive_group()
+    src.add_argument("--series", nargs="+", metavar="UID", help="received series to sample from (default: all received)")
+    src.add_argument("--folder", metavar="DIR", help="a folder of DICOM files instead of the node's store")
+    sp.add_argument("--sample", type=int, default=50, metavar="K", help="images to sample, in random order (default 50; 0 = all)")
+    sp.add_argument("--seed", type=int, default=0, help="seed of the sample and its order")
+    sp.add_argument("--port", type=int, default=8765, help="port of the page (default 8765; 0 = any free port)")
+    sp.add_argument("--host", default="127.0.0.1", help="address to serve on (default 127.0.0.1: this machine only)")
+    sp.set_defaults(func=cmd_rate)
+
+    sp = sub.add_parser("ratings", help="export or import raters' scores (CSV: path,score[,rater,frame,sop_instance_uid])")
+    rsub = sp.add_subparsers(dest="ratings_command", required=True)
+    rsub.add_parser = functools.partial(rsub.add_parser, parents=[config])
+    rp = rsub.add_parser("export", help="write the stored ratings (withdrawn ones left out) as a ratings CSV")
+    rp.add_argument("--out", required=True, metavar="FILE")
+    rp.add_argument("--rater", help="only this rater's scores")
+    rp.set_defaults(func=cmd_ratings)
+    rp = rsub.add_parser("import", help="check a ratings CSV (every bad row listed with its line; exit 2) and store it")
+    rp.add_argument("file", metavar="FILE")
+    rp.set_defaults(func=cmd_ratings)
 
     sp = sub.add_parser("demo", help="start the node, push a series to it with a real SCU, print the results")
     sp.add_argument("--series", default=str(Path("..") / "shared" / "data" / "ct" / "philips_head_phantom" / "S2020_1mm_std"),

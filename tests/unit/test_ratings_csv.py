@@ -118,3 +118,24 @@ def test_import_export_round_trip(tmp_path, files):
     assert rid < rid2
     with pytest.raises(ValueError, match="outside"):
         ratings.add_rating(db, rater="bob", score=5, path=files["ct1"], sop_instance_uid=None)
+
+
+def test_cli_import_lists_every_bad_row_and_imports_nothing(tmp_path, files):
+    from tests.helpers import qa_node, write_config
+
+    cfg = write_config(tmp_path / "config.toml", data_dir=tmp_path / "data")
+    bad = _write(tmp_path / "bad.csv", "path,score\nimgs/ct1.dcm,2\nimgs/ct1.dcm,7\nnope.dcm,1\n")
+    proc = qa_node("--config", str(cfg), "ratings", "import", str(bad))
+    assert proc.returncode == 2
+    err = proc.stderr.splitlines()
+    assert err[0].endswith("bad.csv: 2 problem(s); nothing imported:")
+    assert err[1].startswith("  line 3: score '7' is outside [0, 4]") and err[2].startswith("  line 4: no such file")
+    assert "Traceback" not in proc.stderr
+    good = _write(tmp_path / "good.csv", "path,score,rater\nimgs/ct1.dcm,2.5,\n")
+    proc = qa_node("--config", str(cfg), "ratings", "import", str(good))
+    assert proc.returncode == 0 and "1 rating(s) imported" in proc.stdout, proc.stderr
+    out = tmp_path / "x.csv"
+    proc = qa_node("--config", str(cfg), "ratings", "export", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr
+    assert out.read_text().splitlines() == ["path,score,rater,frame,sop_instance_uid",
+                                            f"{files['ct1'].resolve()},2.5,,,{files['ct1_uid']}"]
