@@ -292,6 +292,37 @@ def cmd_serve(args) -> int:
     return EXIT_OK
 
 
+# -- worker ----------------------------------------------------------------------------------------
+def cmd_worker(args) -> int:
+    """Analysis workers only: claim jobs from the configured database, read the series from the
+    (shared) data folder, write and queue the outputs. No storage SCP, no node lock."""
+    from node.workers import run_workers
+
+    settings = _load(args)
+    setup_logging(settings.node.log_level)
+    n = args.workers if args.workers is not None else settings.analysis.workers
+    if n < 1:
+        raise UsageError(f"{settings.file}: analysis.workers = {n}: no worker to run; give --workers N (N >= 1)")
+    if not Path(settings.node.data_dir).is_dir():
+        raise UsageError(f"data folder {settings.node.data_dir} not found (on another machine: is the shared "
+                         "folder mounted?)")
+    db = open_existing_database(settings.node.database)
+    db.dispose()
+    if _sqlite_path(settings.node.database) is not None:
+        log.info("database is SQLite: workers on this machine only (several machines need PostgreSQL)")
+    stop = threading.Event()
+
+    def _signal(signum, _frame):
+        log.info("received %s: stopping", signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, _signal)
+    signal.signal(signal.SIGINT, _signal)
+    run_workers(settings, n, stop)
+    log.info("stopped")
+    return EXIT_OK
+
+
 # -- status ----------------------------------------------------------------------------------------
 def status_dict(db) -> dict:
     """Everything `qa-node status` shows, as JSON-ready data."""
@@ -336,6 +367,7 @@ def cmd_status(args) -> int:
     finally:
         db.dispose()
     data["quarantined"] = _quarantined(settings)
+    data["queue"] = _queue(settings)
     if args.json:
         json.dump(data, sys.stdout, indent=2)
         sys.stdout.write("\n")
@@ -360,7 +392,36 @@ def cmd_status(args) -> int:
     print(f"instance conflicts (same UID, different bytes): {data['instance_conflicts']}")
     if data["quarantined"] is not None:
         print(f"quarantined files (invalid instances found in the store at start-up): {data['quarantined']}")
+    print_queue(data["queue"], settings.analysis.backlog_warn_s)
     return EXIT_OK
+
+
+def _queue(settings) -> dict:
+    from storage.repo import queue_stats
+
+    db = open_existing_database(settings.node.database)
+    try:
+        return queue_stats(db, configured_workers=settings.analysis.workers).as_dict()
+    finally:
+        db.dispose()
+
+
+def print_queue(q: dict, backlog_warn_s: float = 0.0, out=None) -> None:
+    """The analysis queue lines of `qa-node status`."""
+    from node.workers import _duration
+
+    out = out or sys.stdout
+    over = backlog_warn_s > 0 and q["oldest_wait_s"] is not None and q["oldest_wait_s"] > backlog_warn_s
+    print(f"analysis queue: {q['depth']} waiting, {q['running']} running; oldest waiting "
+          f"{_duration(q['oldest_wait_s']) if q['oldest_wait_s'] is not None else '-'}"
+          + (f"  <- BACKLOG over analysis.backlog_warn_s ({_duration(backlog_warn_s)})" if over else ""), file=out)
+    mean = f"mean job {_duration(q['mean_job_s'])} over the last {q['n_recent']}" if q["mean_job_s"] is not None \
+        else "no finished job to time yet"
+    eta = "0 s" if q["eta_s"] == 0 else (_duration(q["eta_s"]) if q["eta_s"] is not None else "unknown")
+    print(f"ETA for the waiting jobs: {eta} ({mean}; {q['n_workers']} worker(s))", file=out)
+    for w in q["workers"]:
+        print(f"  worker {w['worker']}: {w['running']} running, {w['done_last_hour']} finished in the last hour",
+              file=out)
 
 
 def _quarantined(settings) -> int | None:
@@ -616,6 +677,11 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--min-free-mb", type=float, default=200.0,
                     help="refuse instances (Out of Resources) when less disk is free (default 200)")
     sp.set_defaults(func=cmd_serve)
+
+    sp = sub.add_parser("worker", help="run analysis workers only (against the configured database and a "
+                        "data folder shared with the receiving node)")
+    sp.add_argument("--workers", type=int, help="worker processes (default: analysis.workers)")
+    sp.set_defaults(func=cmd_worker)
 
     sp = sub.add_parser("analyze", help="run the analysis pipeline on files or folders, without the network")
     sp.add_argument("paths", nargs="+", help="DICOM files or folders (grouped by series)")

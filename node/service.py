@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import socket
 import threading
 import time
 
@@ -19,7 +20,7 @@ from storage.filestore import FileStore
 from storage.models import OutputsState
 from storage.nodelock import NodeLock
 from storage.outbox import RetryPolicy
-from storage.repo import complete_due_series, requeue_running_jobs
+from storage.repo import complete_due_series, requeue_abandoned_jobs, requeue_running_jobs
 
 log = logging.getLogger(__name__)
 
@@ -139,6 +140,29 @@ def write_and_judge_outputs(settings: Settings, db: Database, store: FileStore, 
     return OutputsState.WRITTEN, left_out
 
 
+def after_job(settings: Settings, db: Database, store: FileStore, job_id: int, result) -> AfterJob:
+    """For an analysed series: trends recorded, outputs written and queued for every destination.
+    Returns the outputs state for the job (the analysis results are kept regardless). Runs in the
+    worker that analysed the series (a thread of ``serve`` or a worker process, node.workers)."""
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from node.trending import record_and_evaluate
+
+    note = None
+    evaluations: dict[str, str] = {}
+    try:
+        evaluations = record_and_evaluate(settings, db, job_id, result)
+    except (ValueError, SQLAlchemyError, RuntimeError) as exc:
+        log.error("series %s: trend evaluation failed: %s", result.series_instance_uid, _one_line(exc))
+        log.debug("trend evaluation failure", exc_info=True)
+        note = f"trend evaluation failed: {_one_line(exc)}"
+    if result.status == "skipped":
+        # left out by series selection but with its basic statistics: a trend row, no outputs
+        return AfterJob(OutputsState.NONE, None, note)
+    state, error = write_and_judge_outputs(settings, db, store, job_id, result, evaluations)
+    return AfterJob(state, error, note)
+
+
 _OUTBOX_PASS = threading.Lock()
 
 
@@ -164,6 +188,7 @@ class Node:
         self.scp: StorageSCP | None = None
         self.scheduler: BackgroundScheduler | None = None
         self.worker: AnalysisWorker | None = None
+        self.pool = None  # node.workers.WorkerPool when analysis.workers >= 2
         self.stopped = threading.Event()
         self.lock = NodeLock(settings.node.data_dir, settings.node.database)
         self._locked = False
@@ -187,14 +212,22 @@ class Node:
         from node.reconcile import reconcile_store
 
         reconcile_store(self.db, self.store)  # store files without an index row: indexed or quarantined
-        n_jobs = requeue_running_jobs(self.db)
+        # jobs of live workers (worker processes, `qa-node worker` on other machines) keep running
+        n_jobs = requeue_abandoned_jobs(self.db, socket.gethostname())
         if n_jobs:
             log.info("re-queued %d analysis jobs left running", n_jobs)
 
     def start(self, *, run_worker: bool = True) -> int:
         self.prepare()
+        n_workers = self.settings.analysis.workers if run_worker else 0
+        # one worker: a thread of this process; several: worker processes (node.workers); none: this
+        # node only receives and sends (`qa-node worker` analyses, here or on other machines)
         self.worker = (AnalysisWorker(self.settings, self.db, self.store, after_job=self._after_job)
-                       if run_worker else None)
+                       if n_workers == 1 else None)
+        if n_workers >= 2:
+            from node.workers import WorkerPool
+
+            self.pool = WorkerPool(self.settings, n_workers)
         peers = [AllowedPeer(s.name, s.ae_title, tuple(s.hosts)) for s in self.settings.scanners]
         tls = self.settings.tls
         server_ctx = client_ctx = None
@@ -246,33 +279,25 @@ class Node:
 
         schedule_reports(self.scheduler, self.db, reporting, [s.name for s in self.settings.scanners],
                          self.settings.node.data_dir)
+        if self.settings.analysis.backlog_warn_s > 0:
+            from node.workers import BacklogWatch
+
+            self.scheduler.add_job(_Guarded(BacklogWatch(self.settings, self.db), "analysis backlog check"),
+                                   "interval", seconds=max(1.0, min(60.0, self.settings.analysis.backlog_warn_s / 10)),
+                                   id="backlog_check", coalesce=True, max_instances=1, misfire_grace_time=60)
         self.scheduler.start()
         if self.worker is not None:
             self.worker.start()
+        if self.pool is not None:
+            self.pool.start()
         return port
 
     def _after_job(self, job_id: int, result) -> AfterJob:
-        """For an analysed series: trends recorded, outputs written and queued for every destination.
-        Returns the outputs state for the job (the analysis results are kept regardless)."""
-        from sqlalchemy.exc import SQLAlchemyError
-
-        from node.trending import record_and_evaluate
-
-        note = None
-        evaluations: dict[str, str] = {}
-        try:
-            evaluations = record_and_evaluate(self.settings, self.db, job_id, result)
-        except (ValueError, SQLAlchemyError, RuntimeError) as exc:
-            log.error("series %s: trend evaluation failed: %s", result.series_instance_uid, _one_line(exc))
-            log.debug("trend evaluation failure", exc_info=True)
-            note = f"trend evaluation failed: {_one_line(exc)}"
-        if result.status == "skipped":
-            # left out by series selection but with its basic statistics: a trend row, no outputs
-            return AfterJob(OutputsState.NONE, None, note)
-        state, error = write_and_judge_outputs(self.settings, self.db, self.store, job_id, result, evaluations)
+        """For an analysed series: ``after_job``, then the outbox sender is woken."""
+        after = after_job(self.settings, self.db, self.store, job_id, result)
         if self.scheduler is not None and self.scheduler.get_job("send_outbox") is not None:
             self.scheduler.modify_job("send_outbox", next_run_time=_now())
-        return AfterJob(state, error, note)
+        return after
 
     def stop(self) -> None:
         """Stop receiving, stop the scheduler and worker, and put unfinished work back in the queue."""
@@ -285,6 +310,8 @@ class Node:
             n = requeue_running_jobs(self.db, self.worker.worker_id)
             if n:
                 log.info("re-queued %d unfinished analysis job(s)", n)
+        if self.pool is not None:
+            self.pool.stop()
         self.db.dispose()
         if self._locked:
             self.lock.release()

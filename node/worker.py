@@ -17,7 +17,7 @@ from node.config import Settings
 from storage.db import Database
 from storage.filestore import FileStore
 from storage.models import JobState, OutputsState
-from storage.repo import RunRecord, analysed_reconstruction, claim_job, finish_job, job_files
+from storage.repo import RunRecord, analysed_reconstruction, claim_job, finish_job, holds_job, job_files, renew_lease
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +94,7 @@ class AnalysisWorker:
         self.after_job = after_job
         self.poll_s = poll_s
         self.worker_id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self.lease_s = float(settings.analysis.lease_s)
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
@@ -114,13 +115,19 @@ class AnalysisWorker:
         if self._thread is not None and timeout:
             self._thread.join(timeout)
 
+    def run(self) -> None:
+        """The worker loop in the calling thread (a worker process's main thread) until ``stop()``."""
+        for line in startup_warnings(self.settings):
+            log.warning("%s", line)
+        self._loop()
+
     def _loop(self) -> None:
         from sqlalchemy.exc import SQLAlchemyError
 
         failing = 0
         while not self._stop.is_set():
             try:
-                job_id = claim_job(self.db, self.worker_id)
+                job_id = claim_job(self.db, self.worker_id, lease_s=self.lease_s)
             except SQLAlchemyError as exc:  # database down or disk full: the worker waits, it does not die
                 failing += 1
                 if failing == 1:
@@ -152,7 +159,17 @@ class AnalysisWorker:
                                        facts.series_instance_uid)
 
     def process(self, job_id: int) -> SeriesResult | None:
+        """Run one claimed job, renewing its lease from a heartbeat thread meanwhile."""
+        beat = _Heartbeat(self.db, job_id, self.worker_id, self.lease_s)
+        beat.start()
+        try:
+            return self._process(job_id, beat)
+        finally:
+            beat.stop()
+
+    def _process(self, job_id: int, beat: _Heartbeat) -> SeriesResult | None:
         job, series, rel_paths = job_files(self.db, job_id)
+        _test_delay(series.series_instance_uid)
         try:
             if self._ctx is None:
                 self._ctx = run_context(self.settings)
@@ -172,6 +189,12 @@ class AnalysisWorker:
         # Outputs (SR, maps, report) are written and queued before the job is closed: their UIDs are
         # derived from the series and its generation, so a job re-run after a crash re-creates the
         # same objects instead of sending duplicates.
+        if beat.lost.is_set() or not holds_job(self.db, job_id, self.worker_id):
+            # another worker took the job over (this one stalled past its lease): it writes the
+            # outputs and the results, once; this worker writes nothing
+            log.warning("series %s: job %d is no longer this worker's (lease lost); results discarded",
+                        series.series_instance_uid, job_id)
+            return None
         if result.status == "failed" or (result.status == "skipped" and not result.outputs):
             after = AfterJob(OutputsState.NONE)
         elif self.after_job is None:
@@ -194,3 +217,49 @@ class AnalysisWorker:
                  series.scanner_name, len(rel_paths), result.status,
                  f" ({result.reason})" if result.reason else "")
         return result
+
+
+class _Heartbeat:
+    """Renews a running job's lease every lease_s / 3 seconds; ``lost`` is set when the job is no
+    longer this worker's (re-queued, or claimed by another worker after the lease expired)."""
+
+    def __init__(self, db: Database, job_id: int, worker_id: str, lease_s: float) -> None:
+        self.db, self.job_id, self.worker_id, self.lease_s = db, job_id, worker_id, lease_s
+        self.lost = threading.Event()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"lease-{job_id}", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+
+    def _run(self) -> None:
+        from sqlalchemy.exc import SQLAlchemyError
+
+        while not self._stop.wait(self.lease_s / 3):
+            try:
+                if not renew_lease(self.db, self.job_id, self.worker_id, self.lease_s):
+                    self.lost.set()
+                    return
+            except SQLAlchemyError as exc:  # the database is briefly away: try again at the next beat
+                log.warning("job %d: lease not renewed (%s)", self.job_id, type(exc).__name__)
+
+
+# Test hook: tests/integration/test_workers_postgres.py makes one series' job slow, deterministically,
+# to kill its worker mid-job. Unset in production (the default): no effect.
+_SLOW_SERIES_ENV = "CTQA_TEST_SLOW_SERIES"  # "<SeriesInstanceUID>=<seconds>"
+
+
+def _test_delay(series_instance_uid: str) -> None:
+    spec = os.environ.get(_SLOW_SERIES_ENV)
+    if not spec or "=" not in spec:
+        return
+    uid, seconds = spec.rsplit("=", 1)
+    if uid == series_instance_uid:
+        log.info("series %s: test delay of %s s (%s)", uid, seconds, _SLOW_SERIES_ENV)
+        import time
+
+        time.sleep(float(seconds))

@@ -121,6 +121,9 @@ class Job(Base):
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     outcome: Mapped[str | None] = mapped_column(String(16))  # analysis result: done | skipped | failed
     worker: Mapped[str | None] = mapped_column(String(128))  # who holds it while running
+    # the running worker's lease: renewed by its heartbeat; once past, another worker may claim the job
+    lease_until: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    finished_by: Mapped[str | None] = mapped_column(String(128))  # the worker that closed it
     error: Mapped[str | None] = mapped_column(Text)
     # OutputsState; NULL while the job is pending/running (and in databases from before this column)
     outputs: Mapped[str | None] = mapped_column(String(16))
@@ -254,6 +257,8 @@ class Rating(Base):
 ADDED_COLUMNS: tuple[tuple[str, str, str], ...] = (
     ("jobs", "outputs", "VARCHAR(16)"),
     ("jobs", "outputs_error", "TEXT"),
+    ("jobs", "lease_until", "TIMESTAMP"),
+    ("jobs", "finished_by", "VARCHAR(128)"),
     ("jobs", "selection", "TEXT"),
 )
 

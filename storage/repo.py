@@ -166,21 +166,110 @@ def requeue_running_jobs(db: Database, worker_prefix: str | None = None) -> int:
         q = update(Job).where(Job.state == JobState.RUNNING)
         if worker_prefix is not None:
             q = q.where(Job.worker.like(f"{worker_prefix}%"))
-        res = s.execute(q.values(state=JobState.PENDING, worker=None, started_at=None))
+        res = s.execute(q.values(state=JobState.PENDING, worker=None, started_at=None, lease_until=None))
         return res.rowcount or 0
 
 
-def claim_job(db: Database, worker: str) -> int | None:
-    """Atomically take the oldest pending job. Returns its id or None."""
+def _pid_alive(pid: int) -> bool:
+    import os
+
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
+
+
+def requeue_abandoned_jobs(db: Database, host: str, now: datetime | None = None,
+                           alive: Callable[[int], bool] = _pid_alive) -> int:
+    """At a node's start: back to pending go running jobs that no live worker holds: without a lease
+    (left by a version before leases), with an expired lease, or held by a worker on this host
+    (``host:pid:...``) whose process is gone. Jobs of live workers (here or on other machines sharing
+    the database) are left alone."""
+    now = now or utcnow()
     with db.session() as s:
-        for job_id in s.scalars(select(Job.id).where(Job.state == JobState.PENDING).order_by(Job.id).limit(5)):
-            res = s.execute(
-                update(Job).where(Job.id == job_id, Job.state == JobState.PENDING)
-                .values(state=JobState.RUNNING, worker=worker, started_at=utcnow(), attempts=Job.attempts + 1)
-            )
-            if res.rowcount == 1:
-                return job_id
+        rows = s.execute(select(Job.id, Job.worker, Job.lease_until).where(Job.state == JobState.RUNNING)).all()
+        ids = []
+        for job_id, worker, lease_until in rows:
+            parts = (worker or "").split(":")
+            local_dead = len(parts) >= 3 and parts[0] == host and parts[1].isdigit() and not alive(int(parts[1]))
+            if lease_until is None or lease_until < now or local_dead:
+                ids.append(job_id)
+        if not ids:
+            return 0
+        res = s.execute(update(Job).where(Job.id.in_(ids), Job.state == JobState.RUNNING)
+                        .values(state=JobState.PENDING, worker=None, started_at=None, lease_until=None))
+        return res.rowcount or 0
+
+
+DEFAULT_LEASE_S = 120.0  # analysis.lease_s
+MAX_ATTEMPTS = 3  # a job whose worker died this many times is failed, not claimed again
+
+
+def _claimable(now: datetime):
+    from sqlalchemy import and_, or_
+
+    return or_(Job.state == JobState.PENDING,
+               and_(Job.state == JobState.RUNNING, Job.lease_until.is_not(None), Job.lease_until < now))
+
+
+def claim_job(db: Database, worker: str, *, lease_s: float = DEFAULT_LEASE_S, now: datetime | None = None) -> int | None:
+    """Atomically take the oldest pending job, or a running one whose worker's lease expired (the
+    worker died: killed, its machine down). Returns its id or None. The claim holds a lease of
+    ``lease_s`` seconds that the worker renews (``renew_lease``) while it runs the job.
+
+    PostgreSQL: ``SELECT ... FOR UPDATE SKIP LOCKED`` so that concurrent workers take different
+    jobs without waiting on each other; SQLite (one machine): writes are serialised and the guarded
+    UPDATE decides. A job whose lease expired ``MAX_ATTEMPTS`` times is failed with the reason."""
+    now = now or utcnow()
+    pg = db.engine.dialect.name != "sqlite"
+    with db.session() as s:
+        for _ in range(5):
+            q = select(Job.id, Job.state, Job.attempts, Job.worker).where(_claimable(now)).order_by(Job.id)
+            rows = s.execute(q.limit(1).with_for_update(skip_locked=True) if pg else q.limit(5)).all()
+            if not rows:
+                return None
+            for job_id, state, attempts, old_worker in rows:
+                if state == JobState.RUNNING and attempts >= MAX_ATTEMPTS:
+                    res = s.execute(update(Job).where(Job.id == job_id, _claimable(now)).values(
+                        state=JobState.FAILED, outcome="failed", worker=None, lease_until=None, finished_at=now,
+                        outputs=OutputsState.NONE,
+                        error=f"analysis interrupted {attempts} times (its worker stopped renewing the lease "
+                              f"each time, e.g. killed or out of memory); not retried"))
+                    if res.rowcount == 1:
+                        log.error("analysis job %d failed: its worker was lost %d times", job_id, attempts)
+                    continue
+                res = s.execute(
+                    update(Job).where(Job.id == job_id, _claimable(now))
+                    .values(state=JobState.RUNNING, worker=worker, started_at=now, attempts=Job.attempts + 1,
+                            lease_until=now + timedelta(seconds=lease_s))
+                )
+                if res.rowcount == 1:
+                    if state == JobState.RUNNING:
+                        log.warning("analysis job %d: the lease of worker %s expired; claimed again by %s",
+                                    job_id, old_worker, worker)
+                    return job_id
+            if not pg:
+                return None
     return None
+
+
+def renew_lease(db: Database, job_id: int, worker: str, lease_s: float = DEFAULT_LEASE_S) -> bool:
+    """Heartbeat of a live worker: extend its lease on the job. False when the job is no longer its
+    own (re-queued at a node's stop, or claimed by another worker after the lease expired)."""
+    with db.session() as s:
+        res = s.execute(update(Job).where(Job.id == job_id, Job.state == JobState.RUNNING, Job.worker == worker)
+                        .values(lease_until=utcnow() + timedelta(seconds=lease_s)))
+        return res.rowcount == 1
+
+
+def holds_job(db: Database, job_id: int, worker: str) -> bool:
+    """Whether ``worker`` still holds the running job (checked before its outputs are written)."""
+    with db.engine.connect() as conn:
+        return conn.scalar(select(Job.id).where(Job.id == job_id, Job.state == JobState.RUNNING,
+                                                Job.worker == worker)) is not None
 
 
 def job_files(db: Database, job_id: int) -> tuple[Job, Series, list[str]]:
@@ -233,10 +322,15 @@ def finish_job(
     Older results of the same series are marked superseded (``current = False``), never duplicated.
     Returns False (and stores nothing) if the job was taken away (e.g. re-queued at shutdown)."""
     with db.session() as s:
-        job = s.get(Job, job_id)
-        if job is None or job.state != JobState.RUNNING or job.worker != worker:
+        # The guarded UPDATE first takes the row (PostgreSQL row lock; SQLite's write lock): a claim
+        # of the same job by another worker after a lease expiry waits for this transaction and
+        # then finds the job closed, or it came first and this worker finds the job not its own.
+        held = s.execute(update(Job).where(Job.id == job_id, Job.state == JobState.RUNNING, Job.worker == worker)
+                         .values(finished_by=worker))
+        if held.rowcount != 1:
             s.rollback()
             return False
+        job = s.get(Job, job_id)
         if runs:
             s.execute(update(AnalysisRun).where(AnalysisRun.series_id == job.series_id, AnalysisRun.current.is_(True))
                       .values(current=False))
@@ -268,6 +362,8 @@ def finish_job(
         job.selection = selection
         job.finished_at = utcnow()
         job.worker = None
+        job.lease_until = None
+        job.finished_by = worker
         return True
 
 
@@ -409,3 +505,79 @@ def analysed_reconstruction(db: Database, study_instance_uid: str | None, recons
         if isinstance(data, dict) and data.get("reconstruction") == reconstruction:
             return uid
     return None
+
+
+@dataclass(frozen=True)
+class WorkerLoad:
+    """One worker as the queue sees it: jobs it holds now, jobs it finished in the last hour."""
+
+    worker: str
+    running: int
+    done_last_hour: int
+
+
+@dataclass(frozen=True)
+class QueueStats:
+    """The analysis queue at one moment (``qa-node status``, the backlog warning)."""
+
+    depth: int  # jobs waiting to be claimed (pending)
+    oldest_wait_s: float | None  # age of the oldest pending job
+    running: int
+    workers: list[WorkerLoad]
+    mean_job_s: float | None  # mean duration of the recently finished jobs
+    n_recent: int  # how many finished jobs that mean is over
+    n_workers: int  # workers the ETA divides by
+    eta_s: float | None  # depth x mean_job_s / n_workers
+
+    def as_dict(self) -> dict:
+        return {"depth": self.depth, "oldest_wait_s": self.oldest_wait_s, "running": self.running,
+                "workers": [{"worker": w.worker, "running": w.running, "done_last_hour": w.done_last_hour}
+                            for w in self.workers],
+                "mean_job_s": self.mean_job_s, "n_recent": self.n_recent, "n_workers": self.n_workers,
+                "eta_s": self.eta_s}
+
+
+def queue_stats(db: Database, now: datetime | None = None, *, configured_workers: int = 0,
+                recent: int = 20) -> QueueStats:
+    """Queue depth, the oldest waiting job's age, jobs per worker (running now, finished - done or
+    failed - in the last hour), the mean duration of the jobs finished in the last hour (else of
+    the last ``recent`` finished jobs) and an ETA for the waiting jobs: depth x mean / workers,
+    where workers are those seen in the last hour (running or finishing a job), else
+    ``configured_workers``; None when there is no mean or no worker."""
+    from sqlalchemy import func
+
+    now = now or utcnow()
+    hour_ago = now - timedelta(hours=1)
+    with db.session() as s:
+        depth = s.scalar(select(func.count()).select_from(Job).where(Job.state == JobState.PENDING)) or 0
+        oldest = s.scalar(select(func.min(Job.created_at)).where(Job.state == JobState.PENDING))
+        running = dict(s.execute(select(Job.worker, func.count()).where(Job.state == JobState.RUNNING)
+                                 .group_by(Job.worker)).all())
+        done = dict(s.execute(select(Job.finished_by, func.count())
+                              .where(Job.state.in_((JobState.DONE, JobState.FAILED)), Job.finished_at >= hour_ago,
+                                     Job.finished_by.is_not(None))
+                              .group_by(Job.finished_by)).all())
+        finished = select(Job.started_at, Job.finished_at).where(
+            Job.state.in_((JobState.DONE, JobState.FAILED)), Job.started_at.is_not(None), Job.finished_at.is_not(None))
+        spans = s.execute(finished.where(Job.finished_at >= hour_ago)).all()
+        if not spans:
+            spans = s.execute(finished.order_by(Job.finished_at.desc()).limit(recent)).all()
+    if isinstance(oldest, str):  # SQLite aggregates bypass the column type
+        oldest = datetime.fromisoformat(oldest)
+    if oldest is not None and oldest.tzinfo is None:
+        from datetime import timezone
+
+        oldest = oldest.replace(tzinfo=timezone.utc)
+    durations = [(b - a).total_seconds() for a, b in spans]
+    mean = sum(durations) / len(durations) if durations else None
+    names = sorted({w for w in running if w} | set(done))
+    workers = [WorkerLoad(w, running.get(w, 0), done.get(w, 0)) for w in names]
+    n_workers = len(workers) or configured_workers
+    eta = None
+    if depth == 0:
+        eta = 0.0
+    elif mean is not None and n_workers:
+        eta = depth * mean / n_workers
+    return QueueStats(depth=depth, oldest_wait_s=(now - oldest).total_seconds() if oldest is not None else None,
+                      running=sum(running.values()), workers=workers, mean_job_s=mean, n_recent=len(durations),
+                      n_workers=n_workers, eta_s=eta)
