@@ -47,13 +47,22 @@ def result_from_storage(db: Database, store: FileStore, job_id: int) -> SeriesRe
     runs = stored_runs(db, series.id, volume.n_slices)
     if not runs:
         raise ValueError("no stored results for this series (analyse it again with --reanalyse)")
-    outputs = [ModelOutput(name=r.model, algorithm=r.algorithm, version=r.version, weights_sha256=r.weights_sha256,
-                           series_metrics=dict(r.series_metrics), reasons=dict(r.reasons),
-                           slice_metrics={k: np.asarray(v, float) for k, v in r.slice_metrics.items()},
-                           info=dict(r.info))
-               for r in runs]
-    return SeriesResult(series.series_instance_uid, series.study_instance_uid, len(rel_paths), "done", None,
-                        outputs, volume)
+    from analysis.pipeline import flag_out_of_distribution
+    from node.worker import PARAMETERS_INFO_KEY
+
+    outputs = []
+    for r in runs:
+        info = dict(r.info)
+        params = info.pop(PARAMETERS_INFO_KEY, "")
+        outputs.append(ModelOutput(name=r.model, algorithm=r.algorithm, version=r.version,
+                                   weights_sha256=r.weights_sha256, series_metrics=dict(r.series_metrics),
+                                   reasons=dict(r.reasons),
+                                   slice_metrics={k: np.asarray(v, float) for k, v in r.slice_metrics.items()},
+                                   info=info, parameters=[p for p in params.split("\n") if p]))
+    result = SeriesResult(series.series_instance_uid, series.study_instance_uid, len(rel_paths), "done", None,
+                          outputs, volume)
+    flag_out_of_distribution(result)  # the same flags as the analysis: from the series and its stored metrics
+    return result
 
 
 def rebuild_outputs(settings: Settings, db: Database, store: FileStore, job_id: int) -> Rebuilt:

@@ -61,11 +61,16 @@ def startup_warnings(settings: Settings) -> list[str]:
     return lines
 
 
+# info key under which a run's further TID 4019 parameters are stored (rebuild-outputs restores them)
+PARAMETERS_INFO_KEY = "algorithm_parameters"
+
+
 def run_records(result: SeriesResult) -> list[RunRecord]:
     return [
         RunRecord(model=o.name, algorithm=o.algorithm, version=o.version, weights_sha256=o.weights_sha256,
                   series_metrics=dict(o.series_metrics), reasons=dict(o.reasons),
-                  slice_metrics={k: list(v) for k, v in o.slice_metrics.items()}, info=dict(o.info))
+                  slice_metrics={k: list(v) for k, v in o.slice_metrics.items()},
+                  info={**o.info, **({PARAMETERS_INFO_KEY: "\n".join(o.parameters)} if o.parameters else {})})
         for o in result.outputs
     ]
 

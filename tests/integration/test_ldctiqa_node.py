@@ -54,7 +54,7 @@ def test_node_scores_ldctiqa_with_a_site_checkpoint_and_says_so_in_the_sr(tmp_pa
     node = make_node(tmp_path, analysis={"device": "cpu", "models": ["basic", "ldctiqa"],
                                          "ldctiqa": {"weights": str(checkpoint)}})
     with caplog.at_level(logging.WARNING):
-        push_and_analyse(node, [src])
+        job_id = push_and_analyse(node, [src])
     sha = file_sha256(checkpoint)
     warned = [r for r in caplog.records if "not the published" in r.getMessage()]
     assert len(warned) == 1 and sha in warned[0].getMessage()  # one warning: the file is loaded once (cached)
@@ -73,6 +73,12 @@ def test_node_scores_ldctiqa_with_a_site_checkpoint_and_says_so_in_the_sr(tmp_pa
         alg = got[key].algorithm
         assert alg.name == ldctiqa_model.ALGORITHM and alg.weights_sha256 == sha
         assert "resampled=128x128 to 512x512" in alg.notes and "scored_slices=1 of 1" in alg.notes
+    # rebuild-outputs (from the stored results, no model run) restores the same TID 4019 parameters
+    from node.rebuild import result_from_storage
+
+    (stored,) = [o for o in result_from_storage(node.db, node.store, job_id).outputs if o.name == "ldctiqa"]
+    assert stored.parameters == ref.parameters == ["scored_slices=1 of 1", "resampled=128x128 to 512x512"]
+    assert stored.out_of_distribution == ref.out_of_distribution == [] and "algorithm_parameters" not in stored.info
     per_slice = [m for m in content.slice_metrics if m.key == "ldctiqa_expected_score"]
     assert len(per_slice) == 1 and per_slice[0].value == pytest.approx(ref.slice_metrics["ldctiqa_expected_score"][0], abs=1e-4)
 
