@@ -1,0 +1,467 @@
+"""Training Delta-IQA on a site's ratings (``qa-node train delta_iqa``), and synthetic ratings whose
+truth is known for testing the machinery.
+
+    add_arguments(parser)   # --ratings FILE --out PATH [--epochs N] [--seed S] ...
+    run(args) -> int        # exit status (2: bad ratings file, listed line by line)
+
+Recipe (the published one, analysis/delta_iqa.py for the network): "fuzzy" labels (a score split
+between its floor and ceiling class) with a soft-target cross-entropy, AdamW (weight decay 1e-3),
+augmentation by a random rotation of +/-15 degrees and a random shift of +/-10 px per image, dropout
+0.5 / 0.3. Differences from the paper, chosen for a 2-core CPU (the paper: lr 1e-5, batch 128, 80
+epochs with early stopping): a larger learning rate (default 3e-4), batch 8, few epochs, and no
+early stopping (no validation set is carved out of a few hundred ratings; the weights of the last
+epoch are kept). The held-out split is by series (every slice of a held-out series is held out), so
+the held-out PLCC/SROCC/KROCC in the model card measure images of series never seen in training;
+the held-out set is never used to choose anything.
+
+Outputs: ``--out`` gets the weights (``analysis.delta_iqa.save_weights``) and ``<out stem>_MODEL_CARD.md``
+beside it: the data (ratings file and its SHA-256, counts), the exact command, the held-out figures.
+
+Synthetic ratings (``make_synthetic_ratings``; tests and bench/delta_iqa_synthetic.py only): real
+slices degraded at 5 graded levels, as LDCTIQAC made its images (added noise and streaks): added
+noise is image-domain Gaussian noise shaped by a ramp x Hann noise power spectrum (CT-like texture,
+REFERENCE section 3's fast route), streaks are thin lines of alternating sign through the body.
+Each image is "rated" by its level (score = 4 - level). These are NOT radiologist ratings: weights
+trained on them are synthetic-degradation weights (``--labels synthetic``) and are carded as such.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import shlex
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+
+from analysis import delta_iqa as dq
+
+log = logging.getLogger(__name__)
+
+DEFAULT_EPOCHS = 6
+DEFAULT_LR = 3e-4
+DEFAULT_BATCH = 8
+WEIGHT_DECAY = 1e-3
+ROTATION_DEG = 15.0
+SHIFT_PX = 10.0
+LABELS = {"site": "site raters' Likert scores", "synthetic": "SYNTHETIC degradation levels (not radiologist ratings)"}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--ratings", required=True, metavar="FILE",
+                        help="ratings CSV (path,score[,rater,frame,sop_instance_uid]; see `qa-node ratings`)")
+    parser.add_argument("--out", required=True, metavar="PATH", help="weights file to write; the model card goes beside it")
+    parser.add_argument("--epochs", type=int, default=DEFAULT_EPOCHS, help=f"passes over the training ratings (default {DEFAULT_EPOCHS})")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the split, the initialisation and the augmentation")
+    parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH)
+    parser.add_argument("--lr", type=float, default=DEFAULT_LR, help=f"AdamW learning rate (default {DEFAULT_LR:g}; paper 1e-5)")
+    parser.add_argument("--holdout", type=float, default=0.2,
+                        help="share of the ratings held out, by whole series (default 0.2; at least one series)")
+    parser.add_argument("--labels", choices=sorted(LABELS), default="site",
+                        help="what the scores are: site (raters' Likert scores) or synthetic (degradation levels, for tests)")
+    parser.add_argument("--width", type=float, default=1.0, help=argparse.SUPPRESS)  # < 1 only for fast tests
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
+    parser.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
+
+
+# ------------------------------------------------------------------------------------- data
+@dataclass
+class RatedImages:
+    x: np.ndarray  # float16 (n, 512, 512): network input in [0, 1]
+    scores: np.ndarray  # (n,) float
+    groups: list[str]  # per image: its series (SeriesInstanceUID, else the file's folder)
+    paths: list[str] = field(default_factory=list)
+
+
+def load_rated_images(rows: Sequence, progress: bool = False) -> RatedImages:
+    """Decode each rated image (``node.ratings.RatingRow``) to the network input."""
+    from analysis.volume import load_series
+
+    x = np.empty((len(rows), dq.INPUT_SIZE, dq.INPUT_SIZE), dtype=np.float16)
+    cache: dict[str, object] = {}
+    it = rows
+    if progress:
+        from tqdm import tqdm
+
+        it = tqdm(rows, desc="reading images", unit="img", dynamic_ncols=True)
+    groups, paths = [], []
+    for i, r in enumerate(it):
+        key = str(r.path)
+        vol = cache.get(key)
+        if vol is None:
+            vol = load_series([r.path])
+            cache = {key: vol}  # one file at a time (multi-frame files are read once per run of rows)
+        k = 0
+        if r.frame is not None:
+            k = [j for j, f in enumerate(vol.frame_numbers) if f == r.frame][0]
+        x[i] = dq.prepare(vol.hu[k])[0, 0]
+        groups.append(r.series_instance_uid or str(Path(r.path).parent))
+        paths.append(key)
+    return RatedImages(x=x, scores=np.array([float(r.score) for r in rows]), groups=groups, paths=paths)
+
+
+def split_by_series(groups: Sequence[str], holdout: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Indices (train, held_out): whole series are held out (in a seeded random order) until they
+    hold at least ``holdout`` of the images; at least one series on each side."""
+    uniq = sorted(set(groups))
+    if len(uniq) < 2:
+        raise ValueError(f"the ratings cover {len(uniq)} series: a held-out split by series needs at least 2")
+    rng = np.random.default_rng(seed)
+    order = [uniq[i] for i in rng.permutation(len(uniq))]
+    g = np.asarray(groups)
+    held: list[str] = []
+    for s in order[:-1]:
+        if (np.isin(g, held).sum() / len(g)) >= holdout:
+            break
+        held.append(s)
+    mask = np.isin(g, held)
+    return np.nonzero(~mask)[0], np.nonzero(mask)[0]
+
+
+# ------------------------------------------------------------------------------------- training
+def augment(x, gen):
+    """Random rotation (+/-15 degrees) and shift (+/-10 px) per image; outside = 0 (air)."""
+    import torch
+    import torch.nn.functional as F
+
+    n, _, h, w = x.shape
+    ang = (torch.rand(n, generator=gen) * 2 - 1) * math.radians(ROTATION_DEG)
+    sh = (torch.rand(n, 2, generator=gen) * 2 - 1) * SHIFT_PX
+    cos, sin = torch.cos(ang), torch.sin(ang)
+    # output p samples the input at R (p - s): the content turns about the centre, then moves by s px
+    sx, sy = sh[:, 0] * 2 / w, sh[:, 1] * 2 / h
+    theta = torch.zeros(n, 2, 3)
+    theta[:, 0, 0], theta[:, 0, 1], theta[:, 0, 2] = cos, -sin, -(cos * sx - sin * sy)
+    theta[:, 1, 0], theta[:, 1, 1], theta[:, 1, 2] = sin, cos, -(sin * sx + cos * sy)
+    grid = F.affine_grid(theta.to(x.device), list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+
+@dataclass
+class TrainResult:
+    net: object
+    held_out: dict  # plcc/srocc/krocc/aggregate on the held-out images
+    held_pred: np.ndarray
+    held_true: np.ndarray
+    train_idx: np.ndarray
+    held_idx: np.ndarray
+    seconds: float
+    losses: list[float]
+
+
+def train(data: RatedImages, *, epochs: int = DEFAULT_EPOCHS, seed: int = 0, batch_size: int = DEFAULT_BATCH,
+          lr: float = DEFAULT_LR, holdout: float = 0.2, width: float = 1.0, device: str = "cpu",
+          progress: bool = True, split: tuple[np.ndarray, np.ndarray] | None = None) -> TrainResult:
+    import torch
+
+    t0 = time.perf_counter()
+    tr, ho = split if split is not None else split_by_series(data.groups, holdout, seed)
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    net = dq.build_network(width).to(device)
+    opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=WEIGHT_DECAY)
+    targets = torch.from_numpy(dq.fuzzy_labels(data.scores))
+    steps = epochs * math.ceil(len(tr) / batch_size)
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=steps, unit="step", desc="training", dynamic_ncols=True)
+    losses: list[float] = []
+    for epoch in range(epochs):
+        net.train()
+        order = rng.permutation(tr)
+        total = 0.0
+        for b in range(0, len(order), batch_size):
+            idx = order[b:b + batch_size]
+            x = torch.from_numpy(data.x[idx].astype(np.float32))[:, None].to(device)
+            x = augment(x, gen)
+            logp = torch.log_softmax(net(x), dim=1)
+            loss = -(targets[idx].to(device) * logp).sum(dim=1).mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            total += float(loss.detach()) * len(idx)
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(epoch=epoch + 1, loss=f"{float(loss.detach()):.3f}")
+        losses.append(total / max(1, len(tr)))
+    if bar is not None:
+        bar.close()
+    pred = predict_prepared(net, data.x[ho], device)
+    return TrainResult(net=net, held_out=dq.correlations(pred, data.scores[ho]), held_pred=pred,
+                       held_true=data.scores[ho], train_idx=tr, held_idx=ho, seconds=time.perf_counter() - t0,
+                       losses=losses)
+
+
+def predict_prepared(net, x: np.ndarray, device: str = "cpu", batch: int = 8) -> np.ndarray:
+    """Scores of already prepared images (n, 512, 512)."""
+    import torch
+
+    net.eval()
+    out = []
+    with torch.no_grad():
+        for i in range(0, len(x), batch):
+            xb = torch.from_numpy(np.asarray(x[i:i + batch], dtype=np.float32))[:, None].to(device)
+            out.append(torch.softmax(net(xb), dim=1).cpu().numpy())
+    return dq.expected_score(np.concatenate(out)) if out else np.zeros(0)
+
+
+# ------------------------------------------------------------------------------------- CLI
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from analysis.weights import file_sha256
+    from node.ratings import RatingsFileError, read_ratings_csv
+
+    if args.epochs < 1 or args.batch_size < 1 or not 0 < args.holdout < 1 or args.lr <= 0:
+        print("qa-node train delta_iqa: --epochs and --batch-size must be >= 1, --holdout in (0, 1), --lr > 0",
+              file=sys.stderr)
+        return 2
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("qa-node train delta_iqa: --device cuda but CUDA is not available", file=sys.stderr)
+        return 2
+    try:
+        rows = read_ratings_csv(args.ratings)
+    except RatingsFileError as exc:
+        print(f"{exc.path}: {len(exc.errors)} problem(s); nothing trained:", file=sys.stderr)
+        for e in exc.errors:
+            print(f"  {e}", file=sys.stderr)
+        return 2
+    try:
+        data = load_rated_images(rows, progress=not args.no_progress)
+        split = split_by_series(data.groups, args.holdout, args.seed)
+    except ValueError as exc:
+        print(f"qa-node train delta_iqa: {exc}", file=sys.stderr)
+        return 2
+    log.info("delta_iqa: %d ratings of %d series; %d train / %d held out (%d series held out)", len(rows),
+             len(set(data.groups)), len(split[0]), len(split[1]), len({data.groups[i] for i in split[1]}))
+    res = train(data, epochs=args.epochs, seed=args.seed, batch_size=args.batch_size, lr=args.lr, width=args.width,
+                device=args.device, progress=not args.no_progress, split=split)
+    out = Path(args.out)
+    dq.save_weights(out, res.net, width=args.width, labels=args.labels,
+                    extra={"held_out": res.held_out, "trained_at": datetime.now(timezone.utc).isoformat()})
+    card = card_path(out)
+    command = shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]]) if sys.argv and sys.argv[0] else "(library call)"
+    card.write_text(model_card(args, rows, data, res, command=command, ratings_sha=file_sha256(args.ratings),
+                               weights_sha=file_sha256(out)), encoding="utf-8")
+    h = res.held_out
+    print(f"held-out ({len(res.held_idx)} images of {len({data.groups[i] for i in res.held_idx})} series): "
+          f"PLCC {h['plcc']:.3f}  SROCC {h['srocc']:.3f}  KROCC {h['krocc']:.3f}  ({res.seconds:.0f} s)")
+    print(f"weights: {out}\nmodel card: {card}")
+    return 0
+
+
+def card_path(weights: Path) -> Path:
+    weights = Path(weights)
+    return weights.with_name(weights.stem + "_MODEL_CARD.md")
+
+
+def model_card(args, rows, data: RatedImages, res: TrainResult, *, command: str, ratings_sha: str,
+               weights_sha: str) -> str:
+    synthetic = args.labels == "synthetic"
+    raters = sorted({r.rater for r in rows if r.rater})
+    hist = np.histogram(data.scores, bins=[0, 0.5, 1.5, 2.5, 3.5, 4.01])[0]
+    h = res.held_out
+    lines = [
+        "# Delta-IQA model card" + (" — SYNTHETIC-DEGRADATION WEIGHTS (not radiologist ratings)" if synthetic else ""),
+        "",
+        f"Written by `qa-node train delta_iqa` on {datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}.",
+        "",
+        "## Labels",
+        f"- {LABELS[args.labels]}.",
+    ]
+    if synthetic:
+        lines += ["- These weights score how strongly synthetic noise/streaks were added, nothing a radiologist said. "
+                  "Do not enable them as a Likert model ([analysis.delta_iqa] weights) for clinical QA."]
+    else:
+        lines += ["- Valid only for images like the rated ones (Delta-IQA's own card: not for other patient groups "
+                  "without prior local validation)."]
+    lines += [
+        "",
+        "## Data",
+        f"- ratings file: `{args.ratings}` (SHA-256 {ratings_sha})",
+        f"- {len(rows)} ratings of {len(set(r.path for r in rows))} images, {len(set(data.groups))} series, "
+        f"{len(raters)} named rater(s){': ' + ', '.join(raters) if raters else ''}",
+        f"- scores (rounded to a class): 0: {hist[0]}, 1: {hist[1]}, 2: {hist[2]}, 3: {hist[3]}, 4: {hist[4]}",
+        f"- split by series (seed {args.seed}): {len(res.train_idx)} training images "
+        f"({len({data.groups[i] for i in res.train_idx})} series), {len(res.held_idx)} held out "
+        f"({len({data.groups[i] for i in res.held_idx})} series, never seen in training, used for nothing else)",
+        "",
+        "## Command",
+        f"    {command}",
+        "",
+        "## Training",
+        f"- architecture: Delta-IQA (analysis/delta_iqa.py), width {args.width:g}"
+        + (" (the published network)" if args.width == 1.0 else " (REDUCED width: a test network, not the published one)"),
+        f"- {args.epochs} epochs, batch {args.batch_size}, AdamW lr {args.lr:g} weight decay {WEIGHT_DECAY:g}, "
+        f"fuzzy labels, rotation +/-{ROTATION_DEG:g} degrees, shift +/-{SHIFT_PX:g} px; last epoch kept",
+        f"- device {args.device}, {res.seconds:.0f} s; training loss per epoch: "
+        + ", ".join(f"{v:.3f}" for v in res.losses),
+        f"- weights file SHA-256: {weights_sha}",
+        "",
+        "## Held-out agreement (images of held-out series)",
+        "| PLCC | SROCC | KROCC | PLCC+SROCC+KROCC |",
+        "|---|---|---|---|",
+        f"| {h['plcc']:.4f} | {h['srocc']:.4f} | {h['krocc']:.4f} | {h['aggregate']:.4f} |",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------- synthetic ratings
+def ct_like_noise(shape: tuple[int, int], sd: float, rng: np.random.Generator) -> np.ndarray:
+    """Gaussian noise with a ramp x Hann noise power spectrum (a filtered-back-projection texture),
+    scaled to standard deviation ``sd`` HU."""
+    if sd <= 0:
+        return np.zeros(shape, dtype=np.float32)
+    fy = np.fft.fftfreq(shape[0])[:, None]
+    fx = np.fft.fftfreq(shape[1])[None, :]
+    f = np.hypot(fy, fx)
+    fc = 0.35  # cycles/pixel: Hann cut-off (a soft body kernel)
+    amp = np.sqrt(f * np.where(f < fc, 0.5 * (1 + np.cos(np.pi * f / fc)), 0.0))
+    n = np.fft.ifft2(np.fft.fft2(rng.standard_normal(shape)) * amp).real
+    return (n * (sd / n.std())).astype(np.float32)
+
+
+def streaks(shape: tuple[int, int], amplitude: float, n: int, rng: np.random.Generator,
+            body: np.ndarray | None = None) -> np.ndarray:
+    """``n`` thin straight streaks (Gaussian profile, sigma 0.8 px) of alternating sign and random
+    angle through points inside ``body``, peak ``amplitude`` HU."""
+    out = np.zeros(shape, dtype=np.float32)
+    if n <= 0 or amplitude <= 0:
+        return out
+    yy, xx = np.mgrid[0:shape[0], 0:shape[1]].astype(np.float32)
+    pts = np.argwhere(body) if body is not None and body.any() else None
+    for k in range(n):
+        if pts is not None:
+            cy, cx = pts[rng.integers(len(pts))]
+        else:
+            cy, cx = rng.uniform(0.3, 0.7) * shape[0], rng.uniform(0.3, 0.7) * shape[1]
+        th = rng.uniform(0, np.pi)
+        d = (xx - cx) * np.sin(th) - (yy - cy) * np.cos(th)
+        sign = 1.0 if k % 2 == 0 else -1.0
+        out += sign * amplitude * rng.uniform(0.6, 1.0) * np.exp(-0.5 * (d / 0.8) ** 2)
+    return out
+
+
+# level 0 = as acquired (score 4) ... level 4 = worst (score 0): added noise SD (HU), streaks (count, HU)
+LEVELS = ((0.0, 0, 0.0), (20.0, 4, 40.0), (45.0, 8, 80.0), (80.0, 12, 120.0), (130.0, 16, 180.0))
+
+
+def degrade(hu: np.ndarray, level: int, rng: np.random.Generator, body: np.ndarray | None = None) -> np.ndarray:
+    sd, n_streaks, amp = LEVELS[level]
+    out = hu.astype(np.float32) + ct_like_noise(hu.shape, sd, rng) + streaks(hu.shape, amp, n_streaks, rng, body)
+    if body is not None:  # noise and streaks in the patient; the air around stays (mostly) air
+        out = np.where(body, out, hu + 0.2 * (out - hu))
+    return out
+
+
+# real single-frame 512 x 512 slices with anatomy in the soft-tissue window, one series each (paths under
+# the shared data folder; the dicom2nifti corpus series hold blanked pixels and are not usable here)
+SYNTHETIC_SOURCES = (
+    "corpus/dcmqi/GE_LightSpeedUltra_3slice",
+    "corpus/cornerstone3D/GE_HiSpeedCTi_TS_LittleEndianExplicit",
+    "corpus/pydicom-data/Anon_pancreas_explicitVR_UN",
+    "corpus/pylibjpeg-data/GE_coreload_693_J2K_lossy",
+    "corpus/pylibjpeg-data/Hitachi_Supria_J2K_pixrep_tilt",
+    "corpus/pylibjpeg-data/Toshiba_Aquilion_J2K_OpenJPEGv2",
+    "corpus/pylibjpeg-data/Toshiba_Aquilion_J2K_lossy",
+    "corpus/dicompyler-core/Anon_dicompyler_ct",
+    "dicom/wg04/CT1_UNC",
+    "dicom/wg04/CT2_UNC",
+    "ct/philips_head_phantom/S2010_5mm",
+)
+
+
+def synthetic_source_files(shared_data: Path, max_per_series: int = 3) -> list[Path]:
+    """The files of SYNTHETIC_SOURCES (at most ``max_per_series`` evenly spaced files of a folder)."""
+    out: list[Path] = []
+    for rel in SYNTHETIC_SOURCES:
+        p = Path(shared_data) / rel
+        files = [p] if p.is_file() else sorted(f for f in p.iterdir() if f.is_file() and f.name not in ("LICENSE", "README.md"))
+        if len(files) > max_per_series:
+            files = [files[i] for i in np.unique(np.linspace(0, len(files) - 1, max_per_series).round().astype(int))]
+        out.extend(files)
+    return out
+
+
+def make_synthetic_ratings(sources: Sequence[Path], out_dir: Path, *, per_slice_levels: Sequence[int] = range(5),
+                           seed: int = 0, max_slices_per_series: int = 0, realisations: int = 1) -> Path:
+    """Write degraded copies of real single-frame slices (one DICOM file per slice, level and noise
+    realisation; the source's SeriesInstanceUID kept so a split by series keeps every version of a
+    series together) and ``out_dir/ratings.csv`` rating each by its level (score = 4 - level, rater
+    ``synthetic``)."""
+    import csv
+
+    import pydicom
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    from analysis.mask import body_mask
+    from analysis.volume import load_series
+
+    rng = np.random.default_rng(seed)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rows = []
+    by_series: dict[str, list[Path]] = {}
+    for f in sources:
+        ds = pydicom.dcmread(f, stop_before_pixels=True)
+        by_series.setdefault(str(ds.SeriesInstanceUID), []).append(Path(f))
+    for s_i, (series_uid, files) in enumerate(sorted(by_series.items())):
+        files = sorted(files)
+        if max_slices_per_series and len(files) > max_slices_per_series:
+            pick = np.unique(np.linspace(0, len(files) - 1, max_slices_per_series).round().astype(int))
+            files = [files[i] for i in pick]
+        for f in files:
+            vol = load_series([f])
+            hu = vol.hu[0]
+            body = body_mask(hu, vol.pixel_spacing_mm)
+            src = pydicom.dcmread(f)
+            for level, rep in ((lv, r) for lv in per_slice_levels for r in range(realisations)):
+                img = degrade(hu, int(level), rng, body)
+                ds = pydicom.Dataset()
+                for kw in ("SOPClassUID", "StudyInstanceUID", "SeriesInstanceUID", "Modality", "PixelSpacing",
+                           "ImagePositionPatient", "ImageOrientationPatient", "SliceThickness", "KVP",
+                           "Manufacturer", "InstanceNumber"):
+                    if kw in src:
+                        setattr(ds, kw, src.data_element(kw).value)
+                ds.SOPInstanceUID = generate_uid()
+                ds.Modality = "CT"
+                ds.SeriesDescription = f"synthetic degradation level {level}"
+                ds.file_meta = pydicom.dataset.FileMetaDataset()
+                ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+                ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
+                ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+                ds.set_pixel_data(np.clip(np.round(img), -1024, 3071).astype(np.int16), "MONOCHROME2", 16)
+                ds.RescaleIntercept, ds.RescaleSlope = 0, 1
+                name = out_dir / f"s{s_i:02d}_{f.stem}_L{level}_r{rep}.dcm"
+                ds.save_as(name, enforce_file_format=True)
+                rows.append((name.name, 4 - int(level), "synthetic", ds.SOPInstanceUID))
+    csv_path = out_dir / "ratings.csv"
+    with csv_path.open("w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["path", "score", "rater", "sop_instance_uid"])
+        w.writerows(rows)
+    return csv_path
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m analysis.training.delta_iqa")
+    add_arguments(p)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    return run(p.parse_args(argv))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
