@@ -17,6 +17,7 @@ from analysis.models.spec import NO_UNITS, MetricSpec, ModelSpec, private
 
 ALGORITHM = "Delta-IQA Likert CNN (site-trained)"
 VERSION = "1.0"
+MODEL_CARD = "analysis/weights/DELTA_IQA_MODEL_CARD.md"
 DEFAULT_MAX_SLICES = 32
 NO_WEIGHTS = ("Delta-IQA has no weights: it publishes none and must be trained on the site's own ratings "
               "(qa-node rate, qa-node train delta_iqa), then enabled with [analysis.delta_iqa] weights = PATH")
@@ -91,6 +92,7 @@ SPEC = ModelSpec(
     requires=("torch",),
     uses_torch=True,
     learned=True,
+    model_card=MODEL_CARD,
     trainer="analysis.training.delta_iqa",
     summary="Likert 0-4 image quality CNN (Delta-IQA), trained on the site's own ratings",
     metrics=(
