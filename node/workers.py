@@ -63,8 +63,10 @@ def make_worker(settings: Settings, db: Database, store):
     return AnalysisWorker(settings, db, store, after_job=partial(after_job, settings, db, store))
 
 
-def worker_process_main(settings: Settings, index: int, n_workers: int, parent_pid: int, stop) -> None:
-    """Entry point of one worker process (spawned): runs until ``stop`` is set or the parent dies."""
+def worker_process_main(settings: Settings, index: int, n_workers: int, parent_pid: int) -> None:
+    """Entry point of one worker process (spawned): runs until SIGTERM (after the job in hand) or
+    until the parent dies. (No multiprocessing Event: a process SIGKILLed while waiting on one
+    leaves it unusable for the others.)"""
     _die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the parent decides
     from node.cli import setup_logging
@@ -81,11 +83,11 @@ def worker_process_main(settings: Settings, index: int, n_workers: int, parent_p
     signal.signal(signal.SIGTERM, _stop)
 
     def _watch() -> None:
-        while not stop.wait(1.0):
+        while True:
+            time.sleep(1.0)
             if os.getppid() != parent_pid:  # orphaned: the parent died without telling us
                 log.error("analysis worker %d: parent process gone; stopping", index + 1)
                 os._exit(1)
-        worker.stop()
 
     threading.Thread(target=_watch, name="parent-watch", daemon=True).start()
     log.info("analysis worker process %d/%d started (pid %d, torch threads %d)", index + 1, n_workers,
@@ -105,7 +107,6 @@ class WorkerPool:
         self.n = n_workers
         self.stop_timeout_s = stop_timeout_s
         self._ctx = mp.get_context("spawn")
-        self._stop = self._ctx.Event()
         self._procs: list = [None] * n_workers
         self._stopping = threading.Event()
         self._supervisor: threading.Thread | None = None
@@ -113,7 +114,7 @@ class WorkerPool:
 
     def _spawn(self, i: int) -> None:
         p = self._ctx.Process(target=worker_process_main, name=f"qa-node-worker-{i + 1}",
-                              args=(self.settings, i, self.n, os.getpid(), self._stop))
+                              args=(self.settings, i, self.n, os.getpid()))
         p.start()
         self._procs[i] = p
 
@@ -158,7 +159,9 @@ class WorkerPool:
         """Stop the processes: idle ones exit at once; one in the middle of a job is ended after
         ``stop_timeout_s`` and its job goes back to the queue (as with a one-worker node)."""
         self._stopping.set()
-        self._stop.set()
+        for p in self._procs:
+            if p is not None and p.is_alive():
+                p.terminate()  # SIGTERM: the worker stops after the job in hand
         deadline = time.monotonic() + self.stop_timeout_s
         for p in self._procs:
             if p is not None:

@@ -4,7 +4,10 @@ expiry, a stale worker refused) on the repository functions."""
 
 from __future__ import annotations
 
+import os
 import shutil
+import signal
+import socket
 from datetime import timedelta
 
 import pydicom
@@ -70,6 +73,31 @@ def test_two_worker_processes_share_the_queue(tmp_path):
         assert sorted(runs) == sorted((j.id, m) for j in jobs for m in ("basic", "classical"))
         # outputs written by the process that analysed the series: SR, map and report, once per series
         assert sorted(outputs) == sorted((j.id, k) for j in jobs for k in ("sr", "pmap", "pdf"))
+        # a worker process dies holding a job (its lease far from expiry): the pool re-queues that job
+        # at once and starts a new process
+        victim = node.pool.pids[0]
+        with node.db.session() as s:
+            series_id = s.scalar(select(Series.id).where(Series.series_instance_uid == uids[0]))
+            held = Job(series_id=series_id, generation=1, state="running", models="basic,classical", attempts=1,
+                       worker=f"{socket.gethostname()}:{victim}:gone", started_at=utcnow(),
+                       lease_until=utcnow() + timedelta(seconds=600))
+            s.add(held)
+            s.flush()
+            held_id = held.id
+        os.kill(victim, signal.SIGKILL)
+        wait_until(lambda: victim not in node.pool.pids and len(node.pool.pids) == 2, timeout=30,
+                   what="a new worker process")
+
+        def held_done():
+            with node.db.session() as s:
+                return s.get(Job, held_id).state == "done"
+        wait_until(held_done, timeout=90, what="the dead worker's job analysed again")
+        with node.db.session() as s:
+            j = s.get(Job, held_id)
+            assert (j.state, j.attempts, j.outputs) == ("done", 2, "written")
+            assert int(j.finished_by.split(":")[1]) in node.pool.pids
+            # the re-analysis re-creates the same outputs: still 3 per series
+            assert s.scalar(select(func.count()).select_from(OutputObject)) == 12
     finally:
         node.stop()
 
@@ -128,3 +156,21 @@ def test_start_requeues_only_jobs_no_live_worker_holds(queue):
     # a lease expired on another machine: back to the queue too
     claim_job(queue, "far:1:b", lease_s=60, now=now)
     assert requeue_abandoned_jobs(queue, "here", now=now + timedelta(seconds=61)) == 1
+
+
+def test_qa_node_worker_refuses_what_it_cannot_run(tmp_path, capsys):
+    from node.cli import main
+
+    data = tmp_path / "var"
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(f'[node]\ndata_dir = "{data}"\ndatabase = "sqlite:///{data}/db.sqlite"\n[analysis]\nworkers = 0\n')
+    assert main(["--config", str(cfg), "worker"]) == 2
+    assert capsys.readouterr().err.strip().endswith(
+        "analysis.workers = 0: no worker to run; give --workers N (N >= 1)")
+    assert main(["--config", str(cfg), "worker", "--workers", "1"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"qa-node: data folder {data} not found (on another machine: is the shared folder mounted?)")
+    data.mkdir()
+    assert main(["--config", str(cfg), "worker", "--workers", "1"]) == 1  # no database: serve makes it
+    assert capsys.readouterr().err.strip() == f"qa-node: no database at {data}/db.sqlite: start `qa-node serve` first"
+    assert list(data.iterdir()) == []  # nothing created, no node lock taken

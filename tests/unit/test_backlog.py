@@ -175,3 +175,22 @@ def test_torch_threads_split_between_workers():
     assert threads_per_worker(0, 2, cores=16) == 8
     assert threads_per_worker(2, 4) == 1  # at least one each
     assert threads_per_worker(0, 1, cores=2) == 2
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("workers", -1, "key 'analysis.workers' must be >= 0 (0 = this node only receives and sends), got -1"),
+    ("lease_s", 1, "key 'analysis.lease_s' must be >= 3 seconds, got 1.0"),
+    ("backlog_warn_s", -5, "key 'analysis.backlog_warn_s' must be >= 0 (0 = no backlog warning), got -5.0"),
+])
+def test_worker_keys_are_validated(key, value, message):
+    from node.config import ConfigError
+
+    with pytest.raises(ConfigError) as exc:
+        settings_from_dict({"node": {}, "analysis": {key: value}}, "c.toml")
+    assert str(exc.value) == f"c.toml: {message}"
+
+
+def test_worker_keys_defaults_and_zero_workers():
+    a = settings_from_dict({"node": {}}, "c.toml").analysis
+    assert (a.workers, a.lease_s, a.backlog_warn_s) == (1, 120.0, 3600.0)
+    assert settings_from_dict({"node": {}, "analysis": {"workers": 0}}, "c.toml").analysis.workers == 0
