@@ -95,6 +95,24 @@ def wait_port(port: int, timeout: float = 30.0) -> None:
     raise TimeoutError(f"nothing listens on port {port}")
 
 
+def settle(pid: int, timeout: float = 30.0) -> None:
+    """Wait until a freshly started receiver is idle (its start-up work, e.g. the node's imports and
+    worker start, would otherwise compete with the first push): < 20 ms of CPU in 0.5 s."""
+    def cpu() -> float:
+        with open(f"/proc/{pid}/stat") as f:
+            parts = f.read().rsplit(")", 1)[1].split()
+        return (int(parts[11]) + int(parts[12])) / os.sysconf("SC_CLK_TCK")
+
+    deadline = time.monotonic() + timeout
+    last = cpu()
+    while time.monotonic() < deadline:
+        time.sleep(0.5)
+        now = cpu()
+        if now - last < 0.02:
+            return
+        last = now
+
+
 def run_storescp(folder: Path, work: Path, n: int) -> float:
     out = work / "storescp-out"
     shutil.rmtree(out, ignore_errors=True)
@@ -105,6 +123,7 @@ def run_storescp(folder: Path, work: Path, n: int) -> float:
                             stderr=subprocess.DEVNULL)
     try:
         wait_port(port)
+        settle(proc.pid)
         dt = push(port, folder, "STORESCP")
     finally:
         proc.terminate()
@@ -144,6 +163,7 @@ def run_minimal_pynetdicom(folder: Path, work: Path, n: int) -> float:
                             stdout=subprocess.PIPE, text=True)
     try:
         port = int(proc.stdout.readline())
+        settle(proc.pid)
         dt = push(port, folder, "MINIMAL")
     finally:
         proc.stdin.close()
@@ -169,6 +189,7 @@ def run_orthanc(folder: Path, work: Path, n: int) -> float:
     orthanc = BenchOrthanc(workdir=odir, known_aes={"CT1": ("127.0.0.1", free_port())})
     orthanc.start()
     try:
+        settle(orthanc.proc.pid)
         dt = push(orthanc.dicom_port, folder, "ORTHANC")
         stored = orthanc.get("/statistics")["CountInstances"]
     finally:
@@ -186,6 +207,7 @@ def run_node(folder: Path, work: Path, n: int) -> float:
     proc = NodeProcess(cfg, node_dir)
     proc.start()
     try:
+        settle(proc.proc.pid)
         dt = push(proc.port, folder, "CTQA")
     finally:
         proc.stop()
