@@ -174,3 +174,36 @@ def test_qa_node_worker_refuses_what_it_cannot_run(tmp_path, capsys):
     assert main(["--config", str(cfg), "worker", "--workers", "1"]) == 1  # no database: serve makes it
     assert capsys.readouterr().err.strip() == f"qa-node: no database at {data}/db.sqlite: start `qa-node serve` first"
     assert list(data.iterdir()) == []  # nothing created, no node lock taken
+
+
+def test_serve_with_two_worker_processes_then_sigterm(tmp_path):
+    """`qa-node serve` with analysis.workers = 2 as a real process: series pushed by storescu are
+    analysed in its two worker processes, which SIGTERM stops with the node."""
+    from tests.helpers import NodeProcess, require_tool, storescu, write_config
+
+    require_tool("storescu")
+    make_series(require(PHANTOM_5MM), tmp_path / "push", 2, slices=2)
+    cfg = write_config(tmp_path / "config.toml", data_dir=tmp_path / "var", stable_age_s=0.5,
+                       models='["basic"]', extra="workers = 2\n")
+    node = NodeProcess(cfg, tmp_path)
+    node.start()
+    try:
+        assert storescu(node.port, tmp_path / "push").returncode == 0
+        db = Database(f"sqlite:///{tmp_path / 'var' / 'ctqa.sqlite'}")
+
+        def finishers():
+            with db.session() as s:
+                rows = s.scalars(select(Job.finished_by).where(Job.state == "done")).all()
+            return len(rows) == 2 and rows
+        rows = wait_until(finishers, timeout=90, what="2 series analysed")
+        db.dispose()
+        pids = {int(r.split(":")[1]) for r in rows}
+        assert node.proc.pid not in pids  # analysed in worker processes, not in serve itself
+        assert node.stop() == 0
+        for pid in pids:  # the worker processes ended with the node
+            wait_until(lambda: not os.path.exists(f"/proc/{pid}") or
+                       open(f"/proc/{pid}/stat").read().split()[2] == "Z", timeout=10, what=f"worker {pid} gone")
+        assert "analysis worker process 2/2 started" in node.log()
+        assert "Traceback" not in node.log()
+    finally:
+        node.stop()
