@@ -10,6 +10,7 @@ import errno
 import logging
 import os
 import threading
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from enum import IntEnum
@@ -20,7 +21,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from scp.dataset_check import DatasetError, InstanceTooLarge, check_pixel_data, walk_file
 
 from storage.db import Database
-from storage.filestore import FileStore, InvalidUID, check_uid, sha256_file
+from storage.filestore import FileStore, InvalidUID, check_uid, fsync_path, sha256_file
 from storage.repo import InstanceInfo, StoreOutcome, add_instance, record_conflict
 
 log = logging.getLogger(__name__)
@@ -145,6 +146,9 @@ class Ingestor:
         self.max_instance_bytes = max_instance_bytes
         # One SOP Instance UID is stored by one thread at a time (striped locks).
         self._locks = [threading.Lock() for _ in range(64)]
+        # The spooled file's fsync starts when the C-STORE handler starts and runs (the GIL released)
+        # while the header is walked and hashed; the file is moved into the store only after it.
+        self._flusher = ThreadPoolExecutor(max_workers=16, thread_name_prefix="spool-fsync")
 
     def store_file(
         self,
@@ -170,6 +174,7 @@ class Ingestor:
             spooled.unlink(missing_ok=True)
 
     def _store(self, spooled, sop_class, sop_instance, ts, scanner, calling_ae, peer_host) -> StoreResult:
+        flushed = self._flusher.submit(fsync_path, spooled)
         try:
             info = read_instance_info(spooled, affected_sop_class=sop_class, affected_sop_instance=sop_instance,
                                       transfer_syntax=ts, max_bytes=self.max_instance_bytes)
@@ -193,9 +198,10 @@ class Ingestor:
             return StoreResult(StoreStatus.OUT_OF_RESOURCES, detail="spooled dataset unreadable")
 
         with self._locks[hash(info.sop_instance_uid) % len(self._locks)]:
-            return self._commit(spooled, info, scanner, calling_ae, peer_host)
+            return self._commit(spooled, info, scanner, calling_ae, peer_host, flushed)
 
-    def _commit(self, spooled: Path, info: InstanceInfo, scanner, calling_ae, peer_host) -> StoreResult:
+    def _commit(self, spooled: Path, info: InstanceInfo, scanner, calling_ae, peer_host,
+                flushed: Future | None = None) -> StoreResult:
         sha, size = sha256_file(spooled), spooled.stat().st_size
         if self.min_free_bytes and self.store.free_bytes() - size < self.min_free_bytes:
             log.error("C-STORE refused: free disk space below the configured minimum")
@@ -204,7 +210,9 @@ class Ingestor:
         placed: list[bool] = []
 
         def place() -> None:
-            self.store.commit_file(spooled, rel)
+            if flushed is not None:
+                flushed.result()  # the file's fsync (an OSError from it: not stored, 0xA700)
+            self.store.commit_file(spooled, rel, synced=flushed is not None)
             placed.append(True)
 
         try:

@@ -57,6 +57,12 @@ def check_uid(uid: object, what: str) -> str:
     return str(uid)
 
 
+def fsync_path(path: Path) -> None:
+    """fsync a complete file by its path (the data and its size on the device)."""
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
 def fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
     try:
@@ -112,14 +118,16 @@ class FileStore:
         return self.root / rel_path
 
     # -- durable writes ------------------------------------------------------------------------
-    def commit_file(self, src: Path, rel_path: str) -> None:
+    def commit_file(self, src: Path, rel_path: str, *, synced: bool = False) -> None:
         """Durably move ``src`` (a file on the same filesystem, e.g. in the spool) to ``rel_path``.
         An existing file there is replaced: the database, not the file system, says what is stored
-        (a file without an index row was never acknowledged)."""
+        (a file without an index row was never acknowledged). ``synced``: the caller has already
+        fsynced ``src`` after its last write (e.g. while it validated it), so only the rename and
+        the folder's fsync remain."""
         dst = self.abs(rel_path)
         dst.parent.mkdir(parents=True, exist_ok=True)
-        with open(src, "rb") as f:
-            os.fsync(f.fileno())
+        if not synced:
+            fsync_path(src)
         os.replace(src, dst)
         fsync_dir(dst.parent)
 

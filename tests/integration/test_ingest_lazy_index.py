@@ -1,4 +1,6 @@
-"""Index durability on ingest: the first row of a series (with the scanner, calling AE and host) is
+"""Durability on ingest. The spooled file is fsynced (in a helper thread, while its header is walked
+and hashed) before it is renamed into the store and before Success; an fsync error stores nothing
+and answers 0xA700. The first row of a series (with the scanner, calling AE and host) is
 committed durably; later rows of that series are committed without waiting for the log flush, their
 files being durable before Success. What a power loss can take, the last lazily committed rows, start-up
 reconciliation puts back from the durable files into the durable series, scanner attribution kept."""
@@ -107,4 +109,48 @@ def test_postgresql_later_rows_commit_without_waiting_for_the_wal_flush(tmp_path
     with node.db.engine.connect() as conn:  # SET LOCAL ended with its transaction
         assert conn.exec_driver_sql("SHOW synchronous_commit").scalar() == "on"
     node.lock.release()
+    node.db.dispose()
+
+
+def test_file_fsynced_before_its_rename_and_an_fsync_error_stores_nothing(tmp_path, monkeypatch):
+    import errno
+    import os
+
+    import scp.ingest
+
+    node = _node(tmp_path)
+    files = sorted(p for p in require(PHANTOM_5MM).iterdir() if p.name.startswith("I"))[:2]
+    events: list[tuple[str, str]] = []
+    real_fsync_path, real_replace = scp.ingest.fsync_path, os.replace
+
+    def fsync_path(path):
+        events.append(("fsync", path.name))
+        real_fsync_path(path)
+
+    def replace(src, dst):
+        events.append(("rename", os.path.basename(src)))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(scp.ingest, "fsync_path", fsync_path)
+    monkeypatch.setattr(os, "replace", replace)
+    _ingest(node, files[:1])
+    spooled = f"in-{files[0].name}.dcm"
+    assert events == [("fsync", spooled), ("rename", spooled)]
+
+    def failing(path):
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(scp.ingest, "fsync_path", failing)
+    spool = node.store.spool / "in-x.dcm"
+    shutil.copyfile(files[1], spool)
+    ds = pydicom.dcmread(files[1], stop_before_pixels=True)
+    r = Ingestor(node.db, node.store).store_file(
+        spool, affected_sop_class=str(ds.SOPClassUID), affected_sop_instance=str(ds.SOPInstanceUID),
+        transfer_syntax=str(ds.file_meta.TransferSyntaxUID), scanner="CT1", calling_ae="CT1", peer_host="127.0.0.1")
+    assert r.status == StoreStatus.OUT_OF_RESOURCES and r.detail == "not stored: Input/output error"
+    assert not spool.exists()
+    with node.db.session() as s:
+        assert s.scalar(select(Series.n_instances)) == 1
+        assert str(ds.SOPInstanceUID) not in set(s.scalars(select(Instance.sop_instance_uid)))
+    assert len(list(node.store.store_files())) == 1
     node.db.dispose()
