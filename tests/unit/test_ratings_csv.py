@@ -139,3 +139,34 @@ def test_cli_import_lists_every_bad_row_and_imports_nothing(tmp_path, files):
     assert proc.returncode == 0, proc.stderr
     assert out.read_text().splitlines() == ["path,score,rater,frame,sop_instance_uid",
                                             f"{files['ct1'].resolve()},2.5,,,{files['ct1_uid']}"]
+
+
+def test_rate_items_from_the_store_and_sampling(tmp_path):
+    """qa-node rate samples from received series: every frame of a multi-frame instance is an item,
+    --series narrows to those series, an invalid UID is refused, the sample is seeded."""
+    from node import rate
+    from storage.models import Instance, Series
+
+    db = Database("sqlite:///" + str(tmp_path / "n.sqlite"))
+    db.create_all()
+    with db.session() as s:
+        a = Series(series_instance_uid="1.2.3.1", study_instance_uid="1.2.3")
+        b = Series(series_instance_uid="1.2.3.2", study_instance_uid="1.2.3")
+        s.add_all([a, b])
+        s.flush()
+        for k, (ser, frames) in enumerate(((a, 1), (a, 1), (b, 3))):
+            s.add(Instance(series_id=ser.id, sop_instance_uid=f"1.2.3.9.{k}", sop_class_uid="1.2.840.10008.5.1.4.1.1.2",
+                           transfer_syntax_uid="1.2.840.10008.1.2.1", rel_path=f"store/x/{k}.dcm", size_bytes=1,
+                           sha256="0" * 64, number_of_frames=frames))
+    items = rate.items_from_store(db, tmp_path / "data")
+    assert [(i.sop_instance_uid, i.frame, i.series_instance_uid) for i in items] == [
+        ("1.2.3.9.0", None, "1.2.3.1"), ("1.2.3.9.1", None, "1.2.3.1"),
+        ("1.2.3.9.2", 1, "1.2.3.2"), ("1.2.3.9.2", 2, "1.2.3.2"), ("1.2.3.9.2", 3, "1.2.3.2")]
+    assert items[0].path == (tmp_path / "data" / "store/x/0.dcm")
+    only_b = rate.items_from_store(db, tmp_path / "data", ["1.2.3.2"])
+    assert {i.series_instance_uid for i in only_b} == {"1.2.3.2"} and len(only_b) == 3
+    with pytest.raises(ValueError):
+        rate.items_from_store(db, tmp_path / "data", ["../etc"])
+    s1, s2 = rate.sample_items(items, 3, seed=4), rate.sample_items(items, 3, seed=4)
+    assert s1 == s2 and len(s1) == 3 and len(set(s1)) == 3
+    assert sorted(rate.sample_items(items, 0), key=items.index) == items
