@@ -146,8 +146,9 @@ class Ingestor:
         self.max_instance_bytes = max_instance_bytes
         # One SOP Instance UID is stored by one thread at a time (striped locks).
         self._locks = [threading.Lock() for _ in range(64)]
-        # The spooled file's fsync starts when the C-STORE handler starts and runs (the GIL released)
-        # while the header is walked and hashed; the file is moved into the store only after it.
+        # The spooled file's fsync and its SHA-256 start when the C-STORE handler starts and run (the
+        # GIL released) while the header is walked; the file is moved into the store only after the
+        # fsync returned.
         self._flusher = ThreadPoolExecutor(max_workers=16, thread_name_prefix="spool-fsync")
 
     def store_file(
@@ -175,6 +176,7 @@ class Ingestor:
 
     def _store(self, spooled, sop_class, sop_instance, ts, scanner, calling_ae, peer_host) -> StoreResult:
         flushed = self._flusher.submit(fsync_path, spooled)
+        hashed = self._flusher.submit(sha256_file, spooled)
         try:
             info = read_instance_info(spooled, affected_sop_class=sop_class, affected_sop_instance=sop_instance,
                                       transfer_syntax=ts, max_bytes=self.max_instance_bytes)
@@ -198,11 +200,12 @@ class Ingestor:
             return StoreResult(StoreStatus.OUT_OF_RESOURCES, detail="spooled dataset unreadable")
 
         with self._locks[hash(info.sop_instance_uid) % len(self._locks)]:
-            return self._commit(spooled, info, scanner, calling_ae, peer_host, flushed)
+            return self._commit(spooled, info, scanner, calling_ae, peer_host, flushed, hashed)
 
     def _commit(self, spooled: Path, info: InstanceInfo, scanner, calling_ae, peer_host,
-                flushed: Future | None = None) -> StoreResult:
-        sha, size = sha256_file(spooled), spooled.stat().st_size
+                flushed: Future | None = None, hashed: Future | None = None) -> StoreResult:
+        sha = hashed.result() if hashed is not None else sha256_file(spooled)
+        size = spooled.stat().st_size
         if self.min_free_bytes and self.store.free_bytes() - size < self.min_free_bytes:
             log.error("C-STORE refused: free disk space below the configured minimum")
             return StoreResult(StoreStatus.OUT_OF_RESOURCES, detail="disk space below the configured minimum")
