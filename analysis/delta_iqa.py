@@ -86,7 +86,6 @@ def build_network(width: float = 1.0):
         if isinstance(m, (nn.Conv2d, nn.Linear)):
             nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
             nn.init.zeros_(m.bias)
-    nn.init.zeros_(net[-1].weight)  # the classifier starts at the uniform distribution (a stable first epoch)
     return net
 
 

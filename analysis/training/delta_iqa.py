@@ -44,7 +44,7 @@ from analysis import delta_iqa as dq
 
 log = logging.getLogger(__name__)
 
-DEFAULT_EPOCHS = 6
+DEFAULT_EPOCHS = 8
 DEFAULT_LR = 3e-4
 DEFAULT_BATCH = 8
 WEIGHT_DECAY = 1e-3
@@ -252,7 +252,9 @@ def run(args: argparse.Namespace) -> int:
     dq.save_weights(out, res.net, width=args.width, labels=args.labels,
                     extra={"held_out": res.held_out, "trained_at": datetime.now(timezone.utc).isoformat()})
     card = card_path(out)
-    command = shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]]) if sys.argv and sys.argv[0] else "(library call)"
+    prog = Path(sys.argv[0]).name if sys.argv and sys.argv[0] else ""
+    prog = "qa-node" if prog in ("__main__.py", "qa-node", "-m") else prog
+    command = shlex.join([prog, *sys.argv[1:]]) if prog else "(library call)"
     card.write_text(model_card(args, rows, data, res, command=command, ratings_sha=file_sha256(args.ratings),
                                weights_sha=file_sha256(out)), encoding="utf-8")
     h = res.held_out

@@ -4,7 +4,7 @@ several series degraded at 5 graded levels, each rated by its level; not radiolo
 A small fast version of bench/delta_iqa_synthetic.py: a reduced-width network (width 0.125, the
 published one is too slow for CI) trained for a few epochs; the held-out images belong to series the
 network never saw. Asserted: the held-out SROCC the command prints and writes into the model card is
-a real figure (SROCC >= 0.8; it reaches 0.89; the full-width bench reaches the figures in the README), the card names the
+a real figure (SROCC >= 0.8; it reaches 0.91; the full-width bench reaches the figures in the README), the card names the
 synthetic labels, the data and the exact command, and the weights give the platform model
 (analysis/models/delta_iqa.py) scores that rank the held-out images as the card says.
 A bad ratings file stops the command with every bad row listed (exit 2)."""
@@ -57,7 +57,7 @@ def test_train_on_synthetic_levels_generalises_to_unseen_series(tmp_path):
     assert srocc >= 0.8 and krocc > 0.6 and plcc > 0.6, proc.stdout
     card = tr.card_path(out).read_text()
     assert "SYNTHETIC-DEGRADATION WEIGHTS" in card and "not radiologist" in card
-    assert f"`{csv_path}`" in card and "train delta_iqa --ratings" in card and "--labels synthetic" in card
+    assert f"`{csv_path}`" in card and "qa-node train delta_iqa --ratings" in card and "--labels synthetic" in card
     row = re.search(r"^\| (-?[\d.]+) \| (-?[\d.]+) \| (-?[\d.]+) \| (-?[\d.]+) \|$", card, re.M)
     assert row and np.allclose([float(v) for v in row.groups()[:3]], [plcc, srocc, krocc], atol=6e-4)
     assert "REDUCED width" in card
