@@ -259,13 +259,8 @@ def cmd_analyze(args) -> int:
 
 
 # -- serve -----------------------------------------------------------------------------------------
-def cmd_serve(args) -> int:
-    from node.service import Node
-
-    settings = _load(args)
-    setup_logging(settings.node.log_level)
-    ensure_database_folder(settings.node.database)
-    node = Node(settings, min_free_bytes=int(args.min_free_mb * 1024 * 1024))
+def _stop_on_signals() -> threading.Event:
+    """An event that SIGTERM or SIGINT sets (logged once), for the long-running commands."""
     stop = threading.Event()
 
     def _signal(signum, _frame):
@@ -274,6 +269,17 @@ def cmd_serve(args) -> int:
 
     signal.signal(signal.SIGTERM, _signal)
     signal.signal(signal.SIGINT, _signal)
+    return stop
+
+
+def cmd_serve(args) -> int:
+    from node.service import Node
+
+    settings = _load(args)
+    setup_logging(settings.node.log_level)
+    ensure_database_folder(settings.node.database)
+    node = Node(settings, min_free_bytes=int(args.min_free_mb * 1024 * 1024))
+    stop = _stop_on_signals()
     from storage.nodelock import NodeLocked
 
     try:
@@ -310,14 +316,7 @@ def cmd_worker(args) -> int:
     db.dispose()
     if _sqlite_path(settings.node.database) is not None:
         log.info("database is SQLite: workers on this machine only (several machines need PostgreSQL)")
-    stop = threading.Event()
-
-    def _signal(signum, _frame):
-        log.info("received %s: stopping", signal.Signals(signum).name)
-        stop.set()
-
-    signal.signal(signal.SIGTERM, _signal)
-    signal.signal(signal.SIGINT, _signal)
+    stop = _stop_on_signals()
     run_workers(settings, n, stop)
     log.info("stopped")
     return EXIT_OK

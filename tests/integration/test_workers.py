@@ -5,23 +5,21 @@ expiry, a stale worker refused) on the repository functions."""
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import socket
 from datetime import timedelta
 
-import pydicom
 import pytest
 from sqlalchemy import func, select
 
 from node.config import settings_from_dict
 from node.service import Node
-from scp.ingest import Ingestor
 from storage.db import Database, utcnow
 from storage.models import AnalysisRun, Job, OutputObject, Series
 from storage.repo import MAX_ATTEMPTS, claim_job, complete_due_series, finish_job, renew_lease, \
     requeue_abandoned_jobs
 from tests.helpers import PHANTOM_5MM, require, wait_until
+from tests.integration.test_node_pipeline import push_files
 from tests.integration.test_workers_postgres import make_series
 
 
@@ -36,25 +34,13 @@ def _settings(tmp_path, workers: int):
     }, "test.toml")
 
 
-def _push(node: Node, folder) -> None:
-    ing = Ingestor(node.db, node.store)
-    for f in sorted(folder.rglob("*.dcm")):
-        ds = pydicom.dcmread(f, stop_before_pixels=True)
-        spool = node.store.spool / "in.dcm"
-        shutil.copyfile(f, spool)
-        r = ing.store_file(spool, affected_sop_class=str(ds.SOPClassUID), affected_sop_instance=str(ds.SOPInstanceUID),
-                           transfer_syntax=str(ds.file_meta.TransferSyntaxUID), scanner="CT1", calling_ae="CT1",
-                           peer_host="127.0.0.1")
-        assert r.status == 0
-
-
 def test_two_worker_processes_share_the_queue(tmp_path):
     uids = make_series(require(PHANTOM_5MM), tmp_path / "push", 4, slices=2)
     node = Node(_settings(tmp_path, workers=2))
     node.start()
     try:
         assert node.worker is None and node.pool is not None and len(node.pool.pids) == 2
-        _push(node, tmp_path / "push")
+        push_files(node, sorted((tmp_path / "push").rglob("*.dcm")))
 
         def done():
             with node.db.session() as s:
