@@ -203,8 +203,8 @@ class Ingestor:
             return self._commit(spooled, info, scanner, calling_ae, peer_host, flushed, hashed)
 
     def _commit(self, spooled: Path, info: InstanceInfo, scanner, calling_ae, peer_host,
-                flushed: Future | None = None, hashed: Future | None = None) -> StoreResult:
-        sha = hashed.result() if hashed is not None else sha256_file(spooled)
+                flushed: Future, hashed: Future) -> StoreResult:
+        sha = hashed.result()
         size = spooled.stat().st_size
         if self.min_free_bytes and self.store.free_bytes() - size < self.min_free_bytes:
             log.error("C-STORE refused: free disk space below the configured minimum")
@@ -213,9 +213,8 @@ class Ingestor:
         placed: list[bool] = []
 
         def place() -> None:
-            if flushed is not None:
-                flushed.result()  # the file's fsync (an OSError from it: not stored, 0xA700)
-            self.store.commit_file(spooled, rel, synced=flushed is not None)
+            flushed.result()  # the file's fsync (an OSError from it: not stored, 0xA700)
+            self.store.commit_file(spooled, rel, synced=True)
             placed.append(True)
 
         try:
