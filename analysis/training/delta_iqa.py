@@ -219,8 +219,8 @@ def predict_prepared(net, x: np.ndarray, device: str = "cpu", batch: int = 8) ->
 def run(args: argparse.Namespace) -> int:
     import torch
 
+    from analysis.training.ratings_file import RatingsFileError, read_ratings_csv
     from analysis.weights import file_sha256
-    from node.ratings import RatingsFileError, read_ratings_csv
 
     if args.epochs < 1 or args.batch_size < 1 or not 0 < args.holdout < 1 or args.lr <= 0:
         print("qa-node train delta_iqa: --epochs and --batch-size must be >= 1, --holdout in (0, 1), --lr > 0",
