@@ -185,14 +185,42 @@ def _on_conn_open(event) -> None:
     event.assoc.dul._run_loop_delay = DUL_LOOP_DELAY_S
 
 
+class _StreamedSends:
+    """pynetdicom streams a file given to ``send_c_store`` by its path (the dataset's own bytes after
+    the File Meta Information, never decoded) only while its process-wide flag
+    ``_config.STORE_SEND_CHUNKED_DATASET`` is true; it reads the flag as the call starts. Saving and
+    restoring the flag around each call is not safe with two senders in one process: the first to
+    finish switches streaming off under the other, which then decodes its file, and the later
+    restore leaves the flag on for good. Here the flag is on while at least one of our C-STOREs is
+    under way (counted under a lock) and back to the value it had before the first one when the
+    last ends."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._active = 0
+        self._saved = False
+
+    def __enter__(self) -> None:
+        with self._lock:
+            if self._active == 0:
+                self._saved = _config.STORE_SEND_CHUNKED_DATASET
+            self._active += 1
+            _config.STORE_SEND_CHUNKED_DATASET = True
+
+    def __exit__(self, *exc) -> None:
+        with self._lock:
+            self._active -= 1
+            if self._active == 0:
+                _config.STORE_SEND_CHUNKED_DATASET = self._saved
+
+
+_streamed = _StreamedSends()
+
+
 def _send_file(assoc, path: Path):
     """C-STORE a file streamed from disk (never decoded or held whole in memory)."""
-    saved = _config.STORE_SEND_CHUNKED_DATASET
-    _config.STORE_SEND_CHUNKED_DATASET = True
-    try:
+    with _streamed:
         return assoc.send_c_store(path)
-    finally:
-        _config.STORE_SEND_CHUNKED_DATASET = saved
 
 
 def send_batch(calling_ae: str, dest: Destination, items: Sequence[Outgoing], timeout_s: float = 30.0,

@@ -152,6 +152,42 @@ def test_plan_bounds_objects_and_presentation_contexts():
     assert [len(b) for b in batches] == [100, 100, 100]
 
 
+
+def test_overlapping_sends_in_two_threads_both_stream_and_leave_the_flag_as_it_was(monkeypatch):
+    """pynetdicom streams a file only while its process-wide flag is on, read as send_c_store starts.
+    Two senders whose C-STOREs overlap: the first to finish must not switch it off under the other,
+    and when both are done it is back to what it was (off, pynetdicom's default)."""
+    from pynetdicom import _config
+
+    from scp import sender
+
+    monkeypatch.setattr(_config, "STORE_SEND_CHUNKED_DATASET", False)
+
+    class Assoc:  # stands in for an established association: records the flag as pynetdicom reads it
+        def __init__(self) -> None:
+            self.entered, self.release, self.flag_at_call = threading.Event(), threading.Event(), None
+
+        def send_c_store(self, path):
+            self.flag_at_call = _config.STORE_SEND_CHUNKED_DATASET
+            self.entered.set()
+            assert self.release.wait(10)
+            return {"Status": 0}
+
+    a, b = Assoc(), Assoc()
+    ta = threading.Thread(target=sender._send_file, args=(a, "a.dcm"))
+    tb = threading.Thread(target=sender._send_file, args=(b, "b.dcm"))
+    ta.start()
+    assert a.entered.wait(10)
+    tb.start()
+    assert b.entered.wait(10)
+    a.release.set()  # the first send ends while the second is still under way
+    ta.join(10)
+    assert _config.STORE_SEND_CHUNKED_DATASET is True
+    b.release.set()
+    tb.join(10)
+    assert (a.flag_at_call, b.flag_at_call) == (True, True)
+    assert _config.STORE_SEND_CHUNKED_DATASET is False
+
 def test_a_failure_status_for_one_object_leaves_the_others_sent(outbox_env, pacs_factory, caplog):
     db, store = outbox_env
     uids = queue_outbox_objects(db, store, 6, ["PACS"])
