@@ -7,9 +7,13 @@ import logging
 import re
 import warnings
 from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING
 
 from pydicom import DataElement, Dataset
 from pydicom.uid import generate_uid
+
+if TYPE_CHECKING:
+    from reports.inputs import DeviceInfo
 
 logger = logging.getLogger(__name__)
 
@@ -72,6 +76,22 @@ def no_person_name_warnings() -> Iterator[None]:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=r"The string .* is unlikely to represent the intended person name")
         yield
+
+
+def new_instance_arguments(device: "DeviceInfo", *, series_instance_uid: str | None, series_number: int,
+                           sop_instance_uid: str | None, instance_number: int) -> dict:
+    """The keyword arguments every highdicom constructor of ours takes alike: the new series and
+    instance (a fresh UID where none is given) and our equipment (General Equipment module)."""
+    return {
+        "series_instance_uid": series_instance_uid or new_uid(),
+        "series_number": series_number,
+        "sop_instance_uid": sop_instance_uid or new_uid(),
+        "instance_number": instance_number,
+        "manufacturer": device.manufacturer,
+        "manufacturer_model_name": device.model_name,
+        "software_versions": device.software_version,
+        "device_serial_number": device.device_serial_number,
+    }
 
 
 

@@ -26,7 +26,7 @@ from pydicom import Dataset
 from pydicom.sr.codedict import codes as pydicom_codes
 
 from reports.codes import BODY_PARTS, map_code
-from reports.common import is_multiframe, n_frames, new_uid, no_person_name_warnings, prepare_sources
+from reports.common import is_multiframe, n_frames, new_instance_arguments, no_person_name_warnings, prepare_sources
 from reports.inputs import AlgorithmId, DeviceInfo
 
 logger = logging.getLogger(__name__)
@@ -257,14 +257,8 @@ def build_parametric_map(
         pm = ParametricMap(
             source_images=sources,
             pixel_array=stored,
-            series_instance_uid=series_instance_uid or new_uid(),
-            series_number=series_number,
-            sop_instance_uid=sop_instance_uid or new_uid(),
-            instance_number=instance_number,
-            manufacturer=device.manufacturer,
-            manufacturer_model_name=device.model_name,
-            software_versions=device.software_version,
-            device_serial_number=device.device_serial_number,
+            **new_instance_arguments(device, series_instance_uid=series_instance_uid, series_number=series_number,
+                                     sop_instance_uid=sop_instance_uid, instance_number=instance_number),
             contains_recognizable_visual_features=True,
             real_world_value_mappings=[rwvm],
             voi_lut_transformations=[hd.VOILUTTransformation(window_center=w_center, window_width=w_width)],

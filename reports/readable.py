@@ -24,7 +24,7 @@ from matplotlib.lines import Line2D
 from pydicom import Dataset
 from pydicom.uid import UID
 
-from reports.common import new_uid, no_person_name_warnings, prepare_sources
+from reports.common import new_instance_arguments, no_person_name_warnings, prepare_sources
 from reports.codes import metric_code
 from reports.inputs import ControlLimits, DeviceInfo, Evaluation, ReportMetric
 
@@ -274,16 +274,10 @@ def build_readable_report(
     with no_person_name_warnings():
         ds = hd.SOPClass(
             study_instance_uid=str(src.StudyInstanceUID),
-            series_instance_uid=series_instance_uid or new_uid(),
-            series_number=series_number,
-            sop_instance_uid=sop_instance_uid or new_uid(),
+            **new_instance_arguments(device, series_instance_uid=series_instance_uid, series_number=series_number,
+                                     sop_instance_uid=sop_instance_uid, instance_number=instance_number),
             sop_class_uid=ENCAPSULATED_PDF_STORAGE,
-            instance_number=instance_number,
             modality="DOC",
-            manufacturer=device.manufacturer,
-            manufacturer_model_name=device.model_name,
-            software_versions=device.software_version,
-            device_serial_number=device.device_serial_number,
             institution_name=device.institution_name,
             institutional_department_name=device.institutional_department_name,
             series_description=series_description[:64],

@@ -59,7 +59,15 @@ from reports.codes import (
     metric_code,
     private_coding_scheme,
 )
-from reports.common import is_multiframe, n_frames, new_uid, no_person_name_warnings, prepare_sources, stable_uid
+from reports.common import (
+    is_multiframe,
+    n_frames,
+    new_instance_arguments,
+    new_uid,
+    no_person_name_warnings,
+    prepare_sources,
+    stable_uid,
+)
 from reports.inputs import AlgorithmId, ControlLimits, DeviceInfo, Evaluation, MetricValue, SliceMetricValue
 
 logger = logging.getLogger(__name__)
@@ -391,11 +399,8 @@ def build_measurement_report(
         sr = Comprehensive3DSR(
             evidence=sources,
             content=report,
-            series_instance_uid=series_instance_uid or new_uid(),
-            series_number=series_number,
-            sop_instance_uid=sop_instance_uid or new_uid(),
-            instance_number=instance_number,
-            manufacturer=device.manufacturer,
+            **new_instance_arguments(device, series_instance_uid=series_instance_uid, series_number=series_number,
+                                     sop_instance_uid=sop_instance_uid, instance_number=instance_number),
             is_complete=True,
             is_final=True,
             is_verified=False,
@@ -403,9 +408,6 @@ def build_measurement_report(
             institutional_department_name=device.institutional_department_name,
             coding_schemes=[private_coding_scheme()],
             series_description=series_description,
-            manufacturer_model_name=device.model_name,
-            software_versions=device.software_version,
-            device_serial_number=device.device_serial_number,
         )
     if device.station_name:
         sr.StationName = device.station_name
