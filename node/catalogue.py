@@ -20,9 +20,11 @@ def _unit(u: Unit):
 
 
 def metric_codes() -> list[codes.MetricCode]:
+    from node.calibrate import likert_metric_codes  # <metric>_likert of the calibrated scores
+
     return [codes.MetricCode(m.key, _code(m.concept), _unit(m.unit), m.unit.display, m.label, trended=m.trended,
                              in_report=m.in_report, context=m.context, meaning=m.meaning)
-            for _, m in registry.metrics()]
+            for _, m in registry.metrics()] + likert_metric_codes()
 
 
 def map_codes() -> list[codes.MapCode]:

@@ -228,8 +228,26 @@ def print_text(items: list[dict], out=sys.stdout) -> None:
         out.write("\n")
 
 
+def analyze_calibrations(settings) -> dict:
+    """The calibrations in use in the node's database (``qa-node calibrate``), for ``<metric>_likert``;
+    none when there is no database yet (it is not created here)."""
+    from node.calibrate import current_calibrations
+    from storage.db import Database
+
+    url = settings.node.database
+    path = _sqlite_path(url)
+    if url.startswith("sqlite") and (path is None or not path.is_file()):
+        return {}
+    db = Database(url)
+    try:
+        return current_calibrations(db)
+    finally:
+        db.dispose()
+
+
 def cmd_analyze(args) -> int:
     from analysis.pipeline import analyse_series, parse_models
+    from node.calibrate import apply_calibrations
     from node.worker import run_context
 
     settings = _load_optional(args)
@@ -244,10 +262,12 @@ def cmd_analyze(args) -> int:
     groups, bad = group_by_series(files)
     for f, why in bad:
         log.warning("%s: skipped: %s", f, why)
+    calibrations = analyze_calibrations(settings)
     items = []
     for uid, paths in groups.items():
         result = analyse_series(paths, models, ctx, series_instance_uid=uid, scanner=args.scanner,
                                 selection=None if args.all_models else settings.selection_policy)
+        apply_calibrations(result, calibrations)
         items.append(result_to_json(result, scanner=args.scanner, per_slice=args.per_slice))
     if args.json:
         json.dump(items, sys.stdout, indent=2)
@@ -648,6 +668,14 @@ def cmd_ratings(args) -> int:
     return EXIT_OK
 
 
+def cmd_calibrate(args) -> int:
+    from node import calibrate
+
+    settings = _load_optional(args)
+    setup_logging(settings.node.log_level)
+    return calibrate.run(args, settings, lambda: _ratings_database(settings))
+
+
 # -- demo (the README's main job) --------------------------------------------------------------------
 def cmd_demo(args) -> int:
     from node.demo import run_demo
@@ -774,6 +802,21 @@ def build_parser() -> argparse.ArgumentParser:
     rp = rsub.add_parser("import", help="check a ratings CSV (every bad row listed with its line; exit 2) and store it")
     rp.add_argument("file", metavar="FILE")
     rp.set_defaults(func=cmd_ratings)
+
+    sp = sub.add_parser("calibrate", help="check every score against a ratings file (PLCC/SROCC/KROCC with CIs) and "
+                        "store its map to the site's Likert scale; analyses then carry <metric>_likert",
+                        description="For each calibratable metric, score the rated images as `analyze --per-slice` "
+                        "does, compute the raw and cross-validated (folds split by series) PLCC, SROCC, KROCC and "
+                        "the LDCTIQAC aggregate |PLCC|+|SROCC|+|KROCC| with series-bootstrap 95 % CIs, fit a "
+                        "monotone map score -> Likert 0-4 (isotonic or 5-parameter logistic, by cross-validated "
+                        "error) and store it in the database (table calibrations). The newest calibration of a "
+                        "metric is applied to the series value of every later analysis (SR, analyze --json: "
+                        "<metric>_likert). A metric whose model has no weights is reported 'not available'. "
+                        "Exit 0: at least one metric calibrated; 1: none; 2: bad ratings file or metric.")
+    from node.calibrate import add_arguments as calibrate_arguments
+
+    calibrate_arguments(sp)
+    sp.set_defaults(func=cmd_calibrate)
 
     sp = sub.add_parser("demo", help="start the node, push a series to it with a real SCU, print the results")
     sp.add_argument("--series", default=str(Path("..") / "shared" / "data" / "ct" / "philips_head_phantom" / "S2020_1mm_std"),

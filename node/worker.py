@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from analysis.pipeline import SeriesResult, analyse_series, parse_models
 from analysis.results import RunContext
 from analysis.selection import record_json
+from node.calibrate import apply_calibrations, current_calibrations
 from node.config import Settings
 from storage.db import Database
 from storage.filestore import FileStore
@@ -184,6 +185,7 @@ class AnalysisWorker:
                                     study_instance_uid=series.study_instance_uid,
                                     selection=self.settings.selection_policy, scanner=series.scanner_name,
                                     duplicate_of=self._duplicate_of)
+            apply_calibrations(result, current_calibrations(self.db))  # <metric>_likert (qa-node calibrate)
         except ValueError as exc:  # bad model list or device: a configuration problem, not the data's
             finish_job(self.db, job_id, self.worker_id, state=JobState.FAILED, error=str(exc), outcome="failed")
             log.error("series %s: analysis failed: %s", series.series_instance_uid, exc)

@@ -252,6 +252,26 @@ class Rating(Base):
     withdrawn_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
 
 
+class Calibration(Base):
+    """A monotone map of one metric to the site's Likert scale (0-4), fitted by ``qa-node calibrate``
+    on per-image scores against a ratings file, with its agreement statistics. The newest row of a
+    metric is the one in use: analyses after it carry ``<metric>_likert``. Rows are never changed."""
+
+    __tablename__ = "calibrations"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    metric: Mapped[str] = mapped_column(String(64), index=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    method: Mapped[str] = mapped_column(String(16))  # isotonic | logistic
+    parameters: Mapped[str] = mapped_column(Text)  # JSON: analysis.calibration.LikertMap.to_dict()
+    n_ratings: Mapped[int] = mapped_column(Integer)  # rows of the ratings file used
+    n_images: Mapped[int] = mapped_column(Integer)  # distinct rated images with a score (ratings averaged)
+    n_series: Mapped[int] = mapped_column(Integer)
+    ratings_file: Mapped[str] = mapped_column(String(1024))
+    ratings_sha256: Mapped[str] = mapped_column(String(64))
+    statistics: Mapped[str] = mapped_column(Text)  # JSON: raw and cross-validated statistics with 95 % CIs
+
+
 # Columns added after the first release: (table, column, DDL type). ``create_all`` does not alter
 # existing tables, so ``upgrade_schema`` adds them to a database created by an earlier version.
 ADDED_COLUMNS: tuple[tuple[str, str, str], ...] = (
