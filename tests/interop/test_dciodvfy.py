@@ -105,22 +105,24 @@ def test_measurement_report_sr_multiframe(tmp_path: Path) -> None:
     _check(path, "Comprehensive3DSR")
 
 
+# the map the classical model writes (local noise SD in HU); the N2Q test overrides these
+LOCAL_NOISE_MAP = dict(name="local_noise_sd", label="Local noise SD", unit_code="[hnsf'U]",
+                       unit_meaning="Hounsfield unit", algorithm=CLASSICAL, series_number=9002)
+
+
+def _check_map(sources, values: np.ndarray, path: Path, allowed: tuple[str, ...] = (), **kw):
+    """Build a Parametric Map of ``values`` (LOCAL_NOISE_MAP unless ``kw`` says otherwise), save it to
+    ``path`` and check it with dciodvfy; returns the map."""
+    pm = build_parametric_map(sources, values.astype(np.float32), **{**LOCAL_NOISE_MAP, **kw})
+    pm.save_as(path, enforce_file_format=True)
+    _check(path, "ParametricMap", allowed=allowed)
+    return pm
+
+
 @needs_dciodvfy
 def test_parametric_map_single_frame_sources(headers, tmp_path: Path) -> None:
     values = np.random.default_rng(1).gamma(4.0, 2.0, (len(headers), headers[0].Rows, headers[0].Columns))
-    pm = build_parametric_map(
-        headers,
-        values.astype(np.float32),
-        name="local_noise_sd",
-        label="Local noise SD",
-        unit_code="[hnsf'U]",
-        unit_meaning="Hounsfield unit",
-        algorithm=CLASSICAL,
-        series_number=9002,
-    )
-    path = tmp_path / "pm.dcm"
-    pm.save_as(path, enforce_file_format=True)
-    _check(path, "ParametricMap")
+    _check_map(headers, values, tmp_path / "pm.dcm")
 
 
 @needs_dciodvfy
@@ -129,39 +131,17 @@ def test_parametric_map_unknown_body_part(headers, tmp_path: Path) -> None:
     bare = [copy.deepcopy(h) for h in headers]
     for h in bare:
         del h.BodyPartExamined
-    pm = build_parametric_map(
-        bare,
-        np.zeros((len(bare), bare[0].Rows, bare[0].Columns), dtype=np.float32),
-        name="local_noise_sd",
-        label="Local noise SD",
-        unit_code="[hnsf'U]",
-        unit_meaning="Hounsfield unit",
-        algorithm=CLASSICAL,
-        series_number=9002,
-    )
+    pm = _check_map(bare, np.zeros((len(bare), bare[0].Rows, bare[0].Columns)), tmp_path / "pm_nobody.dcm",
+                    allowed=(r"is only permitted to be empty when actually unknown.*<Laterality>",))
     assert "Laterality" in pm and not pm.Laterality
-    path = tmp_path / "pm_nobody.dcm"
-    pm.save_as(path, enforce_file_format=True)
-    _check(path, "ParametricMap", allowed=(r"is only permitted to be empty when actually unknown.*<Laterality>",))
 
 
 @needs_dciodvfy
 def test_parametric_map_unitless_multiframe_source(tmp_path: Path) -> None:
     ect = enhanced_ct_header()
     values = np.random.default_rng(2).random((2, ect.Rows, ect.Columns), dtype=np.float32)
-    pm = build_parametric_map(
-        [ect],
-        values,
-        name="n2q_quality",
-        label="N2Q quality",
-        unit_code="1",
-        unit_meaning="no units",
-        algorithm=N2Q,
-        series_number=9003,
-    )
-    path = tmp_path / "pm_mf.dcm"
-    pm.save_as(path, enforce_file_format=True)
-    _check(path, "ParametricMap")
+    _check_map([ect], values, tmp_path / "pm_mf.dcm", name="n2q_quality", label="N2Q quality", unit_code="1",
+               unit_meaning="no units", algorithm=N2Q, series_number=9003)
 
 
 @needs_dciodvfy
