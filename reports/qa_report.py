@@ -137,6 +137,8 @@ class ReportData:
     # series of this scanner (same protocol/metric filters) whose acquisition date is outside the period
     n_series_before: int = 0
     n_series_after: int = 0
+    # the Likert calibrations in use (qa-node calibrate; newest per metric): see calibrations_in_use
+    calibrations: tuple[dict[str, Any], ...] = ()
 
     @property
     def outside_text(self) -> str:
@@ -326,7 +328,46 @@ def build_report(
         events=tuple(events),
         n_series_before=n_before,
         n_series_after=n_after,
+        calibrations=calibrations_in_use(session),
     )
+
+
+def calibrations_in_use(session: Session) -> tuple[dict[str, Any], ...]:
+    """The calibration of each metric that analyses apply (the newest row of table ``calibrations``):
+    id, date, method, images / series / ratings, the ratings file's SHA-256 and the cross-validated
+    aggregate |PLCC|+|SROCC|+|KROCC| with its 95 % CI. Empty without calibrations (or the table)."""
+    from sqlalchemy import inspect
+
+    from storage.models import Calibration
+
+    if not inspect(session.connection()).has_table(Calibration.__tablename__):
+        return ()
+    newest = select(func.max(Calibration.id)).group_by(Calibration.metric)
+    out = []
+    for c in session.scalars(select(Calibration).where(Calibration.id.in_(newest)).order_by(Calibration.metric)):
+        try:
+            agg = json.loads(c.statistics)["cross_validated"]["aggregate"]
+            value, (lo, hi) = agg["value"], agg["ci95"]
+        except (ValueError, KeyError, TypeError):
+            value = lo = hi = None
+        out.append({"id": c.id, "metric": c.metric, "likert_metric": c.metric + "_likert",
+                    "created_at": c.created_at.isoformat(), "method": c.method, "n_images": c.n_images,
+                    "n_series": c.n_series, "n_ratings": c.n_ratings, "ratings_sha256": c.ratings_sha256,
+                    "aggregate_cv": value, "aggregate_cv_ci95": [lo, hi]})
+    return tuple(out)
+
+
+def calibration_lines(r: ReportData) -> list[str]:
+    """One line per calibration in use (none: no line)."""
+    lines = []
+    for c in r.calibrations:
+        lo, hi = c["aggregate_cv_ci95"]
+        lines.append(
+            f"Likert calibration of {c['metric']} ({c['likert_metric']}): calibration {c['id']} of "
+            f"{c['created_at'][:16].replace('T', ' ')} UTC, {c['method']}, {c['n_images']} rated images of "
+            f"{c['n_series']} series ({c['n_ratings']} ratings); cross-validated |PLCC|+|SROCC|+|KROCC| "
+            f"{_f(c['aggregate_cv'], 3)} (95% CI {_f(lo, 3)}-{_f(hi, 3)})")
+    return lines
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -366,7 +407,7 @@ def _header_lines(r: ReportData) -> list[str]:
     ]
     if r.protocol_filter or r.metric_filter:
         lines.append(f"Filters: protocol={r.protocol_filter or '*'} metric={r.metric_filter or '*'}")
-    return lines
+    return lines + calibration_lines(r)
 
 
 def render_text(r: ReportData) -> str:
@@ -456,6 +497,7 @@ def report_dict(r: ReportData) -> dict[str, Any]:
             "trend_length": st.trend_length,
         },
         "charts": [s.as_dict() for s in r.summaries],
+        "calibrations": list(r.calibrations),
         "alerts": [_alert_dict(a) for a in r.alerts],
         "service_events": [
             {"occurred_at": e.occurred_at.isoformat(), "text": e.text, "rebaseline": e.rebaseline} for e in r.events

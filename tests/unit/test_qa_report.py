@@ -112,7 +112,8 @@ def test_json_schema(report_db, tmp_path):
     assert doc["period"] == {"since": SINCE.isoformat(), "until": UNTIL.isoformat(), "timezone": "UTC",
                              "series_before": 0, "series_after": 0}
     assert set(doc) == {"report", "schema_version", "scanner", "period", "generated_at", "filters", "method",
-                        "charts", "alerts", "service_events", "rows"}
+                        "charts", "calibrations", "alerts", "service_events", "rows"}
+    assert doc["calibrations"] == []  # no qa-node calibrate in this database
     assert len(doc["rows"]) == len(hist) * len(METRICS)
     row_keys = {"scanner", "protocol", "size_band", "metric", "series_instance_uid", "acquired_at", "value"}
     assert all(set(r) == row_keys and isinstance(r["value"], float) for r in doc["rows"])
