@@ -183,9 +183,14 @@ def score_images(images: Sequence[RatedImage], metrics: Sequence[str], ctx,
     unavailable: dict[str, str] = {}
     for name in models:
         try:
-            resolve_model(name)
+            spec = resolve_model(name)
         except ValueError as exc:
             unavailable[name] = str(exc)
+            continue
+        # a model that cannot work as configured (weights not installed) is not run on every rated file
+        why_not = spec.startup_check(ctx.options_for(name)) if spec.startup_check is not None else None
+        if why_not:
+            unavailable[name] = why_not
     by_file: dict[str, list[int]] = OrderedDict()
     for i, im in enumerate(images):
         by_file.setdefault(str(im.path), []).append(i)
@@ -344,7 +349,6 @@ def run(args, settings, db_factory) -> int:
 
     try:
         metrics = parse_metrics(args.metrics)
-        ctx = run_context(settings, args.device)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
     if args.folds < 2:
@@ -359,6 +363,10 @@ def run(args, settings, db_factory) -> int:
         for e in exc.errors:
             print(f"  {e}", file=sys.stderr)
         return EXIT_USAGE
+    try:
+        ctx = run_context(settings, args.device)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
     images = rated_images(rows)
     log.info("%d rating(s) of %d image(s) in %d series", len(rows), len(images),
              len({im.series for im in images}))
