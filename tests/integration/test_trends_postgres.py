@@ -1,20 +1,15 @@
 """The trend tables, evaluation and report on PostgreSQL give the same results as on SQLite.
 
-Starts a private PostgreSQL cluster (initdb in a temporary folder, Unix socket only, trust auth) and
-skips with the reason when the server binaries or psycopg are not installed
-(apt-get install postgresql; pip install 'psycopg[binary]').
+Uses the session's private PostgreSQL cluster (``pg_cluster`` in tests/integration/conftest.py: initdb
+in a temporary folder, Unix socket only, trust auth), which skips with the reason when the server
+binaries or psycopg are not installed (apt-get install postgresql; pip install 'psycopg[binary]').
+Other modules import ``pg_url`` from here: a database of their own in that cluster.
 """
 
 from __future__ import annotations
 
-import os
-import shutil
-import socket
-import subprocess
-import tempfile
-import time
+import re
 from datetime import timedelta
-from pathlib import Path
 
 import pytest
 
@@ -27,65 +22,15 @@ from tests.unit.trend_history import SETTINGS, START, make_history
 psycopg = pytest.importorskip("psycopg", reason="psycopg not installed (pip install 'psycopg[binary]')")
 
 
-def _pg_bin(name: str) -> str | None:
-    found = shutil.which(name)
-    if found:
-        return found
-    for d in sorted(Path("/usr/lib/postgresql").glob("*/bin"), reverse=True):
-        if (d / name).exists():
-            return str(d / name)
-    return None
-
-
-INITDB, POSTGRES = _pg_bin("initdb"), _pg_bin("postgres")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
-def pg_url():
-    if INITDB is None or POSTGRES is None:
-        pytest.skip("PostgreSQL server binaries (initdb, postgres) not installed")
-    # not under pytest's tmp folder: that is private to root and the server runs as another user
-    base = Path(tempfile.mkdtemp(prefix="ctqa-pg-"))
-    base.chmod(0o755)
-    data, sock = base / "data", base / "sock"
-    sock.mkdir()
-    prefix: list[str] = []
-    if os.geteuid() == 0:  # PostgreSQL refuses to run as root
-        runuser = shutil.which("runuser")
-        if runuser is None:
-            pytest.skip("running as root without runuser: cannot start PostgreSQL as another user")
-        shutil.chown(base, "postgres")
-        shutil.chown(sock, "postgres")
-        prefix = [runuser, "-u", "postgres", "--"]
-    init = subprocess.run(prefix + [INITDB, "-D", str(data), "-U", "ctqa", "--auth=trust", "-E", "UTF8"],
-                          capture_output=True, text=True, timeout=120)
-    if init.returncode != 0:
-        pytest.fail(f"initdb failed: {init.stderr[-2000:]}")
-    port = _free_port()
-    log = open(base / "pg.log", "wb")
-    proc = subprocess.Popen(prefix + [POSTGRES, "-D", str(data), "-k", str(sock), "-p", str(port), "-c",
-                                      "listen_addresses=", "-c", "fsync=off"], stdout=log, stderr=subprocess.STDOUT)
-    url = f"postgresql+psycopg://ctqa@/postgres?host={sock}&port={port}"
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            psycopg.connect(host=str(sock), port=port, user="ctqa", dbname="postgres").close()
-            break
-        except psycopg.OperationalError:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                pytest.fail("PostgreSQL did not start: " + (base / "pg.log").read_text()[-2000:])
-            time.sleep(0.2)
-    yield url
-    proc.terminate()
-    proc.wait(timeout=30)
-    log.close()
-    shutil.rmtree(base, ignore_errors=True)
+def pg_url(pg_cluster, request):
+    """A database of its own for each test module that asks, in the session's one private PostgreSQL
+    cluster (tests/integration/conftest.py: initdb and a server start cost seconds each)."""
+    name = "ctqa_" + re.sub(r"[^a-z0-9_]", "_", request.module.__name__.rsplit(".", 1)[-1].lower())
+    with psycopg.connect(**pg_cluster.connect_args, dbname="postgres", autocommit=True) as conn:
+        conn.execute(f"DROP DATABASE IF EXISTS {name}")
+        conn.execute(f"CREATE DATABASE {name}")
+    return pg_cluster.url(name)
 
 
 def _fill_and_report(db: Database) -> tuple[list, list, dict]:
