@@ -242,6 +242,7 @@ class LoadedLDCTIQA:
     path: str
     device: str
     published: bool  # the file is the published ldct-iqa.pt (checksum matches)
+    labels: str | None = None  # what the file was trained on: "site"/"synthetic" (qa-node train ldctiqa); None: not said
 
 
 _LOCK = threading.Lock()
@@ -255,13 +256,16 @@ def _build(p: Path, device: str) -> MultiHeadSwin:
         raise ValueError(f"LDCTIQA weights at {p} cannot be read: {type(exc).__name__}: {str(exc)[:200]}") from None
     if not isinstance(blob, dict) or not isinstance(blob.get("model_state_dict"), dict):
         raise ValueError(f"{p} is not an LDCTIQA checkpoint (expected a dict with 'model_state_dict')")
-    net = MultiHeadSwin()
+    with torch.device("meta"):  # no random initialisation of 27.6 M parameters that the file replaces (seconds)
+        net = MultiHeadSwin()
     state = {k: (v.float() if torch.is_tensor(v) and v.is_floating_point() else v) for k, v in blob["model_state_dict"].items()}
     try:
-        net.load_state_dict(state, strict=True)
+        net.load_state_dict(state, strict=True, assign=True)
     except RuntimeError as exc:
         first = str(exc).strip().splitlines()
         raise ValueError(f"{p} does not fit the LDCTIQA multi-head Swin-T: {' '.join(first[:3])[:300]}") from None
+    labels = blob.get("labels")  # provenance written by qa-node train ldctiqa; ldct-benchmark's file has none
+    net.weights_labels = labels if isinstance(labels, str) else None
     return net.eval().to(device)
 
 
@@ -278,7 +282,8 @@ def load_weights(path: str | Path | None, device: str = "cpu") -> LoadedLDCTIQA:
     with _LOCK:
         wrapped = _WRAPPED.get(id(loaded))
         if wrapped is None or wrapped.sha256 != loaded.sha256:
-            wrapped = LoadedLDCTIQA(loaded.model, loaded.sha256, loaded.path, loaded.device, bool(loaded.published))
+            wrapped = LoadedLDCTIQA(loaded.model, loaded.sha256, loaded.path, loaded.device, bool(loaded.published),
+                                    getattr(loaded.model, "weights_labels", None))
             _WRAPPED[id(loaded)] = wrapped
     return wrapped
 

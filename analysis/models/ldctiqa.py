@@ -55,6 +55,12 @@ def run(volume, ctx, options: Options | None = None):
     device = "cuda" if ctx.device == "cuda" and torch.cuda.is_available() else "cpu"
     loaded = ldctiqa.load_weights(opts.weights or None, device)  # WeightsNotInstalled -> null metrics
     out = ModelOutput(name="ldctiqa", algorithm=ALGORITHM, version=VERSION, weights_sha256=loaded.sha256)
+    if loaded.labels not in (None, "site"):  # e.g. synthetic-label weights of `qa-node train ldctiqa --labels synthetic`
+        out.parameters.append(f"labels={loaded.labels}")
+        import logging
+
+        logging.getLogger(__name__).warning(
+            "ldctiqa: the weights %s were trained on %s labels, not on raters' Likert scores", loaded.path, loaded.labels)
     n = volume.n_slices
     if n == 0:
         for key in ("ldctiqa_score", "ldctiqa_expected_score"):
@@ -86,6 +92,7 @@ SPEC = ModelSpec(
     uses_torch=True,
     learned=True,
     model_card=MODEL_CARD,
+    trainer="analysis.training.ldctiqa_train",
     summary="learned radiologist-like Likert quality score 0-4 (ldct-benchmark's ldct-iqa.pt, user supplied)",
     startup_check=not_installed,
     metrics=(
