@@ -79,7 +79,10 @@ def test_everything_model_specific_is_derived_from_the_specs():
     specs = registry.specs()
     assert list(specs)[:4] == ["basic", "classical", "n2q", "d2iqa"]
     declared = [m.key for s in specs.values() for m in s.metrics]
-    assert list(CATALOGUE) == declared
+    # then the calibrated scores (qa-node calibrate), one <metric>_likert per calibratable metric
+    likert = [k + "_likert" for k in ("global_noise_hu", "n2q_mean_quality", "d2iqa_score", "ldctiqa_score",
+                                      "ldctiqa_expected_score", "delta_iqa_score")]
+    assert list(CATALOGUE) == declared + likert
     assert set(MAPS) == {m.name for s in specs.values() for m in s.maps} >= {"local_noise_sd", "n2q_quality"}
     assert CATALOGUE["ssde_mgy"].concept.value == "113930" and CATALOGUE["ssde_mgy"].unit.value == "mGy"
     assert TrendSettings().metrics == tuple(m.key for s in specs.values() for m in s.metrics if m.trended)
