@@ -237,3 +237,42 @@ def test_bad_ratings_file_and_unknown_metric_store_nothing(synthetic, calibrated
     assert "cannot calibrate 'wed_cm': calibratable metrics are global_noise_hu" in err
     assert "Traceback" not in err
     assert len(_rows(synthetic["url"])) == before
+
+
+def test_the_worker_stores_and_sends_the_likert_value(tmp_path) -> None:
+    """A received series analysed by the node's worker (in process): the newest calibration's map of
+    its global noise is stored beside the raw value and written into the SR it queues."""
+    from sqlalchemy import select
+
+    from reports.sr import read_measurement_report
+    from storage.models import AnalysisRun, Calibration, OutputObject, SeriesMetric
+    from tests.integration.test_node_pipeline import make_node, push_and_analyse
+
+    files = [require(SHARED_DATA / SOURCES[0]), require(SHARED_DATA / SOURCES[1])]  # 2 slices of one series
+    n = make_node(tmp_path, analysis={"device": "cpu", "models": ["classical"]})
+    try:
+        common = dict(metric="global_noise_hu", method="isotonic", n_ratings=10, n_images=10, n_series=2,
+                      ratings_file="/r.csv", ratings_sha256="0" * 64, statistics="{}")
+        with n.db.session() as s:  # a superseded one, then the one in use: Likert = 4 - noise / 25 on 0-100 HU
+            s.add(Calibration(**common, parameters=json.dumps(
+                {"method": "isotonic", "direction": -1, "params": {"x": [0.0, 10.0], "y": [4.0, 0.0]}})))
+            s.add(Calibration(**common, parameters=json.dumps(
+                {"method": "isotonic", "direction": -1, "params": {"x": [0.0, 100.0], "y": [4.0, 0.0]}})))
+            s.commit()
+        push_and_analyse(n, files)
+        with n.db.session() as s:
+            got = {(r.model, m.name): m.value for r, m in s.execute(
+                select(AnalysisRun, SeriesMetric).join(SeriesMetric).where(AnalysisRun.current.is_(True)))}
+            sr_rel = s.scalars(select(OutputObject.rel_path).where(OutputObject.kind == "sr")).one()
+        noise = got[("classical", "global_noise_hu")]
+        assert 10.0 < noise < 100.0
+        assert got[("calibration", "global_noise_hu_likert")] == pytest.approx(4.0 - noise / 25.0, abs=1e-12)
+        content = read_measurement_report(pydicom.dcmread(n.store.abs(sr_rel)))
+        in_sr = {m.key: m for m in content.series_metrics}
+        assert in_sr["global_noise_hu_likert"].value == pytest.approx(4.0 - noise / 25.0, abs=1e-9)
+        assert in_sr["global_noise_hu"].value == pytest.approx(noise, rel=1e-9)
+        alg = in_sr["global_noise_hu_likert"].algorithm
+        assert alg.name == "CTQA site Likert calibration"
+        assert any(p.startswith("global_noise_hu_likert=calibration 2 of ") for p in alg.notes), alg.notes
+    finally:
+        n.db.dispose()
