@@ -9,7 +9,9 @@ the model's per-slice value of the rated slice (frame). Several ratings of one i
 averaged first. ``analysis.calibration`` then gives the raw and cross-validated PLCC / SROCC / KROCC
 and the LDCTIQAC aggregate with series-bootstrap 95 % CIs, and the monotone map (isotonic or
 5-parameter logistic, by cross-validated error). Each calibrated metric becomes one row of the table
-``calibrations``; the newest row of a metric is the one in use.
+``calibrations``, with the model's algorithm version and weights SHA-256 it was fitted on; the
+newest row of a metric is the one in use, and only for scores of that same version and weights (an
+analysis by other weights gets a null ``<metric>_likert`` saying so: calibrate again).
 
 From then on every analysis (the worker, ``qa-node analyze``, ``rebuild-outputs`` of a new
 analysis) carries ``<metric>_likert`` = the map applied to the **series value** of the metric (the
@@ -92,6 +94,8 @@ class InUse:
     n_images: int
     n_series: int
     statistics: dict
+    model_version: str | None = None  # "<algorithm> <version>" of the model that gave the scores
+    weights_sha256: str | None = None
 
     @property
     def note(self) -> str:
@@ -117,27 +121,50 @@ def current_calibrations(db) -> dict[str, InUse]:
     for r in rows:
         try:
             out[r.metric] = InUse(r.id, r.metric, r.created_at, r.method, LikertMap.from_dict(json.loads(r.parameters)),
-                                  r.n_images, r.n_series, json.loads(r.statistics))
+                                  r.n_images, r.n_series, json.loads(r.statistics), r.model_version, r.weights_sha256)
         except (ValueError, KeyError, TypeError) as exc:
             log.warning("calibration %d of %s is unreadable (%s): not applied", r.id, r.metric, exc)
     return out
 
 
+def model_identity(out) -> str:
+    """``"<algorithm> <version>"`` of a model output (what a calibration is tied to, with the weights)."""
+    return f"{out.algorithm} {out.version}"[:200]
+
+
+def mismatch(cal: InUse, out) -> str | None:
+    """Why calibration ``cal`` does not apply to the scores of model output ``out`` (another model
+    version or other weights than it was fitted on), or None."""
+    if cal.model_version and model_identity(out) != cal.model_version:
+        return (f"calibration {cal.id} was fitted on {cal.model_version}, this analysis ran "
+                f"{model_identity(out)}: run qa-node calibrate again")
+    if (cal.weights_sha256 or None) != (out.weights_sha256 or None):
+        short = lambda h: h[:12] if h else "none"  # noqa: E731
+        return (f"calibration {cal.id} was fitted with weights {short(cal.weights_sha256)}, this analysis used "
+                f"{short(out.weights_sha256)}: run qa-node calibrate again")
+    return None
+
+
 def apply_calibrations(result, calibrations: Mapping[str, InUse]) -> None:
     """Add ``<metric>_likert`` for each calibrated metric the result holds (an output of its own,
-    ``OUTPUT_NAME``). A metric that was not measured gets a null Likert with the reason."""
+    ``OUTPUT_NAME``). A metric that was not measured, or was measured by another model version or
+    other weights than the calibration was fitted on, gets a null Likert with the reason."""
     if not calibrations or result.status == "failed" or not result.outputs:
         return
     from analysis.results import ModelOutput
 
     metrics, reasons = result.metrics, result.reasons
+    source = {k: o for o in result.outputs for k in o.series_metrics}
     out = ModelOutput(name=OUTPUT_NAME, algorithm=ALGORITHM, version=VERSION)
     for metric, cal in calibrations.items():
-        if metric not in metrics:
+        if metric not in metrics or source[metric].name == OUTPUT_NAME:
             continue
         key = likert_key(metric)
         value = metrics[metric]
-        if value is None:
+        other = mismatch(cal, source[metric])
+        if other:
+            out.set_metric(key, None, other)
+        elif value is None:
             out.set_metric(key, None, f"{metric} not measured: {reasons.get(metric, 'no value')}")
         else:
             out.set_metric(key, cal.map.apply_one(float(value)))
@@ -169,9 +196,10 @@ def rated_images(rows) -> list[RatedImage]:
 
 
 def score_images(images: Sequence[RatedImage], metrics: Sequence[str], ctx,
-                 progress: bool = False) -> tuple[dict[str, list[float]], dict[str, str]]:
-    """Per-image values of ``metrics`` (nan where the model gave none) and, per metric, why it has
-    no value when it has none anywhere (the model's own reason: weights not installed, ...)."""
+                 progress: bool = False) -> tuple[dict[str, list[float]], dict[str, str], dict[str, tuple]]:
+    """Per-image values of ``metrics`` (nan where the model gave none); per metric, why it has no
+    value when it has none anywhere (the model's own reason: weights not installed, ...); and per
+    metric the (``"<algorithm> <version>"``, weights SHA-256) of the model that gave the values."""
     from analysis.pipeline import resolve_model, run_model
     from analysis.results import SeriesSkipped
     from analysis.volume import load_series
@@ -179,6 +207,7 @@ def score_images(images: Sequence[RatedImage], metrics: Sequence[str], ctx,
     specs = _metric_specs()
     models = list(OrderedDict.fromkeys(specs[m][0].name for m in metrics))
     values = {m: [math.nan] * len(images) for m in metrics}
+    identity: dict[str, tuple[str, str | None]] = {}  # model -> (algorithm version, weights SHA-256)
     why: dict[str, dict[str, int]] = {m: {} for m in metrics}
     unavailable: dict[str, str] = {}
     for name in models:
@@ -212,6 +241,7 @@ def score_images(images: Sequence[RatedImage], metrics: Sequence[str], ctx,
                 continue
             try:
                 out = run_model(name, vol, ctx)
+                identity.setdefault(name, (model_identity(out), out.weights_sha256))
             except (SeriesSkipped, ValueError, RuntimeError, FloatingPointError) as exc:
                 out = None
                 reason = f"{name}: {exc}"
@@ -236,7 +266,7 @@ def score_images(images: Sequence[RatedImage], metrics: Sequence[str], ctx,
             reasons[m] = unavailable[model]
         elif why[m] and not any(math.isfinite(v) for v in values[m]):
             reasons[m] = max(why[m], key=why[m].get)
-    return values, reasons
+    return values, reasons, {m: identity.get(specs[m][0].name, (None, None)) for m in metrics}
 
 
 # ------------------------------------------------------------------------------------------ command
@@ -278,7 +308,8 @@ def sha256_of(path: Path) -> str:
 
 
 def calibrate_metrics(images: Sequence[RatedImage], values: Mapping[str, Sequence[float]],
-                      reasons: Mapping[str, str], *, folds: int, n_boot: int, seed: int) -> list[dict]:
+                      reasons: Mapping[str, str], identity: Mapping[str, tuple] | None = None, *,
+                      folds: int, n_boot: int, seed: int) -> list[dict]:
     """One entry per metric: ``{"metric", "available": False, "reason"}`` or the calibration."""
     from analysis.calibration import CalibrationError, calibrate
 
@@ -294,8 +325,10 @@ def calibrate_metrics(images: Sequence[RatedImage], values: Mapping[str, Sequenc
         except CalibrationError as exc:
             out.append({"metric": metric, "available": False, "reason": str(exc)})
             continue
+        version, sha = (identity or {}).get(metric, (None, None))
         out.append({"metric": metric, "available": True, "method": c.method, "map": c.map.to_dict(),
-                    "n_images": c.n_pairs, "n_series": c.n_groups, "statistics": c.statistics(), "_cal": c})
+                    "n_images": c.n_pairs, "n_series": c.n_groups, "model_version": version, "weights_sha256": sha,
+                    "statistics": c.statistics(), "_cal": c})
     return out
 
 
@@ -311,7 +344,8 @@ def store(db, entries: Sequence[dict], *, ratings_file: Path, sha: str, n_rating
             row = Calibration(metric=e["metric"], method=e["method"], parameters=json.dumps(e["map"]),
                               n_ratings=n_ratings, n_images=e["n_images"], n_series=e["n_series"],
                               ratings_file=str(ratings_file)[:1024], ratings_sha256=sha,
-                              statistics=json.dumps(e["statistics"]))
+                              statistics=json.dumps(e["statistics"]), model_version=e.get("model_version"),
+                              weights_sha256=e.get("weights_sha256"))
             s.add(row)
             rows.append((e, row))
         s.commit()
@@ -370,8 +404,9 @@ def run(args, settings, db_factory) -> int:
     images = rated_images(rows)
     log.info("%d rating(s) of %d image(s) in %d series", len(rows), len(images),
              len({im.series for im in images}))
-    values, reasons = score_images(images, metrics, ctx, progress=sys.stderr.isatty())
-    entries = calibrate_metrics(images, values, reasons, folds=args.folds, n_boot=args.bootstrap, seed=args.seed)
+    values, reasons, identity = score_images(images, metrics, ctx, progress=sys.stderr.isatty())
+    entries = calibrate_metrics(images, values, reasons, identity, folds=args.folds, n_boot=args.bootstrap,
+                                seed=args.seed)
     if any(e["available"] for e in entries) and not args.dry_run:
         db = db_factory()
         try:

@@ -270,6 +270,10 @@ class Calibration(Base):
     ratings_file: Mapped[str] = mapped_column(String(1024))
     ratings_sha256: Mapped[str] = mapped_column(String(64))
     statistics: Mapped[str] = mapped_column(Text)  # JSON: raw and cross-validated statistics with 95 % CIs
+    # the model that produced the scores: "<algorithm> <version>" and its weights' SHA-256 (None: no
+    # weights); an analysis by another version or other weights gets no <metric>_likert from this row
+    model_version: Mapped[str | None] = mapped_column(String(200))
+    weights_sha256: Mapped[str | None] = mapped_column(String(64))
 
 
 # Columns added after the first release: (table, column, DDL type). ``create_all`` does not alter

@@ -145,6 +145,8 @@ def test_calibration_stored_and_recovers_the_synthetic_levels(synthetic, calibra
     assert row.ratings_sha256 == hashlib.sha256(synthetic["csv"].read_bytes()).hexdigest()
     assert row.ratings_file == str(synthetic["csv"].resolve())
     assert json.loads(row.statistics) == st
+    assert row.model_version == "CTQA classical patient-based metrics (global noise, WED, SSDE, NPS) 1.0"
+    assert row.weights_sha256 is None  # no learned weights behind global noise
     m = LikertMap.from_dict(json.loads(row.parameters))
     assert m.direction == -1
     # the map recovers the known monotone truth on the rated images: mean |Likert - level score| < 0.6
@@ -274,5 +276,20 @@ def test_the_worker_stores_and_sends_the_likert_value(tmp_path) -> None:
         alg = in_sr["global_noise_hu_likert"].algorithm
         assert alg.name == "CTQA site Likert calibration"
         assert any(p.startswith("global_noise_hu_likert=calibration 2 of ") for p in alg.notes), alg.notes
+        # a calibration fitted on other weights does not apply: null with the reason, no made-up value
+        from analysis.pipeline import analyse_series
+        from analysis.results import RunContext
+        from node.calibrate import apply_calibrations, current_calibrations
+
+        with n.db.session() as s:
+            s.add(Calibration(**common, parameters=json.dumps(
+                {"method": "isotonic", "direction": -1, "params": {"x": [0.0, 100.0], "y": [4.0, 0.0]}}),
+                weights_sha256="ab" * 32))
+            s.commit()
+        result = analyse_series(files, ["classical"], RunContext())
+        apply_calibrations(result, current_calibrations(n.db))
+        assert result.metrics["global_noise_hu_likert"] is None
+        assert result.reasons["global_noise_hu_likert"] == (
+            "calibration 3 was fitted with weights abababababab, this analysis used none: run qa-node calibrate again")
     finally:
         n.db.dispose()
