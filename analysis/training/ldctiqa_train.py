@@ -309,9 +309,8 @@ def train(net, data: RatedImages, split: tuple[np.ndarray, np.ndarray], *, epoch
     rng = np.random.default_rng(seed)
     net = net.to(device)
     init_fig = correlations(predict_prepared(net, data.x[ho], device), data.scores[ho]) if evaluate_init and len(ho) else {}
-    opt = torch.optim.NAdam(net.parameters(), lr=lr)
+    opt, sched = optimiser(net.parameters(), lr)
     steps_per_epoch = math.ceil(len(tr) / batch)
-    sched = torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(opt, T_0=max(1, steps_per_epoch))
     targets = torch.from_numpy(fuzzy_targets(data.scores))
     bar = None
     if progress:
@@ -351,6 +350,15 @@ def train(net, data: RatedImages, split: tuple[np.ndarray, np.ndarray], *, epoch
     return TrainResult(net=net, held_out=correlations(pred, data.scores[ho]), held_out_init=init_fig, held_pred=pred,
                        held_true=data.scores[ho], train_idx=tr, held_idx=ho, seconds=seconds, image_steps=n_img,
                        cpu_seconds=cpu, losses=losses)
+
+
+def optimiser(params, lr: float = DEFAULT_LR):
+    """NAdam and cosine annealing with warm restarts, one cycle per epoch: ``sched.step(epoch + (k + 1) /
+    steps_per_epoch)`` after step k of an epoch; each epoch starts at ``lr``."""
+    import torch
+
+    opt = torch.optim.NAdam(params, lr=lr)
+    return opt, torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(opt, T_0=1)
 
 
 def predict_prepared(net, x: np.ndarray, device: str = "cpu", batch: int = 4) -> np.ndarray:

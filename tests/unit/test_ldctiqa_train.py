@@ -120,6 +120,19 @@ def test_recipe_loss_hand_computed_for_uniform_logits():
     assert float(tr.recipe_loss(a, target, ce_weight=0.0)) == pytest.approx(rps, rel=1e-6)
 
 
+def test_learning_rate_restarts_each_epoch():
+    opt, sched = tr.optimiser([torch.nn.Parameter(torch.zeros(1))], lr=1e-4)
+    assert isinstance(opt, torch.optim.NAdam)
+    lrs = []
+    for epoch in range(2):
+        for k in range(4):
+            lrs.append(opt.param_groups[0]["lr"])
+            opt.step()
+            sched.step(epoch + (k + 1) / 4)
+    one = [1e-4 * (1 + math.cos(math.pi * k / 4)) / 2 for k in range(4)]  # 1e-4, 8.54e-5, 5e-5, 1.46e-5
+    assert lrs == pytest.approx(one + one, rel=1e-9)
+
+
 def test_augment_keeps_the_image_and_its_air():
     gen = torch.Generator().manual_seed(0)
     x = torch.zeros(3, 1, 64, 64)
