@@ -698,7 +698,7 @@ def simulate_day(day: list[SeriesPlan], cost, workers: int, ingest_s_per_instanc
         end = start + s.n_slices * ingest_s_per_instance
         busy_until[s.scanner] = end
         ready.append((end + stable_age_s, end, s))
-    ready.sort(key=lambda r: r[0])
+    ready.sort(key=lambda r: (r[0], r[2].index))
     free = [0.0] * workers
     heapq.heapify(free)
     lat, done_at, depth_events = [], [], []
