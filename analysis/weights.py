@@ -1,18 +1,17 @@
 """Weights files of the learned models: the checksum, the per-process cache, the published-checksum
 check. Every learned model loads its file through ``load_cached`` (once per process, path, device
-and file version), so there is one SHA-256 routine (``storage.filestore.sha256_file``) and one cache.
+and file version), so there is one SHA-256 routine (``file_sha256``) and one cache.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-
-from storage.filestore import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -24,7 +23,8 @@ class WeightsNotInstalled(FileNotFoundError, ValueError):
 
 def file_sha256(path: str | Path) -> str:
     """Lower-case hex SHA-256 of a file (the checksum written into every SR and map)."""
-    return sha256_file(Path(path))
+    with open(path, "rb") as f:  # analysis imports nothing of ours: hashlib's own chunked file digest
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 @dataclass(frozen=True)
