@@ -740,7 +740,9 @@ def summarise(args, day, sample, out, ref) -> dict:
                          analysis_s=round(ana, 1) if ana is not None else None,
                          to_pacs_s=round(lat_pacs, 1) if lat_pacs is not None else None,
                          to_done_s=round(lat_done, 1) if lat_done is not None else None,
-                         outputs=len(r.get("deliveries", [])), worker=r.get("worker"), error=r.get("error")))
+                         outputs=len(r.get("deliveries", [])), worker=r.get("worker"), error=r.get("error"),
+                         job_start_s=round(r["started"] - out["t0"], 1) if r.get("started") else None,
+                         job_end_s=round(r["finished"] - out["t0"], 1) if r.get("finished") else None))
     for k in KINDS:
         ks = [x for x in rows if x["kind"] == k]
         if not ks:
@@ -801,6 +803,20 @@ def summarise(args, day, sample, out, ref) -> dict:
                  "within_day": all(x["within_day"] for x in sims)}
         if sim_m["within_day"]:
             break
+    # how many jobs ran at once while any ran (1 at workers = 1; up to w): job-seconds / busy seconds
+    spans = sorted((x["job_start_s"], x["job_end_s"]) for x in rows if x["job_start_s"] is not None
+                   and x["job_end_s"] is not None)
+    busy, cur = 0.0, None
+    for st, en in spans:
+        if cur is None or st > cur[1]:
+            if cur is not None:
+                busy += cur[1] - cur[0]
+            cur = [st, en]
+        else:
+            cur[1] = max(cur[1], en)
+    if cur is not None:
+        busy += cur[1] - cur[0]
+    concurrency = sum(en - st for st, en in spans) / busy if busy else None
     samples = out["samples"]
     cpu = [s for s in samples if "cpu_s" in s]
     cpu_pct = (100 * (cpu[-1]["cpu_s"] - cpu[0]["cpu_s"]) / (cpu[-1]["t"] - cpu[0]["t"])) if len(cpu) > 1 else None
@@ -826,6 +842,7 @@ def summarise(args, day, sample, out, ref) -> dict:
         "cost_model": {"full_model_a_s": _r(a), "full_model_b_s_per_slice": _r(b, 4), "points": pts,
                        "cheap_kinds_s": cheap, "cheap_default_s": _r(cheap_default),
                        "duplicate_analysed_fully_in_sample": dup_full},
+        "jobs_running_at_once": _r(concurrency, 2),
         "day_demand_s": round(demand), "day_demand_h": round(demand / 3600, 2),
         "day_demand_by_kind_s": {k: round(v) for k, v in by_kind_demand.items()},
         "machines": machines, "machines_formula": f"ceil(S_w / (w * 86400)) = ceil({demand:.0f} / ({args.workers} * 86400))",
@@ -872,6 +889,7 @@ def report(s: dict) -> None:
     c = s["cost_model"]
     print(f"cost model at workers={a['workers']}: full-model series {c['full_model_a_s']} + {c['full_model_b_s_per_slice']} "
           f"s/slice ({len(c['points'])} jobs); other kinds {c['cheap_kinds_s']} s")
+    print(f"jobs running at once while any ran: {_f(s['jobs_running_at_once'], 2)} (of {a['workers']} workers)")
     print(f"the day needs S_{a['workers']} = {s['day_demand_s']} worker-s ({s['day_demand_h']} h; by kind "
           f"{s['day_demand_by_kind_s']}) -> machines = {s['machines_formula']} = {s['machines']}")
     sim = s["simulated_day"]
