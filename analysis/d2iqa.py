@@ -23,8 +23,15 @@ peaks of the heat map, top ``MAX_DETS`` per image. The detector sees only a crop
 where objects may be placed (the placement mask's bounding box plus a margin), which is where
 all the objects are, and saves time on slices with much air.
 
-CUDA: when ``ctx.device == "cuda"`` the whole network runs in fp32 (no autocast: bf16 on the input
-layer changed per-slice scores by up to 0.13 in the baseline study).
+Batches: the trial images of a slice go through the detector ``[analysis.d2iqa] batch`` at a time
+(left out: 8 on the CPU, up to 64 on CUDA within the free GPU memory, i.e. all 50 default trials of a
+slice in one pass). Slices are not batched together: their crops differ in size, and padding them to
+one size would change the detections near the crop edge.
+
+CUDA: ``[analysis.d2iqa] amp`` = fp16 (default), bf16 or off. The stem (the input layer) always
+runs in fp32 and the rest under autocast: bf16 on the input layer changed per-slice scores by up to
+0.13 in the issue's baseline study (objects of a few HU in a 1400 HU window). The fp16 result has not
+been compared with fp32 on a GPU yet (tests/unit/test_batching.py does when CUDA is present).
 """
 
 from __future__ import annotations
@@ -40,6 +47,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from analysis.batching import amp_dtype, is_cuda, resolve_batch, run_batches
 from analysis.coco_map import ImageBoxes, coco_map
 from analysis.d2iqa_insert import (
     SHAPES,
@@ -94,9 +102,21 @@ class D2IQANet(nn.Module):
         self.offset = head(2)
         nn.init.constant_(self.heat[-1].bias, -2.19)  # prior 0.1, as in CenterNet
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor, amp_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``amp_dtype`` (inference on CUDA): everything after the stem under autocast to that dtype;
+        the stem (the input layer) stays fp32, because the objects' contrast is a few HU in a 1400 HU
+        window (bf16 on the input layer changed per-slice scores by up to 0.13 in the issue's baseline
+        study). None: fp32 throughout (training, the CPU)."""
         x = x - 0.5
-        s2 = self.stem(x)
+        if amp_dtype is None:
+            s2 = self.stem(x)
+            return self._body(s2)
+        with torch.autocast(x.device.type, enabled=False):
+            s2 = self.stem(x.float())
+        with torch.autocast(x.device.type, dtype=amp_dtype):
+            return self._body(s2)
+
+    def _body(self, s2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         s4 = self.down4(s2)
         s8 = self.down8(s4)
         s16 = self.down16(s8)
@@ -246,14 +266,36 @@ def trial_layouts(
     return [sample_layout(allowed, rng, config) for _ in range(trials)]
 
 
+# trial images per forward pass when [analysis.d2iqa] batch is left out: 8 on the CPU (what the node
+# always ran), up to 64 on CUDA (all the trials of a slice at the default T = 50 in one pass) bounded
+# by the free GPU memory at BYTES_PER_PIXEL of the crop per image (about 60 fp32 activations per input
+# pixel through stem, encoder, decoder and heads, rounded up)
+DEFAULT_BATCH_CPU = 8
+DEFAULT_BATCH_CUDA = 64
+BYTES_PER_PIXEL = 256
+
+
+def batch_for(device: str, batch_size: int | None, image_hw: tuple[int, int]) -> int:
+    """The batch ``detect`` runs with (``analysis.batching.resolve_batch``)."""
+    return resolve_batch(batch_size, device, cpu_default=DEFAULT_BATCH_CPU, cuda_default=DEFAULT_BATCH_CUDA,
+                         item_bytes=BYTES_PER_PIXEL * image_hw[0] * image_hw[1])
+
+
 @torch.inference_mode()
-def detect(model: LoadedModel, images01: np.ndarray, batch_size: int = 8) -> list[ImageBoxes]:
-    """Run the detector on (N, H, W) windowed images (H, W multiples of 16)."""
-    out: list[ImageBoxes] = []
-    for i in range(0, images01.shape[0], batch_size):
-        x = torch.from_numpy(np.ascontiguousarray(images01[i : i + batch_size, None])).to(model.device, torch.float32)
-        out.extend(decode(model.net(x)))
-    return out
+def detect(model: LoadedModel, images01: np.ndarray, batch_size: int | None = DEFAULT_BATCH_CPU,
+           amp: str = "off") -> list[ImageBoxes]:
+    """Run the detector on (N, H, W) windowed images (H, W multiples of 16), ``batch_size`` at a time
+    (None: the device's default; halved on a CUDA out-of-memory error). Each image's detections do
+    not depend on the batch (tests/unit/test_batching.py). ``amp`` (CUDA only): fp16/bf16 autocast
+    after the fp32 stem, or off; the CPU always runs fp32."""
+    bs = batch_for(model.device, batch_size, images01.shape[-2:])
+    dtype = amp_dtype(model.device, amp)
+
+    def one(i: int, j: int) -> list[ImageBoxes]:
+        x = torch.from_numpy(np.ascontiguousarray(images01[i:j, None])).to(model.device, torch.float32)
+        return decode(model.net(x, dtype))
+
+    return [boxes for part in run_batches(one, images01.shape[0], bs, model.device, "D2IQA") for boxes in part]
 
 
 def trial_images(
@@ -281,7 +323,8 @@ def detect_trials(
     hu: np.ndarray,
     layouts: Sequence[Sequence[VirtualObject]],
     config: InsertionConfig = InsertionConfig(),
-    batch_size: int = 8,
+    batch_size: int | None = DEFAULT_BATCH_CPU,
+    amp: str = "off",
 ) -> tuple[list[ImageBoxes], list[ImageBoxes]]:
     """(ground truths, detections) of every non-empty trial layout on slice ``hu``."""
     layouts = [tuple(lay) for lay in layouts if len(lay) > 0]
@@ -289,11 +332,13 @@ def detect_trials(
         return [], []
     gts: list[ImageBoxes] = []
     dets: list[ImageBoxes] = []
-    chunk = max(batch_size, 32)  # bounds the memory of the trial images
+    # trial images made this many at a time: bounds their memory; on CUDA a chunk of up to 64
+    # (the default T = 50 in one) goes to the GPU as one batch when memory allows
+    chunk = max(batch_size or (DEFAULT_BATCH_CUDA if is_cuda(model.device) else DEFAULT_BATCH_CPU), 32)
     for i in range(0, len(layouts), chunk):
         imgs, g = trial_images(hu, layouts[i : i + chunk], config)
         gts.extend(g)
-        dets.extend(detect(model, imgs, batch_size))
+        dets.extend(detect(model, imgs, batch_size, amp))
     return gts, dets
 
 
@@ -313,8 +358,9 @@ def score_slice(
     seed: int = DEFAULT_SEED,
     allowed: np.ndarray | None = None,
     config: InsertionConfig = InsertionConfig(),
-    batch_size: int = 8,
+    batch_size: int | None = DEFAULT_BATCH_CPU,
     body: np.ndarray | None = None,
+    amp: str = "off",
     pixel_spacing_mm: float | tuple[float, float] | None = None,
 ) -> SliceScore:
     """Pooled-mAP D2IQA score of one HU slice. Pass ``layouts`` (from :func:`trial_layouts`, computed on
@@ -328,7 +374,7 @@ def score_slice(
         if allowed is None:
             allowed = placement_mask(hu, config, body, pixel_spacing_mm=pixel_spacing_mm)
         layouts = trial_layouts(allowed, trials, seed, config) if allowed.any() else []
-    gts, dets = detect_trials(model, hu, layouts, config, batch_size)
+    gts, dets = detect_trials(model, hu, layouts, config, batch_size, amp)
     if not gts:
         return SliceScore(float("nan"), np.full(N_CLASSES, np.nan), 0, 0)
     res = coco_map(gts, dets, N_CLASSES, max_dets=MAX_DETS)

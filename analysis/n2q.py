@@ -12,8 +12,9 @@ The network output lives in [-1, 1] (``2 * SSIM - 1``); the node reports ``(out 
 SSIM units in [0, 1] where 1 means "indistinguishable from full dose".
 
 Node use: ``analysis.models.n2q.run`` resizes each slice to 256 x 256 (square-padded with
-air), predicts in batches (CUDA + autocast when ``ctx.device == "cuda"``), upsamples the map to the
-native matrix and reports, over the body mask (``analysis.mask.body_mask``):
+air), predicts in batches (``predict_quality``: resize, network and upsampling one batch at a time;
+CUDA: all three on the GPU, the network under autocast), upsamples the map to the native matrix and
+reports, over the body mask (``analysis.mask.volume_body_masks``, shared with the other models):
 
 - ``n2q_mean_quality``: mean predicted SSIM quality inside the body, all slices;
 - ``n2q_p05_quality``: its 5th percentile;
@@ -23,8 +24,9 @@ native matrix and reports, over the body mask (``analysis.mask.body_mask``):
   about as much as a 10 %-dose scan; a full-dose series should have a small fraction below it).
 
 Options (``[analysis.n2q]``, ``analysis.models.n2q.Options``): ``weights`` (path, default
-``analysis/weights/n2q.pt``), ``batch`` (default 8), ``low_threshold`` (default 0.8); CPU threads are
-``[analysis] torch_threads``.
+``analysis/weights/n2q.pt``), ``batch`` (left out: 8 on the CPU, up to 64 on CUDA within the free GPU
+memory), ``amp`` (CUDA autocast: fp16 (default), bf16 or off; the CPU is always fp32),
+``low_threshold`` (default 0.8); CPU threads are ``[analysis] torch_threads``.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from analysis.batching import autocast, resolve_batch, run_batches, validate_amp
 from analysis.ssim import window_hu
 from analysis.weights import file_sha256, load_cached
 
@@ -136,15 +139,15 @@ def make_input(windowed: torch.Tensor, in_channels: int = 2) -> torch.Tensor:
     return torch.cat((x, high_pass(x)), dim=1)
 
 
-def resize_to_model(hu: np.ndarray, size: int = MODEL_SIZE) -> tuple[torch.Tensor, tuple[int, int, int, int]]:
-    """(B, H, W) HU -> (B, size, size) HU tensor: padded to a square with air, then area-resized.
-    Returns the tensor and (top, left, H, W) to undo the padding."""
+def resize_to_model(hu: np.ndarray, size: int = MODEL_SIZE, device: str = "cpu") -> tuple[torch.Tensor, tuple[int, int, int, int]]:
+    """(B, H, W) HU -> (B, size, size) HU tensor on ``device``: padded to a square with air, then
+    area-resized. Returns the tensor and (top, left, H, W) to undo the padding."""
     b, h, w = hu.shape
     n = max(h, w)
     top, left = (n - h) // 2, (n - w) // 2
-    t = torch.from_numpy(np.ascontiguousarray(hu, dtype=np.float32))
+    t = torch.from_numpy(np.ascontiguousarray(hu, dtype=np.float32)).to(device)
     if h != w:
-        sq = torch.full((b, n, n), -1000.0)
+        sq = torch.full((b, n, n), -1000.0, device=t.device)
         sq[:, top : top + h, left : left + w] = t
         t = sq
     if n != size:
@@ -219,42 +222,69 @@ def load_model(path: str | Path | None = None, device: str = "cpu") -> LoadedMod
 
 
 # ----------------------------------------------------------------------------------- inference
-def predict_model_res(net: N2QNet, hu_model: torch.Tensor, device: str = "cpu", batch: int = 8) -> tuple[np.ndarray, np.ndarray]:
+# slices per forward pass when [analysis.n2q] batch is left out: 8 on the CPU (what the node always
+# ran; bench/models.py compares batch sizes), up to 64 on CUDA bounded by the free GPU memory at
+# ITEM_BYTES per slice (fp32 activations of one 256 x 256 slice through the U-Net with its skips,
+# about 40 MB, rounded up)
+DEFAULT_BATCH_CPU = 8
+DEFAULT_BATCH_CUDA = 64
+ITEM_BYTES = 64 << 20
+
+
+def _forward(net: N2QNet, hu_model: torch.Tensor, device: str, amp: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """One batch of HU at model resolution -> (raw map (b, S, S) float32, dose probs (b, 5) float32),
+    on ``device``; autocast on CUDA per ``amp``, fp32 on the CPU."""
+    x = make_input(window_hu(hu_model.to(device)), net.in_channels)
+    with autocast(device, amp):
+        m, lg = net(x)
+    probs = (torch.softmax(lg.float(), dim=1) if lg is not None
+             else torch.full((m.shape[0], len(DOSE_CLASSES)), float("nan"), device=m.device))
+    return m[:, 0].float(), probs
+
+
+def predict_model_res(net: N2QNet, hu_model: torch.Tensor, device: str = "cpu", batch: int = DEFAULT_BATCH_CPU,
+                      amp: str = "fp16") -> tuple[np.ndarray, np.ndarray]:
     """HU at model resolution (B, S, S) -> (raw map in [-1, 1] (B, S, S) float32, dose probs (B, 5))."""
-    maps, probs = [], []
-    in_ch = net.in_channels
     with torch.inference_mode():
-        for i in range(0, hu_model.shape[0], batch):
-            x = make_input(window_hu(hu_model[i : i + batch].to(device)), in_ch)
-            if device.startswith("cuda"):
-                with torch.autocast("cuda", dtype=torch.float16):
-                    m, lg = net(x)
-            else:
-                m, lg = net(x)
-            maps.append(m[:, 0].float().cpu())
-            if lg is not None:
-                probs.append(torch.softmax(lg.float(), dim=1).cpu())
-            else:
-                probs.append(torch.full((m.shape[0], len(DOSE_CLASSES)), float("nan")))
-    return torch.cat(maps).numpy(), torch.cat(probs).numpy()
+        parts = run_batches(lambda i, j: tuple(t.cpu() for t in _forward(net, hu_model[i:j], device, amp)),
+                            hu_model.shape[0], batch, device, "N2Q")
+    return torch.cat([m for m, _ in parts]).numpy(), torch.cat([p for _, p in parts]).numpy()
 
 
 def predict_quality(
-    hu: np.ndarray, *, weights: str | Path | None = None, device: str = "cpu", batch: int = 8
+    hu: np.ndarray, *, weights: str | Path | None = None, device: str = "cpu", batch: int | None = None,
+    amp: str = "fp16",
 ) -> tuple[np.ndarray, np.ndarray, str]:
-    """HU slices (B, H, W) or (H, W) -> (quality map in SSIM units at the native matrix, dose probs, sha256)."""
+    """HU slices (B, H, W) or (H, W) -> (quality map in SSIM units at the native matrix, dose probs, sha256).
+
+    Slices go through resize, network and upsampling ``batch`` at a time (None: the device's default,
+    ``analysis.batching.resolve_batch``), so memory holds one batch at model and native resolution
+    besides the result. On the CPU every step is fp32 and the result does not depend on ``batch``
+    beyond float rounding of the convolutions (tests/unit/test_batching.py); on CUDA the resize and
+    the upsampling run on the GPU and the network under autocast (``amp``: fp16, bf16, off)."""
     arr = np.asarray(hu, dtype=np.float32)
     single = arr.ndim == 2
     if single:
         arr = arr[None]
     if arr.ndim != 3:
         raise ValueError(f'Argument "hu" must be (H, W) or (B, H, W), got shape {arr.shape}')
-    if batch < 1:
+    if batch is not None and batch < 1:
         raise ValueError(f'Argument "batch" must be >= 1, got {batch}')
+    validate_amp(amp)
     model = load_model(weights, device)
-    t, geom = resize_to_model(arr)
-    raw, probs = predict_model_res(model.net, t, device, batch)
-    q = map_to_native(torch.from_numpy((raw + 1.0) / 2.0), geom).astype(np.float32)
+    bs = resolve_batch(batch, device, cpu_default=DEFAULT_BATCH_CPU, cuda_default=DEFAULT_BATCH_CUDA,
+                       item_bytes=ITEM_BYTES)
+    q = np.empty(arr.shape, np.float32)
+    probs = np.empty((arr.shape[0], len(DOSE_CLASSES)), np.float32)
+
+    def one(i: int, j: int) -> None:
+        t, geom = resize_to_model(arr[i:j], device=device)
+        raw, p = _forward(model.net, t, device, amp)
+        q[i:j] = map_to_native((raw + 1.0) / 2.0, geom)
+        probs[i:j] = p.cpu().numpy()
+
+    with torch.inference_mode():
+        run_batches(one, arr.shape[0], bs, device, "N2Q")
     return (q[0] if single else q), (probs[0] if single else probs), model.sha256
 
 

@@ -15,6 +15,7 @@ import ipaddress
 import os
 import re
 import tomllib
+import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -160,6 +161,11 @@ def _describe(tp: Any) -> str:
 
 def _check_value(value: Any, tp: Any, file: str, key: str) -> Any:
     origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType) and type(None) in typing.get_args(tp):
+        # "int | None": the key may be left out (None, e.g. a per-device default); TOML has no null,
+        # so a value that is written must be of the other type
+        (inner,) = [a for a in typing.get_args(tp) if a is not type(None)]
+        return _check_value(value, inner, file, key)
     if origin is list:
         (inner,) = typing.get_args(tp)
         if not isinstance(value, list):
@@ -369,6 +375,10 @@ def _parse_analysis(raw: Any, file: str) -> AnalysisSettings:
         table = raw.get(name, {})
         if spec.options is registry.spec.NoOptions and table and isinstance(table, dict):
             raise ConfigError(f"{file}: unknown key '{section}.{sorted(table)[0]}'; the model {name} has no options")
+        for old, new in getattr(spec.options, "RENAMED_KEYS", {}).items():  # a key renamed inside the table
+            if isinstance(table, dict) and old in table:
+                raise ConfigError(f"{file}: key '{section}.{old}' was renamed: write it as [{section}] {new} = ... "
+                                  f"(see config.toml), or leave it out for the default")
         opts = _build(spec.options, table, file, section)
         try:
             validate = getattr(opts, "validate", None)

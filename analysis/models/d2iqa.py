@@ -5,7 +5,9 @@ distribution of the shipped detector, and ``run``. Detector, insertion and scori
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
+from analysis.batching import validate_amp, validate_batch
 from analysis.models.spec import NO_UNITS, MetricSpec, ModelSpec, TrainingDistribution, private
 
 ALGORITHM = "D2IQA (virtual-object detection mAP)"
@@ -23,12 +25,19 @@ class Options:
     trials: int = DEFAULT_TRIALS  # insertion trials per slice
     max_slices: int = DEFAULT_MAX_SLICES  # evenly spaced slices scored per series; 0 = all
     seed: int = 0
-    batch_size: int = 0  # 0 = 8 on the CPU, 64 on CUDA
+    # trial images per forward pass; left out = the device's default (8 on the CPU, up to 64 on CUDA
+    # within the free GPU memory: analysis.d2iqa.DEFAULT_BATCH_CPU/CUDA)
+    batch: int | None = None
+    amp: str = "fp16"  # CUDA: autocast after the fp32 stem: fp16, bf16 or off (fp32); the CPU always runs fp32
+    # keys of this table that were renamed: the old key is refused with one line naming the new one
+    RENAMED_KEYS: ClassVar[dict[str, str]] = {"batch_size": "batch"}
 
     def validate(self) -> None:
-        for key, minimum in (("trials", 1), ("max_slices", 0), ("seed", 0), ("batch_size", 0)):
+        for key, minimum in (("trials", 1), ("max_slices", 0), ("seed", 0)):
             if getattr(self, key) < minimum:
                 raise ValueError(f"key '{key}' must be >= {minimum}, got {getattr(self, key)}")
+        validate_batch(self.batch)
+        validate_amp(self.amp)
 
 
 def run(volume, ctx, options: Options | None = None):
@@ -48,7 +57,6 @@ def run(volume, ctx, options: Options | None = None):
     opts = options or Options()
     opts.validate()
     device = "cuda" if ctx.device == "cuda" and torch.cuda.is_available() else "cpu"
-    batch_size = opts.batch_size or (64 if device == "cuda" else 8)
     weights = Path(opts.weights or d2iqa.WEIGHTS_PATH)
     out = ModelOutput(name="d2iqa", algorithm=ALGORITHM, version=VERSION)
     n = volume.n_slices
@@ -60,12 +68,14 @@ def run(volume, ctx, options: Options | None = None):
         out.set_metric("d2iqa_score", None, str(exc))
         return out
     out.weights_sha256 = model.sha256
+    if device == "cuda":  # the precision is part of the result's provenance (the CPU is always fp32)
+        out.parameters.append(f"cuda_amp={opts.amp}")
     t0 = time.perf_counter()
     idx = d2iqa.select_slices(n, opts.max_slices)
     masks = volume_body_masks(volume)  # shared with the other models of the run (cached on the volume)
     for i in idx:
         s = d2iqa.score_slice(model, volume.hu[i], trials=opts.trials, seed=opts.seed + int(i),
-                              batch_size=batch_size, body=masks[i])
+                              batch_size=opts.batch, body=masks[i], amp=opts.amp)
         slice_scores[i] = s.score
     n_ok = int(np.isfinite(slice_scores).sum())
     logging.getLogger(__name__).info("d2iqa: %d/%d slices scored (T=%d) in %.1f s on %s", n_ok, len(idx),
@@ -101,5 +111,5 @@ SPEC = ModelSpec(
         body_regions=("HEAD", "BRAIN", "SKULL", "NECK", "HEADNECK", "CHEST", "THORAX", "ABDOMEN"),
         global_noise_hu=(2.5, 125.0), slice_thickness_mm=(1.0, 1.0), source=MODEL_CARD),
     moved_keys={"d2iqa_trials": "trials", "d2iqa_max_slices": "max_slices", "d2iqa_weights": "weights",
-                "d2iqa_seed": "seed", "d2iqa_batch_size": "batch_size"},
+                "d2iqa_seed": "seed", "d2iqa_batch_size": "batch"},
 )

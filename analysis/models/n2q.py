@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from analysis.batching import validate_amp, validate_batch
 from analysis.models.spec import NO_UNITS, MapSpec, MetricSpec, ModelSpec, TrainingDistribution, private
 
 ALGORITHM = "N2Q Noise2Quality SSIM-map U-Net"
@@ -20,14 +21,17 @@ class Options:
     """[analysis.n2q]"""
 
     weights: str = ""  # "" = the shipped analysis/weights/n2q.pt
-    batch: int = 8  # slices per forward pass
+    # slices per forward pass; left out = the device's default (8 on the CPU, up to 64 on CUDA
+    # within the free GPU memory: analysis.n2q.DEFAULT_BATCH_CPU/CUDA)
+    batch: int | None = None
+    amp: str = "fp16"  # CUDA autocast: fp16, bf16 or off (fp32); the CPU always runs fp32
     low_threshold: float = 0.8  # quality below this counts as low in n2q_low_fraction
 
     def validate(self) -> None:
         if not 0.0 < self.low_threshold <= 1.0:
             raise ValueError(f"key 'low_threshold' must be in (0, 1], got {self.low_threshold}")
-        if self.batch < 1:
-            raise ValueError(f"key 'batch' must be >= 1, got {self.batch}")
+        validate_batch(self.batch)
+        validate_amp(self.amp)
 
 
 def run(volume, ctx, options: Options | None = None):
@@ -38,7 +42,7 @@ def run(volume, ctx, options: Options | None = None):
     import torch
 
     from analysis import n2q
-    from analysis.mask import body_mask
+    from analysis.mask import volume_body_masks
     from analysis.results import MapOutput, ModelOutput, SeriesSkipped
 
     opts = options or Options()
@@ -49,9 +53,11 @@ def run(volume, ctx, options: Options | None = None):
     if volume.n_slices == 0:
         raise SeriesSkipped("no slices")
     quality, probs, sha = n2q.predict_quality(volume.hu, weights=opts.weights or None, device=device,
-                                              batch=opts.batch)
-    body = np.stack([body_mask(s, volume.pixel_spacing_mm) for s in volume.hu])
+                                              batch=opts.batch, amp=opts.amp)
+    body = volume_body_masks(volume)  # = body_mask per slice, computed once per volume for all models
     out = ModelOutput(name="n2q", algorithm=ALGORITHM, version=VERSION, weights_sha256=sha)
+    if device == "cuda":  # the precision is part of the result's provenance (the CPU is always fp32)
+        out.parameters.append(f"cuda_amp={opts.amp}")
     mean, p05, low = n2q.summarise(quality, body, opts.low_threshold)
     reason = "no body pixels found in any slice"
     out.set_metric("n2q_mean_quality", mean, reason)

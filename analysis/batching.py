@@ -1,0 +1,121 @@
+"""Batching and mixed precision for the learned models' inference (N2Q, D2IQA).
+
+- ``resolve_batch``: the batch a model runs with. An explicit ``[analysis.<model>] batch`` (>= 1)
+  is used as given; left out, it is the device's default: the model's CPU default (what the node
+  always ran, so CPU results are unchanged), or on CUDA the model's CUDA default bounded by the
+  GPU's free memory (a fraction of it over an estimate of one item's working set).
+- ``run_batches``: calls ``fn(start, stop)`` over ``range(n)`` in batches; on CUDA an out-of-memory
+  error halves the batch and repeats that batch (one WARNING), so a GPU shared with other work does
+  not fail a series. Results do not depend on the batch (each slice or trial image is computed
+  independently), so a smaller batch changes speed only.
+- ``autocast``: ``torch.autocast`` on CUDA with the option ``amp`` (``fp16``, ``bf16``; ``off`` =
+  fp32); on the CPU a no-op, so the CPU path stays fp32.
+
+Everything runs under ``torch.inference_mode()`` in the callers. This module imports torch only
+inside its functions, so the model specs (``analysis.models``, torch-free) use its validators.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Callable
+from typing import TYPE_CHECKING, TypeVar
+
+if TYPE_CHECKING:
+    import torch
+
+log = logging.getLogger(__name__)
+
+AMP_MODES = ("fp16", "bf16", "off")
+CUDA_MEMORY_FRACTION = 0.5  # of the free GPU memory a model's batch may plan for
+T = TypeVar("T")
+
+
+def validate_batch(batch: int | None) -> None:
+    """The shared rule of the ``batch`` key: left out (None) or an integer >= 1 (raises ValueError
+    naming the key, which node.config turns into a config error)."""
+    if batch is None:
+        return
+    if isinstance(batch, bool) or not isinstance(batch, int):
+        raise ValueError(f"key 'batch' must be an integer >= 1 (or left out for the device's default), got {batch!r}")
+    if batch < 1:
+        raise ValueError(f"key 'batch' must be >= 1 (or left out for the device's default), got {batch}")
+
+
+def validate_amp(amp: str) -> None:
+    if amp not in AMP_MODES:
+        raise ValueError(f"key 'amp' must be one of {', '.join(AMP_MODES)}, got {amp!r}")
+
+
+def _dtype(amp: str) -> torch.dtype:
+    import torch
+
+    return {"fp16": torch.float16, "bf16": torch.bfloat16}[amp]
+
+
+def is_cuda(device: str | torch.device) -> bool:
+    return str(device).split(":")[0] == "cuda"
+
+
+def resolve_batch(requested: int | None, device: str | torch.device, *, cpu_default: int, cuda_default: int,
+                  item_bytes: int) -> int:
+    """The batch to run: ``requested`` when given, else the device's default (CUDA: at most
+    ``cuda_default`` and at most what fits in ``CUDA_MEMORY_FRACTION`` of the free memory at
+    ``item_bytes`` per item, never below 1)."""
+    validate_batch(requested)
+    if requested is not None:
+        return requested
+    if not is_cuda(device):
+        return cpu_default
+    import torch
+
+    try:
+        free, _total = torch.cuda.mem_get_info(torch.device(device))
+    except (RuntimeError, AssertionError):  # no driver answer: the plain default, OOM back-off still applies
+        return cuda_default
+    return max(1, min(cuda_default, int(free * CUDA_MEMORY_FRACTION // max(item_bytes, 1))))
+
+
+def autocast(device: str | torch.device, amp: str) -> contextlib.AbstractContextManager:
+    """Mixed precision on CUDA (``amp`` fp16/bf16); fp32 (no-op) on the CPU or with ``amp = "off"``."""
+    validate_amp(amp)
+    if not is_cuda(device) or amp == "off":
+        return contextlib.nullcontext()
+    import torch
+
+    return torch.autocast("cuda", dtype=_dtype(amp))
+
+
+def amp_dtype(device: str | torch.device, amp: str) -> torch.dtype | None:
+    """The autocast dtype ``autocast`` would use, None for fp32."""
+    validate_amp(amp)
+    return None if not is_cuda(device) or amp == "off" else _dtype(amp)
+
+
+def run_batches(fn: Callable[[int, int], T], n: int, batch: int, device: str | torch.device,
+                what: str = "model") -> list[T]:
+    """``[fn(0, b), fn(b, 2b), ...]`` over ``range(n)``; on a CUDA out-of-memory error the batch is
+    halved and the failed span run again (down to 1; an error at batch 1 propagates)."""
+    import torch
+
+    if batch < 1:
+        raise ValueError(f'Argument "batch" must be >= 1, got {batch}')
+    out: list[T] = []
+    i = 0
+    warned = False
+    while i < n:
+        stop = min(i + batch, n)
+        try:
+            out.append(fn(i, stop))
+        except torch.cuda.OutOfMemoryError:
+            if batch == 1 or not is_cuda(device):
+                raise
+            torch.cuda.empty_cache()
+            batch = max(1, batch // 2)
+            if not warned:
+                log.warning("%s: CUDA out of memory, batch reduced to %d", what, batch)
+                warned = True
+            continue
+        i = stop
+    return out
