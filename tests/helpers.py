@@ -149,6 +149,20 @@ def qa_node(*args: str, cwd: Path | None = None, env: dict | None = None) -> sub
                           env=env, timeout=600)
 
 
+def analyze_json(series: Path, *models: str, cwd: Path, config: Path | None = None) -> dict:
+    """`qa-node [--config CONFIG] analyze --json --models M1,M2,... SERIES` of one series: its one
+    item, checked to be analysed with each of ``models``."""
+    import json
+
+    r = qa_node(*(("--config", str(config)) if config else ()), "analyze", "--json", "--models", ",".join(models),
+                str(series), cwd=cwd)
+    assert r.returncode == 0, r.stderr
+    (item,) = json.loads(r.stdout)
+    assert item["status"] == "done"
+    assert set(models) <= {m["name"] for m in item["models"]}
+    return item
+
+
 def node_status(node: NodeProcess) -> dict:
     """`qa-node status --json` of a running node."""
     import json
@@ -156,6 +170,30 @@ def node_status(node: NodeProcess) -> dict:
     r = qa_node("--config", str(node.config), "status", "--json", cwd=node.workdir)
     assert r.returncode == 0, r.stderr
     return json.loads(r.stdout)
+
+
+def node_sql(node: NodeProcess, sql: str, *params) -> list[tuple]:
+    """The rows of a read-only query on a running node's SQLite database ([] while it does not exist
+    or is busy). For polling: each `qa-node status` / `outbox` subprocess costs seconds of CPU that
+    the node under test then lacks on a 2-core runner. Poll with this, then assert on the CLI's
+    own output once the state is reached."""
+    import sqlite3
+    import tomllib
+
+    url = tomllib.loads(Path(node.config).read_text())["node"]["database"]
+    if not url.startswith("sqlite:///"):
+        raise ValueError(f"node_sql reads SQLite databases only, not {url.split(':', 1)[0]}")
+    path = Path(url.removeprefix("sqlite:///"))
+    if not path.is_file():
+        return []
+    try:
+        con = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5)
+        try:
+            return con.execute(sql, params).fetchall()
+        finally:
+            con.close()
+    except sqlite3.OperationalError:  # a table not created yet, or locked past the timeout
+        return []
 
 
 def wait_until(pred, timeout: float = 60.0, interval: float = 0.1, what: str = "condition"):

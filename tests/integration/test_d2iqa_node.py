@@ -1,11 +1,10 @@
 """D2IQA in the node (issue 7, item 7), without the network: a completed series analysed with models
 [basic, d2iqa] gets the series score ``d2iqa_score`` and one per-slice score for every scored slice in
 the database and in the SR, equal to what the model's ``run()`` gives in process with the configured
-trials and slice subset; `qa-node analyze --json` reports ``d2iqa_score`` with the in-process value."""
+trials and slice subset; `qa-node analyze --json` (the same [analysis.d2iqa] table in its config) reports
+``d2iqa_score`` with the in-process value."""
 
 from __future__ import annotations
-
-import json
 
 import numpy as np
 import pydicom
@@ -20,7 +19,7 @@ from analysis.volume import load_series
 from node.service import Node
 from reports.sr import read_measurement_report
 from storage.models import AnalysisRun, OutputObject, SeriesMetric, SliceMetric
-from tests.helpers import PHANTOM_5MM, WG04, qa_node, require
+from tests.helpers import PHANTOM_5MM, WG04, analyze_json, require
 from tests.integration.test_node_pipeline import make_node, push_and_analyse
 
 needs_weights = pytest.mark.skipif(not d2iqa.WEIGHTS_PATH.is_file(), reason=f"shipped weights {d2iqa.WEIGHTS_PATH} are absent")
@@ -73,13 +72,13 @@ def test_series_d2iqa_score_and_slice_scores_in_database_and_sr(tmp_path):
 @needs_weights
 def test_analyze_json_reports_d2iqa_score(tmp_path):
     ct2 = require(WG04) / "CT2_UNC"
-    r = qa_node("analyze", "--json", "--models", "basic,d2iqa", str(ct2), cwd=tmp_path)
-    assert r.returncode == 0, r.stderr
-    (item,) = json.loads(r.stdout)
-    assert item["status"] == "done"
-    assert "d2iqa" in [m["name"] for m in item["models"]]
+    cfg = tmp_path / "c.toml"  # the [analysis.d2iqa] table reaches analyze too (its 50 default trials: 20 s a run)
+    cfg.write_text(f'[node]\n[analysis]\ndevice = "cpu"\ntorch_threads = 1\n'
+                   f'[analysis.d2iqa]\ntrials = {TRIALS}\nmax_slices = {MAX_SLICES}\n')
+    item = analyze_json(ct2, "basic", "d2iqa", cwd=tmp_path, config=cfg)
     torch.set_num_threads(1)
-    ref = d2iqa_model.run(load_series([ct2]), RunContext(device="cpu"))  # the CLI runs the model defaults
+    ref = d2iqa_model.run(load_series([ct2]), RunContext(device="cpu"),
+                          d2iqa_model.Options(trials=TRIALS, max_slices=MAX_SLICES))
     assert ref.series_metrics["d2iqa_score"] is not None
     assert item["metrics"]["d2iqa_score"] == pytest.approx(ref.series_metrics["d2iqa_score"], rel=1e-5, abs=1e-7)
     assert 0.0 < item["metrics"]["d2iqa_score"] <= 1.0

@@ -6,23 +6,20 @@ the values the model gives in process."""
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pydicom
 import pytest
 import torch
 from sqlalchemy import select
 
-from analysis import n2q
 from analysis.models import n2q as n2q_model
 from analysis.results import RunContext
 from analysis.volume import load_series
 from node.service import Node
 from reports.sr import read_measurement_report
 from storage.models import AnalysisRun, OutputObject, SeriesMetric
-from tests.helpers import PHANTOM_5MM, WG04, qa_node, require
-from tests.integration.test_node_pipeline import make_node, push_and_analyse
+from tests.helpers import WG04, analyze_json, require
+from tests.integration.test_node_pipeline import make_node, phantom_slices, push_and_analyse
 
 N2Q_KEYS = ("n2q_mean_quality", "n2q_p05_quality", "n2q_low_fraction")
 
@@ -40,7 +37,7 @@ def _n2q_maps(node: Node) -> list[pydicom.Dataset]:
 
 
 def test_series_with_n2q_gets_its_quality_map_in_a_parametric_map(tmp_path):
-    files = sorted(p for p in require(PHANTOM_5MM).iterdir() if p.name.startswith("I"))
+    files = phantom_slices(8)
     torch.set_num_threads(1)
     node = _node(tmp_path)
     push_and_analyse(node, files)
@@ -49,10 +46,12 @@ def test_series_with_n2q_gets_its_quality_map_in_a_parametric_map(tmp_path):
             select(SeriesMetric).join(AnalysisRun).where(AnalysisRun.current.is_(True)))}
         sr_path = s.scalars(select(OutputObject).where(OutputObject.kind == "sr")).one().rel_path
 
-    # what the model itself says about these slices (same loader, same weights)
+    # what the model itself says about these slices (same loader, same weights): its map and summary
     vol = load_series(files)
-    expected, _, sha = n2q.predict_quality(vol.hu)
     ref = n2q_model.run(vol, RunContext(device="cpu"))
+    (ref_map,) = ref.maps
+    expected, sha = ref_map.values, ref.weights_sha256
+    assert ref_map.name == n2q_model.MAP_NAME and sha
     (pm,) = _n2q_maps(node)
     assert pm.NumberOfFrames == len(files) == vol.n_slices
     assert any(sha in str(e.get("ContributionDescription", "")) for e in pm.ContributingEquipmentSequence)
@@ -83,11 +82,7 @@ def test_series_with_n2q_gets_its_quality_map_in_a_parametric_map(tmp_path):
 
 def test_analyze_json_reports_the_n2q_summary(tmp_path):
     ct1 = require(WG04) / "CT1_UNC"
-    r = qa_node("analyze", "--json", "--models", "basic,n2q", str(ct1), cwd=tmp_path)
-    assert r.returncode == 0, r.stderr
-    (item,) = json.loads(r.stdout)
-    assert item["status"] == "done"
-    assert "n2q" in [m["name"] for m in item["models"]]
+    item = analyze_json(ct1, "basic", "n2q", cwd=tmp_path)
     torch.set_num_threads(1)
     ref = n2q_model.run(load_series([ct1]), RunContext(device="cpu"))
     for key in N2Q_KEYS:

@@ -69,6 +69,13 @@ def prior_history(node: Node, files, ctdivol: float, days: int = 15) -> None:
                           metrics={"ctdivol_mgy": ctdivol * (1 + rng.normal(0, 0.01))})
 
 
+def phantom_slices(n: int) -> list:
+    """The first ``n`` slices by Instance Number (contiguous) of the shared 5 mm phantom series, for
+    tests where how many slices a series has is not what is tested."""
+    files = [p for p in require(PHANTOM_5MM).iterdir() if p.name.startswith("I")]
+    return sorted(files, key=lambda p: int(pydicom.dcmread(p, stop_before_pixels=True).InstanceNumber))[:n]
+
+
 def push_files(node: Node, files):
     ing = Ingestor(node.db, node.store)
     for f in files:
