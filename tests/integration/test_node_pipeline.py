@@ -182,7 +182,7 @@ def test_results_outputs_and_sr_equal_database(node):
 
 
 def test_reanalysis_supersedes_and_recreates_the_same_objects(node):
-    files = sorted(p for p in require(PHANTOM_5MM).iterdir() if p.name.startswith("I"))
+    files = phantom_slices(8)
     push_and_analyse(node, files)
     with node.db.session() as s:
         first = {o.kind: o.sop_instance_uid for o in s.scalars(select(OutputObject))}
@@ -202,7 +202,7 @@ def test_reanalysis_supersedes_and_recreates_the_same_objects(node):
 
 def test_series_outside_control_limits_is_flagged_in_sr_and_alert(tmp_path):
     node = make_node(tmp_path)
-    files = sorted(p for p in require(PHANTOM_5MM).iterdir() if p.name.startswith("I"))
+    files = phantom_slices(8)
     from analysis.volume import load_series
 
     ctdi = float(np.nanmean(load_series(files).ctdivol_mgy))
