@@ -33,9 +33,10 @@ Outputs: ``--out`` gets ``{"model_state_dict": ..., "labels": "site" | "syntheti
 beside it: the data, the exact command, the init file's SHA-256, the held-out figures, the CPU time
 per image and step.
 
-Cost on this 2-core CPU (measured, see the LDCTIQA model card): one training image costs about
-``SECONDS_PER_IMAGE_STEP`` seconds of wall time per step on 2 threads (forward and backward of the
-27.6 M-parameter network at 512 x 512), so 240 training images x 3 epochs take about 45 minutes.
+Cost on this 2-core CPU (bench/ldctiqa_finetune_cpu.py, measured at load 6): one training image
+costs 2.5 s of CPU per step on one torch thread (forward and backward of the 27.6 M-parameter network
+at 512 x 512; 5.2 s wall at that load), about twice the inference forward pass; 300 ratings (240
+training images x 3 epochs) are about an hour at that load, an estimated 30 min on a quiet core.
 """
 
 from __future__ import annotations
