@@ -267,6 +267,18 @@ def test_bad_init_is_refused_naming_the_file(tmp_path, ratings_csv, kind, capsys
     assert not out.exists() and not tr.card_path(out).exists() and not out.parent.exists()
 
 
+def test_qa_node_train_ldctiqa_exit_status_for_a_missing_init(tmp_path, ratings_csv):
+    from tests.helpers import qa_node
+
+    out = tmp_path / "out" / "w.pt"
+    missing = tmp_path / "ldct-iqa.pt"
+    proc = qa_node("train", "ldctiqa", "--ratings", str(ratings_csv), "--init", str(missing), "--out", str(out))
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip() == (f"qa-node train ldctiqa: --init {missing}: no such file (give ldct-benchmark's "
+                                   "ldct-iqa.pt or an earlier fine-tuned file); nothing trained")
+    assert not out.parent.exists()
+
+
 def test_bad_ratings_file_lists_every_row_and_writes_nothing(tmp_path, init_file, capsys):
     good = _first_file(SLICES[0][0])
     bad = tmp_path / "bad.csv"
