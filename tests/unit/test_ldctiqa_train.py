@@ -291,3 +291,17 @@ def test_bad_ratings_file_lists_every_row_and_writes_nothing(tmp_path, init_file
     assert "line 4: no such file 'missing.dcm'" in err
     assert "line 5: score 'x' is not a number" in err
     assert not out.parent.exists()
+
+
+def test_a_rated_image_that_is_not_a_ct_slice_is_listed_and_nothing_written(tmp_path, init_file, capsys):
+    from tests.helpers import pydicom_file
+
+    mr = pydicom_file("MR_small.dcm")
+    csvp = tmp_path / "r.csv"
+    csvp.write_text(f"path,score\n{_first_file(SLICES[0][0])},3\n{mr},2\n", encoding="utf-8")
+    out = tmp_path / "out" / "w.pt"
+    rc = tr.run(_parse("--ratings", str(csvp), "--init", str(init_file), "--out", str(out), "--no-progress"))
+    err = capsys.readouterr().err
+    assert rc == 2 and "1 problem(s); nothing trained" in err
+    assert "line 3: MR_small.dcm: not a usable CT slice (not a CT series (Modality MR))" in err
+    assert not out.parent.exists()
