@@ -24,7 +24,7 @@ from analysis.training import ldctiqa_train as tr
 from analysis.weights import file_sha256
 from tests.helpers import REPO, SHARED_DATA, require
 
-SLICES = (  # 7 real slices of 4 series
+SLICES = (  # 7 real slices of 5 series
     ("corpus/dcmqi/GE_LightSpeedUltra_3slice/01.dcm", 3.7),
     ("corpus/dcmqi/GE_LightSpeedUltra_3slice/02.dcm", 2.3),
     ("corpus/dcmqi/GE_LightSpeedUltra_3slice/03.dcm", 1.0),
