@@ -242,8 +242,8 @@ class Node:
         self.scp = StorageSCP(
             ae_title=self.settings.node.ae_title, host=self.settings.node.host,
             port=None if self.settings.node.port == -1 else self.settings.node.port,
-            peers=peers, ingestor=Ingestor(self.db, self.store, min_free_bytes=self.min_free_bytes,
-                              max_instance_bytes=self.settings.node.max_instance_mb << 20),
+            peers=peers, ingestor=Ingestor(self.db, self.store, max_instance_bytes=self.settings.node.max_instance_mb << 20,
+                              group_commit=True),
             spool_dir=self.store.spool, max_pdu=self.settings.node.max_pdu,
             max_associations=self.settings.node.max_associations, min_free_bytes=self.min_free_bytes,
             tls_port=tls.port if server_ctx is not None else None, ssl_context=server_ctx,

@@ -10,6 +10,8 @@ import errno
 import logging
 import os
 import threading
+import time
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -20,9 +22,10 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from scp.dataset_check import DatasetError, InstanceTooLarge, check_pixel_data, walk_file
 
-from storage.db import Database
-from storage.filestore import FileStore, InvalidUID, check_uid, fsync_path, sha256_file
-from storage.repo import InstanceInfo, StoreOutcome, add_instance, record_conflict
+from storage.db import Database, utcnow
+from storage.filestore import FileStore, InvalidUID, check_uid, fsync_dir, sha256_file
+from storage.repo import (InstanceInfo, PendingRow, StoreOutcome, add_instance, add_instances_lazy,
+                          durable_series_id, record_conflict)
 
 log = logging.getLogger(__name__)
 
@@ -135,22 +138,177 @@ class _Mismatch(ValueError):
     pass
 
 
-class Ingestor:
-    """Durable storage of received instances; shared by all association threads."""
+class _NoLink(OSError):
+    pass
 
-    def __init__(self, db: Database, store: FileStore, *, min_free_bytes: int = 0,
-                 max_instance_bytes: int = DEFAULT_MAX_INSTANCE_BYTES) -> None:
+
+class _Committer:
+    """One thread that commits queued index rows (``storage.repo.PendingRow``) in batches: whatever
+    queued up while the previous transaction ran, from every association, goes into the next one.
+
+    A database error keeps the rows queued and retries every ``RETRY_S``; meanwhile ``healthy`` is
+    False, so that new instances take the synchronous path (and are refused with 0xA700 while the
+    database is down). A row found not new at commit time (its SOP Instance UID indexed under
+    another path by then) is a duplicate or a conflict, as ``add_instance`` says: the file placed
+    for it is removed, a conflict counted."""
+
+    RETRY_S = 1.0
+
+    def __init__(self, db: Database, store: FileStore) -> None:
         self.db = db
         self.store = store
-        self.min_free_bytes = min_free_bytes
+        self.healthy = True
+        self._cond = threading.Condition()
+        self._queue: list[PendingRow] = []
+        self._queued = 0  # rows ever queued
+        self._done = 0  # rows committed or given up
+        self._closing = False
+        self._thread = threading.Thread(target=self._run, name="index-committer", daemon=True)
+        self._thread.start()
+
+    def put(self, row: PendingRow) -> None:
+        with self._cond:
+            self._queue.append(row)
+            self._queued += 1
+            self._cond.notify_all()
+
+    def flush(self) -> bool:
+        """Wait until the rows queued so far are committed; False when they cannot be (the database
+        failing for more than two retries, or the thread gone)."""
+        with self._cond:
+            target = self._queued
+            deadline = None
+            while self._done < target:
+                if not self._thread.is_alive():
+                    return False
+                if not self.healthy:
+                    deadline = deadline or time.monotonic() + 2 * self.RETRY_S
+                    if time.monotonic() >= deadline:
+                        return False
+                self._cond.wait(0.1)
+            return True
+
+    def close(self) -> None:
+        with self._cond:
+            self._closing = True
+            self._cond.notify_all()
+        self._thread.join()
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._queue and not self._closing:
+                    self._cond.wait()
+                if not self._queue:
+                    return
+                batch, self._queue = self._queue, []
+            try:
+                not_new = add_instances_lazy(self.db, batch)
+            except Exception as exc:  # noqa: BLE001 - the database failed: keep the rows, retry
+                if self.healthy:
+                    log.error("index rows not committed (%s: %s); retrying every %.0f s (their files are "
+                              "durable; start-up reconciliation indexes them if the node stops first)",
+                              type(exc).__name__, str(exc)[:200], self.RETRY_S)
+                self.healthy = False
+                with self._cond:
+                    self._queue[:0] = batch
+                    if self._closing:
+                        log.error("%d index row(s) not committed at stop: start-up reconciliation indexes "
+                                  "their files", len(self._queue))
+                        self._done += len(self._queue)
+                        self._queue = []
+                        self._cond.notify_all()
+                        return
+                    self._cond.wait(self.RETRY_S)
+                continue
+            if not self.healthy:
+                log.info("index rows committed again")
+                self.healthy = True
+            for row, outcome, kept in not_new:
+                self._not_new(row, outcome, kept)
+            with self._cond:
+                self._done += len(batch)
+                self._cond.notify_all()
+
+    def _not_new(self, row: PendingRow, outcome: str, kept: str | None) -> None:
+        if kept != row.rel_path:
+            try:
+                self.store.abs(row.rel_path).unlink(missing_ok=True)
+            except OSError as exc:
+                log.debug("could not remove a second copy: %s", exc)
+        if outcome == StoreOutcome.DUPLICATE:
+            log.debug("duplicate instance with identical bytes acknowledged (no second copy)")
+            return
+        try:
+            record_conflict(self.db, row.info.sop_instance_uid, row.sha256, row.calling_ae)
+        except SQLAlchemyError as exc:
+            log.error("could not count the conflicting copy (%s)", type(exc).__name__)
+        log.warning("instance %s received again with different bytes: first copy kept, conflict counted",
+                    row.info.sop_instance_uid)
+
+
+class Ingestor:
+    """Durable storage of received instances; shared by all association threads.
+
+    Durability (what is on the device before Success): the instance's file (fsync) and its name in
+    the store (fsync of the series folder). The two flushes run at the same time (the file's in a
+    helper thread, the folder's on the association thread: the file system commits them together),
+    after the name was linked into the store; a crash before both returned leaves a file that was
+    never acknowledged and has no index row, which start-up reconciliation (node.reconcile) checks
+    like a C-STORE and indexes or quarantines. The index row of a series' first instance (series row
+    with the scanner, calling AE and host) is committed durably before Success. With
+    ``group_commit`` (the node's receiver) the rows of later instances of such a series are handed
+    to one committer thread and Success is sent without waiting for them: the committer writes
+    whatever has queued up, from every association, in one transaction (``add_instances_lazy``),
+    typically within a millisecond; a crash or power loss can lose the last of those rows, never a
+    file, and reconciliation indexes those files at the next start into their durable series.
+    Without ``group_commit`` each row is committed (lazily after the first of its series) before
+    the call returns."""
+
+    def __init__(self, db: Database, store: FileStore, *, max_instance_bytes: int = DEFAULT_MAX_INSTANCE_BYTES,
+                 group_commit: bool = False) -> None:
+        self.db = db
+        self.store = store
         self.max_instance_bytes = max_instance_bytes
+        self.group_commit = group_commit
         # One SOP Instance UID is stored by one thread at a time (striped locks).
         self._locks = [threading.Lock() for _ in range(64)]
-        # The spooled file's fsync and its SHA-256 start when the C-STORE handler starts and run (the
-        # GIL released) while the header is walked; the file is moved into the store only after the
-        # fsync returned.
-        self._flusher = ThreadPoolExecutor(max_workers=16, thread_name_prefix="spool-fsync")
+        self._state_lock = threading.Lock()
+        self._flusher: ThreadPoolExecutor | None = None  # started on first use, shut down by close()
+        self._committer: _Committer | None = None
 
+    # -- helper threads ------------------------------------------------------------------------
+    def executor(self) -> ThreadPoolExecutor:
+        """The helper threads: the file's fsync beside the folder's, the SHA-256 of arriving chunks."""
+        with self._state_lock:
+            if self._flusher is None:
+                self._flusher = ThreadPoolExecutor(max_workers=16, thread_name_prefix="ingest-io")
+            return self._flusher
+
+    def _rows(self) -> "_Committer":
+        with self._state_lock:
+            if self._committer is None:
+                self._committer = _Committer(self.db, self.store)
+            return self._committer
+
+    def flush(self) -> bool:
+        """Wait until every index row handed to the committer so far is committed; False when they
+        cannot be now (the database failing)."""
+        committer = self._committer
+        return committer.flush() if committer is not None else True
+
+    def close(self) -> None:
+        """Commit the index rows still queued and stop the helper threads (a later store starts
+        them again)."""
+        with self._state_lock:
+            committer, self._committer = self._committer, None
+            flusher, self._flusher = self._flusher, None
+        if committer is not None:
+            committer.close()
+        if flusher is not None:
+            flusher.shutdown(wait=True)
+
+    # -- storing -------------------------------------------------------------------------------
     def store_file(
         self,
         spooled: Path,
@@ -161,12 +319,14 @@ class Ingestor:
         scanner: str | None,
         calling_ae: str | None,
         peer_host: str | None,
+        sha256: Callable[[], str] | None = None,
     ) -> StoreResult:
         """Take ownership of ``spooled`` (a complete file in the spool): it is moved into the store
-        or removed. Returns the DIMSE status to send."""
+        or removed. ``sha256``: gives the file's SHA-256 when it was computed as the file arrived
+        (``scp.server.SpoolFile``), else it is computed here. Returns the DIMSE status to send."""
         try:
             return self._store(spooled, affected_sop_class, affected_sop_instance, transfer_syntax,
-                               scanner, calling_ae, peer_host)
+                               scanner, calling_ae, peer_host, sha256)
         except Exception as exc:  # a bug, not the peer's fault: one line (traceback at DEBUG), nothing kept
             log.error("C-STORE failed: unexpected error (%s: %s)", type(exc).__name__, str(exc)[:200])
             log.debug("C-STORE failure", exc_info=True)
@@ -174,9 +334,7 @@ class Ingestor:
         finally:
             spooled.unlink(missing_ok=True)
 
-    def _store(self, spooled, sop_class, sop_instance, ts, scanner, calling_ae, peer_host) -> StoreResult:
-        flushed = self._flusher.submit(fsync_path, spooled)
-        hashed = self._flusher.submit(sha256_file, spooled)
+    def _store(self, spooled, sop_class, sop_instance, ts, scanner, calling_ae, peer_host, sha256) -> StoreResult:
         try:
             info = read_instance_info(spooled, affected_sop_class=sop_class, affected_sop_instance=sop_instance,
                                       transfer_syntax=ts, max_bytes=self.max_instance_bytes)
@@ -199,22 +357,72 @@ class Ingestor:
             log.error("C-STORE failed: spooled dataset unreadable (%s)", os.strerror(exc.errno) if exc.errno else exc)
             return StoreResult(StoreStatus.OUT_OF_RESOURCES, detail="spooled dataset unreadable")
 
+        # accepted: only now is the file flushed (a refused instance costs no device write); the
+        # folder's flush joins it once the file is linked into the store
+        # (by descriptor: the file may be renamed into the store while its fsync runs)
+        try:
+            fd = os.open(spooled, os.O_RDONLY)
+        except OSError as exc:
+            log.error("C-STORE failed: spooled dataset unreadable (%s)", os.strerror(exc.errno) if exc.errno else exc)
+            return StoreResult(StoreStatus.OUT_OF_RESOURCES, detail="spooled dataset unreadable")
+        flushed = self.executor().submit(os.fsync, fd)
+        flushed.add_done_callback(lambda _: os.close(fd))  # also when cancelled
+        try:
+            sha = sha256() if sha256 is not None else sha256_file(spooled)
+        except OSError as exc:
+            flushed.cancel()
+            log.error("C-STORE failed: spooled dataset unreadable (%s)", os.strerror(exc.errno) if exc.errno else exc)
+            return StoreResult(StoreStatus.OUT_OF_RESOURCES, detail="spooled dataset unreadable")
         with self._locks[hash(info.sop_instance_uid) % len(self._locks)]:
-            return self._commit(spooled, info, scanner, calling_ae, peer_host, flushed, hashed)
+            return self._commit(spooled, info, scanner, calling_ae, peer_host, flushed, sha)
+
+    def _place(self, spooled: Path, rel: str, flushed: Future, *, replace: bool) -> None:
+        """Put the spooled file at ``rel`` and make file and name durable: the folder's fsync here,
+        beside the file's (``flushed``), both awaited. ``replace=False`` links it (an existing file
+        there raises FileExistsError, untouched). On an error nothing is left at ``rel``."""
+        dst = self.store.abs(rel)
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        if replace:
+            os.replace(spooled, dst)
+        else:
+            try:
+                os.link(spooled, dst)
+            except OSError as exc:
+                if exc.errno == errno.EEXIST:
+                    raise
+                raise _NoLink(exc) from None  # a file system without hard links: os.replace instead
+        try:
+            fsync_dir(dst.parent)
+            flushed.result()  # the file's fsync (an OSError from it: not stored, 0xA700)
+        except BaseException:
+            dst.unlink(missing_ok=True)
+            raise
 
     def _commit(self, spooled: Path, info: InstanceInfo, scanner, calling_ae, peer_host,
-                flushed: Future, hashed: Future) -> StoreResult:
-        sha = hashed.result()
+                flushed: Future, sha: str) -> StoreResult:
         size = spooled.stat().st_size
-        if self.min_free_bytes and self.store.free_bytes() - size < self.min_free_bytes:
-            log.error("C-STORE refused: free disk space below the configured minimum")
-            return StoreResult(StoreStatus.OUT_OF_RESOURCES, detail="disk space below the configured minimum")
         rel = self.store.instance_rel_path(info.study_instance_uid, info.series_instance_uid, info.sop_instance_uid)
+        if self.group_commit:
+            committer = self._rows()
+            series_id = durable_series_id(self.db, info.series_instance_uid) if committer.healthy else None
+            if series_id is not None:
+                try:
+                    self._place(spooled, rel, flushed, replace=False)
+                except (FileExistsError, _NoLink):
+                    pass  # this UID is stored there already (or queued): the full path below decides
+                except OSError as exc:
+                    return self._not_stored(exc)
+                else:
+                    committer.put(PendingRow(info, series_id, rel, size, sha, scanner, calling_ae, peer_host,
+                                             utcnow()))
+                    return StoreResult(StoreStatus.SUCCESS, StoreOutcome.STORED, series_id=series_id)
+            if not committer.flush():  # queued rows first: the duplicate check below must see them
+                log.error("C-STORE failed: instance not stored (index rows queued and the database failing)")
+                return StoreResult(StoreStatus.OUT_OF_RESOURCES, detail="not stored: database unavailable")
         placed: list[bool] = []
 
         def place() -> None:
-            flushed.result()  # the file's fsync (an OSError from it: not stored, 0xA700)
-            self.store.commit_file(spooled, rel, synced=True)
+            self._place(spooled, rel, flushed, replace=True)
             placed.append(True)
 
         try:
@@ -224,12 +432,19 @@ class Ingestor:
         except (SQLAlchemyError, OSError) as exc:  # disk full, write error, database down: acknowledge nothing
             if placed:
                 self.store.abs(rel).unlink(missing_ok=True)
-            what = os.strerror(exc.errno) if isinstance(exc, OSError) and exc.errno else type(exc).__name__
-            log.error("C-STORE failed: instance not stored (%s)", what)
-            return StoreResult(StoreStatus.OUT_OF_RESOURCES, detail=f"not stored: {what}")
+            return self._not_stored(exc)
+        finally:
+            if not placed:
+                flushed.cancel()
         if outcome == StoreOutcome.STORED:
             return StoreResult(StoreStatus.SUCCESS, outcome, series_id=series_id)
         return self._duplicate(info, sha, outcome, series_id, calling_ae)
+
+    @staticmethod
+    def _not_stored(exc: Exception) -> StoreResult:
+        what = os.strerror(exc.errno) if isinstance(exc, OSError) and exc.errno else type(exc).__name__
+        log.error("C-STORE failed: instance not stored (%s)", what)
+        return StoreResult(StoreStatus.OUT_OF_RESOURCES, detail=f"not stored: {what}")
 
     def _duplicate(self, info: InstanceInfo, sha: str, outcome: str, series_id: int,
                    calling_ae: str | None) -> StoreResult:

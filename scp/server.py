@@ -7,6 +7,7 @@ large instances never sit whole in memory). Nothing is decoded on the associatio
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
 import secrets
 import logging
@@ -16,6 +17,7 @@ import threading
 import time
 import warnings
 from collections.abc import Sequence
+from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,6 +25,7 @@ import os
 import weakref
 
 from pynetdicom import AE, _config, dimse_messages, evt
+from pynetdicom.pdu_primitives import A_RELEASE
 from pynetdicom.sop_class import Verification
 
 from scp.ingest import ACCEPTED_SOP_CLASSES, Ingestor, StoreStatus
@@ -86,8 +89,18 @@ class SpoolFile:
     unbuffered, so an error is seen at the write that caused it and no partial file is left behind.
     """
 
-    def __init__(self, spool_dir: Path, min_free_bytes: int = 0, max_bytes: int = 0) -> None:
+    def __init__(self, spool_dir: Path, min_free_bytes: int = 0, max_bytes: int = 0,
+                 hasher: Executor | None = None) -> None:
         self.min_free_bytes = min_free_bytes
+        # The SHA-256 is computed while the dataset arrives, chunk by chunk, in ``hasher``'s threads
+        # (hashlib releases the GIL) in order; small writes (preamble, file meta) inline.
+        self._sha = hashlib.sha256()
+        self._hasher = hasher
+        self._chunks: list[bytes] = []
+        self._hash_lock = threading.Lock()
+        self._hashing = False
+        self._hashed = threading.Event()
+        self._hashed.set()
         self.max_bytes = max_bytes  # more than this arriving: dropped too (node.max_instance_mb, 0xC212)
         self.too_large = False
         self.spool_dir = spool_dir
@@ -141,9 +154,41 @@ class SpoolFile:
         except OSError as exc:
             self._fail(exc)
             return n
+        self._hash(data if isinstance(data, bytes) else bytes(data))
         if self.min_free_bytes and self._free() < self.min_free_bytes:
             self._fail(None, "free disk space below the configured minimum")
         return n
+
+    def _hash(self, data: bytes) -> None:
+        with self._hash_lock:
+            if not self._hashing and (self._hasher is None or len(data) < 1 << 16):
+                self._sha.update(data)
+                return
+            self._chunks.append(data)
+            if self._hashing:
+                return
+            self._hashing = True
+            self._hashed.clear()
+        try:
+            self._hasher.submit(self._drain)
+        except RuntimeError:  # the helper threads were shut down (the node is stopping)
+            self._drain()
+
+    def _drain(self) -> None:
+        while True:
+            with self._hash_lock:
+                if not self._chunks:
+                    self._hashing = False
+                    self._hashed.set()
+                    return
+                chunks, self._chunks = self._chunks, []
+            for chunk in chunks:
+                self._sha.update(chunk)
+
+    def sha256(self) -> str:
+        """The SHA-256 of everything written (waits for the chunks still being hashed)."""
+        self._hashed.wait()
+        return self._sha.hexdigest()
 
     def flush(self) -> None:
         pass  # unbuffered
@@ -182,7 +227,7 @@ def _spool_file_factory(*args, **kwargs):
     # instance limit (plus room for the file meta) is dropped while it arrives, not spooled whole
     cap = scp.ingestor.max_instance_bytes
     limit = cap + cap // 256 + (1 << 16) if cap else 0  # (deflate expands incompressible data by < 0.1 %)
-    return SpoolFile(scp.spool_dir, scp.min_free_bytes, limit)
+    return SpoolFile(scp.spool_dir, scp.min_free_bytes, limit, hasher=scp.ingestor.executor())
 
 
 class RejectReason:
@@ -279,6 +324,7 @@ class StorageSCP:
             (evt.EVT_REJECTED, self._on_rejected),
             (evt.EVT_C_ECHO, self._on_echo),
             (evt.EVT_C_STORE, self._on_store),
+            (evt.EVT_ACSE_RECV, self._on_acse_recv),
         ]
         if self.port is not None:
             self._server = self.ae.start_server((self.host, self.port), block=False, evt_handlers=handlers)
@@ -322,6 +368,7 @@ class StorageSCP:
             self._server = None
         _SCP_BY_AE.pop(id(self.ae), None)
         self.ae.shutdown()
+        self.ingestor.close()  # the index rows still queued are committed
 
     # -- handlers -----------------------------------------------------------------------------
     def _on_conn_open(self, event) -> None:
@@ -395,6 +442,12 @@ class StorageSCP:
             time.monotonic() - st.started,
         )
 
+    def _on_acse_recv(self, event) -> None:
+        # An A-RELEASE-RQ, before it is answered: the association's index rows queued for the group
+        # commit are committed first, so that a released association is indexed in full.
+        if isinstance(event.primitive, A_RELEASE) and event.primitive.result is None:
+            self.ingestor.flush()
+
     def _on_echo(self, event) -> int:
         return 0x0000
 
@@ -427,6 +480,7 @@ class StorageSCP:
             scanner=st.scanner if st else None,
             calling_ae=st.calling_ae if st else None,
             peer_host=st.host if st else None,
+            sha256=spooled.sha256 if isinstance(spooled, SpoolFile) else None,
         )
         if st is not None:
             if result.status == StoreStatus.SUCCESS:

@@ -10,7 +10,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
-from sqlalchemy import insert, select, update
+from sqlalchemy import bindparam, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -136,7 +136,7 @@ def add_instance(
                     sha256=sha256, number_of_frames=info.number_of_frames, received_at=now))
             # committed (durably unless lazy): later instances of this series may commit lazily
             if not lazy:
-                known.add(info.series_instance_uid)
+                known[info.series_instance_uid] = series_id
             return StoreOutcome.STORED, series_id
         except IntegrityError:
             if attempt == 2:
@@ -148,12 +148,96 @@ def add_instance(
 _DURABLE_SERIES_MAX = 4096  # series UIDs remembered per database (the ones receiving now)
 
 
-def _durable_series(db: Database) -> set[str]:
-    """Series whose first row this process committed durably (bounded: cleared when full)."""
-    known = db.__dict__.setdefault("_durable_series", set())
+def _durable_series(db: Database) -> dict[str, int]:
+    """Series whose first row this process committed durably, UID -> series id (bounded: cleared
+    when full)."""
+    known = db.__dict__.setdefault("_durable_series", {})
     if len(known) > _DURABLE_SERIES_MAX:
         known.clear()
     return known
+
+
+def durable_series_id(db: Database, series_instance_uid: str) -> int | None:
+    """The id of a series whose first row this process committed durably, else None."""
+    return db.__dict__.get("_durable_series", {}).get(series_instance_uid)
+
+
+@dataclass(frozen=True)
+class PendingRow:
+    """An instance whose file is durable in the store, of a series whose first row is durable,
+    acknowledged and waiting for its index row (``add_instances_lazy``)."""
+
+    info: InstanceInfo
+    series_id: int
+    rel_path: str
+    size_bytes: int
+    sha256: str
+    scanner: str | None
+    calling_ae: str | None
+    peer_host: str | None
+    received_at: datetime
+
+
+class _SeriesGone(Exception):
+    pass
+
+
+# Built once: executed with a list of parameter sets (executemany), compiled once per engine.
+_INSERT_INSTANCE = insert(Instance)
+_SERIES_STATE = (select(Series.series_instance_uid, Series.state, Series.generation, Series.scanner_name,
+                        Series.expected_instances).where(Series.id == bindparam("sid")))
+
+
+def add_instances_lazy(db: Database, rows: Sequence[PendingRow]) -> list[tuple[PendingRow, str, str | None]]:
+    """Index a batch of ``PendingRow`` in one transaction committed without waiting for the log
+    flush (as ``add_instance`` commits a known series' later rows): one executemany of the instance
+    rows, one update per series (count, last received, re-opened when complete). Rows of several
+    associations share the transaction (group commit).
+
+    Returns the rows that were not new, as (row, outcome, rel_path of the row already indexed):
+    a SOP Instance UID already indexed (found when the batch's insert breaks the unique constraint:
+    the batch is then indexed row by row). A series that disappeared meanwhile is created again
+    (``add_instance``, durable). Raises SQLAlchemyError when the database fails."""
+    groups: dict[int, list[PendingRow]] = {}
+    for r in rows:
+        groups.setdefault(r.series_id, []).append(r)
+    try:
+        with _index_transaction(db, True) as conn:
+            for sid, group in groups.items():
+                srow = conn.execute(_SERIES_STATE, {"sid": sid}).first()
+                if srow is None or srow.series_instance_uid != group[0].info.series_instance_uid:
+                    raise _SeriesGone
+                values = {"n_instances": Series.n_instances + len(group),
+                          "last_received_at": max(r.received_at for r in group)}
+                if srow.state == SeriesState.COMPLETE:
+                    values.update(state=SeriesState.RECEIVING, generation=Series.generation + 1, completed_at=None)
+                    log.info("series %s re-opened by a late instance (generation %d)",
+                             group[0].info.series_instance_uid, srow.generation + 1)
+                scanner = next((r.scanner for r in group if r.scanner is not None), None)
+                if srow.scanner_name is None and scanner is not None:
+                    values["scanner_name"] = scanner
+                expected = next((r.info.expected_instances for r in group if r.info.expected_instances), None)
+                if expected and not srow.expected_instances:
+                    values["expected_instances"] = expected
+                conn.execute(update(Series).where(Series.id == sid).values(**values))
+            conn.execute(_INSERT_INSTANCE, [
+                {"series_id": r.series_id, "sop_instance_uid": r.info.sop_instance_uid,
+                 "sop_class_uid": r.info.sop_class_uid, "transfer_syntax_uid": r.info.transfer_syntax_uid,
+                 "rel_path": r.rel_path, "size_bytes": r.size_bytes, "sha256": r.sha256,
+                 "number_of_frames": r.info.number_of_frames, "received_at": r.received_at} for r in rows])
+        return []
+    except (IntegrityError, _SeriesGone):
+        log.debug("batch of %d index rows: a SOP Instance UID already indexed or a series gone; row by row", len(rows))
+    out: list[tuple[PendingRow, str, str | None]] = []
+    for r in rows:
+        outcome, _ = add_instance(db, r.info, rel_path=r.rel_path, size_bytes=r.size_bytes, sha256=r.sha256,
+                                  scanner=r.scanner, calling_ae=r.calling_ae, peer_host=r.peer_host)
+        if outcome != StoreOutcome.STORED:
+            with db.engine.connect() as conn:
+                kept = conn.execute(select(Instance.rel_path)
+                                    .where(Instance.sop_instance_uid == r.info.sop_instance_uid)).scalar()
+            out.append((r, outcome, kept))
+    return out
 
 
 @contextmanager

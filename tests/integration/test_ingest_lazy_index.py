@@ -112,45 +112,229 @@ def test_postgresql_later_rows_commit_without_waiting_for_the_wal_flush(tmp_path
     node.db.dispose()
 
 
-def test_file_fsynced_before_its_rename_and_an_fsync_error_stores_nothing(tmp_path, monkeypatch):
+def test_file_and_its_name_fsynced_before_success_and_an_fsync_error_stores_nothing(tmp_path, monkeypatch):
+    """Both flushes (the file's, the series folder's after the name was put there) have returned
+    before store_file returns Success; they run at the same time. An fsync error stores nothing."""
     import errno
     import os
 
-    import scp.ingest
-
     node = _node(tmp_path)
-    files = sorted(p for p in require(PHANTOM_5MM).iterdir() if p.name.startswith("I"))[:2]
+    files = sorted(p for p in require(PHANTOM_5MM).iterdir() if p.name.startswith("I"))[:3]
     events: list[tuple[str, str]] = []
-    real_fsync_path, real_replace = scp.ingest.fsync_path, os.replace
+    real_fsync, real_replace, real_link = os.fsync, os.replace, os.link
 
-    def fsync_path(path):
-        events.append(("fsync", path.name))
-        real_fsync_path(path)
+    def fsync(fd):
+        real_fsync(fd)
+        events.append(("fsync", os.path.basename(os.readlink(f"/proc/self/fd/{fd}"))))
 
     def replace(src, dst):
-        events.append(("rename", os.path.basename(src)))
+        events.append(("rename", os.path.basename(dst)))
         real_replace(src, dst)
 
-    monkeypatch.setattr(scp.ingest, "fsync_path", fsync_path)
-    monkeypatch.setattr(os, "replace", replace)
-    _ingest(node, files[:1])
-    spooled = f"in-{files[0].name}.dcm"
-    assert events == [("fsync", spooled), ("rename", spooled)]
+    def link(src, dst):
+        events.append(("link", os.path.basename(dst)))
+        real_link(src, dst)
 
-    def failing(path):
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    monkeypatch.setattr(os, "link", link)
+    ing = Ingestor(node.db, node.store, group_commit=True)
+    for f, how in zip(files[:2], ("rename", "link")):  # the series' first instance, then a later one
+        events.clear()
+        _ingest_with(ing, node, [f])
+        uid = str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID)
+        series_dir = str(pydicom.dcmread(f, stop_before_pixels=True).SeriesInstanceUID)
+        # the name put in the store and the folder flushed after it, the file flushed (under either
+        # name: its flush starts before the name is put there), all before Success
+        names = {f"in-{f.name}.dcm": "file", f"{uid}.dcm": "file", series_dir: "folder"}
+        seen = [(op, names.get(name, name)) for op, name in events]
+        assert sorted(seen) == sorted([(how, "file"), ("fsync", "file"), ("fsync", "folder")]), events
+        assert seen.index((how, "file")) < seen.index(("fsync", "folder"))
+
+    def failing(fd):
         raise OSError(errno.EIO, "Input/output error")
 
-    monkeypatch.setattr(scp.ingest, "fsync_path", failing)
+    monkeypatch.setattr(os, "fsync", failing)
     spool = node.store.spool / "in-x.dcm"
-    shutil.copyfile(files[1], spool)
-    ds = pydicom.dcmread(files[1], stop_before_pixels=True)
-    r = Ingestor(node.db, node.store).store_file(
+    shutil.copyfile(files[2], spool)
+    ds = pydicom.dcmread(files[2], stop_before_pixels=True)
+    r = ing.store_file(
         spool, affected_sop_class=str(ds.SOPClassUID), affected_sop_instance=str(ds.SOPInstanceUID),
         transfer_syntax=str(ds.file_meta.TransferSyntaxUID), scanner="CT1", calling_ae="CT1", peer_host="127.0.0.1")
     assert r.status == StoreStatus.OUT_OF_RESOURCES and r.detail == "not stored: Input/output error"
     assert not spool.exists()
+    ing.close()
+    with node.db.session() as s:
+        assert s.scalar(select(Series.n_instances)) == 2
+        assert str(ds.SOPInstanceUID) not in set(s.scalars(select(Instance.sop_instance_uid)))
+    assert len(list(node.store.store_files())) == 2
+    node.db.dispose()
+
+
+def _ingest_with(ing: Ingestor, node: Node, files, series_uid: str | None = None) -> list:
+    results = []
+    for f in files:
+        spooled = node.store.spool / f"in-{f.name}.dcm"
+        if series_uid is None:
+            shutil.copyfile(f, spooled)
+            ds = pydicom.dcmread(f, stop_before_pixels=True)
+        else:  # the same instance in another series
+            ds = pydicom.dcmread(f)
+            ds.SeriesInstanceUID = series_uid
+            ds.save_as(spooled)
+        results.append(ing.store_file(
+            spooled, affected_sop_class=str(ds.SOPClassUID), affected_sop_instance=str(ds.SOPInstanceUID),
+            transfer_syntax=str(ds.file_meta.TransferSyntaxUID), scanner="CT1", calling_ae="CT1",
+            peer_host="127.0.0.1"))
+    assert all(r.status == StoreStatus.SUCCESS for r in results), results
+    return results
+
+
+def test_group_commit_batches_rows_of_several_stores_in_one_transaction(tmp_path, monkeypatch):
+    """With group commit the first row of a series is committed durably before Success; later rows
+    are queued and committed by one thread, all that queued up in one transaction (one executemany)."""
+    import threading
+
+    import scp.ingest
+    from storage import repo
+
+    node = _node(tmp_path)
+    files = sorted(p for p in require(PHANTOM_5MM).iterdir() if p.name.startswith("I"))[:6]
+    gate, batches = threading.Event(), []
+    real = repo.add_instances_lazy
+
+    def held(db, rows):
+        gate.wait(10)  # the committer is busy: rows queue up behind it
+        batches.append(len(rows))
+        return real(db, rows)
+
+    monkeypatch.setattr(scp.ingest, "add_instances_lazy", held)
+    inserts: list[int] = []
+
+    @event.listens_for(node.db.engine, "before_cursor_execute")
+    def capture(conn, cursor, statement, parameters, context, executemany):
+        if statement.strip().upper().startswith("INSERT INTO INSTANCES"):
+            inserts.append(len(parameters) if executemany else 1)
+
+    ing = Ingestor(node.db, node.store, group_commit=True)
+    _ingest_with(ing, node, files)  # all six answered Success while the committer is held
+    assert inserts == [1]  # only the series' first row so far, committed durably
     with node.db.session() as s:
         assert s.scalar(select(Series.n_instances)) == 1
-        assert str(ds.SOPInstanceUID) not in set(s.scalars(select(Instance.sop_instance_uid)))
-    assert len(list(node.store.store_files())) == 1
+    gate.set()
+    ing.flush()
+    assert sum(batches) == 5 and len(batches) <= 2 and max(batches) >= 4, batches
+    assert inserts[0] == 1 and sum(inserts[1:]) == 5 and len(inserts) == len(batches) + 1
+    with node.db.session() as s:
+        assert s.scalar(select(Series.n_instances)) == 6
+        assert len(s.scalars(select(Instance.id)).all()) == 6
+    ing.close()
+    node.db.dispose()
+
+
+def test_group_commit_duplicates_conflicts_and_a_database_outage(tmp_path, monkeypatch):
+    """Under group commit: the same instance again is a duplicate (no second copy), the same UID in
+    another series of the node a conflict (the second file removed, counted); while the committer
+    cannot write, new instances are refused (0xA700) and the queued rows are committed once the
+    database is back."""
+    import scp.ingest
+    from sqlalchemy.exc import OperationalError
+    from storage import repo
+    from storage.models import InstanceConflict
+
+    node = _node(tmp_path)
+    files = sorted(p for p in require(PHANTOM_5MM).iterdir() if p.name.startswith("I"))[:5]
+    ing = Ingestor(node.db, node.store, group_commit=True)
+    _ingest_with(ing, node, files[:2])
+    assert [r.outcome for r in _ingest_with(ing, node, files[1:2])] == ["duplicate"]
+    # the same SOP Instance UID in another series (durable first row there, then a conflict)
+    other = "1.2.826.0.1.3680043.8.498.99"
+    _ingest_with(ing, node, files[2:3], series_uid=other)
+    assert [r.outcome for r in _ingest_with(ing, node, files[:1], series_uid=other)] == ["stored"]
+    ing.flush()  # the committer finds the UID indexed in the first series: a conflict
+    with node.db.session() as s:
+        assert s.query(InstanceConflict).count() == 1
+        assert len(s.scalars(select(Instance.id)).all()) == 3
+    assert len(list(node.store.store_files())) == 3
+
+    # the database fails under the committer: the row stays queued, the next store is refused
+    failing = [True]
+    real = repo.add_instances_lazy
+
+    def flaky(db, rows):
+        if failing[0]:
+            raise OperationalError("INSERT", {}, Exception("database is locked"))
+        return real(db, rows)
+
+    monkeypatch.setattr(scp.ingest, "add_instances_lazy", flaky)
+    monkeypatch.setattr(scp.ingest._Committer, "RETRY_S", 0.05)
+    _ingest_with(ing, node, files[3:4])  # answered: its file is durable, its row queued
+    import time
+
+    deadline = time.monotonic() + 5
+    while ing._committer.healthy and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not ing._committer.healthy
+    bad = "sqlite:///" + str(tmp_path / "missing" / "x.sqlite")
+    ing.db, real_db = repo.Database(bad), ing.db  # the synchronous path meets the outage too
+    spooled = node.store.spool / "in-y.dcm"
+    shutil.copyfile(files[4], spooled)
+    ds = pydicom.dcmread(files[4], stop_before_pixels=True)
+    r = ing.store_file(spooled, affected_sop_class=str(ds.SOPClassUID),
+                       affected_sop_instance=str(ds.SOPInstanceUID),
+                       transfer_syntax=str(ds.file_meta.TransferSyntaxUID), scanner="CT1", calling_ae="CT1",
+                       peer_host="127.0.0.1")
+    assert r.status == StoreStatus.OUT_OF_RESOURCES
+    ing.db = real_db
+    failing[0] = False
+    ing.flush()
+    assert ing._committer.healthy
+    with node.db.session() as s:
+        uids = set(s.scalars(select(Instance.sop_instance_uid)))
+    assert str(pydicom.dcmread(files[3], stop_before_pixels=True).SOPInstanceUID) in uids
+    assert str(ds.SOPInstanceUID) not in uids and len(uids) == 4
+    ing.close()
+    node.db.dispose()
+
+
+def test_rows_lost_with_the_committer_come_back_from_the_durable_files(tmp_path, monkeypatch):
+    """A crash after Success and before the committer wrote the rows: the files are in the store,
+    start-up reconciliation indexes them into their durable series."""
+    import scp.ingest
+
+    node = _node(tmp_path)
+    files = sorted(p for p in require(PHANTOM_5MM).iterdir() if p.name.startswith("I"))[:4]
+    monkeypatch.setattr(scp.ingest._Committer, "_run", lambda self: None)  # it never gets to commit
+    ing = Ingestor(node.db, node.store, group_commit=True)
+    _ingest_with(ing, node, files)
+    with node.db.session() as s:
+        assert len(s.scalars(select(Instance.id)).all()) == 1
+    assert len(list(node.store.store_files())) == 4
+    out = reconcile_store(node.db, node.store)
+    assert (out.indexed, out.quarantined) == (3, 0)
+    with node.db.session() as s:
+        series = s.scalars(select(Series)).one()
+        assert series.n_instances == 4 and series.scanner_name == "CT1"
+    node.db.dispose()
+
+
+def test_postgresql_group_commit(tmp_path, pg_url):  # noqa: F811
+    node = _node(tmp_path, _fresh_database(pg_url, "ctqa_group_commit"))
+    files = sorted(p for p in require(PHANTOM_5MM).iterdir() if p.name.startswith("I"))[:4]
+    seen: list[str] = []
+
+    @event.listens_for(node.db.engine, "before_cursor_execute")
+    def capture(conn, cursor, statement, *args):
+        s = statement.strip().upper()
+        if s.startswith(("SET LOCAL SYNCHRONOUS_COMMIT", "INSERT INTO INSTANCES")):
+            seen.append("insert" if s.startswith("INSERT") else "lazy")
+
+    ing = Ingestor(node.db, node.store, group_commit=True)
+    _ingest_with(ing, node, files)
+    ing.close()
+    # the first row durable; the other three in lazy transactions (one or more batches)
+    assert seen[0] == "insert" and seen[1] == "lazy" and seen.count("lazy") == seen.count("insert") - 1
+    with node.db.session() as s:
+        assert s.scalar(select(Series.n_instances)) == 4 and len(s.scalars(select(Instance.id)).all()) == 4
+    node.lock.release()
     node.db.dispose()
