@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 import time
@@ -44,6 +45,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--per-series", type=int, default=3, help="source slices per series")
     p.add_argument("--holdout", type=float, default=0.3)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--warmup", type=float, default=tr.DEFAULT_WARMUP)
+    p.add_argument("--val", type=float, default=tr.DEFAULT_VAL)
+    p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"))
+    p.add_argument("--noise", default="projection", choices=("projection", "image"),
+                   help="projection-domain noise (default) or the fast image-domain ramp noise")
+    p.add_argument("--data-dir", help="keep the synthetic images here and reuse them when the folder already "
+                                      "holds a ratings.csv made with the same settings")
+    p.add_argument("--log", help="append this run (settings and figures) to this JSON list")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", help="also write the (synthetic-label) weights and their model card here")
     p.add_argument("--json", help="write the figures as JSON here")
@@ -59,14 +68,24 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
-        src = tr.synthetic_source_files(SHARED, args.per_series)
-        csv_path = tr.make_synthetic_ratings(src, Path(tmp), seed=args.seed, realisations=args.realisations)
+        data_key = {"seed": args.seed, "realisations": args.realisations, "per_series": args.per_series,
+                    "noise": args.noise, "levels": [list(v) for v in tr.LEVELS], "sources": list(tr.SYNTHETIC_SOURCES)}
+        folder = Path(args.data_dir) if args.data_dir else Path(tmp)
+        key_file = folder / "settings.json"
+        csv_path = folder / "ratings.csv"
+        reused = bool(args.data_dir) and csv_path.is_file() and key_file.is_file() \
+            and json.loads(key_file.read_text()) == data_key
+        if not reused:
+            src = tr.synthetic_source_files(SHARED, args.per_series)
+            csv_path = tr.make_synthetic_ratings(src, folder, seed=args.seed, realisations=args.realisations,
+                                                 noise=args.noise)
+            key_file.write_text(json.dumps(data_key))
         rows = read_ratings_csv(csv_path)
         data = tr.load_rated_images(rows)
         t_data = time.perf_counter() - t0
         split = tr.split_by_series(data.groups, args.holdout, args.seed)
         res = tr.train(data, epochs=args.epochs, seed=args.seed, batch_size=args.batch_size, lr=args.lr,
-                       width=args.width, split=split)
+                       width=args.width, split=split, warmup=args.warmup, val=args.val, precision=args.precision)
         # reference: global noise of the same held-out images (HU from the written files)
         from analysis.volume import load_series
 
@@ -79,7 +98,8 @@ def main(argv: list[str] | None = None) -> int:
         ref = dq.correlations(-noise[ok], res.held_true[ok])
         if args.out:
             ns = argparse.Namespace(labels="synthetic", width=args.width, epochs=args.epochs, batch_size=args.batch_size,
-                                    lr=args.lr, seed=args.seed, device="cpu", ratings=str(csv_path) + " (temporary)")
+                                    lr=args.lr, seed=args.seed, device="cpu", warmup=args.warmup, val=args.val,
+                                    ratings=str(csv_path) + ("" if args.data_dir else " (temporary)"))
             dq.save_weights(args.out, res.net, width=args.width, labels="synthetic", extra={"held_out": res.held_out})
             from analysis.weights import file_sha256
 
@@ -92,7 +112,10 @@ def main(argv: list[str] | None = None) -> int:
     print("SYNTHETIC ratings (degradation levels, not radiologist scores)")
     print(f"images: {len(rows)} ({n_train_series} series train / {n_held_series} series held out: "
           f"{len(res.train_idx)} / {len(res.held_idx)} images); data {t_data:.0f} s")
-    print(f"Delta-IQA width {args.width:g}, {args.epochs} epochs, batch {args.batch_size}, lr {args.lr:g}: "
+    print(f"images: {args.noise}-domain noise; data {'reused from ' + str(folder) if reused else 'made'}")
+    print(f"Delta-IQA width {args.width:g}, {args.epochs} epochs, batch {args.batch_size}, lr {args.lr:g}, "
+          f"warm-up {args.warmup:g} + cosine, validation {args.val:g} ({len(res.val_idx)} images; epoch "
+          f"{res.kept_epoch} kept), {res.precision}: "
           f"training {res.seconds:.0f} s ({res.seconds / 60:.1f} min, {torch.get_num_threads()} threads)")
     print(f"{'held-out images':<28}{'PLCC':>8}{'SROCC':>8}{'KROCC':>8}")
     print(f"{'Delta-IQA':<28}{h['plcc']:>8.3f}{h['srocc']:>8.3f}{h['krocc']:>8.3f}")
@@ -100,12 +123,34 @@ def main(argv: list[str] | None = None) -> int:
           f"   ({int(ok.sum())} images with soft tissue)")
     print(f"SROCC ratio Delta-IQA / global noise: {h['srocc'] / ref['srocc']:.2f}" if ref["srocc"] else "")
     print("training loss per epoch: " + ", ".join(f"{v:.3f}" for v in res.losses))
+    per_series = {}
+    for uid in sorted({data.groups[i] for i in res.held_idx}):
+        m = np.array([data.groups[i] == uid for i in res.held_idx])
+        c = dq.correlations(res.held_pred[m], res.held_true[m])
+        per_series[uid] = {"images": int(m.sum()), "srocc": c["srocc"],
+                           "mean_score_per_level": [float(res.held_pred[m & (res.held_true == 4 - lv)].mean())
+                                                    for lv in range(5) if (m & (res.held_true == 4 - lv)).any()]}
+        print(f"  held-out series ...{uid[-12:]}: {int(m.sum())} images, SROCC {c['srocc']:.3f}; mean score per level 0-4: "
+              + " ".join(f"{v:.2f}" for v in per_series[uid]["mean_score_per_level"]))
+    if res.val_srocc:
+        print("validation SROCC per epoch: " + ", ".join(f"{v:.3f}" for v in res.val_srocc))
+    record = {
+        "labels": "synthetic", "noise": args.noise, "images": len(rows), "train_images": len(res.train_idx),
+        "val_images": len(res.val_idx), "held_images": len(res.held_idx), "train_series": n_train_series,
+        "held_series": n_held_series, "held_series_uids": sorted({data.groups[i] for i in res.held_idx}),
+        "epochs": args.epochs, "lr": args.lr, "batch": args.batch_size, "warmup": args.warmup, "val": args.val,
+        "precision": res.precision, "width": args.width, "seed": args.seed, "realisations": args.realisations,
+        "train_s": res.seconds, "data_s": t_data, "kept_epoch": res.kept_epoch, "delta_iqa": h,
+        "global_noise": ref, "held_out_per_series": per_series, "losses": res.losses, "val_srocc": res.val_srocc,
+        "finished_at": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+        "load_avg_1min": os.getloadavg()[0]}
     if args.json:
-        Path(args.json).write_text(json.dumps({
-            "labels": "synthetic", "images": len(rows), "train_images": len(res.train_idx), "held_images": len(res.held_idx),
-            "train_series": n_train_series, "held_series": n_held_series, "epochs": args.epochs, "lr": args.lr,
-            "batch": args.batch_size, "width": args.width, "train_s": res.seconds, "data_s": t_data,
-            "delta_iqa": h, "global_noise": ref, "losses": res.losses}, indent=1))
+        Path(args.json).write_text(json.dumps(record, indent=1))
+    if args.log:
+        log_path = Path(args.log)
+        runs = json.loads(log_path.read_text()) if log_path.is_file() else []
+        runs.append(record)
+        log_path.write_text(json.dumps(runs, indent=1))
     return 0
 
 

@@ -47,9 +47,12 @@ log = logging.getLogger(__name__)
 DEFAULT_EPOCHS = 8
 DEFAULT_LR = 3e-4
 DEFAULT_BATCH = 8
+DEFAULT_WARMUP = 0.1  # share of the steps with a linear learning-rate warm-up; then cosine to 0
+DEFAULT_VAL = 0.0  # share of the training images (whole series) kept aside to pick the best epoch
 WEIGHT_DECAY = 1e-3
 ROTATION_DEG = 15.0
 SHIFT_PX = 10.0
+HEAD_INIT_SD = 0.01  # the last layer starts near 0: uniform class probabilities, loss ln 5
 LABELS = {"site": "site raters' Likert scores", "synthetic": "SYNTHETIC degradation levels (not radiologist ratings)"}
 
 
@@ -65,6 +68,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="share of the ratings held out, by whole series (default 0.2; at least one series)")
     parser.add_argument("--labels", choices=sorted(LABELS), default="site",
                         help="what the scores are: site (raters' Likert scores) or synthetic (degradation levels, for tests)")
+    parser.add_argument("--warmup", type=float, default=DEFAULT_WARMUP,
+                        help=f"share of the steps with a linear learning-rate warm-up, then cosine decay (default {DEFAULT_WARMUP:g})")
+    parser.add_argument("--val", type=float, default=DEFAULT_VAL,
+                        help="share of the training images (whole series) kept aside to choose the epoch whose weights "
+                             f"are kept (default {DEFAULT_VAL:g}: the last epoch)")
+    parser.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
+                        help="CPU arithmetic of the training passes: bf16 autocast where the CPU has native bf16 "
+                             "(AMX / AVX-512 BF16), else fp32 (default auto); evaluation is always fp32")
     parser.add_argument("--width", type=float, default=1.0, help=argparse.SUPPRESS)  # < 1 only for fast tests
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
@@ -127,21 +138,63 @@ def split_by_series(groups: Sequence[str], holdout: float, seed: int) -> tuple[n
 
 # ------------------------------------------------------------------------------------- training
 def augment(x, gen):
-    """Random rotation (+/-15 degrees) and shift (+/-10 px) per image; outside = 0 (air)."""
+    """Per image: a random left-right and up-down flip, a random rotation (+/-15 degrees) and shift
+    (+/-10 px); outside = 0 (air). Nearest-neighbour resampling: bilinear resampling averages
+    neighbouring pixels and lowers the pixel noise by up to a third, by an amount that depends on the
+    angle and sub-pixel shift, which blurs exactly the noise differences the ratings are about."""
     import torch
     import torch.nn.functional as F
 
     n, _, h, w = x.shape
     ang = (torch.rand(n, generator=gen) * 2 - 1) * math.radians(ROTATION_DEG)
     sh = (torch.rand(n, 2, generator=gen) * 2 - 1) * SHIFT_PX
+    fx = torch.where(torch.rand(n, generator=gen) < 0.5, -1.0, 1.0)
+    fy = torch.where(torch.rand(n, generator=gen) < 0.5, -1.0, 1.0)
     cos, sin = torch.cos(ang), torch.sin(ang)
-    # output p samples the input at R (p - s): the content turns about the centre, then moves by s px
+    # output p samples the input at F R (p - s) (F: the flips): the content turns about the centre,
+    # then moves by s px
     sx, sy = sh[:, 0] * 2 / w, sh[:, 1] * 2 / h
     theta = torch.zeros(n, 2, 3)
     theta[:, 0, 0], theta[:, 0, 1], theta[:, 0, 2] = cos, -sin, -(cos * sx - sin * sy)
     theta[:, 1, 0], theta[:, 1, 1], theta[:, 1, 2] = sin, cos, -(sin * sx + cos * sy)
+    theta[:, 0] *= fx[:, None]
+    theta[:, 1] *= fy[:, None]
     grid = F.affine_grid(theta.to(x.device), list(x.shape), align_corners=False)
-    return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    return F.grid_sample(x, grid, mode="nearest", padding_mode="zeros", align_corners=False)
+
+
+def bf16_native() -> bool:
+    """True where the CPU computes bf16 natively (AMX or AVX-512 BF16): bf16 autocast is then about
+    twice as fast as fp32 for this network; elsewhere it would be slower."""
+    import torch
+
+    cpu = torch.cpu
+    try:
+        return bool(getattr(cpu, "_is_amx_tile_supported", lambda: False)()
+                    or getattr(cpu, "_is_avx512_bf16_supported", lambda: False)())
+    except Exception:  # noqa: BLE001 - a torch without these probes: no bf16
+        return False
+
+
+def fold_input_normalisation(net, mean: float, sd: float) -> None:
+    """Training sees (x - mean) / sd; fold that affine map into the first convolution so the saved
+    network takes the plain [0, 1] window input. Exact, as the first convolution has no padding."""
+    import torch
+
+    conv = net[0]
+    with torch.no_grad():
+        w = conv.weight / sd
+        conv.bias -= (mean / sd) * conv.weight.sum(dim=(1, 2, 3))
+        conv.weight.copy_(w)
+
+
+def lr_factor(step: int, total: int, warmup: float) -> float:
+    """Linear warm-up over the first ``warmup`` share of the steps, then cosine decay to 0."""
+    n_warm = max(1, int(round(warmup * total))) if warmup > 0 else 0
+    if step < n_warm:
+        return (step + 1) / n_warm
+    t = (step - n_warm) / max(1, total - n_warm)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, t)))
 
 
 @dataclass
@@ -154,52 +207,109 @@ class TrainResult:
     held_idx: np.ndarray
     seconds: float
     losses: list[float]
+    val_idx: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=int))
+    val_srocc: list[float] = field(default_factory=list)  # per epoch (empty without a validation split)
+    kept_epoch: int = 0  # 1-based epoch whose weights were kept
+    precision: str = "fp32"
 
 
 def train(data: RatedImages, *, epochs: int = DEFAULT_EPOCHS, seed: int = 0, batch_size: int = DEFAULT_BATCH,
           lr: float = DEFAULT_LR, holdout: float = 0.2, width: float = 1.0, device: str = "cpu",
-          progress: bool = True, split: tuple[np.ndarray, np.ndarray] | None = None) -> TrainResult:
+          progress: bool = True, split: tuple[np.ndarray, np.ndarray] | None = None,
+          warmup: float = DEFAULT_WARMUP, val: float = DEFAULT_VAL, precision: str = "auto") -> TrainResult:
+    import copy
+
     import torch
 
     t0 = time.perf_counter()
     tr, ho = split if split is not None else split_by_series(data.groups, holdout, seed)
+    va = np.zeros(0, dtype=int)
+    if val > 0 and len({data.groups[i] for i in tr}) >= 3:  # a validation split from the training series only
+        sub_tr, sub_va = split_by_series([data.groups[i] for i in tr], val, seed + 1)
+        tr, va = tr[sub_tr], tr[sub_va]
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     rng = np.random.default_rng(seed)
-    net = dq.build_network(width).to(device)
-    opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=WEIGHT_DECAY)
+    net = dq.build_network(width)
+    with torch.no_grad():
+        torch.nn.init.normal_(net[-1].weight, std=HEAD_INIT_SD)
+    use_bf16 = device == "cpu" and (precision == "bf16" or (precision == "auto" and bf16_native()))
+    mem = torch.channels_last if use_bf16 else torch.contiguous_format
+    net = net.to(device).to(memory_format=mem)
+    # the training input is standardised with the training images' mean and SD (folded into conv1 at the end)
+    sample = data.x[tr[:: max(1, len(tr) // 64)]].astype(np.float32)
+    in_mean, in_sd = float(sample.mean()), float(sample.std()) or 1.0
+    opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=WEIGHT_DECAY, foreach=True)
     targets = torch.from_numpy(dq.fuzzy_labels(data.scores))
-    steps = epochs * math.ceil(len(tr) / batch_size)
+    per_epoch = math.ceil(len(tr) / batch_size)
+    steps = epochs * per_epoch
     bar = None
     if progress:
         from tqdm import tqdm
 
         bar = tqdm(total=steps, unit="step", desc="training", dynamic_ncols=True)
     losses: list[float] = []
+    val_srocc: list[float] = []
+    best: tuple[float, int, dict | None] = (-math.inf, epochs, None)
+    step = 0
     for epoch in range(epochs):
         net.train()
         order = rng.permutation(tr)
         total = 0.0
         for b in range(0, len(order), batch_size):
+            for g in opt.param_groups:
+                g["lr"] = lr * lr_factor(step, steps, warmup)
             idx = order[b:b + batch_size]
             x = torch.from_numpy(data.x[idx].astype(np.float32))[:, None].to(device)
-            x = augment(x, gen)
-            logp = torch.log_softmax(net(x), dim=1)
+            x = ((augment(x, gen) - in_mean) / in_sd).contiguous(memory_format=mem)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=use_bf16):
+                logits = net(x)
+            logp = torch.log_softmax(logits.float(), dim=1)
             loss = -(targets[idx].to(device) * logp).sum(dim=1).mean()
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            step += 1
             total += float(loss.detach()) * len(idx)
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(epoch=epoch + 1, loss=f"{float(loss.detach()):.3f}")
         losses.append(total / max(1, len(tr)))
+        if len(va):
+            p = _predict(net, (data.x[va].astype(np.float32) - in_mean) / in_sd, device, use_bf16, mem)
+            v = dq.correlations(p, data.scores[va])["srocc"]
+            v = v if math.isfinite(v) else -1.0
+            val_srocc.append(v)
+            if v > best[0]:
+                best = (v, epoch + 1, copy.deepcopy(net.state_dict()))
+            if bar is not None:
+                bar.set_postfix(epoch=epoch + 1, loss=f"{losses[-1]:.3f}", val_srocc=f"{v:.3f}")
     if bar is not None:
         bar.close()
+    kept = epochs
+    if best[2] is not None:
+        net.load_state_dict(best[2])
+        kept = best[1]
+    net = net.to(memory_format=torch.contiguous_format)
+    fold_input_normalisation(net, in_mean, in_sd)
     pred = predict_prepared(net, data.x[ho], device)
     return TrainResult(net=net, held_out=dq.correlations(pred, data.scores[ho]), held_pred=pred,
                        held_true=data.scores[ho], train_idx=tr, held_idx=ho, seconds=time.perf_counter() - t0,
-                       losses=losses)
+                       losses=losses, val_idx=va, val_srocc=val_srocc, kept_epoch=kept,
+                       precision="bf16 autocast" if use_bf16 else "fp32")
+
+
+def _predict(net, x: np.ndarray, device: str, bf16: bool, mem, batch: int = 8) -> np.ndarray:
+    import torch
+
+    net.eval()
+    out = []
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        for i in range(0, len(x), batch):
+            xb = torch.from_numpy(np.asarray(x[i:i + batch], dtype=np.float32))[:, None].to(device)
+            out.append(torch.softmax(net(xb.contiguous(memory_format=mem)).float(), dim=1).cpu().numpy())
+    net.train()
+    return dq.expected_score(np.concatenate(out)) if out else np.zeros(0)
 
 
 def predict_prepared(net, x: np.ndarray, device: str = "cpu", batch: int = 8) -> np.ndarray:
@@ -359,11 +469,45 @@ def streaks(shape: tuple[int, int], amplitude: float, n: int, rng: np.random.Gen
 
 # level 0 = as acquired (score 4) ... level 4 = worst (score 0): added noise SD (HU), streaks (count, HU)
 LEVELS = ((0.0, 0, 0.0), (20.0, 4, 40.0), (45.0, 8, 80.0), (80.0, 12, 120.0), (130.0, 16, 180.0))
+PROJECTION_VIEWS = 180  # views of the projection-domain noise (dose_sim's parallel-beam geometry)
+PROJECTION_BASES = 3  # independent projection-noise realisations per slice, mixed per image
 
 
-def degrade(hu: np.ndarray, level: int, rng: np.random.Generator, body: np.ndarray | None = None) -> np.ndarray:
+def projection_noise_bases(hu: np.ndarray, pixel_spacing_mm, rng: np.random.Generator,
+                           n: int = PROJECTION_BASES, n_views: int = PROJECTION_VIEWS) -> np.ndarray:
+    """(n, rows, cols) independent projection-domain noise realisations of this slice at I0 = 1 HU
+    (analysis/training/dose_sim.unit_noise: Gaussian ray noise of variance exp(line integral),
+    Hann-windowed ramp FBP): non-stationary like a scanner's noise, larger behind dense anatomy and
+    along long paths, with the streaky texture of photon-poor rays."""
+    from analysis.training.dose_sim import unit_noise
+
+    return unit_noise(hu, pixel_spacing_mm=pixel_spacing_mm, rng=rng, n_realisations=n, n_views=n_views)
+
+
+def mix_bases(bases: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """A fresh realisation from independent Gaussian realisations of the same covariance: a random
+    unit-norm combination has exactly that covariance again (cheap new noise, no new FBP)."""
+    w = rng.standard_normal(len(bases))
+    w /= np.linalg.norm(w)
+    return np.tensordot(w, bases, axes=1).astype(np.float32)
+
+
+def degrade(hu: np.ndarray, level: int, rng: np.random.Generator, body: np.ndarray | None = None,
+            bases: np.ndarray | None = None) -> np.ndarray:
+    """``hu`` at degradation ``level``: added noise of SD ``LEVELS[level][0]`` HU in the body, plus
+    streaks. With ``bases`` (``projection_noise_bases``) the noise is projection-domain noise (its
+    SD over the body scaled to the level; its non-stationarity kept, in the air too, as in a scan);
+    without, image-domain ramp-spectrum noise confined to the body (the fast route, for tests)."""
     sd, n_streaks, amp = LEVELS[level]
-    out = hu.astype(np.float32) + ct_like_noise(hu.shape, sd, rng) + streaks(hu.shape, amp, n_streaks, rng, body)
+    hu = hu.astype(np.float32)
+    st = streaks(hu.shape, amp, n_streaks, rng, body)
+    if bases is not None:
+        if sd <= 0:
+            return hu + st
+        n = mix_bases(bases, rng)
+        ref = n[body] if body is not None and body.any() else n
+        return hu + n * (sd / float(ref.std())) + st
+    out = hu + ct_like_noise(hu.shape, sd, rng) + st
     if body is not None:  # noise and streaks in the patient; the air around stays (mostly) air
         out = np.where(body, out, hu + 0.2 * (out - hu))
     return out
@@ -399,11 +543,15 @@ def synthetic_source_files(shared_data: Path, max_per_series: int = 3) -> list[P
 
 
 def make_synthetic_ratings(sources: Sequence[Path], out_dir: Path, *, per_slice_levels: Sequence[int] = range(5),
-                           seed: int = 0, max_slices_per_series: int = 0, realisations: int = 1) -> Path:
+                           seed: int = 0, max_slices_per_series: int = 0, realisations: int = 1,
+                           noise: str = "projection") -> Path:
     """Write degraded copies of real single-frame slices (one DICOM file per slice, level and noise
     realisation; the source's SeriesInstanceUID kept so a split by series keeps every version of a
     series together) and ``out_dir/ratings.csv`` rating each by its level (score = 4 - level, rater
-    ``synthetic``)."""
+    ``synthetic``). ``noise``: "projection" (projection-domain noise, ``degrade``; about 2 s of FBP per
+    slice on 2 cores) or "image" (image-domain ramp-spectrum noise, milliseconds)."""
+    if noise not in ("projection", "image"):
+        raise ValueError(f"noise must be 'projection' or 'image', not {noise!r}")
     import csv
 
     import pydicom
@@ -429,9 +577,10 @@ def make_synthetic_ratings(sources: Sequence[Path], out_dir: Path, *, per_slice_
             vol = load_series([f])
             hu = vol.hu[0]
             body = body_mask(hu, vol.pixel_spacing_mm)
+            bases = projection_noise_bases(hu, vol.pixel_spacing_mm, rng) if noise == "projection" else None
             src = pydicom.dcmread(f)
             for level, rep in ((lv, r) for lv in per_slice_levels for r in range(realisations)):
-                img = degrade(hu, int(level), rng, body)
+                img = degrade(hu, int(level), rng, body, bases)
                 ds = pydicom.Dataset()
                 for kw in ("SOPClassUID", "StudyInstanceUID", "SeriesInstanceUID", "Modality", "PixelSpacing",
                            "ImagePositionPatient", "ImageOrientationPatient", "SliceThickness", "KVP",
