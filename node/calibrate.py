@@ -270,9 +270,13 @@ def score_images(images: Sequence[RatedImage], metrics: Sequence[str], ctx,
 
 
 # ------------------------------------------------------------------------------------------ command
-def add_arguments(sp: argparse.ArgumentParser) -> None:
-    from analysis.calibration import DEFAULT_BOOTSTRAP, DEFAULT_FOLDS
+# analysis.calibration's defaults, repeated here so that building the parser (every qa-node command)
+# does not import scipy.stats (~1.3 s CPU); tests/unit/test_calibration.py asserts they are equal
+DEFAULT_FOLDS = 5
+DEFAULT_BOOTSTRAP = 1000
 
+
+def add_arguments(sp: argparse.ArgumentParser) -> None:
     sp.add_argument("--ratings", required=True, metavar="FILE",
                     help="ratings CSV (path,score[,rater,frame,sop_instance_uid]; see `qa-node ratings`)")
     sp.add_argument("--metrics", nargs="+", metavar="METRIC",

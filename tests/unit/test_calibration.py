@@ -139,3 +139,19 @@ def test_calibrate_refuses_what_cannot_be_calibrated() -> None:
         cal.calibrate(np.ones(20), np.arange(20.0) % 5, None)
     with pytest.raises(ValueError, match="ratings"):
         cal.calibrate(np.arange(20.0), np.arange(20.0), None)  # ratings above 4
+
+
+def test_cli_defaults_are_the_calibration_modules():
+    """node/calibrate.py repeats the defaults so that building the parser does not import scipy."""
+    import subprocess
+    import sys
+
+    from analysis import calibration
+    from node import calibrate as cli_calibrate
+
+    assert (cli_calibrate.DEFAULT_FOLDS, cli_calibrate.DEFAULT_BOOTSTRAP) == \
+        (calibration.DEFAULT_FOLDS, calibration.DEFAULT_BOOTSTRAP)
+    code = ("import sys; from node.cli import build_parser; build_parser(); "
+            "print('scipy.stats' in sys.modules, 'analysis.calibration' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["False", "False"]
