@@ -231,10 +231,15 @@ DEFAULT_BATCH_CUDA = 64
 ITEM_BYTES = 64 << 20
 
 
-def _forward(net: N2QNet, hu_model: torch.Tensor, device: str, amp: str) -> tuple[torch.Tensor, torch.Tensor]:
+def _forward(net: N2QNet, hu_model: torch.Tensor, device: str, amp: str,
+             channels_last: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """One batch of HU at model resolution -> (raw map (b, S, S) float32, dose probs (b, 5) float32),
-    on ``device``; autocast on CUDA per ``amp``, fp32 on the CPU."""
+    on ``device``; autocast on CUDA per ``amp``, fp32 on the CPU. ``channels_last``: the input (and so
+    every convolution) in NHWC memory layout, faster on this CPU, with maps that differ from the default
+    layout by float rounding (up to ~1e-5; bench/models.py)."""
     x = make_input(window_hu(hu_model.to(device)), net.in_channels)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
     with autocast(device, amp):
         m, lg = net(x)
     probs = (torch.softmax(lg.float(), dim=1) if lg is not None
@@ -253,7 +258,7 @@ def predict_model_res(net: N2QNet, hu_model: torch.Tensor, device: str = "cpu", 
 
 def predict_quality(
     hu: np.ndarray, *, weights: str | Path | None = None, device: str = "cpu", batch: int | None = None,
-    amp: str = "fp16",
+    amp: str = "fp16", channels_last: bool = False,
 ) -> tuple[np.ndarray, np.ndarray, str]:
     """HU slices (B, H, W) or (H, W) -> (quality map in SSIM units at the native matrix, dose probs, sha256).
 
@@ -261,7 +266,9 @@ def predict_quality(
     ``analysis.batching.resolve_batch``), so memory holds one batch at model and native resolution
     besides the result. On the CPU every step is fp32 and the result does not depend on ``batch``
     beyond float rounding of the convolutions (tests/unit/test_batching.py); on CUDA the resize and
-    the upsampling run on the GPU and the network under autocast (``amp``: fp16, bf16, off)."""
+    the upsampling run on the GPU and the network under autocast (``amp``: fp16, bf16, off).
+    ``channels_last``: see ``_forward`` (off by default: the default layout is what the recorded
+    outputs were made with)."""
     arr = np.asarray(hu, dtype=np.float32)
     single = arr.ndim == 2
     if single:
@@ -279,7 +286,7 @@ def predict_quality(
 
     def one(i: int, j: int) -> None:
         t, geom = resize_to_model(arr[i:j], device=device)
-        raw, p = _forward(model.net, t, device, amp)
+        raw, p = _forward(model.net, t, device, amp, channels_last)
         q[i:j] = map_to_native((raw + 1.0) / 2.0, geom)
         probs[i:j] = p.cpu().numpy()
 

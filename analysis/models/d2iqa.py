@@ -29,6 +29,8 @@ class Options:
     # within the free GPU memory: analysis.d2iqa.DEFAULT_BATCH_CPU/CUDA)
     batch: int | None = None
     amp: str = "fp16"  # CUDA: autocast after the fp32 stem: fp16, bf16 or off (fp32); the CPU always runs fp32
+    # NHWC memory layout for the convolutions (see [analysis.n2q] channels_last); off by default
+    channels_last: bool = False
     # keys of this table that were renamed: the old key is refused with one line naming the new one
     RENAMED_KEYS: ClassVar[dict[str, str]] = {"batch_size": "batch"}
 
@@ -75,7 +77,8 @@ def run(volume, ctx, options: Options | None = None):
     masks = volume_body_masks(volume)  # shared with the other models of the run (cached on the volume)
     for i in idx:
         s = d2iqa.score_slice(model, volume.hu[i], trials=opts.trials, seed=opts.seed + int(i),
-                              batch_size=opts.batch, body=masks[i], amp=opts.amp)
+                              batch_size=opts.batch, body=masks[i], amp=opts.amp,
+                              channels_last=opts.channels_last)
         slice_scores[i] = s.score
     n_ok = int(np.isfinite(slice_scores).sum())
     logging.getLogger(__name__).info("d2iqa: %d/%d slices scored (T=%d) in %.1f s on %s", n_ok, len(idx),

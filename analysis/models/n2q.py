@@ -25,6 +25,9 @@ class Options:
     # within the free GPU memory: analysis.n2q.DEFAULT_BATCH_CPU/CUDA)
     batch: int | None = None
     amp: str = "fp16"  # CUDA autocast: fp16, bf16 or off (fp32); the CPU always runs fp32
+    # NHWC memory layout for the convolutions: faster on this CPU (bench/models.py), maps differ by
+    # float rounding (up to ~1e-5) from the default layout, so off by default (no step in a trend)
+    channels_last: bool = False
     low_threshold: float = 0.8  # quality below this counts as low in n2q_low_fraction
 
     def validate(self) -> None:
@@ -53,7 +56,7 @@ def run(volume, ctx, options: Options | None = None):
     if volume.n_slices == 0:
         raise SeriesSkipped("no slices")
     quality, probs, sha = n2q.predict_quality(volume.hu, weights=opts.weights or None, device=device,
-                                              batch=opts.batch, amp=opts.amp)
+                                              batch=opts.batch, amp=opts.amp, channels_last=opts.channels_last)
     body = volume_body_masks(volume)  # = body_mask per slice, computed once per volume for all models
     out = ModelOutput(name="n2q", algorithm=ALGORITHM, version=VERSION, weights_sha256=sha)
     if device == "cuda":  # the precision is part of the result's provenance (the CPU is always fp32)

@@ -1,8 +1,8 @@
 """Batched inference of N2Q and D2IQA (issue 15, item 4): the batch changes speed, never results.
 
 On the CPU (fp32) a slice's N2Q map and a trial image's D2IQA detections are the same whether it
-runs alone or with others, at batch 1, 3 and a batch that does not divide the count; the ``batch``
-and ``amp`` keys are validated; a CUDA out-of-memory error halves the batch instead of failing.
+runs alone or with others, at batch 1, 3 and a batch that does not divide the count (and with
+``channels_last``, within float rounding); the ``batch`` and ``amp`` keys are validated; a CUDA out-of-memory error halves the batch instead of failing.
 The CUDA tests (skipped without a GPU) compare the GPU under autocast with the CPU in fp32 within
 the tolerances stated there; they have not run on a GPU yet (no device was lent when they were
 written)."""
@@ -74,6 +74,9 @@ def test_n2q_map_does_not_depend_on_the_batch(phantom) -> None:
     assert batching.resolve_batch(None, "cpu", cpu_default=n2q.DEFAULT_BATCH_CPU,
                                   cuda_default=n2q.DEFAULT_BATCH_CUDA, item_bytes=n2q.ITEM_BYTES) == 8
     q, _, _ = n2q.predict_quality(hu)
+    assert np.abs(q - ref).max() <= 1e-5
+    # [analysis.n2q] channels_last = true (off by default): NHWC convolutions, float rounding only
+    q, _, _ = n2q.predict_quality(hu, channels_last=True)
     assert np.abs(q - ref).max() <= 1e-5
 
 

@@ -104,7 +104,7 @@ def test_model_tables_are_validated_and_old_keys_get_a_migration_line():
     cases = {
         "n2q_low_threshold": ({"n2q_low_threshold": 0.7},
                               "key 'analysis.n2q_low_threshold' has moved: write it as [analysis.n2q] low_threshold = 0.7"),
-        "unknown": ({"n2q": {"thresh": 1}}, "unknown key 'analysis.n2q.thresh'; expected one of: amp, batch, low_threshold, weights"),
+        "unknown": ({"n2q": {"thresh": 1}}, "unknown key 'analysis.n2q.thresh'; expected one of: amp, batch, channels_last, low_threshold, weights"),
         "type": ({"d2iqa": {"trials": "many"}}, "key 'analysis.d2iqa.trials' must be an integer, got 'many'"),
         "range": ({"n2q": {"low_threshold": 1.5}}, "key 'analysis.n2q.low_threshold' must be in (0, 1], got 1.5"),
         "no options": ({"basic": {"x": 1}}, "unknown key 'analysis.basic.x'; the model basic has no options"),
