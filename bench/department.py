@@ -687,39 +687,103 @@ def fit_line(points: list[tuple[int, float]]) -> tuple[float, float]:
 
 
 def simulate_day(day: list[SeriesPlan], cost, workers: int, ingest_s_per_instance: float, stable_age_s: float,
-                 send_s: float) -> dict:
-    """The whole day on one machine: each scanner sends its series in order (a send of n instances
-    takes n * ingest_s_per_instance), a series is queued stable_age_s after its last instance,
-    ``workers`` FIFO workers take cost(series) s each; outputs need send_s more."""
+                 send_s: float, days: int = 1) -> dict:
+    """The day (``days`` times in a row) on one machine: each scanner sends its series in order (a
+    send of n instances takes n * ingest_s_per_instance), a series is queued stable_age_s after its
+    last instance, ``workers`` FIFO workers take cost(series) s each; outputs need send_s more.
+    Figures are those of the last day (its midnight = 0 s), when the backlog of earlier days is
+    already there: the steady state when ``days`` > 1."""
     ready = []
     busy_until: dict[str, float] = defaultdict(float)
-    for s in day:
-        start = max(s.arrival_s, busy_until[s.scanner])
-        end = start + s.n_slices * ingest_s_per_instance
-        busy_until[s.scanner] = end
-        ready.append((end + stable_age_s, end, s))
-    ready.sort(key=lambda r: (r[0], r[2].index))
+    for d in range(days):
+        for s in day:
+            start = max(s.arrival_s + d * DAY_S, busy_until[s.scanner])
+            end = start + s.n_slices * ingest_s_per_instance
+            busy_until[s.scanner] = end
+            ready.append((end + stable_age_s, end, d, s))
+    ready.sort(key=lambda r: (r[0], r[2], r[3].index))
     free = [0.0] * workers
     heapq.heapify(free)
     lat, done_at, depth_events = [], [], []
-    for q, end, s in ready:
+    for q, end, d, s in ready:
         w = heapq.heappop(free)
         start = max(w, q)
         fin = start + cost(s)
         heapq.heappush(free, fin)
-        done_at.append(fin)
         depth_events.append((q, start))
-        if s.kind in FULL_KINDS:
-            lat.append(fin + send_s - end)
+        if d == days - 1:
+            done_at.append(fin - d * DAY_S)
+            if s.kind in FULL_KINDS:
+                lat.append(fin + send_s - end)
     starts = sorted(st for _, st in depth_events)
     queued = sorted(q for q, _ in depth_events)
     max_depth = 0
     for q in queued:  # waiting at time q: queued by q, not yet started
         max_depth = max(max_depth, bisect.bisect_right(queued, q) - bisect.bisect_right(starts, q))
     last = max(done_at)
-    return {"last_analysed": _hhmm(last), "last_analysed_s": round(last), "within_day": last <= DAY_S,
+    return {"days": days, "last_analysed": _hhmm(last), "last_analysed_s": round(last),
+            "clears_before_0800_next_day": last <= DAY_S + 8 * 3600,
             "latency_median_s": round(pct(lat, 0.5) or 0), "latency_p95_s": round(pct(lat, 0.95) or 0),
             "max_waiting": max_depth}
+
+
+def implied(day: list[SeriesPlan], rows: list[dict], per_kind: dict, ref_slices: int, ref_ana: float | None,
+            workers: int, stable_age_s: float) -> dict:
+    """What the sample's measurements imply for the whole day (see the module's docstring)."""
+    pts = [(x["slices"], x["analysis_s"]) for x in rows if x["kind"] in FULL_KINDS and x["analysis_s"] is not None
+           and x["models"] and len(x["models"]) > 1]
+    if ref_ana is not None:
+        pts.append((ref_slices, ref_ana))
+    a, b = fit_line(pts)
+    cheap = {k: v["analysis_s_mean"] for k, v in per_kind.items() if k not in FULL_KINDS and v["analysis_s_mean"] is not None}
+    cheap_default = statistics.fmean(cheap.values()) if cheap else 0.0
+    dup_full = any(x["kind"] == "duplicate" and x["models"] and len(x["models"]) > 1 for x in rows)
+
+    def cost(s: SeriesPlan) -> float:
+        if s.kind in FULL_KINDS:
+            return a + b * s.n_slices
+        return cheap.get(s.kind, cheap_default)
+
+    demand = sum(cost(s) for s in day)
+    by_kind_demand = defaultdict(float)
+    for s in day:
+        by_kind_demand[s.kind] += cost(s)
+    machines = math.ceil(demand / (workers * DAY_S)) if demand else 0
+    # ingest: wall seconds per instance while the sample's series were pushed (one association each)
+    total_inst = sum(x["received"] or 0 for x in rows)
+    total_push = sum(x["push_s"] or 0 for x in rows)
+    ingest_s = total_push / total_inst if total_inst else 0.01
+    sends = [x["to_pacs_s"] - x["to_done_s"] for x in rows if x["to_pacs_s"] is not None and x["to_done_s"] is not None]
+    send_s = pct(sends, 0.5) or 2.0
+    util = demand / (workers * DAY_S)
+    sim = simulate_day(day, cost, workers, ingest_s, stable_age_s, send_s, days=3)
+    met = util <= 1.0 and sim["clears_before_0800_next_day"]
+    sim_m = {}
+    m = 1
+    while not met and m < 8:
+        m += 1  # m machines: the day's scanners split between them
+        parts = [[s for s in day if (int(s.scanner[2:]) - 1) % m == i] for i in range(m)]
+        sims = [simulate_day(p, cost, workers, ingest_s, stable_age_s, send_s, days=3) for p in parts if p]
+        worst = max(sims, key=lambda x: x["last_analysed_s"])
+        util_m = max(sum(cost(s) for s in p) for p in parts if p) / (workers * DAY_S)
+        sim_m = {"machines": m, "utilisation_max": round(util_m, 2), "last_analysed": worst["last_analysed"],
+                 "latency_median_s": max(x["latency_median_s"] for x in sims),
+                 "latency_p95_s": max(x["latency_p95_s"] for x in sims),
+                 "met": util_m <= 1.0 and all(x["clears_before_0800_next_day"] for x in sims)}
+        if sim_m["met"]:
+            break
+    return {
+        "cost_model": {"full_model_a_s": _r(a), "full_model_b_s_per_slice": _r(b, 4), "points": pts,
+                       "cheap_kinds_s": cheap, "cheap_default_s": _r(cheap_default),
+                       "duplicate_analysed_fully_in_sample": dup_full,
+                       "ingest_s_per_instance": round(ingest_s, 4), "send_s": _r(send_s)},
+        "ingest_instances_per_s": round(1 / ingest_s, 1) if ingest_s else None,
+        "day_demand_s": round(demand), "day_demand_h": round(demand / 3600, 2),
+        "day_demand_by_kind_s": {k: round(v) for k, v in by_kind_demand.items()},
+        "utilisation": round(util, 3), "machines": machines,
+        "machines_formula": f"ceil(S_w / (w * 86400)) = ceil({demand:.0f} / ({workers} * 86400))",
+        "simulated_day": sim, "target_met_one_machine": met, "simulated_more_machines": sim_m,
+    }
 
 
 def summarise(args, day, sample, out, ref) -> dict:
@@ -765,44 +829,7 @@ def summarise(args, day, sample, out, ref) -> dict:
     ref_ana = (rr["finished"] - rr["started"]) if rr.get("finished") and rr.get("started") else None
     ref_sent = [d["sent"] for d in rr.get("deliveries", []) if d["sent"]]
     ref_pacs = (max(ref_sent) - rr["last_received"]) if ref_sent and rr.get("last_received") else None
-    # cost model
-    pts = [(x["slices"], x["analysis_s"]) for x in rows if x["kind"] in FULL_KINDS and x["analysis_s"] is not None
-           and x["models"] and len(x["models"]) > 1]
-    if ref_ana is not None:
-        pts.append((ref.n_slices, ref_ana))
-    a, b = fit_line(pts)
-    cheap = {k: v["analysis_s_mean"] for k, v in per_kind.items() if k not in FULL_KINDS and v["analysis_s_mean"] is not None}
-    cheap_default = statistics.fmean(cheap.values()) if cheap else 0.0
-    dup_full = any(x["kind"] == "duplicate" and x["models"] and len(x["models"]) > 1 for x in rows)
-
-    def cost(s: SeriesPlan) -> float:
-        if s.kind in FULL_KINDS:
-            return a + b * s.n_slices
-        return cheap.get(s.kind, cheap_default)
-
-    demand = sum(cost(s) for s in day)
-    by_kind_demand = defaultdict(float)
-    for s in day:
-        by_kind_demand[s.kind] += cost(s)
-    machines = math.ceil(demand / (args.workers * DAY_S)) if demand else 0
-    # ingest: the node's receive cost per instance, from the pushes (wall seconds per instance while pushing)
-    push_rates = [(x["received"] or 0) / x["push_s"] for x in rows if x["push_s"] and x["received"]]
-    total_inst = sum(x["received"] or 0 for x in rows)
-    total_push = sum(x["push_s"] or 0 for x in rows)
-    ingest_s = total_push / total_inst if total_inst else 0.01
-    sends = [x["to_pacs_s"] - x["to_done_s"] for x in rows if x["to_pacs_s"] is not None and x["to_done_s"] is not None]
-    send_s = pct(sends, 0.5) or 2.0
-    sim = simulate_day(day, cost, args.workers, ingest_s, args.stable_age_s, send_s)
-    sim_m = {}
-    m = 1
-    while not sim["within_day"] and m <= 8:
-        m += 1  # m machines: the day's scanners split between them
-        parts = [[s for s in day if (int(s.scanner[2:]) - 1) % m == i] for i in range(m)]
-        sims = [simulate_day(p, cost, args.workers, ingest_s, args.stable_age_s, send_s) for p in parts if p]
-        sim_m = {"machines": m, "last_analysed": max((x["last_analysed_s"] for x in sims)),
-                 "within_day": all(x["within_day"] for x in sims)}
-        if sim_m["within_day"]:
-            break
+    imp = implied(day, rows, per_kind, ref.n_slices, ref_ana, args.workers, args.stable_age_s)
     # how many jobs ran at once while any ran (1 at workers = 1; up to w): job-seconds / busy seconds
     spans = sorted((x["job_start_s"], x["job_end_s"]) for x in rows if x["job_start_s"] is not None
                    and x["job_end_s"] is not None)
@@ -838,15 +865,7 @@ def summarise(args, day, sample, out, ref) -> dict:
         "node_cpu_percent": _r(cpu_pct), "node_rss_peak_mb": max((s["rss_mb"] for s in samples), default=None),
         "node_rss_median_mb": _r(pct([s["rss_mb"] for s in samples], 0.5)),
         "load_average": [min(loads), max(loads)] if loads else None,
-        "ingest_s_per_instance": round(ingest_s, 4), "ingest_instances_per_s": round(1 / ingest_s, 1) if ingest_s else None,
-        "cost_model": {"full_model_a_s": _r(a), "full_model_b_s_per_slice": _r(b, 4), "points": pts,
-                       "cheap_kinds_s": cheap, "cheap_default_s": _r(cheap_default),
-                       "duplicate_analysed_fully_in_sample": dup_full},
-        "jobs_running_at_once": _r(concurrency, 2),
-        "day_demand_s": round(demand), "day_demand_h": round(demand / 3600, 2),
-        "day_demand_by_kind_s": {k: round(v) for k, v in by_kind_demand.items()},
-        "machines": machines, "machines_formula": f"ceil(S_w / (w * 86400)) = ceil({demand:.0f} / ({args.workers} * 86400))",
-        "simulated_day": sim, "simulated_more_machines": sim_m,
+        "jobs_running_at_once": _r(concurrency, 2), **imp,
         "node_tracebacks": out["tracebacks"], "node_errors": out["errors"],
     }
 
@@ -863,9 +882,10 @@ def report(s: dict) -> None:
     print(f"sample: {s['sample_series']} series of {s['sample_exams']} exams {s['sample_per_kind']}, speed x{a['speed']:g} "
           f"(load factor N*K/1500 = {s['sample_load_factor']}); workers {a['workers']}; load average "
           f"{s['load_average'][0]:.1f}-{s['load_average'][1]:.1f}")
-    print(f"pushed in {s['push_window_s']:.0f} s, all analysed and in the PACS {s['drained_after_s']:.0f} s after the first "
-          f"push; unfinished: {s['unfinished'] or 'none'}; outputs sent {s['outputs_sent']}, found in Orthanc "
-          f"{s['outputs_found_in_pacs']}")
+    end = ("all analysed and in the PACS" if not s["unfinished"]
+           else f"stopped waiting (--timeout) with {len(s['unfinished'])} series unfinished {s['unfinished']},")
+    print(f"pushed in {s['push_window_s']:.0f} s, {end} {s['drained_after_s']:.0f} s after the first push; outputs sent "
+          f"{s['outputs_sent']}, found in Orthanc {s['outputs_found_in_pacs']}")
     print(f"{'kind':10} {'series':>6} {'slices':>6} {'analysis s':>10} {'s/slice':>7} {'to PACS med':>11} {'p95':>6} "
           f"{'to done med':>11}  outcomes")
     for k, v in s["per_kind"].items():
@@ -892,10 +912,13 @@ def report(s: dict) -> None:
     print(f"jobs running at once while any ran: {_f(s['jobs_running_at_once'], 2)} (of {a['workers']} workers)")
     print(f"the day needs S_{a['workers']} = {s['day_demand_s']} worker-s ({s['day_demand_h']} h; by kind "
           f"{s['day_demand_by_kind_s']}) -> machines = {s['machines_formula']} = {s['machines']}")
+    print(f"utilisation of one machine S_w / (w * 86400) = {s['utilisation']:.2f}")
     sim = s["simulated_day"]
-    print(f"the whole day simulated on one machine, {a['workers']} worker(s): last series analysed {sim['last_analysed']} "
-          f"({'within' if sim['within_day'] else 'NOT within'} the day), at most {sim['max_waiting']} waiting, "
-          f"last instance -> PACS median {sim['latency_median_s']} s, p95 {sim['latency_p95_s']} s"
+    print(f"the day simulated on one machine, {a['workers']} worker(s), steady state (3rd day in a row): its last series "
+          f"analysed {sim['last_analysed']} ({'before' if sim['clears_before_0800_next_day'] else 'NOT before'} 08:00 the "
+          f"next day), at most {sim['max_waiting']} waiting, last instance -> PACS median {sim['latency_median_s']} s, "
+          f"p95 {sim['latency_p95_s']} s; target (utilisation <= 1 and the day's series analysed before the next "
+          f"working day) {'MET' if s['target_met_one_machine'] else 'NOT met'} on one machine"
           + (f"; {s['simulated_more_machines']}" if s["simulated_more_machines"] else ""))
     if s["node_tracebacks"] or s["node_errors"]:
         print(f"node log: {s['node_tracebacks']} tracebacks, errors: {s['node_errors']}")
@@ -920,11 +943,25 @@ def main() -> int:
     ap.add_argument("--timeout", type=float, default=570.0, help="stop waiting after this many seconds")
     ap.add_argument("--gen-dir", type=Path, help="where the series are generated (kept and reused)")
     ap.add_argument("--json", type=Path, help="write the figures here")
+    ap.add_argument("--from-json", type=Path, help="recompute what a saved run implies (cost model, the day, "
+                    "machines) from its measured series, print it and write it back (or to --json)")
     args = ap.parse_args()
 
     day = make_day(args.seed, args.series)
     if args.schedule:
         print(json.dumps(day_summary(day), indent=1))
+        return 0
+    if args.from_json:
+        s = json.loads(args.from_json.read_text())
+        a = s["args"]
+        day = make_day(a["seed"], a["series"])
+        ref = s["reference"]
+        s.update(implied(day, s["series"], s["per_kind"], ref["slices"], ref["analysis_s"], a["workers"],
+                         a["stable_age_s"]))
+        report(s)
+        dest = args.json or args.from_json
+        dest.write_text(json.dumps(s, indent=1, default=str) + "\n")
+        print(f"written {dest}")
         return 0
     for p in (PHANTOM_1MM, PHANTOM_5MM, LOCALIZER):
         if not p.exists():

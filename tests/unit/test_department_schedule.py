@@ -135,10 +135,16 @@ def test_fit_line_and_day_simulation(dept):
     # CT1 sends 100 then 20 instances at 0.1 s each: queued at 10 + 30 and 12 + 30 s; CT2's at 40 s
     one = dept.simulate_day(day, lambda s: 100.0, 1, 0.1, 30.0, 2.0)
     assert one["last_analysed_s"] == 340  # 40 -> 140 -> 240 -> 340 on one worker
-    assert one["max_waiting"] == 2 and one["within_day"]
+    assert one["max_waiting"] == 2 and one["clears_before_0800_next_day"]
     assert one["latency_median_s"] == 232  # 132, 232, 330 s (results + send, from the end of each push)
     two = dept.simulate_day(day, lambda s: 100.0, 2, 0.1, 30.0, 2.0)
     assert two["last_analysed_s"] == 240 and two["max_waiting"] == 1
+    # three days in a row: nothing carried over, the last day as the first
+    again = dept.simulate_day(day, lambda s: 100.0, 1, 0.1, 30.0, 2.0, days=3)
+    assert again["last_analysed_s"] == 340 and again["latency_median_s"] == 232
+    # a day longer than a day: each series 40,000 s -> the third day's last is analysed 2.5 days late
+    late = dept.simulate_day(day, lambda s: 40000.0, 1, 0.1, 30.0, 2.0, days=3)
+    assert late["last_analysed_s"] == 40 + 9 * 40000 - 2 * 86400 and not late["clears_before_0800_next_day"]
 
 
 def test_series_from_real_slices(dept, tmp_path):
