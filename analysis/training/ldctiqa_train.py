@@ -33,10 +33,10 @@ Outputs: ``--out`` gets ``{"model_state_dict": ..., "labels": "site" | "syntheti
 beside it: the data, the exact command, the init file's SHA-256, the held-out figures, the CPU time
 per image and step.
 
-Cost on this 2-core CPU (bench/ldctiqa_finetune_cpu.py, measured at load 6): one training image
-costs 2.5 s of CPU per step on one torch thread (forward and backward of the 27.6 M-parameter network
-at 512 x 512; 5.2 s wall at that load), about twice the inference forward pass; 300 ratings (240
-training images x 3 epochs) are about an hour at that load, an estimated 30 min on a quiet core.
+Cost on this 2-core CPU (bench/results/ldctiqa_finetune_cpu.json): one training image costs 2.8 s
+per step on one torch thread on a quiet machine (forward and backward of the 27.6 M-parameter network
+at 512 x 512; 5.2 s wall at load 6), about 2-3 times the inference forward pass; 300 ratings (240
+training images x 3 epochs) are about 35 min on a quiet machine, about an hour at load 6.
 """
 
 from __future__ import annotations
