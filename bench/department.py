@@ -928,6 +928,38 @@ def _f(v, nd: int = 1) -> str:
     return "-" if v is None else f"{v:.{nd}f}"
 
 
+def per_model(args, gen: Path) -> int:
+    """Where a full-model series' seconds go: `qa-node analyze` on the reference thin series with
+    basic alone, then basic plus each other model (each run loads the series again), one after
+    the other on this machine, nothing else of ours running."""
+    ref, ref_exam = reference_plan(args.seed, args.ref_slices)
+    folder = generate([ref], ref_exam, gen / "reference", f"ref-{args.seed}-{args.ref_slices}")[ref.index]
+    work = Path(tempfile.mkdtemp(prefix="ctqa-dept-models-"))
+    cfg = write_config(work / "config.toml", data_dir=work / "var", models=args.models)
+    out = {"slices": ref.n_slices, "load_average_before": os.getloadavg()[0], "runs": {}}
+    try:
+        for models in ("basic", "basic,classical", "basic,n2q", "basic,d2iqa"):
+            t0 = time.perf_counter()
+            r = subprocess.run([sys.executable, "-m", "node", "--config", str(cfg), "analyze", str(folder), "--json",
+                                "--models", models, "--device", "cpu"], capture_output=True, text=True, cwd=work)
+            dt = time.perf_counter() - t0
+            status = json.loads(r.stdout)[0]["status"] if r.returncode == 0 else f"rc {r.returncode}"
+            out["runs"][models] = {"s": round(dt, 1), "status": status, "load1": os.getloadavg()[0]}
+            print(f"qa-node analyze --models {models}: {dt:.1f} s ({status}; load {os.getloadavg()[0]:.1f})")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    base = out["runs"]["basic"]["s"]
+    for m, v in out["runs"].items():
+        if m != "basic":
+            v["over_basic_s"] = round(v["s"] - base, 1)
+    print(f"{ref.n_slices}-slice thin series: load + basic {base:.1f} s (interpreter start included); over it: "
+          + ", ".join(f"{m.split(',')[1]} +{v['over_basic_s']:.1f} s" for m, v in out["runs"].items() if m != "basic"))
+    if args.json:
+        args.json.write_text(json.dumps(out, indent=1) + "\n")
+        print(f"written {args.json}")
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seed", type=int, default=0)
@@ -943,6 +975,8 @@ def main() -> int:
     ap.add_argument("--timeout", type=float, default=570.0, help="stop waiting after this many seconds")
     ap.add_argument("--gen-dir", type=Path, help="where the series are generated (kept and reused)")
     ap.add_argument("--json", type=Path, help="write the figures here")
+    ap.add_argument("--per-model", action="store_true", help="time qa-node analyze on the reference series "
+                    "with basic, then basic + each other model, and exit")
     ap.add_argument("--from-json", type=Path, help="recompute what a saved run implies (cost model, the day, "
                     "machines) from its measured series, print it and write it back (or to --json)")
     args = ap.parse_args()
@@ -972,6 +1006,8 @@ def main() -> int:
             print(f"{tool} not installed (apt-get install dcmtk orthanc)", file=sys.stderr)
             return 2
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    if args.per_model:
+        return per_model(args, args.gen_dir or Path(tempfile.mkdtemp(prefix="ctqa-dept-gen-")))
     sample = sample_exams(day, args.sample, args.sample_seed)
     gen = args.gen_dir or Path(tempfile.mkdtemp(prefix="ctqa-dept-gen-"))
     ref, ref_exam = reference_plan(args.seed, args.ref_slices)
