@@ -16,8 +16,8 @@ import pytest
 from pydicom.uid import generate_uid
 
 from node.orthanc import LocalOrthanc
-from tests.helpers import PHANTOM_5MM, require, require_tool, storescu, wait_until
-from tests.interop.test_orthanc import PDF_CLASS, PM_CLASS, SR_CLASS, node_with_destination, outbox
+from tests.helpers import PHANTOM_5MM, require, require_tool, storescu
+from tests.interop.test_orthanc import PDF_CLASS, PM_CLASS, SR_CLASS, node_with_destination, outbox_when
 
 pytestmark = pytest.mark.interop
 
@@ -96,8 +96,7 @@ def test_anonymised_series_gets_all_outputs_in_pacs(tmp_path, form):
         node.start()
         try:
             assert storescu(node.port, series).returncode == 0
-            rows = wait_until(lambda: (o := outbox(node)) and len(o) == 3 and all(r["state"] == "sent" for r in o)
-                              and o, timeout=240, what="delivery to Orthanc")
+            rows = outbox_when(node, "sent", timeout=240)  # delivered to Orthanc
         finally:
             node.stop()
         assert sorted(r["kind"] for r in rows) == ["pdf", "pmap", "sr"]

@@ -8,7 +8,7 @@ import pydicom
 import pytest
 
 from node.orthanc import LocalOrthanc
-from tests.helpers import PHANTOM_1MM, PHANTOM_5MM, NodeProcess, qa_node, require, require_tool, storescu, \
+from tests.helpers import PHANTOM_5MM, NodeProcess, node_sql, qa_node, require, require_tool, storescu, \
     wait_until, write_config
 
 pytestmark = pytest.mark.interop
@@ -34,6 +34,21 @@ def outbox(node: NodeProcess) -> list[dict]:
     return json.loads(r.stdout)
 
 
+def deliveries(node: NodeProcess) -> list[tuple[str, int]]:
+    """(state, attempts) of every delivery, read from the database: the cheap poll (see node_sql)."""
+    return node_sql(node, "SELECT state, attempts FROM deliveries")
+
+
+def outbox_when(node: NodeProcess, state: str, n: int = 3, timeout: float = 300) -> list[dict]:
+    """Once the database holds ``n`` deliveries, all in ``state`` (the cheap poll), the outbox as
+    `qa-node outbox --json` shows it, checked to say the same."""
+    wait_until(lambda: (d := deliveries(node)) and len(d) == n and all(st == state for st, _ in d),
+               timeout=timeout, interval=0.5, what=f"{n} deliveries {state}")
+    rows = outbox(node)
+    assert len(rows) == n and all(r["state"] == state for r in rows), rows
+    return rows
+
+
 def study_uid(folder) -> str:
     first = next(p for p in sorted(folder.iterdir()) if p.name != "LICENSE")
     return str(pydicom.dcmread(first, stop_before_pixels=True).StudyInstanceUID)
@@ -41,14 +56,13 @@ def study_uid(folder) -> str:
 
 def test_sr_map_and_report_arrive_in_the_source_study(tmp_path):
     require_tool("Orthanc")
-    series = require(PHANTOM_1MM)
+    series = require(PHANTOM_5MM)  # 28 slices: the 140 of the 1 mm series only made the analysis longer
     with LocalOrthanc(known_aes={"CTQA": ("127.0.0.1", 104)}, workdir=tmp_path / "orthanc") as pacs:
         node = node_with_destination(tmp_path, pacs)
         node.start()
         try:
             assert storescu(node.port, series).returncode == 0
-            rows = wait_until(lambda: (o := outbox(node)) and len(o) == 3 and all(r["state"] == "sent" for r in o)
-                              and o, timeout=300, what="delivery to Orthanc")
+            rows = outbox_when(node, "sent")  # delivered to Orthanc
             assert sorted(r["kind"] for r in rows) == ["pdf", "pmap", "sr"]
             found = pacs.instances_in_study(study_uid(series))
             classes = sorted(i["sop_class_uid"] for i in found)
@@ -67,8 +81,10 @@ def test_pacs_down_then_up_everything_delivered_once(tmp_path):
     node.start()
     try:
         assert storescu(node.port, series).returncode == 0
-        rows = wait_until(lambda: (o := outbox(node)) and len(o) == 3 and all(r["attempts"] >= 2 for r in o) and o,
-                          timeout=300, what="failed delivery attempts")
+        wait_until(lambda: (d := deliveries(node)) and len(d) == 3 and all(n >= 2 for _, n in d),
+                   timeout=300, interval=0.5, what="failed delivery attempts")
+        rows = outbox(node)
+        assert len(rows) == 3 and all(r["attempts"] >= 2 for r in rows)
         assert all(r["state"] == "pending" and "connect" in (r["last_error"] or "") for r in rows)
         # restart the node while results are pending: nothing is lost
         node.stop()
@@ -76,8 +92,7 @@ def test_pacs_down_then_up_everything_delivered_once(tmp_path):
         assert {r["id"] for r in outbox(node)} == {r["id"] for r in rows}
         pacs.start()
         try:
-            done = wait_until(lambda: (o := outbox(node)) and all(r["state"] == "sent" for r in o) and o,
-                              timeout=120, what="delivery after the PACS came back")
+            done = outbox_when(node, "sent", timeout=120)  # delivered after the PACS came back
             found = pacs.instances_in_study(study_uid(series))
             assert len(found) == 3
             assert sorted(r["sop_instance_uid"] for r in done) == sorted(i["sop_instance_uid"] for i in found)
@@ -101,16 +116,16 @@ def test_permanent_refusal_goes_to_dead_letter_and_resend(tmp_path):
         node.start()
         try:
             assert storescu(node.port, series).returncode == 0
-            rows = wait_until(lambda: (o := outbox(node)) and len(o) == 3 and all(r["state"] == "dead" for r in o)
-                              and o, timeout=120, what="dead letters")
+            rows = outbox_when(node, "dead", timeout=120)  # dead letters
             assert all("rejected" in r["last_error"] for r in rows)
             before = {r["id"]: r["attempts"] for r in rows}
             r = qa_node("--config", str(node.config), "resend", "--dead", cwd=tmp_path)
             assert r.returncode == 0 and r.stdout.startswith("3 deliveries")
             # each dead delivery is tried once more (the PACS still rejects us) and is dead again
-            again = wait_until(lambda: (o := outbox(node)) and all(
-                x["state"] == "dead" and x["attempts"] == before[x["id"]] + 1 for x in o) and o,
-                timeout=60, what="the resent deliveries tried again")
+            wait_until(lambda: (d := deliveries(node)) and sorted(n for st, n in d if st == "dead") == sorted(
+                n + 1 for n in before.values()), timeout=60, interval=0.5, what="the resent deliveries tried again")
+            again = outbox(node)
+            assert all(x["state"] == "dead" and x["attempts"] == before[x["id"]] + 1 for x in again)
             assert {x["id"] for x in again} == set(before)
             assert all("rejected" in x["last_error"] for x in again)
             assert pacs.instances_in_study(study_uid(series)) == []

@@ -17,6 +17,7 @@ from tests.helpers import (
     PHANTOM_5MM,
     WG04,
     NodeProcess,
+    node_sql,
     node_status,
     dataset_bytes,
     require,
@@ -53,9 +54,10 @@ def test_gdcmscu_push_stored_byte_identical_and_unknown_caller_rejected(tmp_path
         # Debian's gdcmscu 3.0.21 aborts in its own teardown after A-RELEASE (it does so against
         # DCMTK storescp too), so its exit code says nothing: the node's side is what is checked.
         gdcmscu(node.port, *files)
-        st = wait_until(lambda: (s := node_status(node)) and s["series"] and s["series"][0]["job"]
-                        and s["series"][0]["job"]["state"] == "done" and s, timeout=120, what="analysis")
-        (row,) = st["series"]
+        wait_until(lambda: node_sql(node, "SELECT state FROM jobs") == [("done",)], timeout=120, interval=0.25,
+                   what="analysis")
+        (row,) = node_status(node)["series"]
+        assert row["job"]["state"] == "done"
         assert row["n_instances"] == 28 and row["completions"] == 1 and row["scanner"] == "CT1"
         stored = stored_by_uid(node)
         assert len(stored) == 28
@@ -101,9 +103,11 @@ def test_orthanc_forwards_a_study_in_its_stored_syntaxes(tmp_path):
         stored = wait_until(lambda: (s := stored_by_uid(node)) and len(s) == len(ids) and s, timeout=60,
                             what="every forwarded instance stored")
         # wg04 holds four series: CT1 and CT2 in six syntaxes each, and their RLE copies in series of their own
-        st = wait_until(lambda: (s := node_status(node)) and len(s["series"]) == 5
-                        and all(r["job"] and r["job"]["state"] in ("done", "failed") for r in s["series"]) and s,
-                        timeout=180, what="analysis of the five series")
+        wait_until(lambda: (j := node_sql(node, "SELECT state FROM jobs")) and len(j) == 5
+                   and all(st in ("done", "failed") for (st,) in j), timeout=180, interval=0.25,
+                   what="analysis of the five series")
+        st = node_status(node)
+        assert len(st["series"]) == 5
         assert {r["scanner"] for r in st["series"]} == {"ROUTER"}
         assert sorted(r["n_instances"] for r in st["series"]) == [1, 1, 6, 6, 28]
         assert all(r["completions"] == 1 for r in st["series"])

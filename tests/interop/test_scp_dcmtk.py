@@ -15,6 +15,7 @@ from tests.helpers import (
     PHANTOM_1MM,
     WG04,
     NodeProcess,
+    node_sql,
     node_status,
     dataset_bytes,
     qa_node,
@@ -44,9 +45,10 @@ def test_phantom_series_stored_byte_identical_and_completes_once(node):
     assert len(sent) == 140
     r = storescu(node.port, series_dir)
     assert r.returncode == 0, r.stderr
-    st = wait_until(lambda: (s := node_status(node)) and s["series"] and s["series"][0]["job"]
-                    and s["series"][0]["job"]["state"] == "done" and s, timeout=120, what="analysis")
-    (series,) = st["series"]
+    wait_until(lambda: node_sql(node, "SELECT state FROM jobs") == [("done",)], timeout=120, interval=0.25,
+               what="analysis")
+    (series,) = node_status(node)["series"]
+    assert series["job"]["state"] == "done"
     assert series["n_instances"] == 140
     assert series["completions"] == 1 and series["state"] == "complete"
     assert series["scanner"] == "CT1"
@@ -284,9 +286,10 @@ def test_kill_9_mid_push_loses_nothing_acknowledged(tmp_path):
         # the scanner sends the series again (as modalities do after a failure): completes once
         r = storescu(proc.port, series_dir)
         assert r.returncode == 0, r.stderr
-        st = wait_until(lambda: (s := json.loads(qa_node("--config", str(cfg), "status", "--json",
-                                                          cwd=tmp_path).stdout))["series"][0]["job"]
-                        and s["series"][0]["job"]["state"] == "done" and s, timeout=120, what="analysis")
+        wait_until(lambda: node_sql(proc, "SELECT state FROM jobs") == [("done",)], timeout=120, interval=0.25,
+                   what="analysis")
+        st = json.loads(qa_node("--config", str(cfg), "status", "--json", cwd=tmp_path).stdout)
+        assert st["series"][0]["job"]["state"] == "done"
         assert st["series"][0]["n_instances"] == 140
         assert st["series"][0]["completions"] == 1
         assert st["jobs"] == {"done": 1}

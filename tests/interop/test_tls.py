@@ -18,6 +18,7 @@ from tests.helpers import (
     NodeProcess,
     TlsPki,
     free_port,
+    node_sql,
     qa_node,
     require,
     require_tool,
@@ -166,8 +167,11 @@ def test_outbox_delivers_to_orthanc_over_dicom_tls(tmp_path, pki):
             # the scanner pushes over TLS; the results leave over TLS
             r = push_tls(port, [series], pki.key("scanner"), pki.cert("scanner"), pki.ca)
             assert r.returncode == 0, r.stderr
-            rows = wait_until(lambda: (o := outbox(node)) and len(o) >= 2 and all(x["state"] == "sent" for x in o)
-                              and o, timeout=240, what="delivery to Orthanc over TLS")
+            wait_until(lambda: (d := node_sql(node, "SELECT state FROM deliveries")) and len(d) >= 2
+                       and all(st == "sent" for (st,) in d), timeout=240, interval=0.5,
+                       what="delivery to Orthanc over TLS")
+            rows = outbox(node)
+            assert len(rows) >= 2 and all(x["state"] == "sent" for x in rows)
             study = str(pydicom.dcmread(slices(1)[0], stop_before_pixels=True).StudyInstanceUID)
             found = pacs.instances_in_study(study)
             assert sorted(i["sop_instance_uid"] for i in found) == sorted(x["sop_instance_uid"] for x in rows)
