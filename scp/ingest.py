@@ -11,9 +11,8 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from enum import IntEnum
 from pathlib import Path
@@ -142,6 +141,36 @@ class _NoLink(OSError):
     pass
 
 
+_AT_FDCWD, _RENAME_NOREPLACE = -100, 1
+try:
+    import ctypes
+
+    _renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    _renameat2.argtypes = (ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint)
+except (ImportError, OSError, AttributeError):  # not Linux / glibc < 2.28: the hard link below
+    _renameat2 = None
+
+
+def move_noreplace(src: Path, dst: Path) -> None:
+    """Rename ``src`` to ``dst`` unless ``dst`` exists (FileExistsError, nothing changed): Linux
+    renameat2(RENAME_NOREPLACE), one atomic step; elsewhere a hard link and an unlink. _NoLink where
+    the file system can do neither (the caller replaces instead)."""
+    if _renameat2 is not None:
+        if _renameat2(_AT_FDCWD, os.fsencode(src), _AT_FDCWD, os.fsencode(dst), _RENAME_NOREPLACE) == 0:
+            return
+        err = ctypes.get_errno()
+        if err not in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP, errno.EOPNOTSUPP):
+            raise OSError(err, os.strerror(err), str(dst)) if err != errno.EEXIST else FileExistsError(
+                err, os.strerror(err), str(dst))
+    try:
+        os.link(src, dst)
+    except OSError as exc:
+        if exc.errno in (errno.EEXIST, errno.ENOENT):
+            raise
+        raise _NoLink(exc.errno, exc.strerror) from None
+    os.unlink(src)
+
+
 class _Committer:
     """One thread that commits queued index rows (``storage.repo.PendingRow``) in batches: whatever
     queued up while the previous transaction ran, from every association, goes into the next one.
@@ -202,6 +231,9 @@ class _Committer:
                 if not self._queue:
                     return
                 batch, self._queue = self._queue, []
+            batch = self._hashed(batch)
+            if not batch:
+                continue
             try:
                 not_new = add_instances_lazy(self.db, batch)
             except Exception as exc:  # noqa: BLE001 - the database failed: keep the rows, retry
@@ -229,6 +261,21 @@ class _Committer:
             with self._cond:
                 self._done += len(batch)
                 self._cond.notify_all()
+
+    def _hashed(self, batch: list[PendingRow]) -> list[PendingRow]:
+        """The rows with their SHA-256, read from the stored files (hashlib releases the GIL)."""
+        out = []
+        for row in batch:
+            if row.sha256 is None:
+                try:
+                    row = replace(row, sha256=sha256_file(self.store.abs(row.rel_path)))
+                except OSError as exc:  # not indexed now; start-up reconciliation looks at it again
+                    log.error("stored instance unreadable, not indexed (%s)", os.strerror(exc.errno) if exc.errno else exc)
+                    with self._cond:
+                        self._done += 1
+                    continue
+            out.append(row)
+        return out
 
     def _not_new(self, row: PendingRow, outcome: str, kept: str | None) -> None:
         if kept != row.rel_path:
@@ -258,10 +305,12 @@ class Ingestor:
     like a C-STORE and indexes or quarantines. The index row of a series' first instance (series row
     with the scanner, calling AE and host) is committed durably before Success. With
     ``group_commit`` (the node's receiver) the rows of later instances of such a series are handed
-    to one committer thread and Success is sent without waiting for them: the committer writes
-    whatever has queued up, from every association, in one transaction (``add_instances_lazy``),
-    typically within a millisecond; a crash or power loss can lose the last of those rows, never a
-    file, and reconciliation indexes those files at the next start into their durable series.
+    to one committer thread and Success is sent without waiting for them: the committer takes their
+    SHA-256 from the stored files and writes whatever has queued up, from every association, in one
+    transaction (``add_instances_lazy``), typically within milliseconds; an association's rows are
+    all committed before its A-RELEASE is answered (``scp.server``). A crash or power loss can lose
+    the last of those rows, never a file, and reconciliation indexes those files at the next start
+    into their durable series.
     Without ``group_commit`` each row is committed (lazily after the first of its series) before
     the call returns."""
 
@@ -278,8 +327,8 @@ class Ingestor:
         self._committer: _Committer | None = None
 
     # -- helper threads ------------------------------------------------------------------------
-    def executor(self) -> ThreadPoolExecutor:
-        """The helper threads: the file's fsync beside the folder's, the SHA-256 of arriving chunks."""
+    def _executor(self) -> ThreadPoolExecutor:
+        """The helper threads: each file's fsync, beside its folder's on the association thread."""
         with self._state_lock:
             if self._flusher is None:
                 self._flusher = ThreadPoolExecutor(max_workers=16, thread_name_prefix="ingest-io")
@@ -319,14 +368,12 @@ class Ingestor:
         scanner: str | None,
         calling_ae: str | None,
         peer_host: str | None,
-        sha256: Callable[[], str] | None = None,
     ) -> StoreResult:
         """Take ownership of ``spooled`` (a complete file in the spool): it is moved into the store
-        or removed. ``sha256``: gives the file's SHA-256 when it was computed as the file arrived
-        (``scp.server.SpoolFile``), else it is computed here. Returns the DIMSE status to send."""
+        or removed. Returns the DIMSE status to send."""
         try:
             return self._store(spooled, affected_sop_class, affected_sop_instance, transfer_syntax,
-                               scanner, calling_ae, peer_host, sha256)
+                               scanner, calling_ae, peer_host)
         except Exception as exc:  # a bug, not the peer's fault: one line (traceback at DEBUG), nothing kept
             log.error("C-STORE failed: unexpected error (%s: %s)", type(exc).__name__, str(exc)[:200])
             log.debug("C-STORE failure", exc_info=True)
@@ -334,7 +381,7 @@ class Ingestor:
         finally:
             spooled.unlink(missing_ok=True)
 
-    def _store(self, spooled, sop_class, sop_instance, ts, scanner, calling_ae, peer_host, sha256) -> StoreResult:
+    def _store(self, spooled, sop_class, sop_instance, ts, scanner, calling_ae, peer_host) -> StoreResult:
         try:
             info = read_instance_info(spooled, affected_sop_class=sop_class, affected_sop_instance=sop_instance,
                                       transfer_syntax=ts, max_bytes=self.max_instance_bytes)
@@ -365,32 +412,23 @@ class Ingestor:
         except OSError as exc:
             log.error("C-STORE failed: spooled dataset unreadable (%s)", os.strerror(exc.errno) if exc.errno else exc)
             return StoreResult(StoreStatus.OUT_OF_RESOURCES, detail="spooled dataset unreadable")
-        flushed = self.executor().submit(os.fsync, fd)
+        size = os.fstat(fd).st_size
+        flushed = self._executor().submit(os.fsync, fd)
         flushed.add_done_callback(lambda _: os.close(fd))  # also when cancelled
-        try:
-            sha = sha256() if sha256 is not None else sha256_file(spooled)
-        except OSError as exc:
-            flushed.cancel()
-            log.error("C-STORE failed: spooled dataset unreadable (%s)", os.strerror(exc.errno) if exc.errno else exc)
-            return StoreResult(StoreStatus.OUT_OF_RESOURCES, detail="spooled dataset unreadable")
         with self._locks[hash(info.sop_instance_uid) % len(self._locks)]:
-            return self._commit(spooled, info, scanner, calling_ae, peer_host, flushed, sha)
+            return self._commit(spooled, size, info, scanner, calling_ae, peer_host, flushed)
 
     def _place(self, spooled: Path, rel: str, flushed: Future, *, replace: bool) -> None:
         """Put the spooled file at ``rel`` and make file and name durable: the folder's fsync here,
-        beside the file's (``flushed``), both awaited. ``replace=False`` links it (an existing file
-        there raises FileExistsError, untouched). On an error nothing is left at ``rel``."""
+        beside the file's (``flushed``), both awaited. ``replace=False``: an existing file there
+        raises FileExistsError, untouched (``move_noreplace``). On an error nothing is left at ``rel``."""
         dst = self.store.abs(rel)
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        if replace:
-            os.replace(spooled, dst)
-        else:
-            try:
-                os.link(spooled, dst)
-            except OSError as exc:
-                if exc.errno == errno.EEXIST:
-                    raise
-                raise _NoLink(exc) from None  # a file system without hard links: os.replace instead
+        move = os.replace if replace else move_noreplace
+        try:
+            move(spooled, dst)
+        except FileNotFoundError:  # the series' folder (or the study's) does not exist yet
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            move(spooled, dst)
         try:
             fsync_dir(dst.parent)
             flushed.result()  # the file's fsync (an OSError from it: not stored, 0xA700)
@@ -398,9 +436,8 @@ class Ingestor:
             dst.unlink(missing_ok=True)
             raise
 
-    def _commit(self, spooled: Path, info: InstanceInfo, scanner, calling_ae, peer_host,
-                flushed: Future, sha: str) -> StoreResult:
-        size = spooled.stat().st_size
+    def _commit(self, spooled: Path, size: int, info: InstanceInfo, scanner, calling_ae, peer_host,
+                flushed: Future) -> StoreResult:
         rel = self.store.instance_rel_path(info.study_instance_uid, info.series_instance_uid, info.sop_instance_uid)
         if self.group_commit:
             committer = self._rows()
@@ -412,13 +449,19 @@ class Ingestor:
                     pass  # this UID is stored there already (or queued): the full path below decides
                 except OSError as exc:
                     return self._not_stored(exc)
-                else:
-                    committer.put(PendingRow(info, series_id, rel, size, sha, scanner, calling_ae, peer_host,
+                else:  # its SHA-256 is taken by the committer, from the stored file, after Success
+                    committer.put(PendingRow(info, series_id, rel, size, None, scanner, calling_ae, peer_host,
                                              utcnow()))
                     return StoreResult(StoreStatus.SUCCESS, StoreOutcome.STORED, series_id=series_id)
             if not committer.flush():  # queued rows first: the duplicate check below must see them
                 log.error("C-STORE failed: instance not stored (index rows queued and the database failing)")
                 return StoreResult(StoreStatus.OUT_OF_RESOURCES, detail="not stored: database unavailable")
+        try:
+            sha = sha256_file(spooled)
+        except OSError as exc:
+            flushed.cancel()
+            log.error("C-STORE failed: spooled dataset unreadable (%s)", os.strerror(exc.errno) if exc.errno else exc)
+            return StoreResult(StoreStatus.OUT_OF_RESOURCES, detail="spooled dataset unreadable")
         placed: list[bool] = []
 
         def place() -> None:

@@ -7,7 +7,6 @@ large instances never sit whole in memory). Nothing is decoded on the associatio
 
 from __future__ import annotations
 
-import hashlib
 import ipaddress
 import secrets
 import logging
@@ -17,7 +16,6 @@ import threading
 import time
 import warnings
 from collections.abc import Sequence
-from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -89,18 +87,8 @@ class SpoolFile:
     unbuffered, so an error is seen at the write that caused it and no partial file is left behind.
     """
 
-    def __init__(self, spool_dir: Path, min_free_bytes: int = 0, max_bytes: int = 0,
-                 hasher: Executor | None = None) -> None:
+    def __init__(self, spool_dir: Path, min_free_bytes: int = 0, max_bytes: int = 0) -> None:
         self.min_free_bytes = min_free_bytes
-        # The SHA-256 is computed while the dataset arrives, chunk by chunk, in ``hasher``'s threads
-        # (hashlib releases the GIL) in order; small writes (preamble, file meta) inline.
-        self._sha = hashlib.sha256()
-        self._hasher = hasher
-        self._chunks: list[bytes] = []
-        self._hash_lock = threading.Lock()
-        self._hashing = False
-        self._hashed = threading.Event()
-        self._hashed.set()
         self.max_bytes = max_bytes  # more than this arriving: dropped too (node.max_instance_mb, 0xC212)
         self.too_large = False
         self.spool_dir = spool_dir
@@ -154,41 +142,9 @@ class SpoolFile:
         except OSError as exc:
             self._fail(exc)
             return n
-        self._hash(data if isinstance(data, bytes) else bytes(data))
         if self.min_free_bytes and self._free() < self.min_free_bytes:
             self._fail(None, "free disk space below the configured minimum")
         return n
-
-    def _hash(self, data: bytes) -> None:
-        with self._hash_lock:
-            if not self._hashing and (self._hasher is None or len(data) < 1 << 16):
-                self._sha.update(data)
-                return
-            self._chunks.append(data)
-            if self._hashing:
-                return
-            self._hashing = True
-            self._hashed.clear()
-        try:
-            self._hasher.submit(self._drain)
-        except RuntimeError:  # the helper threads were shut down (the node is stopping)
-            self._drain()
-
-    def _drain(self) -> None:
-        while True:
-            with self._hash_lock:
-                if not self._chunks:
-                    self._hashing = False
-                    self._hashed.set()
-                    return
-                chunks, self._chunks = self._chunks, []
-            for chunk in chunks:
-                self._sha.update(chunk)
-
-    def sha256(self) -> str:
-        """The SHA-256 of everything written (waits for the chunks still being hashed)."""
-        self._hashed.wait()
-        return self._sha.hexdigest()
 
     def flush(self) -> None:
         pass  # unbuffered
@@ -227,7 +183,7 @@ def _spool_file_factory(*args, **kwargs):
     # instance limit (plus room for the file meta) is dropped while it arrives, not spooled whole
     cap = scp.ingestor.max_instance_bytes
     limit = cap + cap // 256 + (1 << 16) if cap else 0  # (deflate expands incompressible data by < 0.1 %)
-    return SpoolFile(scp.spool_dir, scp.min_free_bytes, limit, hasher=scp.ingestor.executor())
+    return SpoolFile(scp.spool_dir, scp.min_free_bytes, limit)
 
 
 class RejectReason:
@@ -480,7 +436,6 @@ class StorageSCP:
             scanner=st.scanner if st else None,
             calling_ae=st.calling_ae if st else None,
             peer_host=st.host if st else None,
-            sha256=spooled.sha256 if isinstance(spooled, SpoolFile) else None,
         )
         if st is not None:
             if result.status == StoreStatus.SUCCESS:

@@ -171,7 +171,7 @@ class PendingRow:
     series_id: int
     rel_path: str
     size_bytes: int
-    sha256: str
+    sha256: str | None  # None: not taken yet (the committer reads it from the stored file)
     scanner: str | None
     calling_ae: str | None
     peer_host: str | None

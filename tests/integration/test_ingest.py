@@ -155,21 +155,3 @@ def test_idle_completion_late_instance_reopens_and_requeue(env):
     with db.session() as s:
         assert s.get(Job, job_id).state == JobState.PENDING
 
-
-def test_spool_file_hashes_the_dataset_while_it_arrives(tmp_path):
-    """SpoolFile's SHA-256 (computed chunk by chunk in helper threads as pynetdicom writes, small
-    writes inline) is the file's: order kept across threads."""
-    import hashlib
-    from concurrent.futures import ThreadPoolExecutor
-
-    from scp.server import SpoolFile
-    from storage.filestore import sha256_file
-
-    data = os.urandom(3 << 20)
-    chunks = [b"\x00" * 128, b"DICM", data[:100]] + [data[i:i + 300_000] for i in range(100, len(data), 300_000)]
-    with ThreadPoolExecutor(4) as pool:
-        f = SpoolFile(tmp_path, hasher=pool)
-        for c in chunks:
-            assert f.write(c) == len(c)
-        f.close()
-        assert f.sha256() == hashlib.sha256(b"".join(chunks)).hexdigest() == sha256_file(Path(f.name))

@@ -118,28 +118,30 @@ def test_file_and_its_name_fsynced_before_success_and_an_fsync_error_stores_noth
     import errno
     import os
 
+    import scp.ingest
+
     node = _node(tmp_path)
     files = sorted(p for p in require(PHANTOM_5MM).iterdir() if p.name.startswith("I"))[:3]
     events: list[tuple[str, str]] = []
-    real_fsync, real_replace, real_link = os.fsync, os.replace, os.link
+    real_fsync, real_replace, real_move = os.fsync, os.replace, scp.ingest.move_noreplace
 
     def fsync(fd):
         real_fsync(fd)
         events.append(("fsync", os.path.basename(os.readlink(f"/proc/self/fd/{fd}"))))
 
-    def replace(src, dst):
-        events.append(("rename", os.path.basename(dst)))
+    def replace(src, dst):  # (recorded when done: the first try in a new series' folder fails)
         real_replace(src, dst)
+        events.append(("rename", os.path.basename(dst)))
 
-    def link(src, dst):
-        events.append(("link", os.path.basename(dst)))
-        real_link(src, dst)
+    def move_noreplace(src, dst):
+        real_move(src, dst)
+        events.append(("rename-noreplace", os.path.basename(dst)))
 
     monkeypatch.setattr(os, "fsync", fsync)
     monkeypatch.setattr(os, "replace", replace)
-    monkeypatch.setattr(os, "link", link)
+    monkeypatch.setattr(scp.ingest, "move_noreplace", move_noreplace)
     ing = Ingestor(node.db, node.store, group_commit=True)
-    for f, how in zip(files[:2], ("rename", "link")):  # the series' first instance, then a later one
+    for f, how in zip(files[:2], ("rename", "rename-noreplace")):  # the series' first instance, a later one
         events.clear()
         _ingest_with(ing, node, [f])
         uid = str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID)
