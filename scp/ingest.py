@@ -182,6 +182,8 @@ class _Committer:
     for it is removed, a conflict counted."""
 
     RETRY_S = 1.0
+    GATHER_S = 0.02  # a batch is committed this long after its first row (at once when flushed)
+    BATCH_MAX = 512
 
     def __init__(self, db: Database, store: FileStore) -> None:
         self.db = db
@@ -192,6 +194,7 @@ class _Committer:
         self._queued = 0  # rows ever queued
         self._done = 0  # rows committed or given up
         self._closing = False
+        self._urgent = 0  # flush() calls waiting
         self._thread = threading.Thread(target=self._run, name="index-committer", daemon=True)
         self._thread.start()
 
@@ -206,16 +209,23 @@ class _Committer:
         failing for more than two retries, or the thread gone)."""
         with self._cond:
             target = self._queued
+            if self._done >= target:
+                return True
             deadline = None
-            while self._done < target:
-                if not self._thread.is_alive():
-                    return False
-                if not self.healthy:
-                    deadline = deadline or time.monotonic() + 2 * self.RETRY_S
-                    if time.monotonic() >= deadline:
+            self._urgent += 1
+            self._cond.notify_all()
+            try:
+                while self._done < target:
+                    if not self._thread.is_alive():
                         return False
-                self._cond.wait(0.1)
-            return True
+                    if not self.healthy:
+                        deadline = deadline or time.monotonic() + 2 * self.RETRY_S
+                        if time.monotonic() >= deadline:
+                            return False
+                    self._cond.wait(0.1)
+                return True
+            finally:
+                self._urgent -= 1
 
     def close(self) -> None:
         with self._cond:
@@ -230,6 +240,11 @@ class _Committer:
                     self._cond.wait()
                 if not self._queue:
                     return
+                # gather: fewer, larger transactions, and this thread off the GIL meanwhile
+                until = time.monotonic() + self.GATHER_S
+                while (not self._closing and not self._urgent and len(self._queue) < self.BATCH_MAX
+                       and (left := until - time.monotonic()) > 0):
+                    self._cond.wait(left)
                 batch, self._queue = self._queue, []
             batch = self._hashed(batch)
             if not batch:
