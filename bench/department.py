@@ -514,8 +514,8 @@ def series_results(db: Path) -> dict[str, dict]:
             "select s.id, s.series_instance_uid, s.n_instances, s.last_received_at, s.state, j.state, j.outcome, "
             "j.created_at, j.started_at, j.finished_at, j.worker, j.outputs, j.selection, j.error "
             "from series s left join jobs j on j.id = (select max(id) from jobs where series_id = s.id)").fetchall()
-        outs = con.execute("select o.series_id, o.kind, o.sop_instance_uid, d.state, d.sent_at from outputs o "
-                           "join deliveries d on d.output_id = o.id").fetchall()
+        outs = con.execute("select o.series_id, o.kind, o.sop_instance_uid, d.state, d.sent_at, o.created_at "
+                           "from outputs o join deliveries d on d.output_id = o.id").fetchall()
     finally:
         con.close()
     res = {}
@@ -533,9 +533,10 @@ def series_results(db: Path) -> dict[str, dict]:
                  outputs_state=outputs, models_selected=selected, error=(err or "")[:200], deliveries=[])
         res[uid] = r
         by_id[sid] = r
-    for sid, kind, sop, state, sent in outs:
+    for sid, kind, sop, state, sent, made in outs:
         if sid in by_id:
-            by_id[sid]["deliveries"].append(dict(kind=kind, sop_instance_uid=sop, state=state, sent=_ts(sent)))
+            by_id[sid]["deliveries"].append(dict(kind=kind, sop_instance_uid=sop, state=state, sent=_ts(sent),
+                                                 made=_ts(made)))
     return res
 
 
@@ -795,6 +796,7 @@ def summarise(args, day, sample, out, ref) -> dict:
         p = pushes.get(s.index, {})
         ana = (r["finished"] - r["started"]) if r.get("finished") and r.get("started") else None
         sent = [d["sent"] for d in r.get("deliveries", []) if d["state"] == "sent" and d["sent"]]
+        made = [d["made"] for d in r.get("deliveries", []) if d.get("made")]
         lat_pacs = (max(sent) - r["last_received"]) if sent and len(sent) == len(r["deliveries"]) else None
         lat_done = (r["finished"] - r["last_received"]) if r.get("finished") and r.get("last_received") else None
         rows.append(dict(index=s.index, kind=s.kind, scanner=s.scanner, slices=s.n_slices, received=r.get("n_instances"),
@@ -805,6 +807,11 @@ def summarise(args, day, sample, out, ref) -> dict:
                          to_pacs_s=round(lat_pacs, 1) if lat_pacs is not None else None,
                          to_done_s=round(lat_done, 1) if lat_done is not None else None,
                          outputs=len(r.get("deliveries", [])), worker=r.get("worker"), error=r.get("error"),
+                         # within the job: the first output recorded (models, trends and that output
+                         # built), the outputs' span, and the job's close (results rows) after the last
+                         first_output_s=_r(min(made) - r["started"]) if made and r.get("started") else None,
+                         outputs_span_s=_r(max(made) - min(made)) if made else None,
+                         close_after_outputs_s=_r(r["finished"] - max(made)) if made and r.get("finished") else None,
                          job_start_s=round(r["started"] - out["t0"], 1) if r.get("started") else None,
                          job_end_s=round(r["finished"] - out["t0"], 1) if r.get("finished") else None))
     for k in KINDS:
@@ -892,6 +899,11 @@ def report(s: dict) -> None:
         print(f"{k:10} {v['series']:6d} {v['slices_mean']:6d} {_f(v['analysis_s_mean']):>10} "
               f"{_f(v['analysis_s_per_slice'], 3):>7} {_f(v['to_pacs_median_s']):>11} {_f(v['to_pacs_p95_s']):>6} "
               f"{_f(v['to_done_median_s']):>11}  {v['outcomes']} {','.join(v['models'])}")
+    for x in s["series"]:
+        if x["kind"] in FULL_KINDS and x.get("first_output_s") is not None:
+            print(f"  {x['kind']} {x['slices']} slices: job {x['analysis_s']} s = load, models, trends and the first "
+                  f"output {x['first_output_s']} s + the other outputs {x['outputs_span_s']} s + the job's close "
+                  f"{x['close_after_outputs_s']} s")
     r = s["reference"]
     print(f"last instance -> results in PACS, every analysed series: median {_f(s['to_pacs_median_s'])} s, p95 "
           f"{_f(s['to_pacs_p95_s'])} s; reference (one {r['slices']}-slice thin series alone): {_f(r['to_pacs_s'])} s "
