@@ -4,25 +4,31 @@ truth is known for testing the machinery.
     add_arguments(parser)   # --ratings FILE --out PATH [--epochs N] [--seed S] ...
     run(args) -> int        # exit status (2: bad ratings file, listed line by line)
 
-Recipe (the published one, analysis/delta_iqa.py for the network): "fuzzy" labels (a score split
-between its floor and ceiling class) with a soft-target cross-entropy, AdamW (weight decay 1e-3),
-augmentation by a random rotation of +/-15 degrees and a random shift of +/-10 px per image, dropout
-0.5 / 0.3. Differences from the paper, chosen for a 2-core CPU (the paper: lr 1e-5, batch 128, 80
-epochs with early stopping): a larger learning rate (default 3e-4), batch 8, few epochs, and no
-early stopping (no validation set is carved out of a few hundred ratings; the weights of the last
-epoch are kept). The held-out split is by series (every slice of a held-out series is held out), so
-the held-out PLCC/SROCC/KROCC in the model card measure images of series never seen in training;
-the held-out set is never used to choose anything.
+Recipe (analysis/delta_iqa.py for the network, as published): "fuzzy" labels (a score split between
+its floor and ceiling class) with a soft-target cross-entropy, AdamW (weight decay 1e-3), dropout
+0.5 / 0.3, augmentation by a random flip, a rotation of +/-15 degrees and a shift of +/-10 px per image
+(nearest-neighbour, so the pixel noise the ratings are about is not smoothed). For a 2-core CPU (the
+paper: lr 1e-5, batch 128, 80 epochs with early stopping): batch 8, peak lr DEFAULT_LR with a linear
+warm-up over 10 % of the steps then cosine decay, DEFAULT_EPOCHS epochs, the last layer initialised
+near 0, the training input standardised (folded into the first convolution when saved), bf16
+autocast where the CPU has native bf16. ``--val`` keeps whole training series aside to choose the
+epoch whose weights are kept (default: none, the last epoch). The held-out split is by series (every
+slice of a held-out series is held out), so the held-out PLCC/SROCC/KROCC in the model card measure
+images of series never seen in training; the held-out set is never used to choose anything.
 
 Outputs: ``--out`` gets the weights (``analysis.delta_iqa.save_weights``) and ``<out stem>_MODEL_CARD.md``
 beside it: the data (ratings file and its SHA-256, counts), the exact command, the held-out figures.
 
 Synthetic ratings (``make_synthetic_ratings``; tests and bench/delta_iqa_synthetic.py only): real
-slices degraded at 5 graded levels, as LDCTIQAC made its images (added noise and streaks): added
-noise is image-domain Gaussian noise shaped by a ramp x Hann noise power spectrum (CT-like texture,
-REFERENCE section 3's fast route), streaks are thin lines of alternating sign through the body.
-Each image is "rated" by its level (score = 4 - level). These are NOT radiologist ratings: weights
-trained on them are synthetic-degradation weights (``--labels synthetic``) and are carded as such.
+slices degraded at 5 graded levels, as LDCTIQAC made its images (added noise and streaks). Added
+noise (default "projection"): projection-domain noise from analysis/training/dose_sim.unit_noise
+(Gaussian ray noise of variance exp(line integral), 180 parallel-beam views, Hann-windowed ramp FBP),
+3 realisations per slice mixed with random unit weights per image (the same covariance, new values),
+scaled to the level's SD over the body; "image": image-domain Gaussian noise with a ramp x Hann
+noise power spectrum confined to the body (the fast route, CI). Streaks: thin lines of alternating
+sign through the body. Each image is "rated" by its level (score = 4 - level). These are NOT
+radiologist ratings: weights trained on them are synthetic-degradation weights (``--labels
+synthetic``) and are carded as such.
 """
 
 from __future__ import annotations
@@ -332,9 +338,10 @@ def run(args: argparse.Namespace) -> int:
     from analysis.training.ratings_file import RatingsFileError, read_ratings_csv
     from analysis.weights import file_sha256
 
-    if args.epochs < 1 or args.batch_size < 1 or not 0 < args.holdout < 1 or args.lr <= 0:
-        print("qa-node train delta_iqa: --epochs and --batch-size must be >= 1, --holdout in (0, 1), --lr > 0",
-              file=sys.stderr)
+    if (args.epochs < 1 or args.batch_size < 1 or not 0 < args.holdout < 1 or args.lr <= 0
+            or not 0 <= args.warmup < 1 or not 0 <= args.val < 1):
+        print("qa-node train delta_iqa: --epochs and --batch-size must be >= 1, --holdout in (0, 1), --lr > 0, "
+              "--warmup and --val in [0, 1)", file=sys.stderr)
         return 2
     if args.threads > 0:
         torch.set_num_threads(args.threads)
@@ -357,7 +364,8 @@ def run(args: argparse.Namespace) -> int:
     log.info("delta_iqa: %d ratings of %d series; %d train / %d held out (%d series held out)", len(rows),
              len(set(data.groups)), len(split[0]), len(split[1]), len({data.groups[i] for i in split[1]}))
     res = train(data, epochs=args.epochs, seed=args.seed, batch_size=args.batch_size, lr=args.lr, width=args.width,
-                device=args.device, progress=not args.no_progress, split=split)
+                device=args.device, progress=not args.no_progress, split=split, warmup=args.warmup, val=args.val,
+                precision=args.precision)
     out = Path(args.out)
     dq.save_weights(out, res.net, width=args.width, labels=args.labels,
                     extra={"held_out": res.held_out, "trained_at": datetime.now(timezone.utc).isoformat()})
@@ -416,9 +424,14 @@ def model_card(args, rows, data: RatedImages, res: TrainResult, *, command: str,
         "## Training",
         f"- architecture: Delta-IQA (analysis/delta_iqa.py), width {args.width:g}"
         + (" (the published network)" if args.width == 1.0 else " (REDUCED width: a test network, not the published one)"),
-        f"- {args.epochs} epochs, batch {args.batch_size}, AdamW lr {args.lr:g} weight decay {WEIGHT_DECAY:g}, "
-        f"fuzzy labels, rotation +/-{ROTATION_DEG:g} degrees, shift +/-{SHIFT_PX:g} px; last epoch kept",
-        f"- device {args.device}, {res.seconds:.0f} s; training loss per epoch: "
+        f"- {args.epochs} epochs, batch {args.batch_size}, AdamW peak lr {args.lr:g} (linear warm-up over "
+        f"{getattr(args, 'warmup', DEFAULT_WARMUP):g} of the steps, then cosine), weight decay {WEIGHT_DECAY:g}, "
+        f"fuzzy labels, flips, rotation +/-{ROTATION_DEG:g} degrees, shift +/-{SHIFT_PX:g} px (nearest-neighbour)",
+        (f"- validation: {len(res.val_idx)} images of {len({data.groups[i] for i in res.val_idx})} training series "
+         f"kept aside; epoch {res.kept_epoch} kept (validation SROCC per epoch: "
+         + ", ".join(f"{v:.3f}" for v in res.val_srocc) + ")") if len(res.val_idx) else
+        f"- no validation split; the last epoch ({res.kept_epoch}) kept",
+        f"- device {args.device} ({res.precision}), {res.seconds:.0f} s; training loss per epoch: "
         + ", ".join(f"{v:.3f}" for v in res.losses),
         f"- weights file SHA-256: {weights_sha}",
         "",
@@ -514,7 +527,8 @@ def degrade(hu: np.ndarray, level: int, rng: np.random.Generator, body: np.ndarr
 
 
 # real single-frame 512 x 512 slices with anatomy in the soft-tissue window, one series each (paths under
-# the shared data folder; the dicom2nifti corpus series hold blanked pixels and are not usable here)
+# the shared data folder; the dicom2nifti corpus series hold blanked pixels and are not usable here).
+# The head phantom (last) has almost no soft tissue: bench/delta_iqa_synthetic.py keeps it in training.
 SYNTHETIC_SOURCES = (
     "corpus/dcmqi/GE_LightSpeedUltra_3slice",
     "corpus/cornerstone3D/GE_HiSpeedCTi_TS_LittleEndianExplicit",
@@ -524,6 +538,7 @@ SYNTHETIC_SOURCES = (
     "corpus/pylibjpeg-data/Toshiba_Aquilion_J2K_OpenJPEGv2",
     "corpus/pylibjpeg-data/Toshiba_Aquilion_J2K_lossy",
     "corpus/dicompyler-core/Anon_dicompyler_ct",
+    "corpus/pydicom-data/Siemens_Definition_bad_sequence",
     "dicom/wg04/CT1_UNC",
     "dicom/wg04/CT2_UNC",
     "ct/philips_head_phantom/S2010_5mm",
@@ -558,6 +573,7 @@ def make_synthetic_ratings(sources: Sequence[Path], out_dir: Path, *, per_slice_
     from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
     from analysis.mask import body_mask
+    from analysis.training.ratings_file import is_valid_uid
     from analysis.volume import load_series
 
     rng = np.random.default_rng(seed)
@@ -567,7 +583,10 @@ def make_synthetic_ratings(sources: Sequence[Path], out_dir: Path, *, per_slice_
     by_series: dict[str, list[Path]] = {}
     for f in sources:
         ds = pydicom.dcmread(f, stop_before_pixels=True)
-        by_series.setdefault(str(ds.SeriesInstanceUID), []).append(Path(f))
+        uid = str(ds.SeriesInstanceUID)
+        if not is_valid_uid(uid):  # (bad_sequence.dcm) a valid stand-in, the same for every slice of the series
+            uid = generate_uid(entropy_srcs=[uid])
+        by_series.setdefault(uid, []).append(Path(f))
     for s_i, (series_uid, files) in enumerate(sorted(by_series.items())):
         files = sorted(files)
         if max_slices_per_series and len(files) > max_slices_per_series:
@@ -582,11 +601,14 @@ def make_synthetic_ratings(sources: Sequence[Path], out_dir: Path, *, per_slice_
             for level, rep in ((lv, r) for lv in per_slice_levels for r in range(realisations)):
                 img = degrade(hu, int(level), rng, body, bases)
                 ds = pydicom.Dataset()
-                for kw in ("SOPClassUID", "StudyInstanceUID", "SeriesInstanceUID", "Modality", "PixelSpacing",
+                for kw in ("SOPClassUID", "StudyInstanceUID", "Modality", "PixelSpacing",
                            "ImagePositionPatient", "ImageOrientationPatient", "SliceThickness", "KVP",
                            "Manufacturer", "InstanceNumber"):
                     if kw in src:
                         setattr(ds, kw, src.data_element(kw).value)
+                ds.SeriesInstanceUID = series_uid
+                if not is_valid_uid(str(ds.get("StudyInstanceUID", ""))):
+                    ds.StudyInstanceUID = generate_uid(entropy_srcs=[str(ds.get("StudyInstanceUID", series_uid))])
                 ds.SOPInstanceUID = generate_uid()
                 ds.Modality = "CT"
                 ds.SeriesDescription = f"synthetic degradation level {level}"

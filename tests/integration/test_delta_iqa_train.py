@@ -3,7 +3,7 @@ several series degraded at 5 graded levels, each rated by its level; not radiolo
 
 A small fast version of bench/delta_iqa_synthetic.py, cut for CI: one slice per series, the fast
 image-domain noise (the bench uses the projection-domain noise), and a reduced-width network (width
-0.25: the published one needs minutes; the bench measures it) trained for 5 epochs with the
+0.25: the published one needs minutes; the bench measures it) trained for 3 epochs with the
 trainer's recipe (warm-up + cosine, flips/rotations/shifts); the held-out images belong to series
 the network never saw. Asserted: the held-out SROCC the command prints and writes into the model
 card is a real figure (SROCC >= 0.8; it reaches about 0.95, while a trainer that learns nothing
@@ -48,7 +48,7 @@ def test_train_on_synthetic_levels_generalises_to_unseen_series(tmp_path):
     rows = read_ratings_csv(csv_path)
     assert len(rows) == len(files) * 10 and sorted({r.score for r in rows}) == [0, 1, 2, 3, 4]
     out = tmp_path / "w" / "delta_synthetic.pt"
-    proc = qa_node("train", "delta_iqa", "--ratings", str(csv_path), "--out", str(out), "--epochs", "5",
+    proc = qa_node("train", "delta_iqa", "--ratings", str(csv_path), "--out", str(out), "--epochs", "3",
                    "--width", "0.25", "--lr", "2e-3", "--holdout", "0.25", "--labels", "synthetic", "--seed", "0",
                    "--threads", "2", "--no-progress")
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -70,6 +70,48 @@ def test_augmentation_rotates_and_shifts_within_the_published_ranges():
     assert float(m.min()) > 100  # the square stays in the image
 
 
+def test_augmentation_flips_and_keeps_the_pixel_noise():
+    # nearest-neighbour resampling: every output pixel is an input pixel (or air), so the noise the
+    # ratings are about keeps its SD (bilinear resampling lowered white noise SD by about a third)
+    gen = torch.Generator().manual_seed(1)
+    x = torch.rand(16, 1, 512, 512, generator=gen)
+    y = tr.augment(x, gen)
+    inner = y[:, :, 156:356, 156:356]
+    assert set(torch.unique(inner[0]).tolist()) <= set(torch.unique(x[0]).tolist())
+    assert float(inner.std()) == pytest.approx(float(x.std()), rel=0.02)
+    # flips are used: a left-half bar ends on the right in some images, never both halves
+    bar = torch.zeros(64, 1, 512, 512)
+    bar[:, :, :, 100:140] = 1.0
+    yb = tr.augment(bar, torch.Generator().manual_seed(2))[:, 0]
+    left, right = yb[:, :, :256].sum(dim=(1, 2)), yb[:, :, 256:].sum(dim=(1, 2))
+    assert int((right > left).sum()) > 10 and int((left > right).sum()) > 10
+
+
+def test_input_standardisation_folds_exactly_into_the_first_convolution():
+    torch.manual_seed(0)
+    net = dq.build_network(0.125).eval()
+    x = torch.rand(2, 1, 512, 512)
+    with torch.no_grad():
+        trained_view = net((x - 0.3) / 0.2)
+        tr.fold_input_normalisation(net, 0.3, 0.2)
+        assert torch.allclose(net(x), trained_view, atol=1e-4)
+
+
+def test_learning_rate_warm_up_then_cosine():
+    f = [tr.lr_factor(i, 100, 0.1) for i in range(100)]
+    assert f[0] == pytest.approx(0.1) and f[9] == pytest.approx(1.0) and f[10] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(f[10:], f[11:])) and f[-1] < 0.01 and f[55] == pytest.approx(0.5, abs=0.02)
+
+
+def test_projection_noise_mixing_keeps_the_covariance():
+    rng = np.random.default_rng(0)
+    bases = rng.standard_normal((3, 200, 200)).astype(np.float32) * np.linspace(1, 3, 200)[None, None, :]
+    mixed = np.stack([tr.mix_bases(bases, rng) for _ in range(40)])
+    # the same per-column SD as each basis (non-stationarity kept), fresh values
+    assert np.allclose(mixed.std(axis=(0, 1)), bases.std(axis=(0, 1)), rtol=0.06)
+    assert abs(np.corrcoef(mixed[0].ravel(), mixed[1].ravel())[0, 1]) < 0.99
+
+
 def test_split_is_by_series():
     groups = ["a"] * 10 + ["b"] * 10 + ["c"] * 10 + ["d"] * 10
     train, held = tr.split_by_series(groups, 0.2, seed=3)
