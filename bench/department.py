@@ -61,8 +61,12 @@ stable_age_s, the measured t_w) says when the day's last series is analysed and 
 day would see.
 
     .venv/bin/python bench/department.py --schedule                     # the day's mix only
-    flock /tmp/team/heavy.lock .venv/bin/python bench/department.py --workers 1 --sample 14 \\
-        --speed 240 --gen-dir /tmp/ctqa-dept --json bench/results/department_w1.json
+    .venv/bin/python bench/department.py --workers 1 --sample 10 --sample-seed 9 --speed 60 \\
+        --ref-slices 300 --gen-dir /tmp/ctqa-dept --json bench/results/department_w1.json
+    .venv/bin/python bench/department.py --workers 2 --sample 10 --sample-seed 9 --speed 120 \\
+        --ref-slices 150 --gen-dir /tmp/ctqa-dept --json bench/results/department_w2.json
+    .venv/bin/python bench/department.py --per-model --ref-slices 300 --json bench/results/department_per_model.json
+    .venv/bin/python bench/department.py --from-json bench/results/department_w1.json   # re-derive the day
 """
 
 from __future__ import annotations
@@ -901,9 +905,9 @@ def report(s: dict) -> None:
               f"{_f(v['to_done_median_s']):>11}  {v['outcomes']} {','.join(v['models'])}")
     for x in s["series"]:
         if x["kind"] in FULL_KINDS and x.get("first_output_s") is not None:
-            print(f"  {x['kind']} {x['slices']} slices: job {x['analysis_s']} s = load, models, trends and the first "
-                  f"output {x['first_output_s']} s + the other outputs {x['outputs_span_s']} s + the job's close "
-                  f"{x['close_after_outputs_s']} s")
+            print(f"  {x['kind']} {x['slices']} slices: job {x['analysis_s']} s = until its outputs were recorded (load, "
+                  f"models, trends, outputs built) {x['first_output_s']} s + between the first and last output recorded "
+                  f"{x['outputs_span_s']} s + the job's close {x['close_after_outputs_s']} s")
     r = s["reference"]
     print(f"last instance -> results in PACS, every analysed series: median {_f(s['to_pacs_median_s'])} s, p95 "
           f"{_f(s['to_pacs_p95_s'])} s; reference (one {r['slices']}-slice thin series alone): {_f(r['to_pacs_s'])} s "
