@@ -1,8 +1,9 @@
 """Start-up reconciliation of the store with the index.
 
-A node killed between making an instance's file durable and committing its index row (kill -9,
-power loss) leaves a file in ``store/`` that the database does not know; it was never acknowledged.
-At start-up every such file is either
+A node killed between putting an instance's file in the store and committing its index row (kill -9,
+power loss) leaves a file in ``store/`` that the database does not know: never acknowledged (killed
+before both its fsyncs returned: possibly incomplete), or acknowledged with its row still queued for
+the group commit (``scp.ingest``). At start-up every such file is either
 
 - **indexed**, when it is a valid instance the node would have accepted (the same header checks as a
   C-STORE: ``scp.ingest.read_instance_info``) and lies where its UIDs put it, with the same
