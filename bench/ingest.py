@@ -1,7 +1,8 @@
 """Ingest throughput: DCMTK storescu pushing one series (by default the shared 140-slice Philips
 series, ../shared/data/ct/philips_head_phantom/S2020_1mm_std; ``--slices N`` makes a synthetic
 512x512 series instead) on one association to (a) DCMTK storescp, (b) `qa-node serve` with full
-durability (fsync + atomic rename + database row before Success) and (d) Orthanc, the PACS a site
+durability (the file and its folder fsynced before Success, a series' first index row committed
+durably, later rows group-committed: README, C-STORE statuses) and (d) Orthanc, the PACS a site
 would otherwise point its scanners at (its storage area synced, ``SyncStorageArea``).
 
 Rounds alternate the receivers; prints slices/s per round, the medians and the ratios.
