@@ -24,7 +24,7 @@ reports, over the body mask (``analysis.mask.volume_body_masks``, shared with th
   about as much as a 10 %-dose scan; a full-dose series should have a small fraction below it).
 
 Options (``[analysis.n2q]``, ``analysis.models.n2q.Options``): ``weights`` (path, default
-``analysis/weights/n2q.pt``), ``batch`` (left out: 8 on the CPU, up to 64 on CUDA within the free GPU
+``analysis/weights/n2q.pt``), ``batch`` (left out: 1 on the CPU, up to 64 on CUDA within the free GPU
 memory), ``amp`` (CUDA autocast: fp16 (default), bf16 or off; the CPU is always fp32),
 ``low_threshold`` (default 0.8); CPU threads are ``[analysis] torch_threads``.
 """
@@ -222,11 +222,12 @@ def load_model(path: str | Path | None = None, device: str = "cpu") -> LoadedMod
 
 
 # ----------------------------------------------------------------------------------- inference
-# slices per forward pass when [analysis.n2q] batch is left out: 8 on the CPU (what the node always
-# ran; bench/models.py compares batch sizes), up to 64 on CUDA bounded by the free GPU memory at
+# slices per forward pass when [analysis.n2q] batch is left out: 1 on the CPU (bench/models.py on
+# this 2-core CPU: batch 1 was 1.1-1.25 x faster than batches of 4 or 8, the same map bit for bit;
+# the 8 the node ran before outgrows the caches), up to 64 on CUDA bounded by the free GPU memory at
 # ITEM_BYTES per slice (fp32 activations of one 256 x 256 slice through the U-Net with its skips,
 # about 40 MB, rounded up)
-DEFAULT_BATCH_CPU = 8
+DEFAULT_BATCH_CPU = 1
 DEFAULT_BATCH_CUDA = 64
 ITEM_BYTES = 64 << 20
 

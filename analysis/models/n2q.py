@@ -21,7 +21,7 @@ class Options:
     """[analysis.n2q]"""
 
     weights: str = ""  # "" = the shipped analysis/weights/n2q.pt
-    # slices per forward pass; left out = the device's default (8 on the CPU, up to 64 on CUDA
+    # slices per forward pass; left out = the device's default (1 on the CPU, up to 64 on CUDA
     # within the free GPU memory: analysis.n2q.DEFAULT_BATCH_CPU/CUDA)
     batch: int | None = None
     amp: str = "fp16"  # CUDA autocast: fp16, bf16 or off (fp32); the CPU always runs fp32
