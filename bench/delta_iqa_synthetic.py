@@ -1,17 +1,21 @@
 """Delta-IQA convergence on SYNTHETIC ratings whose truth is known (not radiologist ratings).
 
-Real slices of 11 series (analysis.training.delta_iqa.SYNTHETIC_SOURCES under ../shared/data) are
-degraded at 5 graded levels (CT-like noise and streaks, as LDCTIQAC made its images), each image
-"rated" by its level (score = 4 - level). Delta-IQA is trained with the trainer's defaults (the
-published network, 512 x 512) on the images of some series and scored on the images of the others
-(split by series). Prints the held-out PLCC / SROCC / KROCC and the wall time, beside the reference:
-the classical global noise (Christianson mode of the local SD over 0-150 HU; higher noise = lower
-score, so its sign is flipped) on the same held-out images.
+Real slices of 12 series (analysis.training.delta_iqa.SYNTHETIC_SOURCES under ../shared/data) are
+degraded at 5 graded levels (projection-domain CT noise and streaks, as LDCTIQAC made its images),
+4 noise realisations per slice and level, each image "rated" by its level (score = 4 - level).
+Delta-IQA is trained with the trainer's defaults (the published network, 512 x 512) on the images of
+some series and scored on the images of 20 % held-out patient series (whole series; the head phantom,
+which has almost no soft tissue, always trains). Prints the held-out PLCC / SROCC / KROCC, per held-out
+series too, and the wall time, beside the reference: the classical global noise (Christianson mode of
+the local SD over 0-150 HU; higher noise = lower score, so its sign is flipped) on the held-out images
+where it is defined (soft tissue present).
 
-    .venv/bin/python bench/delta_iqa_synthetic.py [--epochs N] [--realisations R] [--json FILE]
+    .venv/bin/python bench/delta_iqa_synthetic.py [--epochs N] [--lr LR] [--val F] [--data-dir DIR]
+        [--json FILE] [--log FILE]
 
-Weights from this run are synthetic-degradation weights: the script writes them only with --out,
-labelled ``synthetic`` in the file and in the model card; never enable them as a Likert model.
+Every run of the recipe search is in bench/results/delta_iqa_runs.json (and .md). Weights from this
+run are synthetic-degradation weights: the script writes them only with --out, labelled
+``synthetic`` in the file and in the model card; never enable them as a Likert model.
 """
 
 from __future__ import annotations
@@ -64,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lr", type=float, default=tr.DEFAULT_LR)
     p.add_argument("--batch-size", type=int, default=tr.DEFAULT_BATCH)
     p.add_argument("--width", type=float, default=1.0, help="1.0 = the published network")
-    p.add_argument("--realisations", type=int, default=3, help="noise realisations per slice and level")
+    p.add_argument("--realisations", type=int, default=4, help="noise realisations per slice and level")
     p.add_argument("--per-series", type=int, default=3, help="source slices per series")
     p.add_argument("--holdout", type=float, default=0.2, help="share of all images held out (whole patient series)")
     p.add_argument("--seed", type=int, default=0)

@@ -50,8 +50,8 @@ from analysis import delta_iqa as dq
 
 log = logging.getLogger(__name__)
 
-DEFAULT_EPOCHS = 8
-DEFAULT_LR = 3e-4
+DEFAULT_EPOCHS = 4
+DEFAULT_LR = 5e-4
 DEFAULT_BATCH = 8
 DEFAULT_WARMUP = 0.1  # share of the steps with a linear learning-rate warm-up; then cosine to 0
 DEFAULT_VAL = 0.0  # share of the training images (whole series) kept aside to pick the best epoch

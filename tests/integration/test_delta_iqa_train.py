@@ -6,7 +6,7 @@ image-domain noise (the bench uses the projection-domain noise), and a reduced-w
 0.25: the published one needs minutes; the bench measures it) trained for 3 epochs with the
 trainer's recipe (warm-up + cosine, flips/rotations/shifts); the held-out images belong to series
 the network never saw. Asserted: the held-out SROCC the command prints and writes into the model
-card is a real figure (SROCC >= 0.8; it reaches about 0.95, while a trainer that learns nothing
+card is a real figure (SROCC >= 0.8; it reaches about 0.97, while a trainer that learns nothing
 scores about 0), the card names the synthetic labels, the data and the exact command, and the
 weights give the platform model (analysis/models/delta_iqa.py) scores that rank the held-out images
 as the card says. A bad ratings file stops the command with every bad row listed (exit 2)."""
