@@ -8,7 +8,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
+from analysis.batching import validate_batch
 from analysis.models.spec import NO_UNITS, MetricSpec, ModelSpec, TrainingDistribution, private
 
 ALGORITHM = "LDCTIQA (ldct-benchmark multi-head Swin-T)"
@@ -23,12 +25,16 @@ class Options:
 
     weights: str = ""  # path of ldct-benchmark's ldct-iqa.pt; "" = not installed
     max_slices: int = DEFAULT_MAX_SLICES  # evenly spaced slices scored per series; 0 = all
-    batch_size: int = 0  # 0 = 4 on the CPU, 32 on CUDA
+    # slices per forward pass; left out = the device's default (4 on the CPU, 32 on CUDA:
+    # analysis.ldctiqa.DEFAULT_BATCH_CPU/CUDA), the same rule as [analysis.n2q] and [analysis.d2iqa] batch
+    batch: int | None = None
+    # keys of this table that were renamed: the old key is refused with one line naming the new one
+    RENAMED_KEYS: ClassVar[dict[str, str]] = {"batch_size": "batch"}
 
     def validate(self) -> None:
-        for key in ("max_slices", "batch_size"):
-            if getattr(self, key) < 0:
-                raise ValueError(f"key '{key}' must be >= 0, got {getattr(self, key)}")
+        if self.max_slices < 0:
+            raise ValueError(f"key 'max_slices' must be >= 0, got {self.max_slices}")
+        validate_batch(self.batch)
 
 
 def not_installed(options: Options) -> str | None:
@@ -67,7 +73,7 @@ def run(volume, ctx, options: Options | None = None):
             out.set_metric(key, None, "no slices")
         return out
     res = ldctiqa.score_series(loaded.net, volume.hu, device=device, max_slices=opts.max_slices,
-                               batch_size=opts.batch_size or None)
+                               batch_size=opts.batch)
     out.slice_metrics["ldctiqa_score"] = np.asarray(res.slice_score, float)
     out.slice_metrics["ldctiqa_expected_score"] = np.asarray(res.slice_expected_score, float)
     out.set_metric("ldctiqa_score", res.series_score, "no slice scored")

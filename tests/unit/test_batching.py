@@ -114,6 +114,9 @@ def test_batch_and_amp_keys_are_validated_naming_the_key() -> None:
         ("n2q", "amp", "fp8"): "key 'analysis.n2q.amp' must be one of fp16, bf16, off, got 'fp8'",
         ("d2iqa", "batch_size", 8): ("key 'analysis.d2iqa.batch_size' was renamed: write it as [analysis.d2iqa] "
                                      "batch = ... (see config.toml), or leave it out for the default"),
+        ("ldctiqa", "batch", 0): "key 'analysis.ldctiqa.batch' must be >= 1 (or left out for the device's default), got 0",
+        ("ldctiqa", "batch_size", 4): ("key 'analysis.ldctiqa.batch_size' was renamed: write it as [analysis.ldctiqa] "
+                                       "batch = ... (see config.toml), or leave it out for the default"),
     }
     for (model, key, value), message in cases.items():
         with pytest.raises(ConfigError) as err:
