@@ -35,12 +35,18 @@ ARCHITECTURE = "delta_iqa_alexnet_v1"
 def fuzzy_labels(scores) -> np.ndarray:
     """(n, 5) soft targets: a score s is split between its floor and ceiling class, weights
     (1 - (s - floor)) and (s - floor); an integer score is one-hot."""
-    s = np.clip(np.asarray(scores, dtype=np.float64), 0.0, N_CLASSES - 1.0)
-    lo = np.floor(s).astype(int)
-    hi = np.minimum(lo + 1, N_CLASSES - 1)
-    frac = s - lo
-    out = np.zeros((s.size, N_CLASSES), dtype=np.float32)
-    idx = np.arange(s.size)
+    return split_between_classes(np.clip(np.asarray(scores, dtype=np.float64), 0.0, N_CLASSES - 1.0), N_CLASSES)
+
+
+def split_between_classes(pos: np.ndarray, num_classes: int) -> np.ndarray:
+    """(n, num_classes) float32 soft targets for positions ``pos`` in [0, num_classes - 1] on a class
+    grid: each split between its floor and ceiling class by distance (one-hot on the grid). Delta-IQA's
+    5 classes and LDCTIQA's 21 (analysis.training.ldctiqa_train.fuzzy_targets) share it."""
+    lo = np.floor(pos).astype(int)
+    hi = np.minimum(lo + 1, num_classes - 1)
+    frac = pos - lo
+    out = np.zeros((pos.size, num_classes), dtype=np.float32)
+    idx = np.arange(pos.size)
     out[idx, lo] += (1.0 - frac).astype(np.float32)
     out[idx, hi] += frac.astype(np.float32)
     return out

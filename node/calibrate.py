@@ -382,7 +382,7 @@ def run(args, settings, db_factory) -> int:
     """The command; ``db_factory()`` opens (and makes, if needed) the node's database. Exit 0 when at
     least one metric was calibrated, 1 when none could be, 2 for a bad ratings file or metric."""
     from node.cli import EXIT_FAILED, EXIT_OK, EXIT_USAGE, UsageError
-    from node.ratings import RatingsFileError, read_ratings_csv
+    from node.ratings import RatingsFileError, print_problems, read_ratings_csv
     from node.worker import run_context
 
     try:
@@ -397,9 +397,7 @@ def run(args, settings, db_factory) -> int:
     try:
         rows = read_ratings_csv(path)
     except RatingsFileError as exc:
-        print(f"qa-node: {exc.path}: {len(exc.errors)} problem(s); nothing calibrated:", file=sys.stderr)
-        for e in exc.errors:
-            print(f"  {e}", file=sys.stderr)
+        print_problems(exc.path, exc.errors, "nothing calibrated", prefix="qa-node: ")
         return EXIT_USAGE
     try:
         ctx = run_context(settings, args.device)

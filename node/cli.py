@@ -658,9 +658,7 @@ def cmd_ratings(args) -> int:
     try:
         rows = ratings.read_ratings_csv(args.file)
     except ratings.RatingsFileError as exc:
-        print(f"qa-node: {exc.path}: {len(exc.errors)} problem(s); nothing imported:", file=sys.stderr)
-        for e in exc.errors:
-            print(f"  {e}", file=sys.stderr)
+        ratings.print_problems(exc.path, exc.errors, "nothing imported", prefix="qa-node: ")
         return EXIT_USAGE
     db = _ratings_database(settings)
     n = ratings.import_ratings(db, rows)

@@ -2,19 +2,8 @@
 ``analysis.training.ratings_file``, re-exported here), and its import into / export from the node's
 database (table ``ratings``).
 
-Format (UTF-8, comma-separated, one header line)::
-
-    path,score[,rater][,frame][,sop_instance_uid]
-
-- ``path``: a DICOM file, absolute or relative to the CSV's folder;
-- ``score``: the Likert score in [0, 4] (LDCTIQA / Delta-IQA scale); fractions are allowed (a mean
-  over raters);
-- ``rater`` (optional): who scored; empty = not named (e.g. a mean);
-- ``frame`` (optional): 1-based frame of a multi-frame image (required there, empty otherwise);
-- ``sop_instance_uid`` (optional): checked against the file when given.
-
-Columns other than these are ignored. Every bad row is reported with its line number (all of them
-at once, in ``RatingsFileError.errors``); nothing is imported from a file with a bad row.
+The file's format (columns, score range, what makes a row bad) is described in
+``analysis.training.ratings_file``; nothing is imported from a file with a bad row.
 """
 
 from __future__ import annotations
@@ -34,6 +23,7 @@ from analysis.training.ratings_file import (  # noqa: F401  (re-exported: node.r
     RatingRow,
     RatingsFileError,
     parse_score,
+    print_problems,
     read_ratings_csv,
     write_ratings_csv,
 )

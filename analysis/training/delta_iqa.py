@@ -335,7 +335,7 @@ def predict_prepared(net, x: np.ndarray, device: str = "cpu", batch: int = 8) ->
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from analysis.training.ratings_file import RatingsFileError, read_ratings_csv
+    from analysis.training.ratings_file import RatingsFileError, print_problems, read_ratings_csv
     from analysis.weights import file_sha256
 
     if (args.epochs < 1 or args.batch_size < 1 or not 0 < args.holdout < 1 or args.lr <= 0
@@ -351,9 +351,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         rows = read_ratings_csv(args.ratings)
     except RatingsFileError as exc:
-        print(f"{exc.path}: {len(exc.errors)} problem(s); nothing trained:", file=sys.stderr)
-        for e in exc.errors:
-            print(f"  {e}", file=sys.stderr)
+        print_problems(exc.path, exc.errors, "nothing trained")
         return 2
     try:
         data = load_rated_images(rows, progress=not args.no_progress)

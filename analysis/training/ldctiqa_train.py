@@ -55,6 +55,7 @@ from pathlib import Path
 import numpy as np
 
 from analysis import ldctiqa as lq
+from analysis.delta_iqa import split_between_classes
 
 log = logging.getLogger(__name__)
 
@@ -104,14 +105,7 @@ def fuzzy_targets(scores, num_classes: int = lq.NUM_CLASSES) -> np.ndarray:
     class 12 = 2.4); a score on the grid is one-hot."""
     pos = np.clip(np.asarray(scores, dtype=np.float64) / CLASS_STEP, 0.0, num_classes - 1.0)
     pos = np.round(pos, 9)  # 2.2 / 0.2 = 11.000000000000002: on the grid
-    lo = np.floor(pos).astype(int)
-    hi = np.minimum(lo + 1, num_classes - 1)
-    frac = pos - lo
-    out = np.zeros((pos.size, num_classes), dtype=np.float32)
-    idx = np.arange(pos.size)
-    out[idx, lo] += (1.0 - frac).astype(np.float32)
-    out[idx, hi] += frac.astype(np.float32)
-    return out
+    return split_between_classes(pos, num_classes)
 
 
 def rps_loss(probs, target):
@@ -408,7 +402,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from analysis.training.delta_iqa import split_by_series
-    from analysis.training.ratings_file import RatingsFileError, read_ratings_csv
+    from analysis.training.ratings_file import RatingsFileError, print_problems, read_ratings_csv
     from analysis.weights import file_sha256
 
     if args.epochs < 1 or args.batch < 1 or args.micro_batch < 1 or not 0 < args.holdout < 1 or args.lr <= 0 \
@@ -424,9 +418,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         rows = read_ratings_csv(args.ratings)
     except RatingsFileError as exc:
-        print(f"{exc.path}: {len(exc.errors)} problem(s); nothing trained:", file=sys.stderr)
-        for e in exc.errors:
-            print(f"  {e}", file=sys.stderr)
+        print_problems(exc.path, exc.errors, "nothing trained")
         return 2
     try:
         net, init_sha = load_init(args.init)
@@ -435,9 +427,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         data = load_rated_images(rows, size=args.size, progress=not args.no_progress)
     except ImageError as exc:
-        print(f"{args.ratings}: {len(exc.errors)} problem(s); nothing trained:", file=sys.stderr)
-        for e in exc.errors:
-            print(f"  {e}", file=sys.stderr)
+        print_problems(args.ratings, exc.errors, "nothing trained")
         return 2
     try:
         split = split_by_series(data.groups, args.holdout, args.seed)

@@ -22,6 +22,7 @@ from __future__ import annotations
 import csv
 import math
 import re
+import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,6 +61,14 @@ class RatingsFileError(ValueError):
         n = len(self.errors)
         super().__init__(f"{self.path}: {n} bad row{'s' if n != 1 else ''}: " + "; ".join(self.errors[:5])
                          + (f"; ... ({n - 5} more)" if n > 5 else ""))
+
+
+def print_problems(source: Path | str, errors: Sequence[str], outcome: str, prefix: str = "") -> None:
+    """Every problem of a ratings file (or of its rated images) on stderr, one per line under a head
+    line, for the commands that refuse the whole file: ``<prefix><source>: N problem(s); <outcome>:``."""
+    print(f"{prefix}{source}: {len(errors)} problem(s); {outcome}:", file=sys.stderr)
+    for e in errors:
+        print(f"  {e}", file=sys.stderr)
 
 
 @dataclass(frozen=True)
