@@ -34,22 +34,52 @@ def _node(tmp_path, url: str | None = None) -> Node:
     return node
 
 
-def _ingest(node: Node, files) -> None:
-    ing = Ingestor(node.db, node.store)
+def _ingest_with(ing: Ingestor, node: Node, files, series_uid: str | None = None) -> list:
+    results = []
     for f in files:
         spooled = node.store.spool / f"in-{f.name}.dcm"
-        shutil.copyfile(f, spooled)
-        ds = pydicom.dcmread(f, stop_before_pixels=True)
-        r = ing.store_file(spooled, affected_sop_class=str(ds.SOPClassUID),
-                           affected_sop_instance=str(ds.SOPInstanceUID),
-                           transfer_syntax=str(ds.file_meta.TransferSyntaxUID), scanner="CT1", calling_ae="CT1",
-                           peer_host="127.0.0.1")
-        assert r.status == StoreStatus.SUCCESS
+        if series_uid is None:
+            shutil.copyfile(f, spooled)
+            ds = pydicom.dcmread(f, stop_before_pixels=True)
+        else:  # the same instance in another series
+            ds = pydicom.dcmread(f)
+            ds.SeriesInstanceUID = series_uid
+            ds.save_as(spooled)
+        results.append(ing.store_file(
+            spooled, affected_sop_class=str(ds.SOPClassUID), affected_sop_instance=str(ds.SOPInstanceUID),
+            transfer_syntax=str(ds.file_meta.TransferSyntaxUID), scanner="CT1", calling_ae="CT1",
+            peer_host="127.0.0.1"))
+    assert all(r.status == StoreStatus.SUCCESS for r in results), results
+    return results
+
+
+def _ingest(node: Node, files) -> None:
+    """Store ``files`` through an Ingestor without group commit (each row committed as it comes)."""
+    _ingest_with(Ingestor(node.db, node.store), node, files)
+
+
+def _phantom_files(n: int) -> list:
+    """The first ``n`` slices of the shared 5 mm phantom series."""
+    return sorted(p for p in require(PHANTOM_5MM).iterdir() if p.name.startswith("I"))[:n]
+
+
+def _capture_postgres_index_writes(engine) -> list[str]:
+    """A list that fills, in order, with "insert" for each INSERT INTO instances and "lazy" for each
+    SET LOCAL synchronous_commit the engine executes."""
+    seen: list[str] = []
+
+    @event.listens_for(engine, "before_cursor_execute")
+    def capture(conn, cursor, statement, *args):
+        s = statement.strip().upper()
+        if s.startswith(("SET LOCAL SYNCHRONOUS_COMMIT", "INSERT INTO INSTANCES")):
+            seen.append("insert" if s.startswith("INSERT") else "lazy")
+
+    return seen
 
 
 def test_first_row_of_a_series_durable_later_rows_lazy(tmp_path):
     node = _node(tmp_path)
-    files = sorted(p for p in require(PHANTOM_5MM).iterdir() if p.name.startswith("I"))[:3]
+    files = _phantom_files(3)
     seen: list[str] = []
 
     @event.listens_for(node.db.engine, "before_cursor_execute")
@@ -73,7 +103,7 @@ def test_first_row_of_a_series_durable_later_rows_lazy(tmp_path):
 
 def test_rows_a_power_loss_takes_come_back_from_the_durable_files(tmp_path):
     node = _node(tmp_path)
-    files = sorted(p for p in require(PHANTOM_5MM).iterdir() if p.name.startswith("I"))[:5]
+    files = _phantom_files(5)
     _ingest(node, files)
     with node.db.session() as s:
         first = s.scalars(select(Instance).order_by(Instance.id)).first()
@@ -93,14 +123,8 @@ def test_rows_a_power_loss_takes_come_back_from_the_durable_files(tmp_path):
 
 def test_postgresql_later_rows_commit_without_waiting_for_the_wal_flush(tmp_path, pg_url):  # noqa: F811
     node = _node(tmp_path, _fresh_database(pg_url, "ctqa_lazy_index"))
-    files = sorted(p for p in require(PHANTOM_5MM).iterdir() if p.name.startswith("I"))[:3]
-    seen: list[str] = []
-
-    @event.listens_for(node.db.engine, "before_cursor_execute")
-    def capture(conn, cursor, statement, *args):
-        s = statement.strip().upper()
-        if s.startswith(("SET LOCAL SYNCHRONOUS_COMMIT", "INSERT INTO INSTANCES")):
-            seen.append("insert" if s.startswith("INSERT") else "lazy")
+    files = _phantom_files(3)
+    seen = _capture_postgres_index_writes(node.db.engine)
 
     _ingest(node, files)
     assert seen == ["insert", "lazy", "insert", "lazy", "insert"]
@@ -121,7 +145,7 @@ def test_file_and_its_name_fsynced_before_success_and_an_fsync_error_stores_noth
     import scp.ingest
 
     node = _node(tmp_path)
-    files = sorted(p for p in require(PHANTOM_5MM).iterdir() if p.name.startswith("I"))[:3]
+    files = _phantom_files(3)
     events: list[tuple[str, str]] = []
     real_fsync, real_replace, real_move = os.fsync, os.replace, scp.ingest.move_noreplace
 
@@ -173,25 +197,6 @@ def test_file_and_its_name_fsynced_before_success_and_an_fsync_error_stores_noth
     node.db.dispose()
 
 
-def _ingest_with(ing: Ingestor, node: Node, files, series_uid: str | None = None) -> list:
-    results = []
-    for f in files:
-        spooled = node.store.spool / f"in-{f.name}.dcm"
-        if series_uid is None:
-            shutil.copyfile(f, spooled)
-            ds = pydicom.dcmread(f, stop_before_pixels=True)
-        else:  # the same instance in another series
-            ds = pydicom.dcmread(f)
-            ds.SeriesInstanceUID = series_uid
-            ds.save_as(spooled)
-        results.append(ing.store_file(
-            spooled, affected_sop_class=str(ds.SOPClassUID), affected_sop_instance=str(ds.SOPInstanceUID),
-            transfer_syntax=str(ds.file_meta.TransferSyntaxUID), scanner="CT1", calling_ae="CT1",
-            peer_host="127.0.0.1"))
-    assert all(r.status == StoreStatus.SUCCESS for r in results), results
-    return results
-
-
 def test_group_commit_batches_rows_of_several_stores_in_one_transaction(tmp_path, monkeypatch):
     """With group commit the first row of a series is committed durably before Success; later rows
     are queued and committed by one thread, all that queued up in one transaction (one executemany),
@@ -202,7 +207,7 @@ def test_group_commit_batches_rows_of_several_stores_in_one_transaction(tmp_path
     from storage import repo
 
     node = _node(tmp_path)
-    files = sorted(p for p in require(PHANTOM_5MM).iterdir() if p.name.startswith("I"))[:6]
+    files = _phantom_files(6)
     batches = []
     real = repo.add_instances_lazy
 
@@ -247,7 +252,7 @@ def test_group_commit_duplicates_conflicts_and_a_database_outage(tmp_path, monke
     from storage.models import InstanceConflict
 
     node = _node(tmp_path)
-    files = sorted(p for p in require(PHANTOM_5MM).iterdir() if p.name.startswith("I"))[:5]
+    files = _phantom_files(5)
     ing = Ingestor(node.db, node.store, group_commit=True)
     _ingest_with(ing, node, files[:2])
     assert [r.outcome for r in _ingest_with(ing, node, files[1:2])] == ["duplicate"]
@@ -307,7 +312,7 @@ def test_rows_lost_with_the_committer_come_back_from_the_durable_files(tmp_path,
     import scp.ingest
 
     node = _node(tmp_path)
-    files = sorted(p for p in require(PHANTOM_5MM).iterdir() if p.name.startswith("I"))[:4]
+    files = _phantom_files(4)
     monkeypatch.setattr(scp.ingest._Committer, "_run", lambda self: None)  # it never gets to commit
     ing = Ingestor(node.db, node.store, group_commit=True)
     _ingest_with(ing, node, files)
@@ -324,14 +329,8 @@ def test_rows_lost_with_the_committer_come_back_from_the_durable_files(tmp_path,
 
 def test_postgresql_group_commit(tmp_path, pg_url):  # noqa: F811
     node = _node(tmp_path, _fresh_database(pg_url, "ctqa_group_commit"))
-    files = sorted(p for p in require(PHANTOM_5MM).iterdir() if p.name.startswith("I"))[:4]
-    seen: list[str] = []
-
-    @event.listens_for(node.db.engine, "before_cursor_execute")
-    def capture(conn, cursor, statement, *args):
-        s = statement.strip().upper()
-        if s.startswith(("SET LOCAL SYNCHRONOUS_COMMIT", "INSERT INTO INSTANCES")):
-            seen.append("insert" if s.startswith("INSERT") else "lazy")
+    files = _phantom_files(4)
+    seen = _capture_postgres_index_writes(node.db.engine)
 
     ing = Ingestor(node.db, node.store, group_commit=True)
     _ingest_with(ing, node, files)
