@@ -138,8 +138,10 @@ def analyse_series(
 
     ``selection`` (an ``analysis.selection.SelectionPolicy``; None: every model runs, no decisions)
     decides per model from the loaded series (``scanner`` is its [[scanners]] name);
-    ``duplicate_of(facts)`` returns the UID of an already analysed series of the same study holding
-    the same reconstruction, or None (the node looks it up in its database)."""
+    ``duplicate_of(facts, claim=...)`` returns the UID of another series of the same study that
+    analyses (or analysed) the same reconstruction, or None; ``claim`` is True when selection would
+    analyse this series, which then claims the reconstruction (the node does so atomically in its
+    database, see ``storage.repo.claim_reconstruction``)."""
     from analysis.volume import load_series
 
     n = len(paths)
@@ -166,8 +168,13 @@ def analyse_series(
         facts = facts_from_volume(volume, scanner=scanner, series_instance_uid=series_uid,
                                   study_instance_uid=study_uid)
         result.facts = facts
-        dup = duplicate_of(facts) if duplicate_of is not None else None
-        result.selection = selection.decide(facts, list(models), duplicate_of=dup)
+        result.selection = selection.decide(facts, list(models))
+        if duplicate_of is not None:
+            # asked only now: a series that selection analyses claims its reconstruction (claim=True)
+            would_skip, _ = summarise(result.selection, list(models))
+            dup = duplicate_of(facts, claim=not would_skip)
+            if dup:
+                result.selection = selection.decide(facts, list(models), duplicate_of=dup)
         run_models = [d.model for d in result.selection if d.selected]
         series_skipped, skip_reason = summarise(result.selection, list(models))
         if series_skipped:

@@ -35,9 +35,10 @@ model, the model skips the series (an ``analyse`` rule is a whitelist). Otherwis
 
 - dose screens (a CT-class image of the dose report: ImageType ``SCREEN SAVE``/``DOSE_INFO`` or a
   description/protocol such as "Dose Report"): no model, not even ``basic``;
-- duplicate reconstructions (a series of the same study already analysed with the same
-  ImageType, kernel, slice thickness, pixel spacing, matrix, slice count and z range: the same
-  images sent again under a new Series Instance UID): no model;
+- duplicate reconstructions (a series of the same study already analysed, or being analysed, with
+  the same ImageType, kernel, slice thickness, pixel spacing, matrix, slice count and z range: the
+  same images sent again under a new Series Instance UID; the node decides which series analyses
+  it with an atomic claim in its database, ``storage.repo.claim_reconstruction``): no model;
 - derived/secondary reformats (ImageType ``DERIVED\\SECONDARY``, or a value MPR, MIP, MINIP,
   REFORMATTED, PROJECTION IMAGE, CURVED, VOLUME_RENDERING): ``basic`` only;
 - anything else: every model.

@@ -18,7 +18,7 @@ from node.config import Settings
 from storage.db import Database
 from storage.filestore import FileStore
 from storage.models import JobState, OutputsState
-from storage.repo import RunRecord, analysed_reconstruction, claim_job, finish_job, holds_job, job_files, renew_lease
+from storage.repo import RunRecord, claim_job, claim_reconstruction, finish_job, holds_job, job_files, renew_lease
 
 log = logging.getLogger(__name__)
 
@@ -159,10 +159,14 @@ class AnalysisWorker:
                 except SQLAlchemyError as db_exc:  # left running: re-queued at the next start
                     log.error("analysis job %d could not be marked failed (%s)", job_id, type(db_exc).__name__)
 
-    def _duplicate_of(self, facts) -> str | None:
-        """An already analysed series of the same study with the same reconstruction (selection)."""
-        return analysed_reconstruction(self.db, facts.study_instance_uid, facts.reconstruction_key(),
-                                       facts.series_instance_uid)
+    def _duplicate_of(self, job_id: int, series_id: int, facts, claim: bool = True) -> str | None:
+        """The series of the same study that analyses (or analysed) the same reconstruction, or None
+        (selection's duplicate check). ``claim``: this series would be analysed, so it takes the
+        reconstruction atomically (``storage.repo.claim_reconstruction``): of two workers checking two
+        duplicates at the same time exactly one gets None."""
+        return claim_reconstruction(self.db, study_instance_uid=facts.study_instance_uid,
+                                    reconstruction=facts.reconstruction_key(), series_id=series_id,
+                                    job_id=job_id, take=claim)
 
     def process(self, job_id: int) -> SeriesResult | None:
         """Run one claimed job, renewing its lease from a heartbeat thread meanwhile."""
@@ -184,7 +188,8 @@ class AnalysisWorker:
                                     series_instance_uid=series.series_instance_uid,
                                     study_instance_uid=series.study_instance_uid,
                                     selection=self.settings.selection_policy, scanner=series.scanner_name,
-                                    duplicate_of=self._duplicate_of)
+                                    duplicate_of=lambda facts, claim=True: self._duplicate_of(
+                                        job_id, series.id, facts, claim))
             apply_calibrations(result, current_calibrations(self.db))  # <metric>_likert (qa-node calibrate)
         except ValueError as exc:  # bad model list or device: a configuration problem, not the data's
             finish_job(self.db, job_id, self.worker_id, state=JobState.FAILED, error=str(exc), outcome="failed")

@@ -140,6 +140,28 @@ class Job(Base):
     __table_args__ = (Index("ix_jobs_state_created", "state", "created_at"),)
 
 
+class ReconstructionClaim(Base):
+    """Which series of a study analyses a reconstruction (``SeriesFacts.reconstruction_key``): taken
+    atomically by the first worker whose series would be analysed (the unique constraint decides
+    between concurrent workers, on every machine sharing the database); another series of the study
+    with the same key is then a duplicate of ``series_id``. Released (deleted) when the holding job
+    ends without analysing the series (failed, skipped) unless the series analysed it before
+    (``analysed``); a claim whose job failed is stale and taken over by the next claimer."""
+
+    __tablename__ = "reconstruction_claims"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    study_instance_uid: Mapped[str] = mapped_column(String(UID_LEN))
+    key_sha256: Mapped[str] = mapped_column(String(64))  # SHA-256 of the key (a key may be long)
+    reconstruction: Mapped[str] = mapped_column(Text)  # the key itself
+    series_id: Mapped[int] = mapped_column(ForeignKey("series.id"), index=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id"), index=True)  # the job that holds it now
+    analysed: Mapped[bool] = mapped_column(Boolean, default=False)  # a job of series_id analysed it (done)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+    __table_args__ = (UniqueConstraint("study_instance_uid", "key_sha256", name="uq_reconstruction_claim"),)
+
+
 class AnalysisRun(Base):
     """One model's results for one series. A re-analysis marks older runs ``current = False``."""
 
@@ -278,6 +300,7 @@ class Calibration(Base):
 
 # Columns added after the first release: (table, column, DDL type). ``create_all`` does not alter
 # existing tables, so ``upgrade_schema`` adds them to a database created by an earlier version.
+# (A new table, e.g. reconstruction_claims, needs no entry: ``create_all`` creates missing tables.)
 ADDED_COLUMNS: tuple[tuple[str, str, str], ...] = (
     ("jobs", "outputs", "VARCHAR(16)"),
     ("jobs", "outputs_error", "TEXT"),

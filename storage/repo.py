@@ -10,7 +10,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
-from sqlalchemy import bindparam, insert, select, update
+from sqlalchemy import bindparam, delete, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -23,6 +23,7 @@ from storage.models import (
     JobState,
     OutputObject,
     OutputsState,
+    ReconstructionClaim,
     Series,
     SeriesMetric,
     SeriesState,
@@ -368,6 +369,7 @@ def claim_job(db: Database, worker: str, *, lease_s: float = DEFAULT_LEASE_S, no
                         error=f"analysis interrupted {attempts} times (its worker stopped renewing the lease "
                               f"each time, e.g. killed or out of memory); not retried"))
                     if res.rowcount == 1:
+                        settle_reconstruction_claims(s, job_id, "failed")
                         log.error("analysis job %d failed: its worker was lost %d times", job_id, attempts)
                     continue
                 res = s.execute(
@@ -489,6 +491,7 @@ def finish_job(
             OutputsState.NONE if outcome != "done" else None)
         job.outputs_error = outputs_error
         job.selection = selection
+        settle_reconstruction_claims(s, job_id, outcome)
         job.finished_at = utcnow()
         job.worker = None
         job.lease_until = None
@@ -613,27 +616,152 @@ def indexed_rel_paths(db: Database, series_instance_uid: str) -> set[str]:
                                 .where(Series.series_instance_uid == series_instance_uid)))
 
 
+# The rule of a series-selection decision that skipped a duplicate reconstruction
+# (analysis.selection.default_category; storage imports nothing from analysis)
+DUPLICATE_RULE = "default: duplicate reconstruction"
+
+
+def _selection_record(text: str | None) -> dict:
+    try:
+        data = json.loads(text) if text else None
+    except ValueError:
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _latest_jobs_of_study(s: Session, study_instance_uid: str) -> list:
+    """The latest job of each series of the study: rows (series_id, series_instance_uid, generation,
+    job id, state, outcome, selection, models), in job order."""
+    rows = s.execute(
+        select(Series.id, Series.series_instance_uid, Series.generation, Job.id, Job.state, Job.outcome,
+               Job.selection, Job.models)
+        .join(Job, Job.series_id == Series.id)
+        .where(Series.study_instance_uid == study_instance_uid).order_by(Job.id)).all()
+    latest = {r[0]: r for r in rows}
+    return sorted(latest.values(), key=lambda r: r[3])
+
+
 def analysed_reconstruction(db: Database, study_instance_uid: str | None, reconstruction: str,
                             exclude_series_instance_uid: str | None) -> str | None:
     """The Series Instance UID of another series of the same study whose latest job analysed (outcome
-    done) the same reconstruction (``Job.selection``'s "reconstruction" key), or None."""
+    done) the same reconstruction (``Job.selection``'s "reconstruction" key), or None. Read-only: the
+    look-up for series analysed before ``reconstruction_claims`` existed (``claim_reconstruction``)."""
     if not study_instance_uid:
         return None
     with db.session() as s:
-        rows = s.execute(
-            select(Series.series_instance_uid, Job.selection)
-            .join(Job, Job.series_id == Series.id)
-            .where(Series.study_instance_uid == study_instance_uid, Job.outcome == "done",
-                   Job.selection.is_not(None), Series.series_instance_uid != (exclude_series_instance_uid or ""))
-            .order_by(Job.id)).all()
-    for uid, text in rows:
-        try:
-            data = json.loads(text)
-        except ValueError:
-            continue
-        if isinstance(data, dict) and data.get("reconstruction") == reconstruction:
-            return uid
+        found = _legacy_holder(s, study_instance_uid, reconstruction, exclude_series_instance_uid)
+    return found[1] if found else None
+
+
+def _legacy_holder(s: Session, study_instance_uid: str, reconstruction: str, exclude_uid: str | None):
+    for series_id, uid, _gen, job_id, _state, outcome, text, _models in _latest_jobs_of_study(s, study_instance_uid):
+        if uid != exclude_uid and outcome == "done" and _selection_record(text).get("reconstruction") == reconstruction:
+            return series_id, uid, job_id
     return None
+
+
+def _claim_digest(reconstruction: str) -> str:
+    import hashlib
+
+    return hashlib.sha256(reconstruction.encode("utf-8")).hexdigest()
+
+
+def claim_reconstruction(db: Database, *, study_instance_uid: str | None, reconstruction: str, series_id: int,
+                         job_id: int, take: bool = True) -> str | None:
+    """The duplicate check of series selection, made atomically: None when the series (``series_id``,
+    analysed by job ``job_id``) analyses this reconstruction of its study, else the Series Instance
+    UID of the series that does (this one is a duplicate of it).
+
+    ``take``: the series would be analysed, so it claims the reconstruction (a row of
+    ``reconstruction_claims``; its unique constraint lets exactly one of concurrent workers, on any
+    machine, insert it; the others read the winner). A claim of this very series (a re-run of it, or
+    its job claimed again after a lost lease) stays this series'. A claim is stale, and taken over,
+    when its series never analysed the reconstruction and its job is neither pending nor running (it
+    failed or ended skipped). ``take=False`` only reads (a series selection skips anyway).
+    Series analysed before this table existed are found by their jobs' selection records."""
+    if not study_instance_uid:
+        return None
+    digest = _claim_digest(reconstruction)
+    for _ in range(10):
+        with db.session() as s:
+            row = s.execute(
+                select(ReconstructionClaim.id, ReconstructionClaim.series_id, ReconstructionClaim.job_id,
+                       ReconstructionClaim.analysed, Series.series_instance_uid, Job.state)
+                .join(Series, Series.id == ReconstructionClaim.series_id)
+                .outerjoin(Job, Job.id == ReconstructionClaim.job_id)
+                .where(ReconstructionClaim.study_instance_uid == study_instance_uid,
+                       ReconstructionClaim.key_sha256 == digest)).first()
+            if row is None:
+                own_uid = s.scalar(select(Series.series_instance_uid).where(Series.id == series_id))
+                legacy = _legacy_holder(s, study_instance_uid, reconstruction, own_uid)
+                if not take:
+                    return legacy[1] if legacy else None
+        if row is None:
+            holder = (legacy[0], legacy[2], True) if legacy else (series_id, job_id, False)
+            try:
+                with db.session() as s:
+                    s.add(ReconstructionClaim(study_instance_uid=study_instance_uid, key_sha256=digest,
+                                              reconstruction=reconstruction, series_id=holder[0],
+                                              job_id=holder[1], analysed=holder[2]))
+                    if not legacy:
+                        _drop_other_claims(s, series_id, digest)
+            except IntegrityError:
+                continue  # another worker claimed it first: read its claim
+            return legacy[1] if legacy else None
+        claim_id, holder_series, holder_job, analysed, holder_uid, job_state = row
+        if holder_series == series_id:
+            if take:
+                with db.session() as s:
+                    s.execute(update(ReconstructionClaim).where(ReconstructionClaim.id == claim_id)
+                              .values(job_id=job_id))
+                    _drop_other_claims(s, series_id, digest)
+            return None
+        if analysed or job_state in (JobState.PENDING, JobState.RUNNING):
+            return holder_uid
+        if not take:
+            return None
+        with db.session() as s:  # stale: taken over, by one claimer only (guarded update)
+            res = s.execute(update(ReconstructionClaim)
+                            .where(ReconstructionClaim.id == claim_id, ReconstructionClaim.series_id == holder_series,
+                                   ReconstructionClaim.job_id == holder_job, ReconstructionClaim.analysed.is_(False))
+                            .values(series_id=series_id, job_id=job_id, created_at=utcnow()))
+            if res.rowcount == 1:
+                _drop_other_claims(s, series_id, digest)
+                return None
+    raise RuntimeError(f"reconstruction claim of study {study_instance_uid}: no stable answer after 10 tries")
+
+
+def _drop_other_claims(s: Session, series_id: int, keep_digest: str) -> None:
+    """A series holds one reconstruction (its current images): its claims of other keys (an earlier
+    generation's) go."""
+    s.execute(delete(ReconstructionClaim).where(ReconstructionClaim.series_id == series_id,
+                                                ReconstructionClaim.key_sha256 != keep_digest))
+
+
+def settle_reconstruction_claims(s: Session, job_id: int, outcome: str | None) -> None:
+    """When job ``job_id`` closes (in its closing transaction): a claim it holds is marked analysed
+    (outcome done), or else released unless its series analysed it before; the series skipped as
+    duplicates of a released claim get a new pending job, so that one of them analyses it instead."""
+    claims = s.scalars(select(ReconstructionClaim).where(ReconstructionClaim.job_id == job_id)).all()
+    for claim in claims:
+        if outcome == "done":
+            claim.analysed = True
+            continue
+        if claim.analysed:
+            continue
+        s.delete(claim)
+        s.flush()
+        for series_id, uid, generation, _job, state, outcome_, text, models in _latest_jobs_of_study(
+                s, claim.study_instance_uid):
+            rec = _selection_record(text)
+            if (series_id == claim.series_id or state not in (JobState.DONE, JobState.FAILED) or outcome_ != "skipped"
+                    or rec.get("reconstruction") != claim.reconstruction
+                    or not any(isinstance(d, dict) and d.get("rule") == DUPLICATE_RULE
+                               for d in rec.get("decisions") or ())):
+                continue
+            s.add(Job(series_id=series_id, generation=generation, state=JobState.PENDING, models=models))
+            log.info("analysis job %d ended without analysing its reconstruction: series %s (skipped as its "
+                     "duplicate) queued again", job_id, uid)
 
 
 @dataclass(frozen=True)
