@@ -17,6 +17,13 @@ Layout of the content tree (PS3.16 TID 1500):
 The SR goes into the source study: highdicom copies the Patient, General Study and Patient Study
 modules from the first source header and lists all sources in the Current Requested Procedure
 Evidence Sequence. The private scheme 99CTQA is declared in the Coding Scheme Identification Sequence.
+
+Speed (a long series has thousands of per-slice items): the document is the one highdicom's
+templates and Comprehensive3DSR make, byte for byte (tests/unit/test_sr_build.py builds both), but
+Comprehensive3DSR is handed the root container alone (it would deep-copy and re-read the whole tree:
+``_root_without_children``), the image library shares the descriptors equal across a series'
+images (``_image_library``), and a per-slice group builds its concept name and unit once.
+``bench/outputs_speed.py`` prints the time against the builder before (tests/unit/sr_reference.py).
 """
 
 from __future__ import annotations
@@ -40,8 +47,12 @@ from highdicom.sr import (
     ObserverContext,
     QualitativeEvaluation,
     ContainerContentItem,
+    ContentItem,
     ContentSequence,
+    ImageContentItem,
+    ImageLibraryEntryDescriptors,
     TextContentItem,
+    UIDRefContentItem,
     RelationshipTypeValues,
     SourceImageForMeasurement,
     TrackingIdentifier,
@@ -155,6 +166,105 @@ def _geometry_checked(ds: Dataset) -> Dataset:
             view.Modality = ""  # no cross-sectional descriptors
             return view
     return ds
+
+
+# The TID 1602/1604 descriptors highdicom writes for a cross-sectional (CT, MR, PT) image, by DCM
+# code value: (header keyword, index into its value or None). The Modality (121139) is the same for
+# every image of one SOP class.
+_DESCRIPTORS: dict[str, tuple[str, int | None]] = {
+    "121139": ("SOPClassUID", None),
+    "112227": ("FrameOfReferenceUID", None),
+    "110910": ("Rows", None),
+    "110911": ("Columns", None),
+    "111026": ("PixelSpacing", 1),
+    "111066": ("PixelSpacing", 0),
+    "112225": ("SliceThickness", None),
+    "110901": ("ImagePositionPatient", 0),
+    "110902": ("ImagePositionPatient", 1),
+    "110903": ("ImagePositionPatient", 2),
+    "110904": ("ImageOrientationPatient", 0),
+    "110905": ("ImageOrientationPatient", 1),
+    "110906": ("ImageOrientationPatient", 2),
+    "110907": ("ImageOrientationPatient", 3),
+    "110908": ("ImageOrientationPatient", 4),
+    "110909": ("ImageOrientationPatient", 5),
+    "112226": ("SpacingBetweenSlices", None),
+}
+_SOURCE = CodedConcept("260753009", "SCT", "Source")  # the concept name of highdicom's library entries
+
+
+def _descriptor_value(ds: Dataset, code_value: str):
+    keyword, i = _DESCRIPTORS[code_value]
+    value = ds[keyword].value
+    return value if i is None else value[i]
+
+
+def _value_key(value) -> tuple:
+    """What a descriptor made from ``value`` depends on (highdicom writes DS from str, FD if a float)."""
+    return type(value), str(value)
+
+
+def _entry_descriptors(ds: Dataset, templates: dict) -> list[ContentItem]:
+    """TID 1602 descriptors of one image, the items highdicom's ImageLibraryEntryDescriptors makes.
+
+    highdicom builds the descriptors of the first image of each kind (SOP class, modality, which
+    optional attributes it has); the next images of that kind get the same item objects where their
+    value is the same (pixel spacing, orientation, ... of one series: written, they are the same
+    bytes; nothing changes an item once built) and a new item of the same concept and unit where it
+    is not (the position). Building every item anew for each image of a long series was most of the
+    time the image library took. A kind this does not know (not cross-sectional, a descriptor not in
+    ``_DESCRIPTORS``) gets highdicom's items for each image.
+    """
+    kind = (str(ds.SOPClassUID), str(ds.get("Modality", "")), "FrameOfReferenceUID" in ds,
+            "SpacingBetweenSlices" in ds)
+    first = templates.get(kind)
+    if first is None:
+        items = list(ImageLibraryEntryDescriptors(ds))
+        codes_ = [(i.name.scheme_designator, i.name.value) for i in items]
+        if kind[1] not in ("CT", "MR", "PT") or any(s != "DCM" or v not in _DESCRIPTORS for s, v in codes_):
+            return items  # not a kind built here: highdicom's items for every image of it
+        templates[kind] = [(item, _value_key(_descriptor_value(ds, v))) for item, (_, v) in zip(items, codes_)]
+        return items
+    out: list[ContentItem] = []
+    for item, key in first:
+        value = _descriptor_value(ds, item.name.value)
+        if _value_key(value) == key:
+            out.append(item)
+        elif item.ValueType == "NUM":
+            out.append(NumContentItem(name=item.name, value=value, unit=item.unit,
+                                      relationship_type=RelationshipTypeValues.HAS_ACQ_CONTEXT))
+        else:  # UIDREF: the Frame of Reference
+            out.append(UIDRefContentItem(name=item.name, value=value,
+                                         relationship_type=RelationshipTypeValues.HAS_ACQ_CONTEXT))
+    return out
+
+
+def _image_library(views: Sequence[Dataset]) -> ContainerContentItem:
+    """TID 1600 Image Library of the ``views`` (see ``_library_view``): the content highdicom's
+    ImageLibrary template makes, item for item (tests/unit/test_sr_build.py compares the two), with
+    the descriptors that are equal for the images of a series built once (``_entry_descriptors``).
+    Like highdicom's, a group (one per modality and Frame of Reference) holds no Frame of Reference
+    item of its own: each entry has one."""
+    templates: dict = {}
+    groups: dict[tuple, list[ImageContentItem]] = {}
+    for ds in views:
+        image_item = ImageContentItem(name=_SOURCE, referenced_sop_instance_uid=ds.SOPInstanceUID,
+                                      referenced_sop_class_uid=ds.SOPClassUID,
+                                      relationship_type=RelationshipTypeValues.CONTAINS)
+        descriptors = _entry_descriptors(ds, templates)
+        image_item.ContentSequence = descriptors
+        modality = descriptors[0].value  # TID 1602 starts with the Modality
+        key = (modality.scheme_designator, modality.value) + (
+            (str(ds.FrameOfReferenceUID),) if "FrameOfReferenceUID" in ds else ())
+        groups.setdefault(key, []).append(image_item)
+    library = ContainerContentItem(name=codes.DCM.ImageLibrary, relationship_type=RelationshipTypeValues.CONTAINS)
+    library.ContentSequence = ContentSequence()
+    for image_items in groups.values():
+        group = ContainerContentItem(name=codes.DCM.ImageLibraryGroup,
+                                     relationship_type=RelationshipTypeValues.CONTAINS)
+        group.ContentSequence = image_items
+        library.ContentSequence.append(group)
+    return library
 
 
 _LOWER_LIMIT = Code("385524004", "SCT", "Normal Range Lower Limit")
@@ -348,11 +458,14 @@ def build_measurement_report(
     for (algo, key), items in by_key.items():
         algo_id = algorithm_identification(algo)
         mc = metric_code(key)
+        # one concept name and one unit item for the whole group: highdicom puts a given
+        # CodedConcept in as it is, so each measurement need not build its own copy of the same code
+        name, unit = _cc(mc.concept), _cc(mc.unit)
         measurements = [
             Measurement(
-                name=_cc(mc.concept),
+                name=name,
                 value=float(s.value),
-                unit=_cc(mc.unit),
+                unit=unit,
                 # no per-measurement TID 4019 here: the group carries it (one per slice would be
                 # thousands of repeated items for a long series)
                 referenced_images=[
@@ -379,8 +492,10 @@ def build_measurement_report(
         observation_context=_observation_context(device),
         procedure_reported=_cc(PROCEDURE_IMAGE_QUALITY_ANALYSIS),
         imaging_measurements=groups,
-        referenced_images=[_library_view(ds) for ds in sources],
     )
+    # the Image Library goes where highdicom's MeasurementReport puts it: before the measurements
+    report[0].ContentSequence.insert(len(report[0].ContentSequence) - 1,
+                                     _image_library([_library_view(ds) for ds in sources]))
     notes = [
         TextContentItem(name=_cc(metric_code(key).concept), value=_text(f"not computed: {why}"),
                         relationship_type=RelationshipTypeValues.CONTAINS)
@@ -395,10 +510,11 @@ def build_measurement_report(
                                          relationship_type=RelationshipTypeValues.CONTAINS)
         container.ContentSequence = ContentSequence(notes)
         report[0].ContentSequence.append(container)
+    root = report[0]
     with no_person_name_warnings():
         sr = Comprehensive3DSR(
             evidence=sources,
-            content=report,
+            content=_root_without_children(root),
             **new_instance_arguments(device, series_instance_uid=series_instance_uid, series_number=series_number,
                                      sop_instance_uid=sop_instance_uid, instance_number=instance_number),
             is_complete=True,
@@ -409,6 +525,7 @@ def build_measurement_report(
             coding_schemes=[private_coding_scheme()],
             series_description=series_description,
         )
+    _attach_content(sr, root)
     if device.station_name:
         sr.StationName = device.station_name
     logger.info(
@@ -419,6 +536,30 @@ def build_measurement_report(
         len(sources),
     )
     return sr
+
+
+def _root_without_children(root: ContainerContentItem) -> ContainerContentItem:
+    """The root container of ``root`` without its Content Sequence, for the SR constructor.
+
+    highdicom's SR constructor deep-copies the whole content tree it is given (and converts the
+    copy back into content items, and walks it for image references): for the per-slice
+    measurements of a long series that is most of the time spent on an SR. The tree built here is
+    already made of highdicom content items and references only ``sources``, so the constructor
+    gets the root alone and ``_attach_content`` puts the children in afterwards, the same objects
+    highdicom would have written.
+    """
+    bare = ContainerContentItem(name=root.name, template_id=None)
+    for kw in ("ContinuityOfContent", "ContentTemplateSequence"):
+        if kw in root:
+            bare[kw] = root[kw]
+    bare.ContentSequence = []  # highdicom looks for one
+    return bare
+
+
+def _attach_content(sr: Comprehensive3DSR, root: ContainerContentItem) -> None:
+    sr["ContentSequence"] = root["ContentSequence"]
+    # what sr.content answers (highdicom keeps the tree it built beside the dataset)
+    sr._content = ContentSequence([root], is_root=True)
 
 
 def _text(value: str) -> str:
