@@ -30,6 +30,9 @@ class ConfigError(ValueError):
     """A problem in the configuration file, phrased for the person who edits it."""
 
 
+MAX_RECEIVERS = 64
+
+
 @dataclass(frozen=True)
 class NodeSettings:
     ae_title: str = "CTQA"
@@ -41,6 +44,7 @@ class NodeSettings:
     max_pdu: int = 1048576
     max_associations: int = 10
     max_instance_mb: int = 2048  # one instance's dataset (inflated, for Deflated) at most this many MiB
+    receivers: int = 1  # processes receiving on node.port (the serve process and receivers - 1 more)
     log_level: str = "INFO"
 
 
@@ -264,6 +268,12 @@ def parse_settings(data: dict, file: str) -> Settings:
         raise ConfigError(f"{file}: key 'node.max_pdu' must be >= 0 bytes (0 = unlimited), got {node.max_pdu}")
     if node.max_instance_mb < 1:
         raise ConfigError(f"{file}: key 'node.max_instance_mb' must be >= 1 MiB, got {node.max_instance_mb}")
+    if not 1 <= node.receivers <= MAX_RECEIVERS:
+        raise ConfigError(f"{file}: key 'node.receivers' must be a whole number of receiving processes from 1 "
+                          f"to {MAX_RECEIVERS} (1: the serve process alone), got {node.receivers}")
+    if node.receivers > 1 and node.port == -1:
+        raise ConfigError(f"{file}: key 'node.receivers' = {node.receivers} needs the plain DICOM port "
+                          f"(node.port is -1): the TLS port is served by the serve process alone")
     if node.log_level.upper() not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
         raise ConfigError(f"{file}: key 'node.log_level' must be DEBUG, INFO, WARNING or ERROR, got {node.log_level!r}")
     if "://" not in node.database:

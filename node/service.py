@@ -12,9 +12,9 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from analysis.pipeline import parse_models
 from node.config import Settings
 from node.worker import AfterJob, AnalysisWorker
-from scp.ingest import Ingestor
+from node.receivers import ReceiverPool, make_storage_scp
 from scp.sender import Destination, run_outbox
-from scp.server import AllowedPeer, StorageSCP
+from scp.server import StorageSCP
 from storage.db import Database
 from storage.filestore import FileStore
 from storage.models import OutputsState
@@ -189,6 +189,7 @@ class Node:
         self.scheduler: BackgroundScheduler | None = None
         self.worker: AnalysisWorker | None = None
         self.pool = None  # node.workers.WorkerPool when analysis.workers >= 2
+        self.receivers: ReceiverPool | None = None  # node.receivers >= 2
         self.stopped = threading.Event()
         self.lock = NodeLock(settings.node.data_dir, settings.node.database)
         self._locked = False
@@ -228,7 +229,6 @@ class Node:
             from node.workers import WorkerPool
 
             self.pool = WorkerPool(self.settings, n_workers)
-        peers = [AllowedPeer(s.name, s.ae_title, tuple(s.hosts)) for s in self.settings.scanners]
         tls = self.settings.tls
         server_ctx = client_ctx = None
         if tls is not None:
@@ -239,16 +239,14 @@ class Node:
                                             tls.require_client_certificate)
             if any(d.tls for d in self.settings.destinations):
                 client_ctx = client_context(tls.certificate, tls.private_key, tls.ca_certificates)
-        self.scp = StorageSCP(
-            ae_title=self.settings.node.ae_title, host=self.settings.node.host,
-            port=None if self.settings.node.port == -1 else self.settings.node.port,
-            peers=peers, ingestor=Ingestor(self.db, self.store, max_instance_bytes=self.settings.node.max_instance_mb << 20,
-                              group_commit=True),
-            spool_dir=self.store.spool, max_pdu=self.settings.node.max_pdu,
-            max_associations=self.settings.node.max_associations, min_free_bytes=self.min_free_bytes,
-            tls_port=tls.port if server_ctx is not None else None, ssl_context=server_ctx,
-        )
+        n_receivers = self.settings.node.receivers if self.settings.node.port != -1 else 1
+        self.scp = make_storage_scp(self.settings, self.db, self.store, min_free_bytes=self.min_free_bytes,
+                                    server_ctx=server_ctx, shared_listener=n_receivers > 1)
         port = self.scp.start()
+        if n_receivers > 1:  # node.receivers: more processes accept from the same listening socket
+            self.receivers = ReceiverPool(self.settings, self.scp.listen_socket, n_receivers - 1,
+                                          min_free_bytes=self.min_free_bytes)
+            self.receivers.start()
         self.scheduler = BackgroundScheduler(timezone="UTC")
         _quiet_scheduler_skips()
         interval = max(0.5, min(5.0, self.settings.node.stable_age_s / 4))
@@ -301,6 +299,9 @@ class Node:
 
     def stop(self) -> None:
         """Stop receiving, stop the scheduler and worker, and put unfinished work back in the queue."""
+        if self.receivers is not None:
+            self.receivers.stop()
+            self.receivers = None
         if self.scp is not None:
             self.scp.stop()
         if self.scheduler is not None:

@@ -22,6 +22,8 @@ way and decoded here, so that no other parser has to read the file again on the 
 
 from __future__ import annotations
 
+import io
+import os
 import struct
 import zlib
 from dataclasses import dataclass, field
@@ -164,25 +166,38 @@ class Structure:
 
 # -- sources: a plain file region, or a raw deflate stream inflated on the fly ---------------------
 class _FileSource:
-    def __init__(self, f: BinaryIO, start: int, size: int) -> None:
-        self.f = f
+    """A file region read through a window of at least ``WINDOW`` bytes (``os.pread``): the header
+    elements before the Pixel Data are normally all in the first window, so that the walk makes one
+    system call for them (a call releases the GIL, and pynetdicom's receive thread would take it
+    each time); a value skipped is never read."""
+
+    WINDOW = 1 << 16
+
+    def __init__(self, f: BinaryIO, start: int, size: int, head: bytes = b"") -> None:
+        self.fd = f.fileno()
+        self.start = start
         self.size = size - start
         self.pos = 0
-        f.seek(start)
+        self.buf = head[start:]  # what the caller read already, from ``start`` on
+        self.buf_at = 0  # dataset position of buf[0]
 
     def read(self, n: int) -> bytes:
         if self.pos + n > self.size:
             raise DatasetError(f"dataset ends early: {n} bytes needed at offset {self.pos}, "
                                f"{self.size - self.pos} left")
-        data = self.f.read(n)
+        off = self.pos - self.buf_at
+        if off < 0 or off + n > len(self.buf):
+            self.buf = os.pread(self.fd, max(n, self.WINDOW), self.start + self.pos)
+            self.buf_at, off = self.pos, 0
+            if len(self.buf) < n:  # (the file shrank under us)
+                raise DatasetError(f"dataset ends early: {n} bytes needed at offset {self.pos}")
         self.pos += n
-        return data
+        return self.buf[off:off + n]
 
     def skip(self, n: int) -> None:
         if self.pos + n > self.size:
             raise DatasetError(f"dataset ends early: a value of {n} bytes at offset {self.pos}, "
                                f"{self.size - self.pos} left")
-        self.f.seek(n, 1)
         self.pos += n
 
     def at_end(self) -> bool:
@@ -261,22 +276,23 @@ class _InflateSource:
         return not self.buf
 
 
-def _file_meta_end(f: BinaryIO, size: int) -> int:
-    """Offset of the dataset after the preamble, 'DICM' and the File Meta Information group."""
-    head = f.read(132)
-    if len(head) < 132 or head[128:] != b"DICM":
+def _file_meta_end(head: bytes, f: BinaryIO, size: int) -> tuple[int, bytes]:
+    """Offset of the dataset after the preamble, 'DICM' and the File Meta Information group, and
+    the file's first bytes as read (``head``, read further when the group is longer)."""
+    if len(head) < 132 or head[128:132] != b"DICM":
         raise DatasetError("no DICOM file preamble")
     pos = 132
     while True:
-        f.seek(pos)
-        hdr = f.read(8)
+        if pos + 12 > len(head) and len(head) < size:
+            head = head + os.pread(f.fileno(), max(1 << 16, pos + 12 - len(head)), len(head))
+        hdr = head[pos:pos + 8]
         if len(hdr) < 8:
             raise DatasetError("file meta information is cut")
         group, _, vr = struct.unpack("<HH2s", hdr[:6])
         if group != 2:
-            return pos
+            return pos, head
         if vr in _LONG_VRS:
-            more = f.read(4)
+            more = head[pos + 8:pos + 12]
             if len(more) < 4:
                 raise DatasetError("file meta information is cut")
             pos += 12 + struct.unpack("<I", more)[0]
@@ -292,17 +308,18 @@ _DATASET, _SEQUENCE, _ITEMF, _PIXEL = range(4)
 
 def walk_file(path: Path, transfer_syntax: str, *, max_bytes: int) -> Structure:
     """Walk the dataset of a DICOM file (preamble + file meta + dataset as pynetdicom spools it)."""
-    path = Path(path)
-    size = path.stat().st_size
-    with open(path, "rb", buffering=1 << 16) as f:
-        start = _file_meta_end(f, size)
+    with open(path, "rb", buffering=0) as f:
+        size = os.fstat(f.fileno()).st_size
+        head = os.pread(f.fileno(), _FileSource.WINDOW, 0)
+        start, head = _file_meta_end(head, f, size)
         if transfer_syntax == DEFLATED_EXPLICIT_VR_LE:
-            src: _FileSource | _InflateSource = _InflateSource(f, start, max_bytes)
+            f.seek(start)
+            src: _FileSource | _InflateSource = _InflateSource(io.BufferedReader(f, 1 << 16), start, max_bytes)
         else:
             if size - start > max_bytes:
                 raise InstanceTooLarge(f"dataset of {size - start} bytes exceeds the instance limit of "
                                        f"{_limit(max_bytes)}")
-            src = _FileSource(f, start, size)
+            src = _FileSource(f, start, size, head)
         return _walk(src, transfer_syntax, max_bytes)
 
 

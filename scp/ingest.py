@@ -133,6 +133,10 @@ def read_instance_info(path: Path, *, affected_sop_class: str, affected_sop_inst
     )
 
 
+def _flush_data(fd: int) -> None:
+    os.fdatasync(fd)  # looked up at each call (tests replace it)
+
+
 class _Mismatch(ValueError):
     pass
 
@@ -312,13 +316,21 @@ class _Committer:
 class Ingestor:
     """Durable storage of received instances; shared by all association threads.
 
-    Durability (what is on the device before Success): the instance's file (fsync) and its name in
-    the store (fsync of the series folder). The two flushes run at the same time (the file's in a
-    helper thread, the folder's on the association thread: the file system commits them together),
-    after the name was linked into the store; a crash before both returned leaves a file that was
-    never acknowledged and has no index row, which start-up reconciliation (node.reconcile) checks
-    like a C-STORE and indexes or quarantines. The index row of a series' first instance (series row
-    with the scanner, calling AE and host) is committed durably before Success. With
+    Durability (what is on the device before Success): the instance's bytes and length (fdatasync
+    of the file) and its name in the store (fsync of the series folder). The file's flush runs in a
+    helper thread; the node's receiver (``scp.server``) starts it the moment the last byte of the
+    dataset is written to the spool, so that it runs while the association thread picks the request
+    up and walks the header; called without one (``flushed=None``) it starts after the walk. The
+    folder's fsync runs on the association thread after the name was linked into the store; Success
+    waits for both. fdatasync suffices for the file: it writes the data and the metadata needed to
+    read them back (size, block allocation; POSIX synchronized I/O data integrity), leaving only the
+    timestamps, which nothing reads, to the file system's next commit; the folder, whose new entry
+    is what a reader needs to find the file, gets a full fsync. A crash before both returned leaves
+    a file that was never acknowledged and has no index row, which start-up reconciliation
+    (node.reconcile) checks like a C-STORE and indexes or quarantines; a refused instance is only
+    removed from the spool (its early flush, if any, was wasted, nothing else). The index row of a
+    series' first instance (series row with the scanner, calling AE and host) is committed durably
+    before Success. With
     ``group_commit`` (the node's receiver) the rows of later instances of such a series are handed
     to one committer thread and Success is sent without waiting for them: the committer takes their
     SHA-256 from the stored files and writes whatever has queued up, from every association, in one
@@ -343,11 +355,23 @@ class Ingestor:
 
     # -- helper threads ------------------------------------------------------------------------
     def _executor(self) -> ThreadPoolExecutor:
-        """The helper threads: each file's fsync, beside its folder's on the association thread."""
+        """The helper threads: each file's flush, beside its folder's on the association thread."""
         with self._state_lock:
             if self._flusher is None:
                 self._flusher = ThreadPoolExecutor(max_workers=16, thread_name_prefix="ingest-io")
             return self._flusher
+
+    def start_flush(self, fd: int) -> Future:
+        """Flush a complete spooled file's data (``os.fdatasync``, see the class doc) in a helper
+        thread; the descriptor is closed when it is done (also when cancelled). By descriptor: the
+        file may be renamed into the store, or removed, while its flush runs."""
+        try:
+            flushed = self._executor().submit(_flush_data, fd)
+        except BaseException:
+            os.close(fd)
+            raise
+        flushed.add_done_callback(lambda _: os.close(fd))
+        return flushed
 
     def _rows(self) -> "_Committer":
         with self._state_lock:
@@ -383,12 +407,14 @@ class Ingestor:
         scanner: str | None,
         calling_ae: str | None,
         peer_host: str | None,
+        flushed: Future | None = None,
     ) -> StoreResult:
         """Take ownership of ``spooled`` (a complete file in the spool): it is moved into the store
-        or removed. Returns the DIMSE status to send."""
+        or removed. ``flushed``: the file's flush already started (``start_flush``), else it starts
+        once the instance is accepted. Returns the DIMSE status to send."""
         try:
             return self._store(spooled, affected_sop_class, affected_sop_instance, transfer_syntax,
-                               scanner, calling_ae, peer_host)
+                               scanner, calling_ae, peer_host, flushed)
         except Exception as exc:  # a bug, not the peer's fault: one line (traceback at DEBUG), nothing kept
             log.error("C-STORE failed: unexpected error (%s: %s)", type(exc).__name__, str(exc)[:200])
             log.debug("C-STORE failure", exc_info=True)
@@ -396,7 +422,8 @@ class Ingestor:
         finally:
             spooled.unlink(missing_ok=True)
 
-    def _store(self, spooled, sop_class, sop_instance, ts, scanner, calling_ae, peer_host) -> StoreResult:
+    def _store(self, spooled, sop_class, sop_instance, ts, scanner, calling_ae, peer_host,
+               flushed: Future | None) -> StoreResult:
         try:
             info = read_instance_info(spooled, affected_sop_class=sop_class, affected_sop_instance=sop_instance,
                                       transfer_syntax=ts, max_bytes=self.max_instance_bytes)
@@ -419,23 +446,25 @@ class Ingestor:
             log.error("C-STORE failed: spooled dataset unreadable (%s)", os.strerror(exc.errno) if exc.errno else exc)
             return StoreResult(StoreStatus.OUT_OF_RESOURCES, detail="spooled dataset unreadable")
 
-        # accepted: only now is the file flushed (a refused instance costs no device write); the
-        # folder's flush joins it once the file is linked into the store
-        # (by descriptor: the file may be renamed into the store while its fsync runs)
+        # accepted: the file's flush (if not started while the request was picked up) starts now, so
+        # that a refused instance costs no device write; the folder's flush joins it once the file
+        # is linked into the store
         try:
-            fd = os.open(spooled, os.O_RDONLY)
+            if flushed is None:
+                fd = os.open(spooled, os.O_RDONLY)
+                size = os.fstat(fd).st_size
+                flushed = self.start_flush(fd)
+            else:
+                size = os.stat(spooled).st_size
         except OSError as exc:
             log.error("C-STORE failed: spooled dataset unreadable (%s)", os.strerror(exc.errno) if exc.errno else exc)
             return StoreResult(StoreStatus.OUT_OF_RESOURCES, detail="spooled dataset unreadable")
-        size = os.fstat(fd).st_size
-        flushed = self._executor().submit(os.fsync, fd)
-        flushed.add_done_callback(lambda _: os.close(fd))  # also when cancelled
         with self._locks[hash(info.sop_instance_uid) % len(self._locks)]:
             return self._commit(spooled, size, info, scanner, calling_ae, peer_host, flushed)
 
     def _place(self, spooled: Path, rel: str, flushed: Future, *, replace: bool) -> None:
         """Put the spooled file at ``rel`` and make file and name durable: the folder's fsync here,
-        beside the file's (``flushed``), both awaited. ``replace=False``: an existing file there
+        beside the file's flush (``flushed``), both awaited. ``replace=False``: an existing file there
         raises FileExistsError, untouched (``move_noreplace``). On an error nothing is left at ``rel``."""
         dst = self.store.abs(rel)
         move = os.replace if replace else move_noreplace
@@ -446,7 +475,7 @@ class Ingestor:
             move(spooled, dst)
         try:
             fsync_dir(dst.parent)
-            flushed.result()  # the file's fsync (an OSError from it: not stored, 0xA700)
+            flushed.result()  # the file's flush (an OSError from it: not stored, 0xA700)
         except BaseException:
             dst.unlink(missing_ok=True)
             raise

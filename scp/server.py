@@ -25,6 +25,7 @@ import weakref
 from pynetdicom import AE, _config, dimse_messages, evt
 from pynetdicom.pdu_primitives import A_RELEASE
 from pynetdicom.sop_class import Verification
+from pynetdicom.transport import ThreadedAssociationServer
 
 from scp.ingest import ACCEPTED_SOP_CLASSES, Ingestor, StoreStatus
 
@@ -85,6 +86,9 @@ class SpoolFile:
     the file at once and the rest of the dataset is read from the network and dropped; the C-STORE
     handler then answers 0xA700 Out of Resources and the association carries on. Writes are
     unbuffered, so an error is seen at the write that caused it and no partial file is left behind.
+    Once the dataset is complete (``complete``, at pynetdicom's EVT_DIMSE_RECV on the same thread),
+    the file's flush to the device starts in a helper thread (``flushed``) while the request waits
+    for the association thread and its header is walked.
     """
 
     def __init__(self, spool_dir: Path, min_free_bytes: int = 0, max_bytes: int = 0) -> None:
@@ -94,6 +98,7 @@ class SpoolFile:
         self.spool_dir = spool_dir
         self.error: str | None = None
         self.received = 0
+        self.flushed = None  # concurrent.futures.Future of the file's flush, once complete
         self._fd: int | None = None
         self.name = str(spool_dir / f"in-{secrets.token_hex(8)}.dcm")
         if min_free_bytes and self._free() < min_free_bytes:
@@ -149,6 +154,16 @@ class SpoolFile:
     def flush(self) -> None:
         pass  # unbuffered
 
+    def complete(self, start_flush) -> None:
+        """The dataset's last byte is written: its descriptor goes to ``start_flush`` (which returns
+        a Future and closes it when done), unless receiving failed."""
+        if self.error is None and self._fd is not None and self.flushed is None:
+            fd, self._fd = self._fd, None
+            try:
+                self.flushed = start_flush(fd)
+            except Exception as exc:  # (the descriptor is closed) no helper thread: flushed after the walk
+                log.debug("early flush not started: %s", exc)
+
     def discard(self) -> None:
         """The association ended before the dataset was complete: nothing of it is kept."""
         if self.error is None:
@@ -184,6 +199,50 @@ def _spool_file_factory(*args, **kwargs):
     cap = scp.ingestor.max_instance_bytes
     limit = cap + cap // 256 + (1 << 16) if cap else 0  # (deflate expands incompressible data by < 0.1 %)
     return SpoolFile(scp.spool_dir, scp.min_free_bytes, limit)
+
+
+class SharedListenerServer(ThreadedAssociationServer):
+    """pynetdicom's threaded server on a listening socket that several receiving processes of one
+    node accept from (``node.receivers``): the serve process binds it (``adopt`` None) and each
+    receiver process adopts the same socket, inherited (``adopt``).
+
+    The socket is non-blocking, so that a process woken for a connection another one took gets
+    EAGAIN at once (socketserver ignores it) instead of waiting in accept(). A process already
+    serving n associations waits n ms (at most 5) before it accepts: an idle process, woken at the
+    same time, takes the connection first, which spreads concurrent associations over the
+    processes (and so over the cores, one GIL each). Closing it never shuts the socket down (that
+    would stop the other processes' listening too)."""
+
+    adopt: "socket.socket | None" = None
+    request_queue_size = 64
+
+    def server_bind(self) -> None:
+        if self.adopt is not None:
+            self.socket.close()
+            self.socket = self.adopt
+            self.server_address = self.socket.getsockname()
+        else:
+            super().server_bind()
+        self.socket.setblocking(False)
+
+    def server_activate(self) -> None:
+        if self.adopt is None:
+            super().server_activate()
+
+    def get_request(self):
+        busy = len(self.active_associations)
+        if busy:
+            time.sleep(min(0.005, 0.001 * busy))
+        sock, address = self.socket.accept()  # BlockingIOError: another process took it
+        sock.setblocking(True)  # as pynetdicom's own accepted sockets (it sets its timeouts later)
+        return sock, address
+
+    def server_close(self) -> None:
+        self.socket.close()
+
+
+def _shared_server_class(adopt: "socket.socket | None") -> type:
+    return type("SharedListenerServer", (SharedListenerServer,), {"adopt": adopt})
 
 
 class RejectReason:
@@ -233,6 +292,8 @@ class StorageSCP:
         tls_port: int | None = None,
         ssl_context=None,
         min_free_bytes: int = 0,
+        shared_listener: bool = False,
+        listen_socket: "socket.socket | None" = None,
     ) -> None:
         self.ae_title = ae_title
         self.host = host
@@ -245,6 +306,10 @@ class StorageSCP:
         self.spool_dir = Path(spool_dir)
         self.min_free_bytes = min_free_bytes  # receiving stops (0xA700) below this much free space
         self._server = None
+        # the plain listener shared with receiver processes (node.receivers): bound here
+        # (shared_listener) or adopted from the serve process (listen_socket)
+        self.shared_listener = shared_listener or listen_socket is not None
+        self._listen_socket = listen_socket
         self._stats: dict[int, _AssocStats] = {}
         self._lock = threading.Lock()
 
@@ -281,14 +346,31 @@ class StorageSCP:
             (evt.EVT_C_ECHO, self._on_echo),
             (evt.EVT_C_STORE, self._on_store),
             (evt.EVT_ACSE_RECV, self._on_acse_recv),
+            (evt.EVT_DIMSE_RECV, self._on_dimse_recv),
         ]
-        if self.port is not None:
+        if self.port is not None and self.shared_listener:
+            from pynetdicom.utils import make_target
+
+            self._server = self.ae.make_server((self.host, self.port), evt_handlers=handlers,
+                                               server_class=_shared_server_class(self._listen_socket))
+            self.ae._servers.append(self._server)  # as AE.start_server does
+            threading.Thread(target=make_target(self._server.serve_forever), name="SharedAcceptor",
+                             daemon=True).start()
+            self.port = self._server.server_address[1]
+            if self._listen_socket is None:
+                log.info("storage SCP %s listening on %s:%d", self.ae_title, self.host, self.port)
+        elif self.port is not None:
             self._server = self.ae.start_server((self.host, self.port), block=False, evt_handlers=handlers)
             self.port = self._server.server_address[1]
             log.info("storage SCP %s listening on %s:%d", self.ae_title, self.host, self.port)
         if self.tls_port is not None:
             self._start_tls(handlers)
         return self.port if self.port is not None else self.tls_port
+
+    @property
+    def listen_socket(self) -> "socket.socket | None":
+        """The plain listening socket (to hand to receiver processes when ``shared_listener``)."""
+        return self._server.socket if self._server is not None else None
 
     def _start_tls(self, handlers) -> None:
         """The TLS listener: the same AE, handlers and allow list as the plain one; the TLS handshake
@@ -393,9 +475,9 @@ class StorageSCP:
             return
         how = "released" if event.event is evt.EVT_RELEASED else "aborted"
         log.info(
-            "association %s: scanner %s (AE %s from %s), %d stored, %d duplicate, %d failed, %.1f s",
+            "association %s: scanner %s (AE %s from %s), %d stored, %d duplicate, %d failed, %.1f s%s",
             how, st.scanner, st.calling_ae, st.host, st.stored, st.duplicates, st.failed,
-            time.monotonic() - st.started,
+            time.monotonic() - st.started, f", process {os.getpid()}" if self.shared_listener else "",
         )
 
     def _on_acse_recv(self, event) -> None:
@@ -404,6 +486,13 @@ class StorageSCP:
         if isinstance(event.primitive, A_RELEASE) and event.primitive.result is None:
             self.ingestor.flush()
 
+    def _on_dimse_recv(self, event) -> None:
+        # On the DUL thread, the moment a DIMSE message is complete (before the association thread
+        # can take it): a C-STORE's spooled dataset starts its flush to the device now.
+        spool = getattr(event.message, "_data_set_file", None)
+        if isinstance(spool, SpoolFile):
+            spool.complete(self.ingestor.start_flush)
+
     def _on_echo(self, event) -> int:
         return 0x0000
 
@@ -411,7 +500,9 @@ class StorageSCP:
         st = self._stats.get(id(event.assoc))
         req = event.request
         spooled = getattr(req, "_dataset_file", None)
+        flushed = None
         if isinstance(spooled, SpoolFile):
+            flushed = spooled.flushed
             spooled.close()  # complete: everything was written (unbuffered) before this event
             if spooled.error is not None:
                 if st is not None:
@@ -436,6 +527,7 @@ class StorageSCP:
             scanner=st.scanner if st else None,
             calling_ae=st.calling_ae if st else None,
             peer_host=st.host if st else None,
+            flushed=flushed,
         )
         if st is not None:
             if result.status == StoreStatus.SUCCESS:

@@ -78,15 +78,15 @@ def test_full_disk_returns_out_of_resources_and_leaves_nothing(env, monkeypatch)
     src = require(PHANTOM_5MM) / sorted(os.listdir(PHANTOM_5MM))[0]
     # (the configured free-space floor is checked once, while the dataset arrives: scp.server.SpoolFile,
     # tests/integration/test_disk_full.py and tests/interop/test_conformance.py)
-    # the disk fills while the instance is made durable (fsync reports ENOSPC)
-    real_fsync = os.fsync
+    # the disk fills while the instance is made durable (the file's flush, fdatasync, reports ENOSPC)
+    real_fdatasync = os.fdatasync
 
     def full(fd):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(os, "fsync", full)
+    monkeypatch.setattr(os, "fdatasync", full)
     r = store_one(ing, store, src)
-    monkeypatch.setattr(os, "fsync", real_fsync)
+    monkeypatch.setattr(os, "fdatasync", real_fdatasync)
     assert r.status == StoreStatus.OUT_OF_RESOURCES and r.status == 0xA700
     assert files_in(store) == []
     assert not list(store.spool.iterdir())

@@ -1,6 +1,6 @@
-"""Durability on ingest. The spooled file is fsynced (in a helper thread, while its header is walked
-and hashed) before it is renamed into the store and before Success; an fsync error stores nothing
-and answers 0xA700. The first row of a series (with the scanner, calling AE and host) is
+"""Durability on ingest. The spooled file's data are flushed (fdatasync, in a helper thread) and
+the series folder fsynced after its name was put there, both before Success; a flush error stores
+nothing and answers 0xA700. The first row of a series (with the scanner, calling AE and host) is
 committed durably; later rows of that series are committed without waiting for the log flush, their
 files being durable before Success. What a power loss can take, the last lazily committed rows, start-up
 reconciliation puts back from the durable files into the durable series, scanner attribution kept."""
@@ -137,8 +137,9 @@ def test_postgresql_later_rows_commit_without_waiting_for_the_wal_flush(tmp_path
 
 
 def test_file_and_its_name_fsynced_before_success_and_an_fsync_error_stores_nothing(tmp_path, monkeypatch):
-    """Both flushes (the file's, the series folder's after the name was put there) have returned
-    before store_file returns Success; they run at the same time. An fsync error stores nothing."""
+    """Both flushes (the file's data, fdatasync, and the series folder's, fsync, after the name was
+    put there) have returned before store_file returns Success; they run at the same time. A flush
+    error stores nothing."""
     import errno
     import os
 
@@ -147,11 +148,15 @@ def test_file_and_its_name_fsynced_before_success_and_an_fsync_error_stores_noth
     node = _node(tmp_path)
     files = _phantom_files(3)
     events: list[tuple[str, str]] = []
-    real_fsync, real_replace, real_move = os.fsync, os.replace, scp.ingest.move_noreplace
+    real_fsync, real_fdatasync, real_replace, real_move = os.fsync, os.fdatasync, os.replace, scp.ingest.move_noreplace
 
     def fsync(fd):
         real_fsync(fd)
         events.append(("fsync", os.path.basename(os.readlink(f"/proc/self/fd/{fd}"))))
+
+    def fdatasync(fd):
+        real_fdatasync(fd)
+        events.append(("fdatasync", os.path.basename(os.readlink(f"/proc/self/fd/{fd}"))))
 
     def replace(src, dst):  # (recorded when done: the first try in a new series' folder fails)
         real_replace(src, dst)
@@ -162,6 +167,7 @@ def test_file_and_its_name_fsynced_before_success_and_an_fsync_error_stores_noth
         events.append(("rename-noreplace", os.path.basename(dst)))
 
     monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "fdatasync", fdatasync)
     monkeypatch.setattr(os, "replace", replace)
     monkeypatch.setattr(scp.ingest, "move_noreplace", move_noreplace)
     ing = Ingestor(node.db, node.store, group_commit=True)
@@ -174,13 +180,13 @@ def test_file_and_its_name_fsynced_before_success_and_an_fsync_error_stores_noth
         # name: its flush starts before the name is put there), all before Success
         names = {f"in-{f.name}.dcm": "file", f"{uid}.dcm": "file", series_dir: "folder"}
         seen = [(op, names.get(name, name)) for op, name in events]
-        assert sorted(seen) == sorted([(how, "file"), ("fsync", "file"), ("fsync", "folder")]), events
+        assert sorted(seen) == sorted([(how, "file"), ("fdatasync", "file"), ("fsync", "folder")]), events
         assert seen.index((how, "file")) < seen.index(("fsync", "folder"))
 
     def failing(fd):
         raise OSError(errno.EIO, "Input/output error")
 
-    monkeypatch.setattr(os, "fsync", failing)
+    monkeypatch.setattr(os, "fdatasync", failing)
     spool = node.store.spool / "in-x.dcm"
     shutil.copyfile(files[2], spool)
     ds = pydicom.dcmread(files[2], stop_before_pixels=True)

@@ -1,0 +1,171 @@
+"""Receiving processes (``node.receivers = N``): concurrent associations spread over the cores.
+
+pynetdicom runs every association on two threads of one interpreter, so all associations of one
+process share one GIL. With ``node.receivers = N`` the serve process binds the plain DICOM port
+as usual and N - 1 receiver processes (multiprocessing *spawn*: fresh interpreters, no inherited
+database connections) accept from the same listening socket, each running the same storage SCP
+(``make_storage_scp``: same AE title, allow list, limits, spool and store) with its own Ingestor
+(its own committer thread; the database's own locking orders their transactions) and its own
+database connections. A process already serving associations waits a little before it accepts
+(``scp.server.SharedListenerServer``), so that an idle one takes a new association first.
+``node.max_associations`` is shared out: each process accepts at most ceil(max_associations / N).
+The TLS port, when configured, is served by the serve process alone. Start-up work (spool
+cleaning, reconciliation, the single-node lock) stays in the serve process, which starts the
+receivers once its own listener is bound, restarts one that dies and stops them (SIGTERM: the
+process stops its listener and aborts its associations, as the serve process does, and commits
+its queued index rows) before it stops its own.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import multiprocessing as mp
+import os
+import signal
+import threading
+import time
+
+from node.config import Settings
+from storage.db import Database
+
+log = logging.getLogger(__name__)
+
+
+def make_storage_scp(settings: Settings, db: Database, store, *, min_free_bytes: int = 0, server_ctx=None,
+                     listen_socket=None, shared_listener: bool = False):
+    """The node's storage SCP (scp.server.StorageSCP) as the configuration describes it; the serve
+    process and each receiver process build theirs here."""
+    from scp.ingest import Ingestor
+    from scp.server import AllowedPeer, StorageSCP
+
+    node = settings.node
+    peers = [AllowedPeer(s.name, s.ae_title, tuple(s.hosts)) for s in settings.scanners]
+    tls = settings.tls
+    return StorageSCP(
+        ae_title=node.ae_title, host=node.host, port=None if node.port == -1 else node.port,
+        peers=peers, ingestor=Ingestor(db, store, max_instance_bytes=node.max_instance_mb << 20, group_commit=True),
+        spool_dir=store.spool, max_pdu=node.max_pdu,
+        max_associations=max(1, math.ceil(node.max_associations / node.receivers)),
+        min_free_bytes=min_free_bytes,
+        tls_port=tls.port if (tls is not None and server_ctx is not None) else None, ssl_context=server_ctx,
+        shared_listener=shared_listener, listen_socket=listen_socket,
+    )
+
+
+def receiver_process_main(settings: Settings, listen_socket, index: int, parent_pid: int,
+                          min_free_bytes: int, ready=None) -> None:
+    """Entry point of one receiver process (spawned): serves associations from the inherited
+    listening socket until SIGTERM or until the parent dies; ``ready`` (a Connection) gets one
+    message once it accepts."""
+    from node.workers import _die_with_parent
+
+    _die_with_parent()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the parent decides
+    from node.cli import setup_logging
+    from storage.filestore import FileStore
+
+    setup_logging(settings.node.log_level)
+    db = Database(settings.node.database)
+    scp = make_storage_scp(settings, db, FileStore(settings.node.data_dir), min_free_bytes=min_free_bytes,
+                           listen_socket=listen_socket)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+
+    def _watch() -> None:
+        while not stop.wait(1.0):
+            if os.getppid() != parent_pid:  # orphaned: the parent died without telling us
+                log.error("receiver %d: parent process gone; stopping", index + 1)
+                stop.set()
+
+    threading.Thread(target=_watch, name="parent-watch", daemon=True).start()
+    scp.start()
+    log.info("receiver process %d/%d started (pid %d)", index + 1, settings.node.receivers, os.getpid())
+    if ready is not None:
+        try:
+            ready.send(os.getpid())
+        except OSError:  # (a restart: nobody waits for it)
+            pass
+        ready.close()
+    try:
+        stop.wait()
+    finally:
+        scp.stop()  # (index rows still queued are committed)
+        db.dispose()
+
+
+class ReceiverPool:
+    """The ``n`` receiver processes beside the serve process: started, restarted when one dies,
+    stopped."""
+
+    def __init__(self, settings: Settings, listen_socket, n: int, *, min_free_bytes: int = 0,
+                 stop_timeout_s: float = 10.0) -> None:
+        self.settings = settings
+        self.listen_socket = listen_socket
+        self.n = n
+        self.min_free_bytes = min_free_bytes
+        self.stop_timeout_s = stop_timeout_s
+        self._ctx = mp.get_context("spawn")
+        self._procs: list = [None] * n
+        self._stopping = threading.Event()
+        self._supervisor: threading.Thread | None = None
+
+    def _spawn(self, i: int):
+        """Start receiver i (the serve process is receiver 1); returns the end of the pipe on which
+        it says it is ready."""
+        theirs, ours = self._ctx.Pipe(duplex=False)
+        p = self._ctx.Process(target=receiver_process_main, name=f"qa-node-receiver-{i + 2}",
+                              args=(self.settings, self.listen_socket, i + 1, os.getpid(), self.min_free_bytes, ours))
+        p.start()
+        ours.close()
+        self._procs[i] = p
+        return theirs
+
+    @property
+    def pids(self) -> list[int]:
+        return [p.pid for p in self._procs if p is not None and p.pid is not None]
+
+    def start(self, ready_timeout_s: float = 60.0) -> None:
+        """Start the processes and wait (at most ``ready_timeout_s``) until each accepts: the node
+        says it is ready with all its receivers listening."""
+        pipes = [self._spawn(i) for i in range(self.n)]
+        deadline = time.monotonic() + ready_timeout_s
+        for i, conn in enumerate(pipes):
+            try:
+                if not conn.poll(max(0.0, deadline - time.monotonic())):
+                    log.error("receiver process %d not ready after %.0f s; the others serve meanwhile", i + 2,
+                              ready_timeout_s)
+                else:
+                    conn.recv()
+            except (EOFError, OSError):  # it died starting: the supervisor restarts it
+                log.error("receiver process %d ended while starting (exit code %s)", i + 2, self._procs[i].exitcode)
+            finally:
+                conn.close()
+        self._supervisor = threading.Thread(target=self._supervise, name="receiver-pool", daemon=True)
+        self._supervisor.start()
+
+    def _supervise(self) -> None:
+        restarts = [0] * self.n
+        while not self._stopping.wait(2.0):
+            for i, p in enumerate(self._procs):
+                if p is None or p.is_alive() or self._stopping.is_set():
+                    continue
+                restarts[i] += 1
+                log.error("receiver process %d (pid %d) exited with code %s; restarting (acknowledged files whose "
+                          "index rows it had not committed are indexed by reconciliation at the next start)", i + 2, p.pid, p.exitcode)
+                time.sleep(min(60.0, 2.0 ** min(restarts[i], 6)) if restarts[i] > 1 else 0)
+                if not self._stopping.is_set():
+                    self._spawn(i).close()
+
+    def stop(self) -> None:
+        self._stopping.set()
+        for p in self._procs:
+            if p is not None and p.is_alive():
+                p.terminate()
+        deadline = time.monotonic() + self.stop_timeout_s
+        for p in self._procs:
+            if p is not None:
+                p.join(max(0.0, deadline - time.monotonic()))
+                if p.is_alive():
+                    p.kill()
+                    p.join()
