@@ -24,9 +24,14 @@ slices degraded at 5 graded levels, as LDCTIQAC made its images (added noise and
 noise (default "projection"): projection-domain noise from analysis/training/dose_sim.unit_noise
 (Gaussian ray noise of variance exp(line integral), 180 parallel-beam views, Hann-windowed ramp FBP),
 3 realisations per slice mixed with random unit weights per image (the same covariance, new values),
-scaled to the level's SD over the body; "image": image-domain Gaussian noise with a ramp x Hann
-noise power spectrum confined to the body (the fast route, CI). Streaks: thin lines of alternating
-sign through the body. Each image is "rated" by its level (score = 4 - level). These are NOT
+scaled to the level's SD; "image": image-domain Gaussian noise with a ramp x Hann noise power
+spectrum confined to the body (the fast route, CI). Levels (default "absolute"): the TOTAL noise in
+the body, as a rater sees it (level 0 as acquired, then ABSOLUTE_NOISE_HU: 50, 75, 105, 140 HU;
+each slice's own noise measured with the node's global noise and topped up to the target; slices
+already too noisy for level 0 are left out and listed); "relative" (the earlier definition): a
+fixed SD added on top of each slice's own noise, so a noisy series at level 1 can look worse than a
+quiet one at level 2. Streaks: thin lines of alternating sign through the body, more and stronger
+per level. Each image is "rated" by its level (score = 4 - level). These are NOT
 radiologist ratings: weights trained on them are synthetic-degradation weights (``--labels
 synthetic``) and are carded as such.
 """
@@ -372,7 +377,9 @@ def run(args: argparse.Namespace) -> int:
     prog = "qa-node" if prog in ("__main__.py", "qa-node", "-m") else prog
     command = shlex.join([prog, *sys.argv[1:]]) if prog else "(library call)"
     card.write_text(model_card(args, rows, data, res, command=command, ratings_sha=file_sha256(args.ratings),
-                               weights_sha=file_sha256(out)), encoding="utf-8")
+                               weights_sha=file_sha256(out),
+                               synthetic_info=synthetic_levels_info(args.ratings) if args.labels == "synthetic" else None),
+                    encoding="utf-8")
     h = res.held_out
     print(f"held-out ({len(res.held_idx)} images of {len({data.groups[i] for i in res.held_idx})} series): "
           f"PLCC {h['plcc']:.3f}  SROCC {h['srocc']:.3f}  KROCC {h['krocc']:.3f}  ({res.seconds:.0f} s)")
@@ -385,8 +392,48 @@ def card_path(weights: Path) -> Path:
     return weights.with_name(weights.stem + "_MODEL_CARD.md")
 
 
+def synthetic_levels_info(ratings: str | Path) -> dict | None:
+    """What ``make_synthetic_ratings`` wrote beside its ratings file (``synthetic_levels.json``: the
+    level definition, the noise, the source slices with their base noise), or None."""
+    import json
+
+    f = Path(ratings).parent / SYNTHETIC_INFO
+    try:
+        return json.loads(f.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def _synthetic_card_lines(info: dict | None) -> list[str]:
+    if not info:
+        return ["- How the levels were made is not recorded beside the ratings file (no "
+                f"`{SYNTHETIC_INFO}`)."]
+    streak = ", ".join(f"{n} x {a:g} HU" for n, a in info["streaks"])
+    used = [s for s in info["sources"] if s["used"]]
+    left = [s for s in info["sources"] if not s["used"]]
+    if info["levels"] == "absolute":
+        lines = ["- Levels 0-4 are defined by the TOTAL noise in the body (what the image looks like): level 0 the "
+                 "slice as acquired, levels 1-4 " + ", ".join(f"{v:g}" for v in info["absolute_noise_hu"][1:])
+                 + " HU (added noise SD sqrt(target^2 - base^2) over the base noise measured on each slice), "
+                 f"{info['noise']}-domain noise; streaks per level: {streak}."]
+    else:
+        lines = ["- Levels 0-4 are a fixed noise SD ADDED on top of each slice's own noise ("
+                 + ", ".join(f"{v:g}" for v in info["added_noise_hu"]) + f" HU, {info['noise']}-domain; the earlier, "
+                 "'relative' definition: the same level looks different on a quiet and a noisy series, so a "
+                 f"level is not a function of the image alone); streaks per level: {streak}."]
+    lines.append(f"- {len(used)} of {len(info['sources'])} source slices used"
+                 + ("; left out: " + "; ".join(f"{Path(s['source']).parent.name}/{Path(s['source']).name} "
+                                               f"(base noise {s['base_noise_hu']:.1f} HU: {s['why_not']})" for s in left)
+                    if left else "") + ".")
+    if info["levels"] == "absolute":
+        lines.append("- The node's global noise measures the very quantity that defines these levels, so it ranks "
+                     "such images about as well as any model can; a high held-out figure here shows that the "
+                     "network, labels, training and split work, not that the model agrees with radiologists.")
+    return lines
+
+
 def model_card(args, rows, data: RatedImages, res: TrainResult, *, command: str, ratings_sha: str,
-               weights_sha: str) -> str:
+               weights_sha: str, synthetic_info: dict | None = None) -> str:
     synthetic = args.labels == "synthetic"
     raters = sorted({r.rater for r in rows if r.rater})
     hist = np.histogram(data.scores, bins=[0, 0.5, 1.5, 2.5, 3.5, 4.01])[0]
@@ -402,6 +449,7 @@ def model_card(args, rows, data: RatedImages, res: TrainResult, *, command: str,
     if synthetic:
         lines += ["- These weights score how strongly synthetic noise/streaks were added, nothing a radiologist said. "
                   "Do not enable them as a Likert model ([analysis.delta_iqa] weights) for clinical QA."]
+        lines += _synthetic_card_lines(synthetic_info)
     else:
         lines += ["- Valid only for images like the rated ones (Delta-IQA's own card: not for other patient groups "
                   "without prior local validation)."]
@@ -478,8 +526,20 @@ def streaks(shape: tuple[int, int], amplitude: float, n: int, rng: np.random.Gen
     return out
 
 
-# level 0 = as acquired (score 4) ... level 4 = worst (score 0): added noise SD (HU), streaks (count, HU)
+# level 0 = as acquired (score 4) ... level 4 = worst (score 0): added noise SD (HU), streaks (count, HU).
+# The added SD is used by the "relative" level definition only (a fixed SD added on top of the slice's
+# own noise, so the same level looks different on a quiet and a noisy series); the streaks are used
+# by both definitions.
 LEVELS = ((0.0, 0, 0.0), (20.0, 4, 40.0), (45.0, 8, 80.0), (80.0, 12, 120.0), (130.0, 16, 180.0))
+# "absolute" levels (the default): the TOTAL noise in the body at levels 1-4 (HU, the node's global
+# noise scale); noise of SD sqrt(target^2 - base^2) is added to a slice whose own (base) noise is
+# ``base``. Level 0 is the slice as acquired; only slices whose base noise is below LEVEL_1 / 1.2 are
+# used (a slice already as noisy as level 1 cannot be "as acquired" and level 1 at once).
+ABSOLUTE_NOISE_HU = (None, 50.0, 75.0, 105.0, 140.0)
+BASE_MARGIN = 1.2  # a source's base noise must be below ABSOLUTE_NOISE_HU[1] / BASE_MARGIN
+LEVEL_DEFINITIONS = ("absolute", "relative")
+SYNTHETIC_INFO = "synthetic_levels.json"  # written by make_synthetic_ratings beside its ratings.csv
+MIN_FALLBACK_PIXELS = 500  # soft-tissue pixels the fallback base-noise estimate needs
 PROJECTION_VIEWS = 180  # views of the projection-domain noise (dose_sim's parallel-beam geometry)
 PROJECTION_BASES = 3  # independent projection-noise realisations per slice, mixed per image
 
@@ -503,20 +563,67 @@ def mix_bases(bases: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return np.tensordot(w, bases, axes=1).astype(np.float32)
 
 
+def base_noise_hu(vol, body: np.ndarray | None = None) -> tuple[float, str]:
+    """(noise SD in HU, method) of the first slice of ``vol`` (an ``analysis.volume.CTVolume``) as
+    acquired: the node's global noise of the slice (analysis/classical.py: Christianson mode of the
+    6 mm local SD over soft tissue, peak-corrected); where that is not measurable (too little soft
+    tissue, no noise peak: e.g. a lossy-compressed, smoothed slice), the median 6 mm local SD over
+    body pixels whose whole kernel lies in -300..400 HU and whose local mean is in 0..150 HU (at least
+    MIN_FALLBACK_PIXELS of them; anatomy edges make this read high, never low); else
+    (nan, "not measurable")."""
+    from analysis import classical
+    from analysis.mask import body_mask, box_erode
+    from analysis.results import RunContext
+
+    hu = vol.hu[0]
+    if body is None:
+        body = body_mask(hu, vol.pixel_spacing_mm)
+    if vol.n_slices == 1:
+        vol.body_masks = body[None]
+    g = float(classical.run(vol, RunContext()).slice_metrics["global_noise_hu"][0])
+    if math.isfinite(g):
+        return g, "global noise"
+    k = classical.noise_kernel_px(vol.pixel_spacing_mm)
+    mean, sd = classical.local_mean_sd(hu, k)
+    core = body & box_erode((hu > -300) & (hu < 400), (k[0] | 1, k[1] | 1)) & (mean >= 0) & (mean <= 150)
+    if int(core.sum()) >= MIN_FALLBACK_PIXELS:
+        return float(np.median(sd[core])), "median local SD"
+    return float("nan"), "not measurable"
+
+
+def added_noise_sd(level: int, base: float, definition: str = "absolute") -> float:
+    """SD (HU) of the noise added at ``level``: LEVELS[level][0] ("relative"), or
+    sqrt(ABSOLUTE_NOISE_HU[level]^2 - base^2) ("absolute"; 0 at level 0)."""
+    if definition == "relative":
+        return LEVELS[level][0]
+    if definition != "absolute":
+        raise ValueError(f"level definition must be one of {LEVEL_DEFINITIONS}, not {definition!r}")
+    target = ABSOLUTE_NOISE_HU[level]
+    if target is None:
+        return 0.0
+    if not base < target:
+        raise ValueError(f"base noise {base:.1f} HU is not below the level-{level} total of {target:g} HU")
+    return math.sqrt(target * target - base * base)
+
+
 def degrade(hu: np.ndarray, level: int, rng: np.random.Generator, body: np.ndarray | None = None,
-            bases: np.ndarray | None = None) -> np.ndarray:
-    """``hu`` at degradation ``level``: added noise of SD ``LEVELS[level][0]`` HU in the body, plus
-    streaks. With ``bases`` (``projection_noise_bases``) the noise is projection-domain noise (its
-    SD over the body scaled to the level; its non-stationarity kept, in the air too, as in a scan);
-    without, image-domain ramp-spectrum noise confined to the body (the fast route, for tests)."""
-    sd, n_streaks, amp = LEVELS[level]
+            bases: np.ndarray | None = None, *, noise_sd: float | None = None,
+            scale_mask: np.ndarray | None = None) -> np.ndarray:
+    """``hu`` at degradation ``level``: added noise of SD ``noise_sd`` HU (default ``LEVELS[level][0]``)
+    plus the level's streaks. With ``bases`` (``projection_noise_bases``) the noise is projection-domain
+    noise, its SD over ``scale_mask`` (default: the body) scaled to ``noise_sd`` (its non-stationarity
+    kept, in the air too, as in a scan); without, image-domain ramp-spectrum noise confined to the body
+    (the fast route, for tests)."""
+    _, n_streaks, amp = LEVELS[level]
+    sd = LEVELS[level][0] if noise_sd is None else float(noise_sd)
     hu = hu.astype(np.float32)
     st = streaks(hu.shape, amp, n_streaks, rng, body)
     if bases is not None:
         if sd <= 0:
             return hu + st
         n = mix_bases(bases, rng)
-        ref = n[body] if body is not None and body.any() else n
+        m = scale_mask if scale_mask is not None and scale_mask.any() else body
+        ref = n[m] if m is not None and m.any() else n
         return hu + n * (sd / float(ref.std())) + st
     out = hu + ct_like_noise(hu.shape, sd, rng) + st
     if body is not None:  # noise and streaks in the patient; the air around stays (mostly) air
@@ -557,15 +664,28 @@ def synthetic_source_files(shared_data: Path, max_per_series: int = 3) -> list[P
 
 def make_synthetic_ratings(sources: Sequence[Path], out_dir: Path, *, per_slice_levels: Sequence[int] = range(5),
                            seed: int = 0, max_slices_per_series: int = 0, realisations: int = 1,
-                           noise: str = "projection") -> Path:
+                           noise: str = "projection", levels: str = "absolute") -> Path:
     """Write degraded copies of real single-frame slices (one DICOM file per slice, level and noise
     realisation; the source's SeriesInstanceUID kept so a split by series keeps every version of a
     series together) and ``out_dir/ratings.csv`` rating each by its level (score = 4 - level, rater
     ``synthetic``). ``noise``: "projection" (projection-domain noise, ``degrade``; about 2 s of FBP per
-    slice on 2 cores) or "image" (image-domain ramp-spectrum noise, milliseconds)."""
+    slice on 2 cores) or "image" (image-domain ramp-spectrum noise, milliseconds).
+
+    ``levels``: "absolute" (default): a level is the TOTAL noise in the body (ABSOLUTE_NOISE_HU; the
+    image alone decides its level): each slice's own noise is measured (``base_noise_hu``; a slice
+    where it is not measurable takes the median of its series' measurable slices), the added noise
+    is sqrt(target^2 - base^2) (projection noise: its SD scaled over the slice's soft tissue, 0..150 HU
+    in the body, where global noise is measured; image-domain noise is stationary), and a slice whose base noise is not below ABSOLUTE_NOISE_HU[1] /
+    BASE_MARGIN, or not measurable in its series at all, is left out. "relative": the fixed added SD
+    of LEVELS on top of each slice's own noise, scaled over the body (the earlier definition, kept to
+    reproduce earlier runs). Either way ``out_dir/sources.csv`` lists every source slice with its base
+    noise, the method and whether it was used."""
     if noise not in ("projection", "image"):
         raise ValueError(f"noise must be 'projection' or 'image', not {noise!r}")
+    if levels not in LEVEL_DEFINITIONS:
+        raise ValueError(f"levels must be one of {LEVEL_DEFINITIONS}, not {levels!r}")
     import csv
+    import json
 
     import pydicom
     from pydicom.uid import ExplicitVRLittleEndian, generate_uid
@@ -578,6 +698,7 @@ def make_synthetic_ratings(sources: Sequence[Path], out_dir: Path, *, per_slice_
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     rows = []
+    source_rows: list[tuple] = []
     by_series: dict[str, list[Path]] = {}
     for f in sources:
         ds = pydicom.dcmread(f, stop_before_pixels=True)
@@ -590,14 +711,31 @@ def make_synthetic_ratings(sources: Sequence[Path], out_dir: Path, *, per_slice_
         if max_slices_per_series and len(files) > max_slices_per_series:
             pick = np.unique(np.linspace(0, len(files) - 1, max_slices_per_series).round().astype(int))
             files = [files[i] for i in pick]
+        measured = []
         for f in files:
             vol = load_series([f])
+            body = body_mask(vol.hu[0], vol.pixel_spacing_mm)
+            base, how = base_noise_hu(vol, body)
+            measured.append((f, vol, body, base, how))
+        finite = [m[3] for m in measured if math.isfinite(m[3])]
+        for f, vol, body, base, how in measured:
+            if not math.isfinite(base) and finite:
+                base, how = float(np.median(finite)), "median of the series' measurable slices"
+            limit = ABSOLUTE_NOISE_HU[1] / BASE_MARGIN
+            use = levels == "relative" or (math.isfinite(base) and base < limit)
+            why = ("" if use else "base noise not measurable" if not math.isfinite(base)
+                   else f"base noise >= {limit:.1f} HU (level 1 total {ABSOLUTE_NOISE_HU[1]:g} HU / {BASE_MARGIN:g})")
+            source_rows.append((str(f), series_uid, f"{base:.2f}", how, "yes" if use else "no", why))
+            if not use:
+                continue
             hu = vol.hu[0]
-            body = body_mask(hu, vol.pixel_spacing_mm)
+            tissue = body & (hu >= 0) & (hu <= 150)
+            scale = tissue if levels == "absolute" and tissue.sum() >= MIN_FALLBACK_PIXELS else body
             bases = projection_noise_bases(hu, vol.pixel_spacing_mm, rng) if noise == "projection" else None
             src = pydicom.dcmread(f)
             for level, rep in ((lv, r) for lv in per_slice_levels for r in range(realisations)):
-                img = degrade(hu, int(level), rng, body, bases)
+                img = degrade(hu, int(level), rng, body, bases, noise_sd=added_noise_sd(int(level), base, levels),
+                              scale_mask=scale)
                 ds = pydicom.Dataset()
                 for kw in ("SOPClassUID", "StudyInstanceUID", "Modality", "PixelSpacing",
                            "ImagePositionPatient", "ImageOrientationPatient", "SliceThickness", "KVP",
@@ -624,6 +762,16 @@ def make_synthetic_ratings(sources: Sequence[Path], out_dir: Path, *, per_slice_
         w = csv.writer(fh)
         w.writerow(["path", "score", "rater", "sop_instance_uid"])
         w.writerows(rows)
+    with (out_dir / "sources.csv").open("w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["source", "series_instance_uid", "base_noise_hu", "method", "used", "why_not"])
+        w.writerows(source_rows)
+    info = {"levels": levels, "noise": noise, "seed": seed, "realisations": realisations,
+            "absolute_noise_hu": list(ABSOLUTE_NOISE_HU), "base_margin": BASE_MARGIN,
+            "added_noise_hu": [v[0] for v in LEVELS], "streaks": [[v[1], v[2]] for v in LEVELS],
+            "sources": [{"source": r[0], "base_noise_hu": float(r[2]), "method": r[3], "used": r[4] == "yes",
+                         "why_not": r[5]} for r in source_rows]}
+    (out_dir / SYNTHETIC_INFO).write_text(json.dumps(info, indent=1), encoding="utf-8")
     return csv_path
 
 

@@ -170,3 +170,40 @@ def test_model_with_weights_scores_the_subset(tmp_path):
     torch.save({"model_state_dict": {}}, bad)
     with pytest.raises(ValueError, match="not a Delta-IQA weights file"):
         dq.load_model(bad)
+
+
+def _slice_volume(base_sd: float, seed: int):
+    """A 512 x 512 water ellipse (40 HU) in air at 0.7 mm with CT-like noise of SD ``base_sd``."""
+    from analysis.volume import CTVolume
+
+    yy, xx = np.mgrid[0:512, 0:512]
+    body = ((yy - 256) / 200.0) ** 2 + ((xx - 256) / 230.0) ** 2 <= 1.0
+    hu = np.where(body, 40.0 + tr.ct_like_noise((512, 512), base_sd, np.random.default_rng(seed)), -1000.0)
+    return CTVolume(hu=hu[None].astype(np.float32), pixel_spacing_mm=(0.7, 0.7), slice_positions_mm=np.zeros(1),
+                    sop_instance_uids=["1.2.3"], frame_numbers=[None], sop_class_uids=["1.2.840.10008.5.1.4.1.1.2"],
+                    ctdivol_mgy=np.array([10.0]), headers=[None], meta={"kvp": 120.0, "body_part": "ABDOMEN"}), body
+
+
+def test_absolute_levels_make_the_level_a_property_of_the_image():
+    # a quiet (5 HU) and a noisy (30 HU) series: at an absolute level both end at the level's total
+    # noise (as the node's global noise measures it); a fixed added SD leaves them apart
+    from analysis.volume import CTVolume
+
+    measured = {}
+    for base in (5.0, 30.0):
+        vol, body = _slice_volume(base, seed=int(base))
+        b, how = tr.base_noise_hu(vol, body)
+        assert how == "global noise" and b == pytest.approx(base, rel=0.1)
+        for definition in ("absolute", "relative"):
+            img = tr.degrade(vol.hu[0], 2, np.random.default_rng(7), body,
+                             noise_sd=tr.added_noise_sd(2, b, definition))
+            v2 = CTVolume(**{**vol.__dict__, "hu": img[None], "body_masks": None})
+            measured[base, definition] = tr.base_noise_hu(v2, body)[0]
+    target = tr.ABSOLUTE_NOISE_HU[2]
+    assert measured[5.0, "absolute"] == pytest.approx(target, rel=0.1)
+    assert measured[30.0, "absolute"] == pytest.approx(target, rel=0.1)
+    assert abs(measured[5.0, "absolute"] - measured[30.0, "absolute"]) < 0.06 * target
+    assert measured[30.0, "relative"] - measured[5.0, "relative"] > 5.0  # 45 HU on top of 5 vs 30 HU
+    assert tr.added_noise_sd(0, 30.0) == 0.0 and tr.added_noise_sd(1, 30.0) == pytest.approx(40.0)
+    with pytest.raises(ValueError, match="not below"):
+        tr.added_noise_sd(1, 60.0)
