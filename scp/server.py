@@ -2,7 +2,10 @@
 
 Handlers are short: access control at association request, and for C-STORE a call into
 ``scp.ingest.Ingestor`` with the spooled file pynetdicom wrote while receiving (chunked receive:
-large instances never sit whole in memory). Nothing is decoded on the association thread.
+large instances never sit whole in memory), started in a helper thread the moment the dataset is
+complete (``_on_dimse_recv``) so that it overlaps pynetdicom's hand-over of the request to the
+association thread, whose C-STORE handler waits for its result. Nothing is decoded on the
+association thread.
 """
 
 from __future__ import annotations
@@ -21,13 +24,14 @@ from pathlib import Path
 
 import os
 import weakref
+from concurrent.futures import ThreadPoolExecutor
 
 from pynetdicom import AE, _config, dimse_messages, evt
 from pynetdicom.pdu_primitives import A_RELEASE
 from pynetdicom.sop_class import Verification
 from pynetdicom.transport import ThreadedAssociationServer
 
-from scp.ingest import ACCEPTED_SOP_CLASSES, Ingestor, StoreStatus
+from scp.ingest import ACCEPTED_SOP_CLASSES, Ingestor, StoreResult, StoreStatus
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +103,7 @@ class SpoolFile:
         self.error: str | None = None
         self.received = 0
         self.flushed = None  # concurrent.futures.Future of the file's flush, once complete
+        self.stored = None  # concurrent.futures.Future of its store_file result, once started
         self._fd: int | None = None
         self.name = str(spool_dir / f"in-{secrets.token_hex(8)}.dcm")
         if min_free_bytes and self._free() < min_free_bytes:
@@ -312,6 +317,7 @@ class StorageSCP:
         self._listen_socket = listen_socket
         self._stats: dict[int, _AssocStats] = {}
         self._lock = threading.Lock()
+        self._stores: ThreadPoolExecutor | None = None  # each complete C-STORE's storing, started at once
 
         ae = AE(ae_title=ae_title)
         ae.maximum_pdu_size = max_pdu
@@ -337,6 +343,9 @@ class StorageSCP:
         _config.STORE_RECV_CHUNKED_DATASET = True
         dimse_messages.NamedTemporaryFile = _spool_file_factory
         _SCP_BY_AE[id(self.ae)] = self
+        # one at a time per association: as many threads as associations
+        self._stores = ThreadPoolExecutor(max_workers=max(1, self.ae.maximum_associations),
+                                          thread_name_prefix="ingest-store")
         handlers = [
             (evt.EVT_CONN_OPEN, self._on_conn_open),
             (evt.EVT_REQUESTED, self._on_requested),
@@ -406,6 +415,9 @@ class StorageSCP:
             self._server = None
         _SCP_BY_AE.pop(id(self.ae), None)
         self.ae.shutdown()
+        stores, self._stores = self._stores, None
+        if stores is not None:
+            stores.shutdown(wait=True)  # (what was started is stored before the rows are committed)
         self.ingestor.close()  # the index rows still queued are committed
 
     # -- handlers -----------------------------------------------------------------------------
@@ -488,10 +500,28 @@ class StorageSCP:
 
     def _on_dimse_recv(self, event) -> None:
         # On the DUL thread, the moment a DIMSE message is complete (before the association thread
-        # can take it): a C-STORE's spooled dataset starts its flush to the device now.
+        # takes it: pynetdicom's association thread looks for a message every millisecond): a
+        # C-STORE's spooled dataset starts its flush to the device, and its storing (walk, rename,
+        # the folder's flush, the index hand-off) starts in a helper thread; the C-STORE handler
+        # then waits for its result. Both overlap the request's pick-up.
         spool = getattr(event.message, "_data_set_file", None)
-        if isinstance(spool, SpoolFile):
-            spool.complete(self.ingestor.start_flush)
+        if not isinstance(spool, SpoolFile):
+            return
+        spool.complete(self.ingestor.start_flush)
+        if spool.flushed is None or self._stores is None:
+            return  # (receiving failed, or no helper thread): the handler does it all
+        try:
+            msg = event.message
+            cs = msg.command_set
+            ts = event.assoc._accepted_cx[msg.context_id].transfer_syntax[0]
+            st = self._stats.get(id(event.assoc))
+            spool.stored = self._stores.submit(
+                self.ingestor.store_file, Path(spool.name),
+                affected_sop_class=str(cs.AffectedSOPClassUID), affected_sop_instance=str(cs.AffectedSOPInstanceUID),
+                transfer_syntax=str(ts), scanner=st.scanner if st else None, calling_ae=st.calling_ae if st else None,
+                peer_host=st.host if st else None, flushed=spool.flushed)
+        except Exception as exc:  # (e.g. stopping) the handler stores it itself
+            log.debug("early store not started: %s", exc)
 
     def _on_echo(self, event) -> int:
         return 0x0000
@@ -514,21 +544,10 @@ class StorageSCP:
                 log.error("C-STORE failed: instance not stored while receiving (%s); %d bytes dropped",
                           spooled.error, spooled.received)
                 return int(StoreStatus.OUT_OF_RESOURCES)
-        try:
-            path = Path(event.dataset_path)
-        except AttributeError:  # chunked receive disabled by someone: write the bytes to the spool
-            path = self.spool_dir / f"in-{secrets.token_hex(8)}.dcm"
-            path.write_bytes(event.encoded_dataset())
-        result = self.ingestor.store_file(
-            path,
-            affected_sop_class=str(req.AffectedSOPClassUID),
-            affected_sop_instance=str(req.AffectedSOPInstanceUID),
-            transfer_syntax=str(event.context.transfer_syntax),
-            scanner=st.scanner if st else None,
-            calling_ae=st.calling_ae if st else None,
-            peer_host=st.host if st else None,
-            flushed=flushed,
-        )
+        if isinstance(spooled, SpoolFile) and spooled.stored is not None:
+            result = self._result(spooled.stored, event)
+        else:
+            result = self._store_here(event, st, flushed)
         if st is not None:
             if result.status == StoreStatus.SUCCESS:
                 if result.outcome == "stored":
@@ -538,3 +557,28 @@ class StorageSCP:
             else:
                 st.failed += 1
         return int(result.status)
+
+    def _result(self, stored, event):
+        try:
+            return stored.result()
+        except Exception as exc:  # (store_file answers every failure itself: a bug, not the peer's fault)
+            log.error("C-STORE failed: unexpected error (%s: %s)", type(exc).__name__, str(exc)[:200])
+            return StoreResult(StoreStatus.PROCESSING_FAILURE, detail=f"unexpected error: {type(exc).__name__}")
+
+    def _store_here(self, event, st, flushed):
+        req = event.request
+        try:
+            path = Path(event.dataset_path)
+        except AttributeError:  # chunked receive disabled by someone: write the bytes to the spool
+            path = self.spool_dir / f"in-{secrets.token_hex(8)}.dcm"
+            path.write_bytes(event.encoded_dataset())
+        return self.ingestor.store_file(
+            path,
+            affected_sop_class=str(req.AffectedSOPClassUID),
+            affected_sop_instance=str(req.AffectedSOPInstanceUID),
+            transfer_syntax=str(event.context.transfer_syntax),
+            scanner=st.scanner if st else None,
+            calling_ae=st.calling_ae if st else None,
+            peer_host=st.host if st else None,
+            flushed=flushed,
+        )

@@ -1,5 +1,5 @@
-"""The receive path over real associations: the file's flush starting as soon as the dataset is
-complete (before the C-STORE handler runs), and several receiving processes (node.receivers)
+"""The receive path over real associations: the file's flush and its storing starting as soon as the
+dataset is complete (on pynetdicom's receive thread, before the C-STORE handler runs), and several receiving processes (node.receivers)
 sharing the DICOM port: concurrent associations served by more than one process, every instance
 stored once and indexed, a refused instance still refused."""
 
@@ -40,7 +40,7 @@ def _status(rsp) -> int:
     return int(rsp.Status) if "Status" in rsp else -1
 
 
-def test_the_file_flush_starts_when_the_dataset_is_complete_before_the_handler(tmp_path, monkeypatch):
+def test_flush_and_store_start_when_the_dataset_is_complete_before_the_handler(tmp_path, monkeypatch):
     from pynetdicom.dul import DULServiceProvider
 
     store = FileStore(tmp_path / "var")
@@ -57,11 +57,18 @@ def test_the_file_flush_starts_when_the_dataset_is_complete_before_the_handler(t
         return real_start(self, fd)
 
     def store_file(self, spooled, **kw):
-        events.append(("handler", "early" if kw.get("flushed") is not None else "none"))
+        where = threading.current_thread().name.split("_")[0]
+        events.append(("store", where, "flushing" if kw.get("flushed") is not None else "not flushing"))
         return real_store(self, spooled, **kw)
 
+    def on_store(self, event):
+        events.append(("handler",))
+        return real_on_store(self, event)
+
+    real_on_store = StorageSCP._on_store
     monkeypatch.setattr(Ingestor, "start_flush", start_flush)
     monkeypatch.setattr(Ingestor, "store_file", store_file)
+    monkeypatch.setattr(StorageSCP, "_on_store", on_store)
     scp = StorageSCP(ae_title="CTQA", host="127.0.0.1", port=0, peers=[AllowedPeer("CT1", "CT1")], ingestor=ing,
                      spool_dir=store.spool)
     port = scp.start()
@@ -78,8 +85,12 @@ def test_the_file_flush_starts_when_the_dataset_is_complete_before_the_handler(t
     finally:
         scp.stop()
     assert statuses == [0, 0, 0, StoreStatus.INVALID_UID]
-    # every dataset: its flush started on pynetdicom's receive (DUL) thread, then the handler ran with it
-    assert events == [("flush", "dul"), ("handler", "early")] * 4, events
+    # every dataset: its flush started on pynetdicom's receive (DUL) thread, its storing in a helper
+    # thread with that flush (not by the handler, which only waits for it)
+    assert len(events) == 12, events
+    for i in range(0, 12, 3):
+        assert events[i] == ("flush", "dul"), events
+        assert sorted(events[i + 1:i + 3]) == [("handler",), ("store", "ingest-store", "flushing")], events
     assert len(store.store_files()) == 3 and not list(store.spool.iterdir())
     db.dispose()
 
