@@ -70,6 +70,16 @@ def patient_split(groups, holdout: float, seed: int) -> tuple[np.ndarray, np.nda
     return train, held
 
 
+def _nan_to_none(v):
+    if isinstance(v, float) and v != v:
+        return None
+    if isinstance(v, dict):
+        return {k: _nan_to_none(x) for k, x in v.items()}
+    if isinstance(v, list):
+        return [_nan_to_none(x) for x in v]
+    return v
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--epochs", type=int, default=tr.DEFAULT_EPOCHS)
@@ -209,6 +219,7 @@ def main(argv: list[str] | None = None) -> int:
         "per_series": args.per_series, "held_out_per_series": per_series, "losses": res.losses, "val_srocc": res.val_srocc,
         "finished_at": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
         "load_avg_1min": os.getloadavg()[0]}
+    record = _nan_to_none(record)  # strict JSON: an undefined figure is null
     if args.json:
         Path(args.json).write_text(json.dumps(record, indent=1))
     if args.log:
