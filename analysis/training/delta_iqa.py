@@ -408,7 +408,7 @@ def _synthetic_card_lines(info: dict | None) -> list[str]:
     if not info:
         return ["- How the levels were made is not recorded beside the ratings file (no "
                 f"`{SYNTHETIC_INFO}`)."]
-    streak = ", ".join(f"{n} x {a:g} HU" for n, a in info["streaks"])
+    streak = ", ".join(f"{n} x {a:g} HU" if n else "none" for n, a in info["streaks"])
     used = [s for s in info["sources"] if s["used"]]
     left = [s for s in info["sources"] if not s["used"]]
     if info["levels"] == "absolute":
