@@ -95,7 +95,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from tests.helpers import PHANTOM_1MM, PHANTOM_5MM, SHARED_DATA, NodeProcess, free_port, write_config  # noqa: E402
+from tests.helpers import (PHANTOM_1MM, PHANTOM_5MM, SHARED_DATA, NodeProcess, free_port,  # noqa: E402
+                           pacs_destination, write_config)
 
 LOCALIZER = SHARED_DATA / "corpus" / "pylibjpeg-data" / "Philips_Brilliance64_localizer_J2K"
 KINDS = ("localizer", "thick", "thin", "mpr_cor", "mpr_sag", "dose", "duplicate")
@@ -593,19 +594,9 @@ def run(args, day: list[SeriesPlan], sample: list[SeriesPlan], folders: dict[int
     scanners = "".join(f'[[scanners]]\nname = "CT{i}"\nae_title = "CT{i}"\nhosts = ["127.0.0.1"]\n\n'
                        for i in range(1, 6))
     cfg = write_config(work / "config.toml", data_dir=data, port=node_port, stable_age_s=args.stable_age_s,
-                       scanners=scanners, models=args.models, extra=f"""workers = {args.workers}
-
-[[destinations]]
-name = "PACS"
-ae_title = "{pacs.ae_title}"
-host = "127.0.0.1"
-port = {pacs.dicom_port}
-
-[outbox]
-retry_initial_s = 2
-retry_max_s = 10
-poll_s = 1
-""")
+                       scanners=scanners, models=args.models,
+                       extra=f"workers = {args.workers}\n" + pacs_destination(
+                           pacs.dicom_port, ae_title=pacs.ae_title, retry_initial_s=2, retry_max_s=10, poll_s=1))
     node = NodeProcess(cfg, work)
     mon = None
     try:

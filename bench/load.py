@@ -43,8 +43,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from node.orthanc import LocalOrthanc  # noqa: E402
-from tests.helpers import (PHANTOM_1MM, PHANTOM_5MM, SHARED_DATA, NodeProcess, free_port, qa_node,  # noqa: E402
-                           write_config)
+from tests.helpers import (PHANTOM_1MM, PHANTOM_5MM, SHARED_DATA, NodeProcess, free_port,  # noqa: E402
+                           pacs_destination, qa_node, write_config)
 
 CORPUS_SERIES = ("dcmqi/GE_LightSpeedUltra_3slice", "dicom2nifti/GE_LightSpeed16_sliceincrement")
 N_SERIES = 10
@@ -234,18 +234,7 @@ def run(work: Path, series: dict[str, list[Path]], args, *, faults: bool) -> dic
     data = work / "var"
     cfg = write_config(
         work / "config.toml", data_dir=data, port=node_port, stable_age_s=args.stable_age_s,
-        extra=f"""
-[[destinations]]
-name = "PACS"
-ae_title = "{pacs.ae_title}"
-host = "127.0.0.1"
-port = {pacs.dicom_port}
-
-[outbox]
-retry_initial_s = 1
-retry_max_s = 4
-poll_s = 1
-""")
+        extra=pacs_destination(pacs.dicom_port, ae_title=pacs.ae_title, retry_max_s=4, poll_s=1))
     node = NodeProcess(cfg, work)
     rss = Rss()
     try:

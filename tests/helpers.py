@@ -74,6 +74,18 @@ models = {models}
     return path
 
 
+def pacs_destination(port: int, *, ae_title: str = "ORTHANC", tls: bool = False, outbox: bool = True,
+                     retry_initial_s: float = 1, retry_max_s: float = 2, poll_s: float = 0.5) -> str:
+    """TOML of one destination "PACS" on loopback (e.g. a LocalOrthanc's DICOM ``port``) and, unless
+    ``outbox`` is False, the ``[outbox]`` retry timing (fast, for tests): ``write_config``'s ``extra``,
+    which comes after the [analysis] keys."""
+    text = (f'\n[[destinations]]\nname = "PACS"\nae_title = "{ae_title}"\nhost = "127.0.0.1"\nport = {port}\n'
+            + ("tls = true\n" if tls else ""))
+    if outbox:
+        text += f"\n[outbox]\nretry_initial_s = {retry_initial_s}\nretry_max_s = {retry_max_s}\npoll_s = {poll_s}\n"
+    return text
+
+
 def dataset_bytes(path: Path) -> bytes:
     """The encoded dataset after the File Meta Information (what travels over DIMSE)."""
     raw = Path(path).read_bytes()

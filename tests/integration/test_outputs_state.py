@@ -19,15 +19,14 @@ from node.worker import AnalysisWorker
 from reports.sr import read_measurement_report
 from storage.db import Database
 from storage.models import Delivery, Job, OutputObject, SeriesMetric, AnalysisRun
-from tests.helpers import write_config
+from tests.helpers import pacs_destination, write_config
 from tests.integration.test_node_pipeline import phantom_slices, push_and_analyse, run_pending
 
 
 @pytest.fixture
 def setup(tmp_path):
-    cfg = write_config(tmp_path / "config.toml", data_dir=tmp_path / "var", models='["basic", "classical"]')
-    dest = '[[destinations]]\nname = "PACS"\nae_title = "ORTHANC"\nhost = "127.0.0.1"\nport = 4242\n'
-    cfg.write_text(cfg.read_text().replace("[analysis]", dest + "\n[analysis]"))
+    cfg = write_config(tmp_path / "config.toml", data_dir=tmp_path / "var", models='["basic", "classical"]',
+                       extra=pacs_destination(4242, outbox=False))
     settings = load_settings(str(cfg))
     n = Node(settings)
     n.prepare()

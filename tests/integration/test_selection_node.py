@@ -19,7 +19,7 @@ from node.worker import AnalysisWorker
 from storage.models import AnalysisRun, Job, OutputObject, Series
 from storage.repo import complete_due_series
 from storage.trends import TrendPoint
-from tests.helpers import PHANTOM_1MM, PHANTOM_5MM, qa_node, require
+from tests.helpers import PHANTOM_1MM, PHANTOM_5MM, pacs_destination, qa_node, require
 from tests.integration.test_node_pipeline import push_files, run_pending
 
 CONFIG = """
@@ -31,13 +31,7 @@ database = "sqlite:///{var}/ctqa.sqlite"
 [[scanners]]
 name = "CT1"
 ae_title = "CT1"
-
-[[destinations]]
-name = "PACS"
-ae_title = "ORTHANC"
-host = "127.0.0.1"
-port = 4242
-
+""" + pacs_destination(4242, outbox=False) + """
 [analysis]
 device = "cpu"
 models = ["basic", "classical"]

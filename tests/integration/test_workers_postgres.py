@@ -28,8 +28,8 @@ from sqlalchemy import func, select
 from node.orthanc import LocalOrthanc
 from storage.db import Database
 from storage.models import AnalysisRun, Delivery, Job, OutputObject, Series
-from tests.helpers import PHANTOM_5MM, NodeProcess, qa_node, require, require_tool, storescu, wait_until, \
-    write_config
+from tests.helpers import PHANTOM_5MM, NodeProcess, pacs_destination, qa_node, require, require_tool, storescu, \
+    wait_until, write_config
 from tests.integration.test_trends_postgres import pg_url  # noqa: F401 - the fixture
 
 N_SERIES = 6  # the slow one and five the two workers share while it runs
@@ -89,12 +89,10 @@ def test_two_worker_machines_one_killed_every_series_analysed_and_delivered_once
     shared = tmp_path / "shared"  # the data folder every machine mounts (NFS at a site)
     with LocalOrthanc(known_aes={"CTQA": ("127.0.0.1", 104)}, workdir=tmp_path / "orthanc") as pacs:
         cfg = write_config(tmp_path / "config.toml", data_dir=shared, stable_age_s=1.0,
-                           models='["basic", "classical"]', extra=f"workers = 0\nlease_s = {LEASE_S}\n")
-        text = cfg.read_text().replace(f'database = "sqlite:///{shared}/ctqa.sqlite"', f'database = "{pg_url}"')
-        text = text.replace("[analysis]", f'[[destinations]]\nname = "PACS"\nae_title = "ORTHANC"\nhost = "127.0.0.1"\n'
-                            f'port = {pacs.dicom_port}\n[outbox]\nretry_initial_s = 1\nretry_max_s = 2\npoll_s = 0.5\n\n'
-                            "[analysis]")
-        cfg.write_text(text)
+                           models='["basic", "classical"]',
+                           extra=f"workers = 0\nlease_s = {LEASE_S}\n" + pacs_destination(pacs.dicom_port))
+        sqlite = f'database = "sqlite:///{shared}/ctqa.sqlite"'
+        cfg.write_text(cfg.read_text().replace(sqlite, f'database = "{pg_url}"'))
         node = NodeProcess(cfg, tmp_path)
         node.start()
         env = dict(os.environ, CTQA_TEST_SLOW_SERIES=f"{slow}={SLOW_S}")

@@ -34,7 +34,8 @@ import pytest
 from pydicom.uid import generate_uid
 
 from node.orthanc import LocalOrthanc
-from tests.helpers import SHARED_DATA, NodeProcess, node_sql, qa_node, require, require_tool, write_config
+from tests.helpers import SHARED_DATA, NodeProcess, node_sql, pacs_destination, qa_node, require, require_tool, \
+    write_config
 
 pytestmark = pytest.mark.interop
 
@@ -190,11 +191,8 @@ def test_every_corpus_series_gets_outputs_or_a_reason(tmp_path):
     require_tool("dciodvfy")
     folders = prepare_corpus(tmp_path / "remapped")
     with LocalOrthanc(known_aes={"CTQA": ("127.0.0.1", 104)}, workdir=tmp_path / "orthanc") as pacs:
-        extra = (f'[[destinations]]\nname = "PACS"\nae_title = "ORTHANC"\nhost = "127.0.0.1"\n'
-                 f'port = {pacs.dicom_port}\n[outbox]\nretry_initial_s = 1\nretry_max_s = 2\npoll_s = 0.5\n')
         cfg = write_config(tmp_path / "config.toml", data_dir=tmp_path / "var", stable_age_s=1.0,
-                           models='["basic", "classical"]')
-        cfg.write_text(cfg.read_text().replace("[analysis]", extra + "\n[analysis]"))
+                           models='["basic", "classical"]', extra=pacs_destination(pacs.dicom_port))
         node = NodeProcess(cfg, tmp_path)
         node.start()
         try:

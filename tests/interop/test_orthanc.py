@@ -8,8 +8,8 @@ import pydicom
 import pytest
 
 from node.orthanc import LocalOrthanc
-from tests.helpers import PHANTOM_5MM, NodeProcess, node_sql, qa_node, require, require_tool, storescu, \
-    wait_until, write_config
+from tests.helpers import PHANTOM_5MM, NodeProcess, node_sql, pacs_destination, qa_node, require, require_tool, \
+    storescu, wait_until, write_config
 
 pytestmark = pytest.mark.interop
 
@@ -19,12 +19,8 @@ PDF_CLASS = "1.2.840.10008.5.1.4.1.1.104.1"  # Encapsulated PDF
 
 
 def node_with_destination(tmp_path, orthanc: LocalOrthanc, dest_ae: str = "ORTHANC", **kw) -> NodeProcess:
-    extra = (f'[[destinations]]\nname = "PACS"\nae_title = "{dest_ae}"\nhost = "127.0.0.1"\nport = {orthanc.dicom_port}\n'
-             '[outbox]\nretry_initial_s = 1\nretry_max_s = 2\npoll_s = 0.5\n')
-    # [[destinations]] must come before [analysis]'s keys end: put it after the models line
+    kw["extra"] = kw.get("extra", "") + pacs_destination(orthanc.dicom_port, ae_title=dest_ae)
     cfg = write_config(tmp_path / "config.toml", data_dir=tmp_path / "var", models='["basic", "classical"]', **kw)
-    text = cfg.read_text()
-    cfg.write_text(text.replace("[analysis]", extra + "\n[analysis]"))
     return NodeProcess(cfg, tmp_path)
 
 

@@ -11,7 +11,8 @@ import pytest
 from node.orthanc import LocalOrthanc
 from storage.db import Database
 from storage.filestore import FileStore
-from tests.helpers import NodeProcess, node_sql, qa_node, queue_outbox_objects, require_tool, wait_until, write_config
+from tests.helpers import NodeProcess, node_sql, pacs_destination, qa_node, queue_outbox_objects, require_tool, \
+    wait_until, write_config
 
 pytestmark = pytest.mark.interop
 
@@ -29,10 +30,7 @@ def test_250_queued_objects_reach_orthanc_each_once(tmp_path):
     uids = queue_outbox_objects(db, store, N, ["PACS"], implicit_every=4)
     db.dispose()
     with LocalOrthanc(known_aes={"CTQA": ("127.0.0.1", 104)}, workdir=tmp_path / "orthanc") as pacs:
-        dest = (f'[[destinations]]\nname = "PACS"\nae_title = "ORTHANC"\nhost = "127.0.0.1"\nport = {pacs.dicom_port}\n'
-                '[outbox]\nretry_initial_s = 1\nretry_max_s = 2\npoll_s = 0.5\n')
-        cfg = write_config(tmp_path / "config.toml", data_dir=var)
-        cfg.write_text(cfg.read_text().replace("[analysis]", dest + "\n[analysis]"))
+        cfg = write_config(tmp_path / "config.toml", data_dir=var, extra=pacs_destination(pacs.dicom_port))
         node = NodeProcess(cfg, tmp_path)
         node.start()
         try:

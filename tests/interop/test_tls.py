@@ -19,6 +19,7 @@ from tests.helpers import (
     TlsPki,
     free_port,
     node_sql,
+    pacs_destination,
     qa_node,
     require,
     require_tool,
@@ -158,10 +159,7 @@ def test_outbox_delivers_to_orthanc_over_dicom_tls(tmp_path, pki):
     tls = {"certificate": pki.cert("pacs"), "private_key": pki.key("pacs"), "trusted_certificates": pki.ca,
            "remote_certificate_required": True}
     with LocalOrthanc(known_aes={"CTQA": ("127.0.0.1", 104)}, workdir=tmp_path / "orthanc", tls=tls) as pacs:
-        dest = (f'[[destinations]]\nname = "PACS"\nae_title = "ORTHANC"\nhost = "127.0.0.1"\n'
-                f'port = {pacs.dicom_port}\ntls = true\n'
-                '[outbox]\nretry_initial_s = 1\nretry_max_s = 2\npoll_s = 0.5\n')
-        node = tls_node(tmp_path, pki, extra=dest)
+        node = tls_node(tmp_path, pki, extra=pacs_destination(pacs.dicom_port, tls=True))
         port = node.start()
         try:
             # the scanner pushes over TLS; the results leave over TLS
