@@ -1,11 +1,13 @@
 """Ingest throughput: DCMTK storescu pushing one series (by default the shared 140-slice Philips
 series, ../shared/data/ct/philips_head_phantom/S2020_1mm_std; ``--slices N`` makes a synthetic
 512x512 series instead) on one association to (a) DCMTK storescp, (b) `qa-node serve` with full
-durability (the file and its folder fsynced before Success, a series' first index row committed
-durably, later rows group-committed: README, C-STORE statuses) and (d) Orthanc, the PACS a site
+durability (the file's data flushed, fdatasync, and its folder fsynced after the rename, both
+before Success; a series' first index row committed durably, later rows group-committed: README,
+C-STORE statuses) and (d) Orthanc, the PACS a site
 would otherwise point its scanners at (its storage area synced, ``SyncStorageArea``).
 
-Rounds alternate the receivers; prints slices/s per round, the medians and the ratios.
+Rounds alternate the receivers (storescp, Orthanc, minimal pynetdicom, node); prints slices/s per
+round, the medians and the ratios.
 Targets: qa-node >= Orthanc and >= 0.9 of the minimal pynetdicom SCP. TCP_NODELAY=1 is set for
 DCMTK everywhere, Orthanc included (DCMTK leaves Nagle on, and Orthanc's DICOM side is DCMTK: without
 it each PDU waits for the delayed ACK and Orthanc stalls at ~20 slices/s; Orthanc's own
@@ -16,7 +18,14 @@ TCP_NODELAY, 1 MiB max PDU, 0.1 ms DUL loop delay) whose C-STORE handler only de
 is timed in the same rotation: it is the ceiling that pynetdicom itself puts on any node built on it,
 before header parsing, hashing, fsync and the index.
 
-    .venv/bin/python bench/ingest.py [--series FOLDER | --slices N] [--runs 3] [--only node,orthanc,...]
+``--associations K`` (K >= 2) splits the series into K parts pushed at once, one storescu
+association each (a PACS forwarding, or several scanners): slices/s is all K parts over the wall
+time of the last to finish. storescp then forks per association (``--fork``); the node is timed
+twice, as configured by default (``node``: node.receivers = 1, every association a thread of one
+process) and with ``node.receivers = K`` (``node_procs``: one receiving process per association).
+
+    .venv/bin/python bench/ingest.py [--series FOLDER | --slices N] [--runs 3] [--associations K]
+                                     [--only storescp,orthanc,minimal,node,node_procs]
 """
 
 from __future__ import annotations
@@ -72,15 +81,35 @@ def make_series(folder: Path, n: int, size: int = 512) -> None:
         ds.save_as(folder / f"CT{i:04d}.dcm", enforce_file_format=True)
 
 
+PARTS: list[Path] = []  # --associations K: the series split into K folders (links), pushed at once
+
+
 def push(port: int, folder: Path, called: str) -> float:
+    """Wall time of one storescu association pushing ``folder``, or with ``PARTS`` set of one
+    association per part, all started at once (until the last one is done)."""
     env = dict(os.environ, TCP_NODELAY="1")
+    folders = PARTS or [folder]
     t0 = time.perf_counter()
-    r = subprocess.run(["storescu", "-aet", "CT1", "-aec", called, "+sd", "-nh", "127.0.0.1", str(port), str(folder)],
-                       capture_output=True, text=True, env=env)
+    procs = [subprocess.Popen(["storescu", "-aet", "CT1", "-aec", called, "+sd", "-nh", "127.0.0.1", str(port), str(f)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) for f in folders]
+    outs = [p.communicate() for p in procs]
     dt = time.perf_counter() - t0
-    if r.returncode != 0:
-        raise RuntimeError(f"storescu failed: {r.stderr[-500:]}")
+    for p, (_, err) in zip(procs, outs):
+        if p.returncode != 0:
+            raise RuntimeError(f"storescu failed: {err[-500:]}")
     return dt
+
+
+def split_series(series: Path, work: Path, k: int) -> list[Path]:
+    files = sorted(p for p in series.iterdir() if p.is_file() and p.name not in ("LICENSE", "README.md"))
+    parts = []
+    for i in range(k):
+        part = work / f"part{i + 1}"
+        part.mkdir()
+        for f in files[i::k]:
+            (part / f.name).symlink_to(f.resolve())
+        parts.append(part)
+    return parts
 
 
 def wait_port(port: int, timeout: float = 30.0) -> None:
@@ -119,7 +148,8 @@ def run_storescp(folder: Path, work: Path, n: int) -> float:
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir()
     port = free_port()
-    proc = subprocess.Popen(["storescp", "-aet", "STORESCP", "--max-pdu", "131072", "-od", str(out), str(port)],
+    fork = ["--fork"] if PARTS else []  # one process per association (storescp serves one at a time)
+    proc = subprocess.Popen(["storescp", *fork, "-aet", "STORESCP", "--max-pdu", "131072", "-od", str(out), str(port)],
                             env=dict(os.environ, TCP_NODELAY="1"), stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     try:
@@ -129,6 +159,8 @@ def run_storescp(folder: Path, work: Path, n: int) -> float:
     finally:
         proc.terminate()
         proc.wait()
+    if PARTS:  # (the forked children may still be writing their last files)
+        time.sleep(0.5)
     assert len(list(out.iterdir())) == n, "storescp did not store every slice"
     return n / dt
 
@@ -199,16 +231,20 @@ def run_orthanc(folder: Path, work: Path, n: int) -> float:
     return n / dt
 
 
-def run_node(folder: Path, work: Path, n: int) -> float:
+def run_node(folder: Path, work: Path, n: int, receivers: int = 1) -> float:
     node_dir = work / "node"
     shutil.rmtree(node_dir, ignore_errors=True)
     node_dir.mkdir()
     # stable age long enough that analysis does not compete with the receive
     cfg = write_config(node_dir / "config.toml", data_dir=node_dir / "var", stable_age_s=600)
+    if receivers != 1:
+        cfg.write_text(cfg.read_text().replace("[node]\n", f"[node]\nreceivers = {receivers}\n", 1))
     proc = NodeProcess(cfg, node_dir)
     proc.start()
     try:
         settle(proc.proc.pid)
+        for child in _children(proc.proc.pid):
+            settle(child)
         dt = push(proc.port, folder, "CTQA")
     finally:
         proc.stop()
@@ -216,9 +252,24 @@ def run_node(folder: Path, work: Path, n: int) -> float:
     return n / dt
 
 
+def run_node_procs(folder: Path, work: Path, n: int) -> float:
+    return run_node(folder, work, n, receivers=max(2, len(PARTS)))
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return [int(x) for x in f.read().split()]
+    except OSError:
+        return []
+
+
 SHARED_SERIES = REPO.parent / "shared" / "data" / "ct" / "philips_head_phantom" / "S2020_1mm_std"
-RECEIVERS = {"storescp": run_storescp, "node": run_node, "minimal": run_minimal_pynetdicom, "orthanc": run_orthanc}
-LABELS = {"storescp": "storescp", "node": "qa-node", "minimal": "minimal pynetdicom", "orthanc": "Orthanc"}
+RECEIVERS = {"storescp": run_storescp, "orthanc": run_orthanc, "minimal": run_minimal_pynetdicom, "node": run_node,
+             "node_procs": run_node_procs}
+LABELS = {"storescp": "storescp", "node": "qa-node", "minimal": "minimal pynetdicom", "orthanc": "Orthanc",
+          "node_procs": "qa-node receivers=K"}
+ONE_ASSOCIATION = ("storescp", "orthanc", "minimal", "node")  # the default rotation on one association
 
 
 def load_note() -> str:
@@ -232,9 +283,17 @@ def main() -> int:
                     help=f"folder of one series to push (default: {SHARED_SERIES} when present)")
     ap.add_argument("--slices", type=int, default=None, help="push a synthetic series of N 512x512 slices instead")
     ap.add_argument("--runs", type=int, default=3)
-    ap.add_argument("--only", default=",".join(RECEIVERS), help="comma-separated receivers: " + ", ".join(RECEIVERS))
+    ap.add_argument("--associations", type=int, default=1,
+                    help="push the series split over K associations at once (default 1)")
+    ap.add_argument("--only", default=None,
+                    help="comma-separated receivers in rotation order: " + ", ".join(RECEIVERS)
+                    + f" (default {','.join(ONE_ASSOCIATION)}; with --associations K >= 2 node_procs too)")
     args = ap.parse_args()
-    only = [x.strip() for x in args.only.split(",") if x.strip()]
+    if args.associations < 1:
+        print("--associations must be >= 1", file=sys.stderr)
+        return 2
+    default = ",".join(ONE_ASSOCIATION) + (",node_procs" if args.associations > 1 else "")
+    only = [x.strip() for x in (args.only or default).split(",") if x.strip()]
     for x in only:
         if x not in RECEIVERS:
             print(f"unknown receiver {x!r}; known: {', '.join(RECEIVERS)}", file=sys.stderr)
@@ -256,7 +315,10 @@ def main() -> int:
             n = args.slices or 300
             make_series(series, n)
             what = f"synthetic {n} slices 512x512"
-        print(f"series: {what}; one association per round; {load_note()}")
+        if args.associations > 1:
+            PARTS[:] = split_series(series, work, args.associations)
+        how = "one association" if args.associations == 1 else f"{args.associations} associations at once"
+        print(f"series: {what}; {how} per round; {load_note()}")
         figures: dict[str, list[float]] = {x: [] for x in only}
         for i in range(args.runs):
             for x in only:
@@ -265,11 +327,15 @@ def main() -> int:
                   + f" slices/s   ({load_note()})")
         med = {x: statistics.median(v) for x, v in figures.items()}
         print("median slices/s: " + ", ".join(f"{LABELS[x]} {med[x]:.1f}" for x in only))
-        if "node" in med:
+        for node in ("node", "node_procs"):
+            if node not in med:
+                continue
             for ref, target in (("orthanc", 1.0), ("minimal", 0.9), ("storescp", None)):
                 if ref in med:
                     goal = f" (target >= {target})" if target else ""
-                    print(f"qa-node / {LABELS[ref]}: {med['node'] / med[ref]:.2f}{goal}")
+                    print(f"{LABELS[node]} / {LABELS[ref]}: {med[node] / med[ref]:.2f}{goal}")
+        if "node" in med and "node_procs" in med:
+            print(f"{LABELS['node_procs']} / {LABELS['node']}: {med['node_procs'] / med['node']:.2f}")
         print(f"after: {load_note()}")
     return 0
 
