@@ -741,8 +741,11 @@ def _drop_other_claims(s: Session, series_id: int, keep_digest: str) -> None:
 def settle_reconstruction_claims(s: Session, job_id: int, outcome: str | None) -> None:
     """When job ``job_id`` closes (in its closing transaction): a claim it holds is marked analysed
     (outcome done), or else released unless its series analysed it before; the series skipped as
-    duplicates of a released claim get a new pending job, so that one of them analyses it instead."""
+    duplicates of a released claim get a new pending job, so that one of them analyses it instead; a
+    job closing skipped as the duplicate of a claim released meanwhile queues its series itself."""
     claims = s.scalars(select(ReconstructionClaim).where(ReconstructionClaim.job_id == job_id)).all()
+    if not claims and outcome == "skipped":
+        _requeue_if_holder_released(s, job_id)
     for claim in claims:
         if outcome == "done":
             claim.analysed = True
@@ -762,6 +765,32 @@ def settle_reconstruction_claims(s: Session, job_id: int, outcome: str | None) -
             s.add(Job(series_id=series_id, generation=generation, state=JobState.PENDING, models=models))
             log.info("analysis job %d ended without analysing its reconstruction: series %s (skipped as its "
                      "duplicate) queued again", job_id, uid)
+
+
+def _requeue_if_holder_released(s: Session, job_id: int) -> None:
+    """Job ``job_id`` closes skipped as a duplicate: if the claim it was a duplicate of is gone by now
+    (its holder failed and released it while this job was still running, so that release could not
+    queue this series again), queue it again here. The claim row is read FOR UPDATE (PostgreSQL):
+    either the release commits first and this transaction finds no claim, or this one commits first
+    and the release's scan, which runs after its delete waited for this transaction, finds this job
+    skipped. SQLite serialises the two closing transactions (each starts with an UPDATE)."""
+    job = s.get(Job, job_id)
+    rec = _selection_record(job.selection)
+    reconstruction = rec.get("reconstruction")
+    if not reconstruction or not any(isinstance(d, dict) and d.get("rule") == DUPLICATE_RULE
+                                     for d in rec.get("decisions") or ()):
+        return
+    series = s.get(Series, job.series_id)
+    if not series.study_instance_uid:
+        return
+    held = s.scalars(select(ReconstructionClaim.id).where(
+        ReconstructionClaim.study_instance_uid == series.study_instance_uid,
+        ReconstructionClaim.key_sha256 == _claim_digest(reconstruction)).with_for_update()).first()
+    if held is not None or _legacy_holder(s, series.study_instance_uid, reconstruction, series.series_instance_uid):
+        return
+    s.add(Job(series_id=series.id, generation=job.generation, state=JobState.PENDING, models=job.models))
+    log.info("analysis job %d skipped as a duplicate of a reconstruction no series holds any more: series %s "
+             "queued again", job_id, series.series_instance_uid)
 
 
 @dataclass(frozen=True)

@@ -307,3 +307,36 @@ def test_claim_rules_on_the_repository(node):
         s.execute(ReconstructionClaim.__table__.delete().where(ReconstructionClaim.study_instance_uid == "7.7"))
     assert claim_reconstruction(db, study_instance_uid="7.7", reconstruction=key, series_id=f, job_id=jf) == _uid(db, e)
     assert claim_reconstruction(db, study_instance_uid="7.7", reconstruction=key, series_id=e, job_id=je) is None
+
+
+def test_holder_fails_before_its_duplicate_closes_the_duplicate_is_queued_again(node):
+    """The other order of the winner-fails race: the holder's job fails (its claim released) while
+    the duplicate's job is still running, so the release finds nothing skipped to queue again; the
+    duplicate's own closing sees the claim gone and queues itself. A duplicate closing while the
+    claim is still held is not queued again."""
+    import json
+
+    db, key = node.db, "ORIGINAL\\PRIMARY\\AXIAL|B30F|1.00|0.70|0.70|512x512|300|0.00|300.00"
+    skipped = json.dumps({"reconstruction": key, "decisions": [{"model": "basic", "selected": False,
+                                                                "rule": DUPLICATE_RULE}]})
+    a, ja = _series_and_job(db, "3.3", worker="wa")
+    b, jb = _series_and_job(db, "3.3", worker="wb")
+    assert claim_reconstruction(db, study_instance_uid="3.3", reconstruction=key, series_id=a, job_id=ja) is None
+    assert claim_reconstruction(db, study_instance_uid="3.3", reconstruction=key, series_id=b, job_id=jb) == _uid(db, a)
+    assert finish_job(db, ja, "wa", state="failed", error="model blew up", outcome="failed")
+    with db.session() as s:
+        assert s.scalar(select(ReconstructionClaim.id).where(ReconstructionClaim.study_instance_uid == "3.3")) is None
+        assert s.scalars(select(Job.state).where(Job.series_id == b)).all() == ["running"]  # nothing queued yet
+    assert finish_job(db, jb, "wb", state="done", error="skipped as a duplicate", outcome="skipped", selection=skipped)
+    with db.session() as s:
+        jobs_b = s.execute(select(Job.state, Job.outcome, Job.models).where(Job.series_id == b).order_by(Job.id)).all()
+    assert [tuple(j) for j in jobs_b] == [("done", "skipped", "basic"), ("pending", None, "basic")]
+
+    # held by a live holder: the duplicate closes skipped and stays so
+    c, jc = _series_and_job(db, "4.4", worker="wc")
+    d, jd = _series_and_job(db, "4.4", worker="wd")
+    assert claim_reconstruction(db, study_instance_uid="4.4", reconstruction=key, series_id=c, job_id=jc) is None
+    assert claim_reconstruction(db, study_instance_uid="4.4", reconstruction=key, series_id=d, job_id=jd) == _uid(db, c)
+    assert finish_job(db, jd, "wd", state="done", error="skipped as a duplicate", outcome="skipped", selection=skipped)
+    with db.session() as s:
+        assert s.scalars(select(Job.state).where(Job.series_id == d)).all() == ["done"]
