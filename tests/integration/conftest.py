@@ -36,6 +36,15 @@ class PgCluster:
     def url(self, dbname: str) -> str:
         return f"postgresql+psycopg://ctqa@/{dbname}?host={self.sock}&port={self.port}"
 
+    def fresh_database(self, dbname: str) -> str:
+        """An empty database ``dbname`` in this cluster (dropped first if it exists); its URL."""
+        import psycopg
+
+        with psycopg.connect(**self.connect_args, dbname="postgres", autocommit=True) as conn:
+            conn.execute(f"DROP DATABASE IF EXISTS {dbname}")
+            conn.execute(f"CREATE DATABASE {dbname}")
+        return self.url(dbname)
+
 
 @pytest.fixture(scope="session")
 def pg_cluster():

@@ -27,7 +27,6 @@ from storage.repo import (DUPLICATE_RULE, MAX_ATTEMPTS, claim_job, claim_reconst
 from tests.helpers import PHANTOM_5MM, require
 from tests.integration.test_node_pipeline import push_files
 from tests.integration.test_selection_node import copy_series
-from tests.integration.test_trends_postgres import pg_url  # noqa: F401 - the fixture
 
 MODELS = ["basic", "classical"]
 
@@ -36,17 +35,8 @@ MODELS = ["basic", "classical"]
 def db_url(request, tmp_path):
     if request.param == "sqlite":
         return f"sqlite:///{tmp_path / 'var' / 'db.sqlite'}"
-    import psycopg
-
-    base = request.getfixturevalue("pg_url")
-    name = f"ctqa_dup_{request.node.name.split('[')[0][-30:]}".lower()
-    root, query = base.split("?", 1)
-    host = dict(p.split("=", 1) for p in query.split("&"))
-    with psycopg.connect(host=host["host"], port=int(host["port"]), user="ctqa", dbname="postgres",
-                         autocommit=True) as conn:
-        conn.execute(f"DROP DATABASE IF EXISTS {name}")
-        conn.execute(f"CREATE DATABASE {name}")
-    return root.rsplit("/", 1)[0] + f"/{name}?{query}"
+    return request.getfixturevalue("pg_cluster").fresh_database(
+        f"ctqa_dup_{request.node.name.split('[')[0][-30:]}".lower())
 
 
 @pytest.fixture

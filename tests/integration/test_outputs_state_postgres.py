@@ -10,21 +10,11 @@ from sqlalchemy import inspect, text
 
 from node.cli import NoDatabase, open_existing_database
 from storage.db import Database
-from tests.integration.test_trends_postgres import pg_url, psycopg  # noqa: F401  (fixture)
+from tests.integration.test_trends_postgres import pg_url  # noqa: F401  (fixture)
 
 
-def _fresh_database(url: str, name: str) -> str:
-    base, query = url.split("?", 1)
-    host = dict(p.split("=", 1) for p in query.split("&"))
-    with psycopg.connect(host=host["host"], port=int(host["port"]), user="ctqa", dbname="postgres",
-                         autocommit=True) as conn:
-        conn.execute(f"DROP DATABASE IF EXISTS {name}")
-        conn.execute(f"CREATE DATABASE {name}")
-    return base.rsplit("/", 1)[0] + f"/{name}?{query}"
-
-
-def test_old_postgres_database_gains_the_outputs_columns(pg_url):  # noqa: F811
-    url = _fresh_database(pg_url, "ctqa_upgrade")
+def test_old_postgres_database_gains_the_outputs_columns(pg_url, pg_cluster):  # noqa: F811
+    url = pg_cluster.fresh_database("ctqa_upgrade")
     with pytest.raises(NoDatabase, match=r"^no node tables in the database at .*: start `qa-node serve` first$"):
         open_existing_database(url)
     db = Database(url)

@@ -27,10 +27,7 @@ def pg_url(pg_cluster, request):
     """A database of its own for each test module that asks, in the session's one private PostgreSQL
     cluster (tests/integration/conftest.py: initdb and a server start cost seconds each)."""
     name = "ctqa_" + re.sub(r"[^a-z0-9_]", "_", request.module.__name__.rsplit(".", 1)[-1].lower())
-    with psycopg.connect(**pg_cluster.connect_args, dbname="postgres", autocommit=True) as conn:
-        conn.execute(f"DROP DATABASE IF EXISTS {name}")
-        conn.execute(f"CREATE DATABASE {name}")
-    return pg_cluster.url(name)
+    return pg_cluster.fresh_database(name)
 
 
 def _fill_and_report(db: Database) -> tuple[list, list, dict]:
