@@ -18,8 +18,6 @@ from node.service import Node
 from scp.ingest import Ingestor, StoreStatus
 from storage.models import Instance, Series
 from tests.helpers import PHANTOM_5MM, require
-from tests.integration.test_outputs_state_postgres import _fresh_database
-from tests.integration.test_trends_postgres import pg_url  # noqa: F401  (fixture)
 
 
 def _node(tmp_path, url: str | None = None) -> Node:
@@ -121,8 +119,8 @@ def test_rows_a_power_loss_takes_come_back_from_the_durable_files(tmp_path):
     node.db.dispose()
 
 
-def test_postgresql_later_rows_commit_without_waiting_for_the_wal_flush(tmp_path, pg_url):  # noqa: F811
-    node = _node(tmp_path, _fresh_database(pg_url, "ctqa_lazy_index"))
+def test_postgresql_later_rows_commit_without_waiting_for_the_wal_flush(tmp_path, pg_cluster):
+    node = _node(tmp_path, pg_cluster.fresh_database("ctqa_lazy_index"))
     files = _phantom_files(3)
     seen = _capture_postgres_index_writes(node.db.engine)
 
@@ -333,8 +331,8 @@ def test_rows_lost_with_the_committer_come_back_from_the_durable_files(tmp_path,
     node.db.dispose()
 
 
-def test_postgresql_group_commit(tmp_path, pg_url):  # noqa: F811
-    node = _node(tmp_path, _fresh_database(pg_url, "ctqa_group_commit"))
+def test_postgresql_group_commit(tmp_path, pg_cluster):
+    node = _node(tmp_path, pg_cluster.fresh_database("ctqa_group_commit"))
     files = _phantom_files(4)
     seen = _capture_postgres_index_writes(node.db.engine)
 
