@@ -16,6 +16,11 @@ load), and beside the issue's budget (300 slices in 60 s: ratio >= 1 meets it).
 - Delta-IQA: ``run_model`` with ``--delta-iqa-weights PATH``, or by default ``random``: seeded random
   weights at the published width written to a temporary file (it ships none; same FLOPs).
 
+``--series DIR`` times a real CT series instead (its files read by the node's loader; the first
+``--slices`` slices in z order, or all of them when ``--slices`` is left out or larger), e.g. the
+shared Philips phantom's 140 slices of 1 mm: ``--series ../shared/data/ct/philips_head_phantom/S2020_1mm_std
+--slices 64``. The warm-up runs on its first 2 slices.
+
 N2Q and D2IQA run a third time with ``channels_last = true`` (NHWC convolutions; ``--no-channels-last``
 skips it), timed and compared with the default layout.
 
@@ -67,6 +72,22 @@ def make_volume(n: int, size: int = 512):
                     sop_instance_uids=uids, frame_numbers=[None] * n,
                     sop_class_uids=["1.2.840.10008.5.1.4.1.1.2"] * n, ctdivol_mgy=np.full(n, 10.0),
                     headers=headers, meta={"kvp": 120.0, "slice_thickness_mm": 1.0, "body_part": "ABDOMEN"})
+
+
+def load_volume(folder: Path, n: int | None):
+    """The first ``n`` slices (z order) of the CT series in ``folder`` (all when ``n`` is None or larger)."""
+    import dataclasses
+
+    from analysis.volume import load_series
+
+    files = sorted(p for p in Path(folder).iterdir() if p.is_file())
+    vol = load_series(files)
+    k = vol.n_slices if n is None else min(n, vol.n_slices)
+    return dataclasses.replace(
+        vol, hu=vol.hu[:k].copy(), slice_positions_mm=vol.slice_positions_mm[:k],
+        sop_instance_uids=vol.sop_instance_uids[:k], frame_numbers=vol.frame_numbers[:k],
+        sop_class_uids=vol.sop_class_uids[:k], ctdivol_mgy=vol.ctdivol_mgy[:k], headers=vol.headers[:k],
+        body_masks=None)
 
 
 class Runner:
@@ -161,7 +182,10 @@ class Runner:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", default="n2q,d2iqa,ldctiqa,delta_iqa")
-    ap.add_argument("--slices", type=int, default=300)
+    ap.add_argument("--slices", type=int, default=None,
+                    help="slices of the series (default: 300 synthetic; with --series all of its slices)")
+    ap.add_argument("--series", type=Path, default=None,
+                    help="a folder with one real CT series to time instead of the synthetic phantoms")
     ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     ap.add_argument("--batch", type=int, default=0, help="slices (D2IQA: trial images) per pass; 0 = the device's default")
     ap.add_argument("--amp", default="fp16", choices=["fp16", "bf16", "off"], help="CUDA autocast of N2Q and D2IQA")
@@ -173,7 +197,11 @@ def main() -> int:
     ap.add_argument("--no-channels-last", action="store_true",
                     help="skip the third run of N2Q and D2IQA with channels_last = true")
     args = ap.parse_args()
-    if args.batch < 0 or args.rounds < 1 or args.slices < 2:
+    if args.series is not None and not args.series.is_dir():
+        ap.error(f"--series {args.series}: not a folder")
+    if args.slices is None and args.series is None:
+        args.slices = 300
+    if args.batch < 0 or args.rounds < 1 or (args.slices is not None and args.slices < 2):
         ap.error("--batch must be >= 0, --rounds >= 1, --slices >= 2")
 
     import numpy as np
@@ -187,15 +215,22 @@ def main() -> int:
     except ValueError as exc:
         print(f"bench/models.py: {exc}", file=sys.stderr)
         return 2
-    vol = make_volume(args.slices)
+    if args.series is not None:
+        vol = load_volume(args.series, args.slices)
+        args.slices = vol.n_slices
+        source = f"{args.series.name} (real series, {vol.pixel_spacing_mm[0]:.2f} mm pixels)"
+    else:
+        vol = make_volume(args.slices)
+        source = "synthetic phantoms"
     target = 300 / TARGET_S
     where = (f"CUDA {torch.cuda.get_device_name(0)}, autocast {args.amp} (N2Q, D2IQA; LDCTIQA fp16)"
              if device == "cuda" else f"CPU, {torch.get_num_threads()} threads, fp32")
-    print(f"{args.slices} slices of 512x512 on {where}; reference: the same model at batch 1; "
+    print(f"{args.slices} slices of {vol.hu.shape[1]}x{vol.hu.shape[2]} ({source}) on {where}; reference: the same model at batch 1; "
           f"target {TARGET_S:.0f} s per 300 slices = {target:.1f} slices/s")
-    results = {"device": device, "where": where, "slices": args.slices, "threads": torch.get_num_threads(),
+    results = {"device": device, "where": where, "slices": args.slices, "source": source, "threads": torch.get_num_threads(),
                "amp": args.amp if device == "cuda" else "fp32", "rounds": args.rounds,
-               "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "models": {}}
+               "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+               "load_average_start": [round(v, 2) for v in os.getloadavg()], "models": {}}
     for name in [m.strip() for m in args.models.split(",") if m.strip()]:
         try:
             r = Runner(name, vol, device, args.amp, args.delta_iqa_weights)
@@ -208,7 +243,7 @@ def main() -> int:
         variants = [("batched", batch, False), ("batch1", 1, False)]
         if name in ("n2q", "d2iqa") and not args.no_channels_last:
             variants.append(("channels_last", batch, True))  # the option [analysis.<model>] channels_last
-        full, r.vol = r.vol, make_volume(2)
+        full, r.vol = r.vol, (load_volume(args.series, 2) if args.series is not None else make_volume(2))
         for _, b, cl in variants:  # warm-up: weights loaded once per process, kernels chosen
             r.run(b, cl)
         r.vol = full
@@ -231,7 +266,12 @@ def main() -> int:
         results["models"][name] = {
             "batch": used, "batch_is_default": not args.batch, "seconds": times["batched"], "seconds_batch1": times["batch1"],
             "slices_per_s": rate_b, "slices_per_s_batch1": rate_1, "ratio_to_batch1": rate_b / rate_1,
-            "ratio_to_target": rate_b / target, "scored_slices": r.scored, "same_result": same, "max_abs_diff": diff}
+            "ratio_to_target": rate_b / target, "scored_slices": r.scored, "same_result": same, "max_abs_diff": diff,
+            "load_average_end": [round(v, 2) for v in os.getloadavg()]}
+        print(f"{'':<10} rounds {args.rounds} (batched, batch 1 alternating): batched "
+              + ", ".join(f"{t:.1f}" for t in times["batched"]) + " s; batch 1 "
+              + ", ".join(f"{t:.1f}" for t in times["batch1"]) + " s; load average (1, 5, 15 min) at the end "
+              + ", ".join(f"{v:.2f}" for v in os.getloadavg()))
         if "channels_last" in times:
             t_c = statistics.median(times["channels_last"])
             _, d_c = r.compare(outs["channels_last"], outs["batched"])
