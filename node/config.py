@@ -53,6 +53,9 @@ class ScannerSettings:
     name: str
     ae_title: str
     hosts: list[str] = field(default_factory=list)
+    # names the scanner's TLS client certificate must carry (subject CN or a subjectAltName DNS/IP
+    # entry); when set, the scanner is accepted only over DICOM TLS with such a certificate
+    certificate_names: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -81,6 +84,9 @@ def _default_models() -> list[str]:
     return list(default_models())
 
 
+SERIES_BATCH_MODES = ("auto", "on", "off")
+
+
 @dataclass(frozen=True)
 class AnalysisSettings:
     """[analysis] and one table [analysis.<model>] per model (its spec's options dataclass)."""
@@ -91,6 +97,8 @@ class AnalysisSettings:
     torch_threads: int = 0  # 0 = torch's default (the CPU cores available to the process)
     lease_s: float = 120.0  # a running job's lease, renewed by its live worker; then claimed again
     backlog_warn_s: float = 3600.0  # the oldest waiting job this old: one WARNING and an alert; 0 = off
+    # several short series in one pass of the learned models: auto = on only on CUDA (docs/series_batching.md)
+    series_batch: str = "auto"
     # model name -> its options (analysis.models.<name>.Options); every model has an entry
     model_options: dict[str, Any] = field(default_factory=dict, metadata={"toml": False})
 
@@ -302,6 +310,10 @@ def parse_settings(data: dict, file: str) -> Settings:
                 raise ConfigError(
                     f"{file}: key 'scanners[{i}].hosts[{j}]' must be an IP address such as 127.0.0.1, got {h!r}"
                 ) from None
+        for j, cn in enumerate(s.certificate_names):
+            if not cn.strip() or cn != cn.strip():
+                raise ConfigError(f"{file}: key 'scanners[{i}].certificate_names[{j}]' must be a certificate name "
+                                  f"(subject CN, DNS name or IP address) without surrounding spaces, got {cn!r}")
 
     raw_dest = data.get("destinations", [])
     if not isinstance(raw_dest, list):
@@ -318,6 +330,10 @@ def parse_settings(data: dict, file: str) -> Settings:
     analysis = _parse_analysis(data.get("analysis", {}), file)
 
     tls = _parse_tls(data, file, node, destinations)
+    bound = next((i for i, s in enumerate(scanners) if s.certificate_names), None)
+    if bound is not None and (tls is None or tls.port == -1):
+        raise ConfigError(f"{file}: key 'scanners[{bound}].certificate_names' accepts that scanner only over DICOM TLS, "
+                          "but there is no [tls] port: it could never connect")
 
     outbox = _build(OutboxSettings, data.get("outbox", {}), file, "outbox")
     if not 0 < outbox.retry_initial_s <= outbox.retry_max_s:
@@ -363,6 +379,9 @@ def _parse_analysis(raw: Any, file: str) -> AnalysisSettings:
     analysis = _build(AnalysisSettings, flat, file, "analysis")
     if analysis.device not in {"auto", "cpu", "cuda"}:
         raise ConfigError(f"{file}: key 'analysis.device' must be one of auto, cpu, cuda, got {analysis.device!r}")
+    if analysis.series_batch not in SERIES_BATCH_MODES:
+        raise ConfigError(f"{file}: key 'analysis.series_batch' must be one of {', '.join(SERIES_BATCH_MODES)}, "
+                          f"got {analysis.series_batch!r}")
     for m in analysis.models:
         if m not in specs:
             raise ConfigError(

@@ -40,7 +40,7 @@ def make_storage_scp(settings: Settings, db: Database, store, *, min_free_bytes:
     from scp.server import AllowedPeer, StorageSCP
 
     node = settings.node
-    peers = [AllowedPeer(s.name, s.ae_title, tuple(s.hosts)) for s in settings.scanners]
+    peers = [AllowedPeer(s.name, s.ae_title, tuple(s.hosts), tuple(s.certificate_names)) for s in settings.scanners]
     tls = settings.tls
     return StorageSCP(
         ae_title=node.ae_title, host=node.host, port=None if node.port == -1 else node.port,

@@ -14,6 +14,7 @@ import ipaddress
 import secrets
 import logging
 import socket
+import ssl
 import tempfile
 import threading
 import time
@@ -262,6 +263,9 @@ class AllowedPeer:
     name: str  # scanner name from config
     ae_title: str
     hosts: tuple[str, ...] = ()  # empty: any host
+    # empty: any certificate the TLS context accepts (or plain DICOM); else accepted only over TLS
+    # with a client certificate naming one of these (subject CN, subjectAltName DNS or IP address)
+    certificate_names: tuple[str, ...] = ()
 
 
 @dataclass
@@ -273,6 +277,36 @@ class _AssocStats:
     stored: int = 0
     duplicates: int = 0
     failed: int = 0
+
+
+def _certificate_names(cert: dict) -> list[str]:
+    """The names a verified peer certificate (``SSLSocket.getpeercert()``) carries: subject CNs,
+    subjectAltName DNS names and IP addresses."""
+    names = [value for rdn in cert.get("subject", ()) for key, value in rdn if key == "commonName"]
+    names += [value for kind, value in cert.get("subjectAltName", ()) if kind in ("DNS", "IP Address")]
+    return names
+
+
+def _name_matches(presented: str, wanted: str) -> bool:
+    try:
+        return ipaddress.ip_address(presented) == ipaddress.ip_address(wanted)
+    except ValueError:
+        return presented.casefold() == wanted.casefold()
+
+
+def _certificate_mismatch(assoc, wanted: Sequence[str]) -> str | None:
+    """None when the association came over TLS with a client certificate naming one of ``wanted``;
+    else why it is refused (the names are the certificate's, never patient data)."""
+    sock = getattr(getattr(assoc.dul, "socket", None), "socket", None)
+    if not isinstance(sock, ssl.SSLSocket):
+        return "this scanner is accepted only over DICOM TLS (certificate_names is set)"
+    cert = sock.getpeercert() or {}
+    names = _certificate_names(cert)
+    if not names:
+        return "this scanner must present a client certificate naming it (certificate_names is set)"
+    if any(_name_matches(p, w) for p in names for w in wanted):
+        return None
+    return f"client certificate names {', '.join(names)}, none of this scanner's certificate_names"
 
 
 def _same_host(a: str, b: str) -> bool:
@@ -439,8 +473,14 @@ class StorageSCP:
         peer = self.peers.get(calling)
         if called != self.ae_title:
             return  # pynetdicom rejects it (called AE title not recognised) and we log at EVT_REJECTED
-        if peer is None or (peer.hosts and not any(_same_host(host, h) for h in peer.hosts)):
-            why = "unknown calling AE title" if peer is None else "host not allowed for this AE title"
+        why = None
+        if peer is None:
+            why = "unknown calling AE title"
+        elif peer.hosts and not any(_same_host(host, h) for h in peer.hosts):
+            why = "host not allowed for this AE title"
+        elif peer.certificate_names:
+            why = _certificate_mismatch(assoc, peer.certificate_names)
+        if why is not None:
             log.warning("association rejected: %s (calling AE %r from %s)", why, calling, host)
             assoc.acse.send_reject(*RejectReason.CALLING_AE_NOT_RECOGNISED)
             assoc.kill()  # as pynetdicom's own ACSE does: lets the DUL deliver the A-ASSOCIATE-RJ

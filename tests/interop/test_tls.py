@@ -42,10 +42,11 @@ def slices(n: int):
 
 
 def tls_node(tmp_path, pki: TlsPki, *, require_client_certificate: bool = True, extra: str = "",
-             plain: bool = False) -> NodeProcess:
+             plain: bool = False, scanners: str | None = None) -> NodeProcess:
     """A node listening for DICOM TLS only (node.port = -1), or beside a plain port."""
     tls_port = free_port()
     cfg = write_config(tmp_path / "config.toml", data_dir=tmp_path / "var", port=0 if plain else -1,
+                       scanners=scanners,
                        extra=extra + "\n" + pki.tls_section(tls_port, require_client_certificate))
     node = NodeProcess(cfg, tmp_path)
     node.tls_port = tls_port
@@ -142,6 +143,60 @@ def test_optional_client_certificate_admits_anonymous_tls_but_not_a_foreign_ca(t
         assert r.returncode != 0  # a certificate that is presented is still verified
         assert stored(node) == 1
         assert "(client certificate optional)" in node.log()
+    finally:
+        node.stop()
+
+
+BOUND_SCANNERS = """
+[[scanners]]
+name = "CT1"
+ae_title = "CT1"
+certificate_names = ["scanner"]
+
+[[scanners]]
+name = "CT2"
+ae_title = "CT2"
+certificate_names = ["127.0.0.1"]
+
+[[scanners]]
+name = "CT3"
+ae_title = "CT3"
+"""
+
+
+def test_certificate_names_bind_a_scanner_to_its_certificate(tmp_path, pki):
+    """CT1 must present a certificate naming "scanner" (the test PKI's scanner leaf: CN=scanner), CT2
+    one naming 127.0.0.1 (a subjectAltName IP entry), both over TLS only; CT3 is not bound. "wrongname"
+    is signed by the same CA but names only itself and elsewhere.example."""
+    require_tool("storescu")
+    node = tls_node(tmp_path, pki, plain=True, require_client_certificate=False, scanners=BOUND_SCANNERS)
+    plain_port = node.start()
+    tls_port = node.tls_port
+    good, wrong = (pki.key("scanner"), pki.cert("scanner")), (pki.key("wrongname"), pki.cert("wrongname"))
+    files = slices(6)
+    try:
+        assert push_tls(tls_port, files[:1], *good, pki.ca, calling="CT1").returncode == 0
+        assert push_tls(tls_port, files[1:2], *good, pki.ca, calling="CT2").returncode == 0  # by IP address
+        assert push_tls(tls_port, files[2:3], *wrong, pki.ca, calling="CT3").returncode == 0  # unbound: any CA cert
+        assert storescu(plain_port, files[3], calling="CT3").returncode == 0  # unbound: plain DICOM too
+        assert stored(node) == 4
+
+        refused = [push_tls(tls_port, files[4:], *wrong, pki.ca, calling="CT1"),   # CA-signed, wrong name
+                   push_tls(tls_port, files[4:], *wrong, pki.ca, calling="CT2"),
+                   push_tls(tls_port, files[4:], ca=pki.ca, anonymous=True, calling="CT1"),  # no certificate
+                   storescu(plain_port, *files[4:], calling="CT1", extra=("-to", "20"))]     # plain DICOM
+        for r in refused:
+            assert r.returncode != 0 and "Calling AE Title Not Recognized" in r.stderr, r.stderr
+        assert stored(node) == 4
+        log = node.log()
+        assert ("association rejected: client certificate names wrongname, elsewhere.example, none of this "
+                "scanner's certificate_names (calling AE 'CT1' from 127.0.0.1)") in log
+        assert "none of this scanner's certificate_names (calling AE 'CT2' from 127.0.0.1)" in log
+        assert ("association rejected: this scanner must present a client certificate naming it "
+                "(certificate_names is set) (calling AE 'CT1' from 127.0.0.1)") in log
+        assert ("association rejected: this scanner is accepted only over DICOM TLS (certificate_names is set) "
+                "(calling AE 'CT1' from 127.0.0.1)") in log
+        assert "Traceback" not in log
     finally:
         node.stop()
 

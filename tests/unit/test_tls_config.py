@@ -51,6 +51,13 @@ def test_relative_paths_resolve_against_the_working_directory(pki, monkeypatch):
     assert s.tls.private_key == str((pki.folder / "node.key").resolve())
 
 
+def test_certificate_names_parse_and_default_to_none(pki):
+    data = good(pki)
+    data["scanners"].append({"name": "CT2", "ae_title": "CT2", "certificate_names": ["ct2.hospital.example", "10.1.2.3"]})
+    s = settings_from_dict(data, "site.toml")
+    assert [sc.certificate_names for sc in s.scanners] == [[], ["ct2.hospital.example", "10.1.2.3"]]
+
+
 def test_plain_port_minus_one_means_tls_only(pki):
     data = good(pki)
     data["node"]["port"] = -1
@@ -83,6 +90,13 @@ def test_plain_port_minus_one_means_tls_only(pki):
         (lambda d, p: (d["tls"].pop("port"), d["node"].update(port=-1)),
          "key 'node.port' is -1 (no plain DICOM) but 'tls.port' is not set"),
         (lambda d, p: d["node"].update(port=-2), "key 'node.port' must be a TCP port"),
+        (lambda d, p: d["scanners"][0].update(certificate_names="CT1"),
+         "key 'scanners[0].certificate_names' must be a list"),
+        (lambda d, p: d["scanners"][0].update(certificate_names=["CT1", " ct1"]),
+         "key 'scanners[0].certificate_names[1]' must be a certificate name (subject CN, DNS name or IP address) "
+         "without surrounding spaces, got ' ct1'"),
+        (lambda d, p: (d["scanners"][0].update(certificate_names=["CT1"]), d["tls"].pop("port")),
+         "key 'scanners[0].certificate_names' accepts that scanner only over DICOM TLS, but there is no [tls] port"),
     ],
 )
 def test_bad_tls_config_names_file_and_key(pki, mutate, expected):
