@@ -74,7 +74,6 @@ from reports.common import (
     is_multiframe,
     n_frames,
     new_instance_arguments,
-    new_uid,
     no_person_name_warnings,
     prepare_sources,
     stable_uid,
@@ -331,6 +330,18 @@ def _merge_evaluations(
     return out
 
 
+def tracking_uid(sources: Sequence[Dataset], identifier: str) -> str:
+    """The Tracking Unique Identifier of a measurement group: derived from the analysed series
+    and the group's tracking identifier, so the same finding keeps its UID in every SR of that
+    series (a re-analysis that supersedes an SR tracks the same groups, as TID 1500 intends)."""
+    series = sorted({str(ds.SeriesInstanceUID) for ds in sources})
+    return stable_uid("ctqa-tracking", *series, identifier)
+
+
+def _tracking(sources: Sequence[Dataset], identifier: str) -> TrackingIdentifier:
+    return TrackingIdentifier(uid=tracking_uid(sources, identifier), identifier=identifier)
+
+
 def _source_index(sources: Sequence[Dataset]) -> dict[str, tuple[str, int | None]]:
     """SOPInstanceUID -> (SOPClassUID, number of frames or None for single-frame)."""
     return {
@@ -444,7 +455,7 @@ def build_measurement_report(
                 )
         groups.append(
             MeasurementsAndQualitativeEvaluations(
-                tracking_identifier=TrackingIdentifier(uid=new_uid(), identifier=f"{SERIES_GROUP_PREFIX}{algo.name}"),
+                tracking_identifier=_tracking(sources, f"{SERIES_GROUP_PREFIX}{algo.name}"),
                 algorithm_id=algo_id,
                 measurements=measurements,
                 qualitative_evaluations=qualitative or None,
@@ -480,9 +491,7 @@ def build_measurement_report(
         ]
         groups.append(
             MeasurementsAndQualitativeEvaluations(
-                tracking_identifier=TrackingIdentifier(
-                    uid=new_uid(), identifier=f"{SLICE_GROUP_PREFIX}{key} ({algo.name})"
-                ),
+                tracking_identifier=_tracking(sources, f"{SLICE_GROUP_PREFIX}{key} ({algo.name})"),
                 algorithm_id=algo_id,
                 measurements=measurements,
             )

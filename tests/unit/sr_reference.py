@@ -5,16 +5,14 @@ tests/unit/test_sr_build.py and bench/outputs_speed.py, which compare its SR wit
 reports.sr builds now; not used by the node. Not a test module.
 
 The body of ``build_measurement_report_reference`` is the old function unchanged except that the
-helpers it shares with reports.sr are reached through that module (``_sr.``), so a test can make
-the random tracking UIDs (``_sr.new_uid``) the same in both builds.
+helpers it shares with reports.sr are reached through that module (``_sr.``), and that its tracking
+UIDs come from ``_sr.tracking_uid`` (they were random then; both builds now derive them the same way).
 """
 
 from __future__ import annotations
 
-import contextlib
 import io
-import itertools
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import pydicom
 
@@ -118,7 +116,8 @@ def build_measurement_report_reference(
                 )
         groups.append(
             MeasurementsAndQualitativeEvaluations(
-                tracking_identifier=TrackingIdentifier(uid=_sr.new_uid(), identifier=f"{SERIES_GROUP_PREFIX}{algo.name}"),
+                tracking_identifier=TrackingIdentifier(uid=_sr.tracking_uid(sources, f"{SERIES_GROUP_PREFIX}{algo.name}"),
+                                                       identifier=f"{SERIES_GROUP_PREFIX}{algo.name}"),
                 algorithm_id=algo_id,
                 measurements=measurements,
                 qualitative_evaluations=qualitative or None,
@@ -152,7 +151,8 @@ def build_measurement_report_reference(
         groups.append(
             MeasurementsAndQualitativeEvaluations(
                 tracking_identifier=TrackingIdentifier(
-                    uid=_sr.new_uid(), identifier=f"{SLICE_GROUP_PREFIX}{key} ({algo.name})"
+                    uid=_sr.tracking_uid(sources, f"{SLICE_GROUP_PREFIX}{key} ({algo.name})"),
+                    identifier=f"{SLICE_GROUP_PREFIX}{key} ({algo.name})"
                 ),
                 algorithm_id=algo_id,
                 measurements=measurements,
@@ -203,19 +203,6 @@ def build_measurement_report_reference(
 #: Set from the clock when an SR is built (and ContributionDateTime in the Contributing Equipment
 #: Sequence): made the same in both SRs before they are compared.
 CLOCK_KEYWORDS = ("ContentDate", "ContentTime", "InstanceCreationDate", "InstanceCreationTime")
-
-
-@contextlib.contextmanager
-def numbered_uids() -> Iterator[None]:
-    """Inside: the tracking UIDs reports.sr draws (``new_uid``, random) are 2.25.1, 2.25.2, ... in
-    the order they are drawn, for either builder."""
-    counter = itertools.count(1)
-    saved = _sr.new_uid
-    _sr.new_uid = lambda: f"2.25.{next(counter)}"
-    try:
-        yield
-    finally:
-        _sr.new_uid = saved
 
 
 def encoded(sr: Dataset) -> bytes:

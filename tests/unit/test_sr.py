@@ -387,3 +387,29 @@ def test_not_computed_metrics_and_omitted_outputs_are_said_with_the_reason(heade
     # the measured value is still a measurement; the not-computed ones are not
     assert [m.key for m in read_measurement_report(sr).series_metrics] == ["wed_cm"]
     assert hd.sr.Comprehensive3DSR.from_dataset(sr).content is not None
+
+
+def _tracking_uids(ds) -> dict[str, str]:
+    sr = hd.sr.Comprehensive3DSR.from_dataset(ds)
+    return {g.tracking_identifier: g.tracking_uid for g in sr.content.get_image_measurement_groups()}
+
+
+def test_tracking_uids_are_stable_per_series_and_group(written, headers, series_metrics) -> None:
+    """A re-analysis's SR (new SOP Instance UID) tracks the same groups under the same Tracking
+    Unique Identifiers; another series' groups get others; every one a valid UID."""
+    sr, ds, slices = written
+    first = _tracking_uids(ds)
+    assert set(first) == {"Series QA: ctqa-classical", "Series QA: n2q", "Per slice: global_noise_hu (ctqa-classical)",
+                          "Per slice: ctdivol_mgy (ctqa-classical)"}
+    assert len(set(first.values())) == 4
+    for uid in first.values():
+        assert re.fullmatch(r"[1-9]\d*(\.(0|[1-9]\d*))+", uid) and len(uid) <= 64, uid
+    again = build_measurement_report(headers, series_metrics, slices, series_number=9001, instance_number=3)
+    assert again.SOPInstanceUID != sr.SOPInstanceUID
+    assert _tracking_uids(roundtrip(again)) == first
+    other = copy.deepcopy(headers)
+    for h in other:
+        h.SeriesInstanceUID = "1.2.826.0.1.3680043.8.498.12345"
+    moved = [SliceMetricValue(s.key, s.value, s.sop_class_uid, s.sop_instance_uid, s.algorithm) for s in slices]
+    theirs = _tracking_uids(roundtrip(build_measurement_report(other, series_metrics, moved, series_number=9001)))
+    assert set(theirs) == set(first) and not set(theirs.values()) & set(first.values())

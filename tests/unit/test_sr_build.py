@@ -1,8 +1,8 @@
 """The SR reports.sr builds is the SR highdicom's own templates and Comprehensive3DSR build (the
 builder before it was made fast, tests/unit/sr_reference.py): element by element and byte for byte
 as written, for real CT headers, a multi-frame source and series whose images differ in the
-descriptors the image library holds. Only the clock-set dates/times and the random tracking UIDs
-are made the same in both."""
+descriptors the image library holds. Only the clock-set dates/times are made the same in both (the
+tracking UIDs are derived from the series and the group, the same in both builds)."""
 
 from __future__ import annotations
 
@@ -19,7 +19,6 @@ from tests.unit.sr_reference import (
     content_rows,
     encoded,
     first_difference,
-    numbered_uids,
     read_back,
 )
 
@@ -35,12 +34,8 @@ def _slices(key, values, headers, algo):
 
 
 def _both(*args, **kwargs):
-    """(new SR, reference SR), each built with tracking UIDs 2.25.1, 2.25.2, ..."""
-    with numbered_uids():
-        new = build_measurement_report(*args, **kwargs)
-    with numbered_uids():
-        ref = build_measurement_report_reference(*args, **kwargs)
-    return new, ref
+    """(new SR, reference SR)."""
+    return build_measurement_report(*args, **kwargs), build_measurement_report_reference(*args, **kwargs)
 
 
 def assert_same_sr(new, ref) -> None:
@@ -116,9 +111,7 @@ def test_comparison_sees_a_changed_value(headers) -> None:
     changed = list(slices)
     changed[7] = SliceMetricValue("global_noise_hu", slices[7].value + 1e-12, slices[7].sop_class_uid,
                                   slices[7].sop_instance_uid, CLASSICAL)
-    with numbered_uids():
-        new = build_measurement_report(headers, [], changed, series_number=1, **UIDS)
-    with numbered_uids():
-        ref = build_measurement_report_reference(headers, [], slices, series_number=1, **UIDS)
+    new = build_measurement_report(headers, [], changed, series_number=1, **UIDS)
+    ref = build_measurement_report_reference(headers, [], slices, series_number=1, **UIDS)
     with pytest.raises(AssertionError, match=r"ContentSequence\[\d+\]\.MeasuredValueSequence\[0\]\.FloatingPointValue"):
         assert_same_sr(new, ref)
