@@ -20,13 +20,13 @@ from __future__ import annotations
 
 import logging
 import math
-import multiprocessing as mp
 import os
 import signal
 import threading
 import time
 
 from node.config import Settings
+from node.supervise import SupervisedPool
 from storage.db import Database
 
 log = logging.getLogger(__name__)
@@ -94,36 +94,29 @@ def receiver_process_main(settings: Settings, listen_socket, index: int, parent_
         db.dispose()
 
 
-class ReceiverPool:
+class ReceiverPool(SupervisedPool):
     """The ``n`` receiver processes beside the serve process: started, restarted when one dies,
-    stopped."""
+    stopped (node.supervise)."""
+
+    supervisor_name = "receiver-pool"
 
     def __init__(self, settings: Settings, listen_socket, n: int, *, min_free_bytes: int = 0,
                  stop_timeout_s: float = 10.0) -> None:
-        self.settings = settings
+        super().__init__(settings, n, stop_timeout_s=stop_timeout_s)
         self.listen_socket = listen_socket
-        self.n = n
         self.min_free_bytes = min_free_bytes
-        self.stop_timeout_s = stop_timeout_s
-        self._ctx = mp.get_context("spawn")
-        self._procs: list = [None] * n
-        self._stopping = threading.Event()
-        self._supervisor: threading.Thread | None = None
 
     def _spawn(self, i: int):
         """Start receiver i (the serve process is receiver 1); returns the end of the pipe on which
         it says it is ready."""
         theirs, ours = self._ctx.Pipe(duplex=False)
-        p = self._ctx.Process(target=receiver_process_main, name=f"qa-node-receiver-{i + 2}",
-                              args=(self.settings, self.listen_socket, i + 1, os.getpid(), self.min_free_bytes, ours))
-        p.start()
+        self._start_child(i, receiver_process_main, f"qa-node-receiver-{i + 2}",
+                          (self.settings, self.listen_socket, i + 1, os.getpid(), self.min_free_bytes, ours))
         ours.close()
-        self._procs[i] = p
         return theirs
 
-    @property
-    def pids(self) -> list[int]:
-        return [p.pid for p in self._procs if p is not None and p.pid is not None]
+    def _restart(self, i: int) -> None:
+        self._spawn(i).close()
 
     def start(self, ready_timeout_s: float = 60.0) -> None:
         """Start the processes and wait (at most ``ready_timeout_s``) until each accepts: the node
@@ -141,31 +134,8 @@ class ReceiverPool:
                 log.error("receiver process %d ended while starting (exit code %s)", i + 2, self._procs[i].exitcode)
             finally:
                 conn.close()
-        self._supervisor = threading.Thread(target=self._supervise, name="receiver-pool", daemon=True)
-        self._supervisor.start()
+        self._start_supervisor()
 
-    def _supervise(self) -> None:
-        restarts = [0] * self.n
-        while not self._stopping.wait(2.0):
-            for i, p in enumerate(self._procs):
-                if p is None or p.is_alive() or self._stopping.is_set():
-                    continue
-                restarts[i] += 1
-                log.error("receiver process %d (pid %d) exited with code %s; restarting (acknowledged files whose "
-                          "index rows it had not committed are indexed by reconciliation at the next start)", i + 2, p.pid, p.exitcode)
-                time.sleep(min(60.0, 2.0 ** min(restarts[i], 6)) if restarts[i] > 1 else 0)
-                if not self._stopping.is_set():
-                    self._spawn(i).close()
-
-    def stop(self) -> None:
-        self._stopping.set()
-        for p in self._procs:
-            if p is not None and p.is_alive():
-                p.terminate()
-        deadline = time.monotonic() + self.stop_timeout_s
-        for p in self._procs:
-            if p is not None:
-                p.join(max(0.0, deadline - time.monotonic()))
-                if p.is_alive():
-                    p.kill()
-                    p.join()
+    def _exited(self, i: int, p) -> None:
+        log.error("receiver process %d (pid %d) exited with code %s; restarting (acknowledged files whose "
+                  "index rows it had not committed are indexed by reconciliation at the next start)", i + 2, p.pid, p.exitcode)

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import multiprocessing as mp
 import os
 import signal
 import socket
@@ -22,6 +21,7 @@ import time
 from functools import partial
 
 from node.config import Settings
+from node.supervise import SupervisedPool
 from storage.db import Database
 from storage.repo import queue_stats, requeue_running_jobs
 
@@ -98,35 +98,24 @@ def worker_process_main(settings: Settings, index: int, n_workers: int, parent_p
         db.dispose()
 
 
-class WorkerPool:
+class WorkerPool(SupervisedPool):
     """N worker processes: started, restarted when one dies (its job re-queued at once), stopped
-    with their unfinished jobs put back in the queue."""
+    with their unfinished jobs put back in the queue (node.supervise)."""
+
+    supervisor_name = "worker-pool"
+    kill_wait_s = 5.0
 
     def __init__(self, settings: Settings, n_workers: int, *, stop_timeout_s: float = 5.0) -> None:
-        self.settings = settings
-        self.n = n_workers
-        self.stop_timeout_s = stop_timeout_s
-        self._ctx = mp.get_context("spawn")
-        self._procs: list = [None] * n_workers
-        self._stopping = threading.Event()
-        self._supervisor: threading.Thread | None = None
+        super().__init__(settings, n_workers, stop_timeout_s=stop_timeout_s)
         self._host = socket.gethostname()
 
     def _spawn(self, i: int) -> None:
-        p = self._ctx.Process(target=worker_process_main, name=f"qa-node-worker-{i + 1}",
-                              args=(self.settings, i, self.n, os.getpid()))
-        p.start()
-        self._procs[i] = p
+        self._start_child(i, worker_process_main, f"qa-node-worker-{i + 1}", (self.settings, i, self.n, os.getpid()))
 
     def start(self) -> None:
         for i in range(self.n):
             self._spawn(i)
-        self._supervisor = threading.Thread(target=self._supervise, name="worker-pool", daemon=True)
-        self._supervisor.start()
-
-    @property
-    def pids(self) -> list[int]:
-        return [p.pid for p in self._procs if p is not None and p.pid is not None]
+        self._start_supervisor()
 
     def _requeue_of(self, pid: int, db: Database | None = None) -> int:
         own = db is None
@@ -137,43 +126,23 @@ class WorkerPool:
             if own:
                 db.dispose()
 
-    def _supervise(self) -> None:
-        restarts = [0] * self.n
-        while not self._stopping.wait(2.0):
-            for i, p in enumerate(self._procs):
-                if p is None or p.is_alive() or self._stopping.is_set():
-                    continue
-                restarts[i] += 1
-                try:
-                    n = self._requeue_of(p.pid)
-                except Exception as exc:  # noqa: BLE001 - the lease expiry re-queues it anyway
-                    log.error("analysis worker %d: could not re-queue its job (%s)", i + 1, type(exc).__name__)
-                    n = 0
-                log.error("analysis worker process %d (pid %d) exited with code %s%s; restarting", i + 1, p.pid,
-                          p.exitcode, f", its job re-queued" if n else "")
-                time.sleep(min(60.0, 2.0 ** min(restarts[i], 6)) if restarts[i] > 1 else 0)
-                if not self._stopping.is_set():
-                    self._spawn(i)
+    def _exited(self, i: int, p) -> None:
+        try:
+            n = self._requeue_of(p.pid)
+        except Exception as exc:  # noqa: BLE001 - the lease expiry re-queues it anyway
+            log.error("analysis worker %d: could not re-queue its job (%s)", i + 1, type(exc).__name__)
+            n = 0
+        log.error("analysis worker process %d (pid %d) exited with code %s%s; restarting", i + 1, p.pid,
+                  p.exitcode, f", its job re-queued" if n else "")
 
-    def stop(self) -> None:
-        """Stop the processes: idle ones exit at once; one in the middle of a job is ended after
-        ``stop_timeout_s`` and its job goes back to the queue (as with a one-worker node)."""
-        self._stopping.set()
-        for p in self._procs:
-            if p is not None and p.is_alive():
-                p.terminate()  # SIGTERM: the worker stops after the job in hand
-        deadline = time.monotonic() + self.stop_timeout_s
-        for p in self._procs:
-            if p is not None:
-                p.join(max(0.0, deadline - time.monotonic()))
+    def _stopped(self, procs: list) -> None:
+        """After ``stop``'s SIGTERM (a worker stops after the job in hand: idle ones exit at once)
+        and ``stop_timeout_s``: one still in the middle of a job is ended and its job goes back to
+        the queue (as with a one-worker node)."""
         db = Database(self.settings.node.database)
         try:
-            for p in self._procs:
-                if p is None:
-                    continue
-                if p.is_alive():
-                    p.kill()
-                    p.join(5)
+            for p in procs:
+                self._kill(p)
                 n = self._requeue_of(p.pid, db)
                 if n:
                     log.info("re-queued %d unfinished analysis job(s) of worker pid %d", n, p.pid)
