@@ -36,8 +36,8 @@ sys.path.insert(0, str(ROOT))
 from analysis import classical  # noqa: E402
 from analysis.results import RunContext  # noqa: E402
 from analysis.volume import load_series  # noqa: E402
+from tests.helpers import PHANTOM_1MM  # noqa: E402
 
-DEFAULT_SERIES = ROOT.parent / "shared" / "data" / "ct" / "philips_head_phantom" / "S2020_1mm_std"
 TARGET_SLICES_PER_S = 100.0
 
 
@@ -67,7 +67,7 @@ def _timed(fn, paths):
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--series", type=Path, default=DEFAULT_SERIES, help="folder with the files of one CT series")
+    ap.add_argument("--series", type=Path, default=PHANTOM_1MM, help="folder with the files of one CT series")
     ap.add_argument("--repeat", type=int, default=5, help="timed rounds of each (best is reported)")
     ap.add_argument("--json", type=Path, default=None, help="also write the figures to this JSON file")
     args = ap.parse_args(argv)

@@ -34,6 +34,7 @@ from scipy import ndimage  # noqa: E402
 
 from analysis import classical  # noqa: E402
 from analysis.results import RunContext  # noqa: E402
+from tests.helpers import PHANTOM_1MM  # noqa: E402
 from tests.unit.test_classical import _grid, _noisy_cylinder, _volume  # noqa: E402
 
 CTX = RunContext()
@@ -88,7 +89,7 @@ def main(argv=None) -> int:
     kernel = classical.noise_kernel_px((0.78, 0.78))
     mean, sd = classical.local_mean_sd(sl, kernel)
     tissue = sd[(mean > 0) & (mean < 150)]
-    phantom = sorted((ROOT.parent / "shared" / "data" / "ct" / "philips_head_phantom" / "S2020_1mm_std").iterdir())
+    phantom = sorted(PHANTOM_1MM.iterdir())
     steps = {"local mean and SD": lambda: classical.local_mean_sd(sl, kernel),
              "body mask": lambda: body_mask(sl, (0.78, 0.78)),
              "noise histogram": lambda: classical.histogram_mode(tissue)}

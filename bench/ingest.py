@@ -47,7 +47,7 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from tests.helpers import NodeProcess, free_port, write_config  # noqa: E402
+from tests.helpers import PHANTOM_1MM, NodeProcess, free_port, write_config  # noqa: E402
 
 
 def make_series(folder: Path, n: int, size: int = 512) -> None:
@@ -264,7 +264,7 @@ def _children(pid: int) -> list[int]:
         return []
 
 
-SHARED_SERIES = REPO.parent / "shared" / "data" / "ct" / "philips_head_phantom" / "S2020_1mm_std"
+SHARED_SERIES = PHANTOM_1MM  # (bench/ingest_breakdown.py's default too)
 RECEIVERS = {"storescp": run_storescp, "orthanc": run_orthanc, "minimal": run_minimal_pynetdicom, "node": run_node,
              "node_procs": run_node_procs}
 LABELS = {"storescp": "storescp", "node": "qa-node", "minimal": "minimal pynetdicom", "orthanc": "Orthanc",

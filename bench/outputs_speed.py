@@ -21,12 +21,12 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-DEFAULT = REPO.parent / "shared" / "data" / "ct" / "philips_head_phantom" / "S2020_1mm_std"
+from tests.helpers import PHANTOM_1MM  # noqa: E402
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--series", type=Path, default=DEFAULT)
+    ap.add_argument("--series", type=Path, default=PHANTOM_1MM)
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--write", type=Path, help="save the new and the reference SR here (sr_new.dcm, sr_reference.dcm)")
     args = ap.parse_args()
