@@ -1,4 +1,4 @@
-"""Batching and mixed precision for the learned models' inference (N2Q, D2IQA).
+"""Batching and mixed precision for the learned models' inference (N2Q, D2IQA, LDCTIQA, Delta-IQA).
 
 - ``resolve_batch``: the batch a model runs with. An explicit ``[analysis.<model>] batch`` (>= 1)
   is used as given; left out, it is the device's default: the model's CPU default (what the node
@@ -8,6 +8,10 @@
   error halves the batch and repeats that batch (one WARNING), so a GPU shared with other work does
   not fail a series. Results do not depend on the batch (each slice or trial image is computed
   independently), so a smaller batch changes speed only.
+- ``run_across``: series batching's runner (``[analysis] series_batch``, docs/series_batching.md):
+  passes over the concatenated items of several series, each pass of exactly the batch (a short one
+  padded with zero inputs whose outputs are dropped), so that a series' results do not depend on
+  whether, or with what, it shared a pass; the same OOM back-off.
 - ``autocast``: ``torch.autocast`` on CUDA with the option ``amp`` (``fp16``, ``bf16``; ``off`` =
   fp32); on the CPU a no-op, so the CPU path stays fp32.
 
@@ -119,3 +123,74 @@ def run_batches(fn: Callable[[int, int], T], n: int, batch: int, device: str | t
             continue
         i = stop
     return out
+
+
+def deterministic_cuda() -> None:
+    """cuDNN's deterministic kernels, no autotuning: on CUDA the same pass shape then gives the same
+    bits whatever else is in the pass (what series batching relies on; to be checked on a GPU)."""
+    import torch
+
+    torch.backends.cudnn.deterministic = True
+    torch.backends.cudnn.benchmark = False
+
+
+def run_across(counts: list[int], batch: int, device: str | torch.device,
+               prepare: Callable[[int, int, int], torch.Tensor],
+               forward: Callable[[torch.Tensor], tuple[torch.Tensor, ...]],
+               collect: Callable[[int, int, int, tuple[torch.Tensor, ...]], None],
+               what: str = "model", pad: bool = True) -> int:
+    """Series batching's slice runner: like ``run_batches``, over the concatenated item ranges of
+    several volumes (``counts[v]`` items of volume v), so that a pass may span a volume boundary.
+
+    For each pass: ``prepare(v, a, b)`` gives the model input of items ``a:b`` of volume v (each
+    volume's own pre-processing), the parts are concatenated, a short pass is padded with zero
+    inputs to ``batch`` items (``pad``: every pass has the same shape, so an item's result does not
+    depend on the pass it shares, nor on whether it shared one), ``forward(x)`` returns a tuple of
+    per-item outputs, and ``collect(v, a, b, outputs)`` gets each part's rows (padding dropped). On a
+    CUDA out-of-memory error the batch is halved for this and every later pass (one WARNING), as in
+    ``run_batches``. Returns the number of passes run."""
+    import torch
+
+    if batch < 1:
+        raise ValueError(f'Argument "batch" must be >= 1, got {batch}')
+    if is_cuda(device) and pad:
+        deterministic_cuda()
+    spans = [(v, n) for v, n in enumerate(counts) if n > 0]
+    total = sum(n for _, n in spans)
+    passes = 0
+    warned = False
+    # position of the next item: volume index into spans, item within it
+    vi, item, done = 0, 0, 0
+    while done < total:
+        parts: list[tuple[int, int, int]] = []
+        need, j, k = batch, vi, item
+        while need and j < len(spans):
+            v, n = spans[j]
+            take = min(need, n - k)
+            parts.append((v, k, k + take))
+            need -= take
+            k += take
+            if k == n:
+                j, k = j + 1, 0
+        try:
+            x = torch.cat([prepare(v, a, b) for v, a, b in parts]) if len(parts) > 1 else prepare(*parts[0])
+            n_items = x.shape[0]
+            if pad and n_items < batch:
+                x = torch.cat([x, x.new_zeros((batch - n_items, *x.shape[1:]))])
+            outs = forward(x)
+        except torch.cuda.OutOfMemoryError:
+            if batch == 1 or not is_cuda(device):
+                raise
+            torch.cuda.empty_cache()
+            batch = max(1, batch // 2)
+            if not warned:
+                log.warning("%s: CUDA out of memory, batch reduced to %d", what, batch)
+                warned = True
+            continue
+        passes += 1
+        o = 0
+        for v, a, b in parts:
+            collect(v, a, b, tuple(t[o:o + (b - a)] for t in outs))
+            o += b - a
+        vi, item, done = j, k, done + (batch - need)
+    return passes

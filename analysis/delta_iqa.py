@@ -172,3 +172,30 @@ def correlations(pred, truth) -> dict[str, float]:
     krocc = float(stats.kendalltau(p, t)[0])
     agg = abs(plcc) + abs(srocc) + abs(krocc)
     return {"plcc": plcc, "srocc": srocc, "krocc": krocc, "aggregate": agg if math.isfinite(agg) else float("nan")}
+
+
+def predict_probs_many(net, hus: list[np.ndarray], device: str = "cpu", batch: int = 8) -> tuple[list[np.ndarray], int]:
+    """Series batching: ``predict_probs`` over several series' slices in passes of exactly ``batch``
+    slices that may span series (``analysis.batching.run_across``; a short last pass padded with
+    zero inputs). Returns (n_i, 5) probabilities per series and the number of passes."""
+    import torch
+
+    from analysis.batching import run_across
+
+    arrs = [np.asarray(h, dtype=np.float32) for h in hus]
+    arrs = [a[None] if a.ndim == 2 else a for a in arrs]
+    out = [np.zeros((a.shape[0], N_CLASSES), np.float32) for a in arrs]
+    net.eval()
+
+    def prep(v: int, i: int, j: int):
+        return torch.from_numpy(prepare(arrs[v][i:j])).to(device)
+
+    def forward(x):
+        return (torch.softmax(net(x), dim=1),)
+
+    def collect(v: int, i: int, j: int, outs) -> None:
+        out[v][i:j] = outs[0].cpu().numpy()
+
+    with torch.no_grad():
+        passes = run_across([a.shape[0] for a in arrs], max(1, batch), device, prep, forward, collect, "Delta-IQA")
+    return out, passes

@@ -405,3 +405,53 @@ def score_series(net: MultiHeadSwin, hu: np.ndarray, device: str = "cpu", max_sl
     slice_s[idx], slice_e[idx] = s, e
     return SeriesScores(idx, probs, slice_s, slice_e, float(s.mean()), float(e.mean()), resampled,
                         (int(hu.shape[1]), int(hu.shape[2])))
+
+
+def resolved_batch(batch_size: int | None, device: str | torch.device) -> int:
+    """Slices per forward pass of ``predict`` (the given batch, or the device's default)."""
+    return batch_size or (DEFAULT_BATCH_CUDA if torch.device(device).type == "cuda" else DEFAULT_BATCH_CPU)
+
+
+def score_many(net: MultiHeadSwin, hus: list[np.ndarray], device: str = "cpu", max_slices: int = DEFAULT_MAX_SLICES,
+               batch_size: int | None = None) -> tuple[list[SeriesScores], int]:
+    """Series batching: ``score_series`` over several series, each one's evenly spaced slices chosen
+    first, all of them through passes of exactly the batch (``analysis.batching.run_across``; a
+    short last pass padded with zero inputs). Returns the scores per series and the passes run."""
+    from analysis.batching import run_across
+
+    dev = torch.device(device)
+    arrs = [np.asarray(h) for h in hus]
+    for hu in arrs:
+        if hu.ndim != 3 or hu.shape[0] == 0:
+            raise ValueError(f"expected (n_slices, rows, cols) HU with at least one slice, got shape {hu.shape}")
+    idxs = [select_slices(hu.shape[0], max_slices) for hu in arrs]
+    chosen = [np.asarray(hu[idx], dtype=np.float32) for hu, idx in zip(arrs, idxs)]
+    probs = [np.zeros((len(idx), NUM_CLASSES)) for idx in idxs]
+    resampled = [False] * len(arrs)
+
+    def prepare(v: int, i: int, j: int) -> torch.Tensor:
+        x, rs = preprocess(chosen[v][i:j])
+        resampled[v] |= rs
+        return x.to(dev)
+
+    def forward(x: torch.Tensor) -> tuple[torch.Tensor]:
+        if dev.type == "cuda":
+            with torch.autocast("cuda", dtype=torch.float16):
+                return (net(x),)
+        return (net(x),)
+
+    def collect(v: int, i: int, j: int, outs: tuple[torch.Tensor, ...]) -> None:
+        probs[v][i:j] = outs[0].float().cpu().numpy().astype(np.float64)
+
+    with torch.inference_mode():
+        passes = run_across([len(idx) for idx in idxs], resolved_batch(batch_size, dev), dev, prepare, forward,
+                            collect, "LDCTIQA")
+    scores = []
+    for hu, idx, p, rs in zip(arrs, idxs, probs, resampled):
+        s, e = scores_from_probabilities(p)
+        slice_s = np.full(hu.shape[0], np.nan)
+        slice_e = np.full(hu.shape[0], np.nan)
+        slice_s[idx], slice_e[idx] = s, e
+        scores.append(SeriesScores(idx, p, slice_s, slice_e, float(s.mean()), float(e.mean()), rs,
+                                   (int(hu.shape[1]), int(hu.shape[2]))))
+    return scores, passes

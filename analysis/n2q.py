@@ -302,3 +302,49 @@ def summarise(quality: np.ndarray, body: np.ndarray, threshold: float) -> tuple[
     if vals.size == 0:
         return None, None, None
     return float(vals.mean()), float(np.percentile(vals, 5)), float((vals < threshold).mean())
+
+
+def resolved_batch(batch: int | None, device: str) -> int:
+    """The slices per pass ``predict_quality`` runs with (``[analysis.n2q] batch`` or the device's default)."""
+    return resolve_batch(batch, device, cpu_default=DEFAULT_BATCH_CPU, cuda_default=DEFAULT_BATCH_CUDA,
+                         item_bytes=ITEM_BYTES)
+
+
+def predict_quality_many(
+    hus: list[np.ndarray], *, weights: str | Path | None = None, device: str = "cpu", batch: int | None = None,
+    amp: str = "fp16", channels_last: bool = False,
+) -> tuple[list[np.ndarray], list[np.ndarray], str, int]:
+    """Series batching: ``predict_quality`` over several series' HU slices (each (n_i, H_i, W_i)),
+    in passes of exactly ``batch`` slices that may span series (``analysis.batching.run_across``; a
+    short last pass padded with zero images). Each series' slices are resized to model resolution
+    with its own geometry and its maps brought back to its own matrix, so series of different
+    matrices share a pass. Returns (quality maps, dose probs) per series, the weights' sha256 and
+    the number of passes."""
+    from analysis.batching import run_across
+
+    arrs = [np.asarray(h, dtype=np.float32) for h in hus]
+    for a in arrs:
+        if a.ndim != 3:
+            raise ValueError(f'Argument "hu" must be (B, H, W) per series, got shape {a.shape}')
+    validate_amp(amp)
+    model = load_model(weights, device)
+    bs = resolved_batch(batch, device)
+    qs = [np.empty(a.shape, np.float32) for a in arrs]
+    probs = [np.empty((a.shape[0], len(DOSE_CLASSES)), np.float32) for a in arrs]
+    geoms: dict[int, tuple[int, int, int, int]] = {}
+
+    def prepare(v: int, i: int, j: int) -> torch.Tensor:
+        t, geoms[v] = resize_to_model(arrs[v][i:j], device=device)
+        return t
+
+    def forward(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return _forward(model.net, x, device, amp, channels_last)
+
+    def collect(v: int, i: int, j: int, outs: tuple[torch.Tensor, ...]) -> None:
+        raw, p = outs
+        qs[v][i:j] = map_to_native((raw + 1.0) / 2.0, geoms[v])
+        probs[v][i:j] = p.cpu().numpy()
+
+    with torch.inference_mode():
+        passes = run_across([a.shape[0] for a in arrs], bs, device, prepare, forward, collect, "N2Q")
+    return qs, probs, model.sha256, passes

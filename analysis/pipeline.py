@@ -122,6 +122,18 @@ def run_model(name: str, volume: CTVolume, ctx: RunContext) -> ModelOutput:
         return not_installed_output(spec, str(exc))
 
 
+@dataclass
+class PreparedSeries:
+    """A series after ``prepare_series``: its result so far and the models still to run on it.
+    ``error``: an unexpected exception a model raised on it (not one of the data errors a result
+    records), for the caller to report as today's single-series run would have raised it."""
+
+    result: SeriesResult
+    run_models: list[str] = field(default_factory=list)
+    error: Exception | None = None
+    stopped: bool = False  # a model skipped or failed the series: no further model runs on it
+
+
 def analyse_series(
     paths: Sequence[str | Path],
     models: Sequence[str],
@@ -141,7 +153,31 @@ def analyse_series(
     ``duplicate_of(facts, claim=...)`` returns the UID of another series of the same study that
     analyses (or analysed) the same reconstruction, or None; ``claim`` is True when selection would
     analyse this series, which then claims the reconstruction (the node does so atomically in its
-    database, see ``storage.repo.claim_reconstruction``)."""
+    database, see ``storage.repo.claim_reconstruction``).
+
+    The one-series case of ``prepare_series`` -> ``run_prepared`` -> ``finish_series``."""
+    prepared = prepare_series(paths, models, ctx, series_instance_uid=series_instance_uid,
+                              study_instance_uid=study_instance_uid, selection=selection, scanner=scanner,
+                              duplicate_of=duplicate_of)
+    run_prepared([prepared], ctx)
+    if prepared.error is not None:
+        raise prepared.error
+    return finish_series(prepared)
+
+
+def prepare_series(
+    paths: Sequence[str | Path],
+    models: Sequence[str],
+    ctx: RunContext,
+    *,
+    series_instance_uid: str | None = None,
+    study_instance_uid: str | None = None,
+    selection=None,
+    scanner: str | None = None,
+    duplicate_of: Callable[[object], str | None] | None = None,
+) -> PreparedSeries:
+    """Step 1 of ``analyse_series``, per series: load, selection, the duplicate claim. A series that
+    cannot be loaded, or that selection skips, comes back with its final status and no model to run."""
     from analysis.volume import load_series
 
     n = len(paths)
@@ -153,9 +189,10 @@ def analyse_series(
             from analysis.selection import load_skip_decisions
 
             skipped.selection = load_skip_decisions(str(exc), list(models))
-        return skipped
+        return PreparedSeries(skipped)
     except (ValueError, OSError) as exc:
-        return SeriesResult(series_instance_uid, study_instance_uid, n, "failed", f"cannot load series: {exc}")
+        return PreparedSeries(SeriesResult(series_instance_uid, study_instance_uid, n, "failed",
+                                           f"cannot load series: {exc}"))
     hdr = volume.header
     series_uid = series_instance_uid or str(getattr(hdr, "SeriesInstanceUID", "") or "") or None
     study_uid = study_instance_uid or str(getattr(hdr, "StudyInstanceUID", "") or "") or None
@@ -181,18 +218,103 @@ def analyse_series(
             result.status, result.reason = "skipped", skip_reason
         else:
             result.reason = skip_reason
-    for name in run_models:
-        try:
-            result.outputs.append(run_model(name, volume, ctx))
-        except SeriesSkipped as exc:
-            result.status, result.reason = "skipped", f"{name}: {exc}"
-            return result
-        except (ValueError, RuntimeError, FloatingPointError) as exc:
-            log.exception("model %s failed on series", name)
-            result.status, result.reason = "failed", f"{name}: {exc}"
-            return result
-    flag_out_of_distribution(result)
-    return result
+    return PreparedSeries(result, run_models)
+
+
+def _record_error(p: PreparedSeries, name: str, exc: BaseException) -> None:
+    """What ``analyse_series`` has always done when a model raises on a series."""
+    if isinstance(exc, SeriesSkipped):
+        p.result.status, p.result.reason = "skipped", f"{name}: {exc}"
+    elif isinstance(exc, (ValueError, RuntimeError, FloatingPointError)):
+        log.error("model %s failed on series", name, exc_info=exc)
+        p.result.status, p.result.reason = "failed", f"{name}: {exc}"
+    else:
+        p.error = exc
+
+
+def _run_one(name: str, p: PreparedSeries, ctx: RunContext, many: bool) -> None:
+    """Model ``name`` on one series (``many``: through its ``run_many``, the padded passes of series
+    batching); its output appended, or the series stopped with the reason."""
+    try:
+        if many:
+            out = run_model_many(name, [p.result.volume], ctx)[0]
+        else:
+            out = run_model(name, p.result.volume, ctx)
+    except Exception as exc:  # noqa: BLE001 - recorded per series as analyse_series always did, or kept in p.error
+        _record_error(p, name, exc)
+        p.stopped = True
+        return
+    p.result.outputs.append(out)
+
+
+def run_model_many(name: str, volumes: Sequence[CTVolume], ctx: RunContext) -> list[ModelOutput]:
+    """One model's ``run_many`` on several loaded series (series batching), with its options; a
+    missing weights file gives every series its metrics null with the reason."""
+    from analysis.weights import WeightsNotInstalled, set_torch_threads
+
+    spec = resolve_model(name)
+    if spec.uses_torch:
+        set_torch_threads(ctx.torch_threads)
+    try:
+        outs = spec.run_many(list(volumes), ctx, ctx.options_for(name))
+    except WeightsNotInstalled as exc:
+        return [not_installed_output(spec, str(exc)) for _ in volumes]
+    if len(outs) != len(volumes):
+        raise RuntimeError(f"model {name}: run_many returned {len(outs)} outputs for {len(volumes)} series")
+    return outs
+
+
+def run_prepared(prepared: Sequence[PreparedSeries], ctx: RunContext) -> None:
+    """Step 2: the models on prepared series, each model in turn. With ``ctx.series_batch`` a model
+    whose spec has ``run_many`` runs once over every series that selected it (their slices sharing
+    passes); when that joint run raises, it runs again one series at a time, so that only the series
+    whose data caused it fails. Other models, and every model without series batching, run one series
+    at a time as ``analyse_series`` always did. A series stops at its first model that skips or fails
+    it (the models after it do not run on it)."""
+    order: list[str] = []
+    for p in prepared:
+        for name in p.run_models:
+            if name not in order:
+                order.append(name)
+    progressed = True
+    while progressed:  # one sweep when every series lists its models in the same order
+        progressed = False
+        for name in order:
+            todo = [i for i, p in enumerate(prepared) if not p.stopped and p.error is None and _next_model(p) == name]
+            if not todo:
+                continue
+            progressed = True
+            many = ctx.series_batch and _has_run_many(name)
+            if many and len(todo) > 1:
+                try:
+                    outs = run_model_many(name, [prepared[i].result.volume for i in todo], ctx)
+                except Exception as exc:  # noqa: BLE001 - isolated below, series by series
+                    log.warning("model %s failed on %d series run together (%s: %s); running them one at a time",
+                                name, len(todo), type(exc).__name__, exc)
+                else:
+                    for i, out in zip(todo, outs):
+                        prepared[i].result.outputs.append(out)
+                    continue
+            for i in todo:
+                _run_one(name, prepared[i], ctx, many)
+
+
+def _next_model(p: PreparedSeries) -> str | None:
+    """The model this series runs next, in its own order (the one after its last output)."""
+    k = len(p.result.outputs)
+    return p.run_models[k] if k < len(p.run_models) else None
+
+
+def _has_run_many(name: str) -> bool:
+    spec = registry.specs().get(name)
+    return spec is not None and spec.run_many is not None
+
+
+def finish_series(p: PreparedSeries) -> SeriesResult:
+    """Step 3, per series: the out-of-distribution flags of a loaded series whose models all ran."""
+    if p.result.volume is not None and not p.stopped and p.error is None:
+        flag_out_of_distribution(p.result)
+    return p.result
 
 
 def flag_out_of_distribution(result: SeriesResult) -> None:

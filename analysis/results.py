@@ -78,6 +78,10 @@ class RunContext:
     device: str = "cpu"  # resolved: "cpu" or "cuda"
     options: Mapping[str, Any] = field(default_factory=dict)
     torch_threads: int = 0  # 0 = torch's default (the cores available to the process)
+    # series batching ([analysis] series_batch resolved): the learned models with ``run_many`` run
+    # every pass at their batch's full shape (a last partial pass padded with zero images), so that
+    # several series can share a pass and a series' results never depend on the pass it was in
+    series_batch: bool = False
 
     def options_for(self, name: str):
         """The options of model ``name`` (its defaults when not configured)."""

@@ -40,6 +40,46 @@ class Options:
 
 def run(volume, ctx, options: Options | None = None):
     """Per-slice and series Delta-IQA score (metric ``delta_iqa_score``; slices outside the subset are nan)."""
+    from analysis import delta_iqa
+
+    opts = options or Options()
+    opts.validate()
+    out, model, device, idx = _start(volume, ctx, opts)
+    if model is None:
+        return out
+    probs = delta_iqa.predict_probs(model.net, volume.hu[idx], device=device, batch=opts.batch)
+    return _scored(out, idx, probs)
+
+
+def run_many(volumes, ctx, options: Options | None = None):
+    """Series batching: the scored slices of several series share passes of the full batch
+    (``analysis.delta_iqa.predict_probs_many``); one output per series, with ``series_batch=on``."""
+    from analysis import delta_iqa
+
+    opts = options or Options()
+    opts.validate()
+    started = [_start(v, ctx, opts) for v in volumes]
+    todo = [(i, s) for i, s in enumerate(started) if s[1] is not None]
+    if todo:
+        model, device = todo[0][1][1], todo[0][1][2]
+        probs, _passes = delta_iqa.predict_probs_many(model.net, [volumes[i].hu[s[3]] for i, s in todo],
+                                                      device=device, batch=opts.batch)
+        for (i, s), p in zip(todo, probs):
+            _scored(s[0], s[3], p)
+    outs = [s[0] for s in started]
+    for out, s in zip(outs, started):
+        if s[1] is not None:
+            out.parameters.append("series_batch=on")
+    return outs
+
+
+def batch_of(options: Options, device: str) -> int:
+    """Scored slices per pass (the fill target of series batching): ``batch`` on every device."""
+    return options.batch
+
+
+def _start(volume, ctx, opts):
+    """(output, loaded model or None when there is nothing to score, device, scored slice indices)."""
     import logging
 
     import numpy as np
@@ -50,21 +90,19 @@ def run(volume, ctx, options: Options | None = None):
     from analysis.results import ModelOutput
     from analysis.weights import WeightsNotInstalled
 
-    opts = options or Options()
-    opts.validate()
     out = ModelOutput(name="delta_iqa", algorithm=ALGORITHM, version=VERSION)
     n = volume.n_slices
     per_slice = np.full(n, np.nan)
     out.slice_metrics["delta_iqa_score"] = per_slice
     if not opts.weights:
         out.set_metric("delta_iqa_score", None, NO_WEIGHTS)
-        return out
+        return out, None, None, None
     device = "cuda" if ctx.device == "cuda" and torch.cuda.is_available() else "cpu"
     try:
         model = delta_iqa.load_model(opts.weights, device)
     except WeightsNotInstalled as exc:
         out.set_metric("delta_iqa_score", None, str(exc))
-        return out
+        return out, None, device, None
     out.weights_sha256 = model.sha256
     if model.labels != "site":
         out.parameters.append(f"labels={model.labels}")
@@ -75,8 +113,16 @@ def run(volume, ctx, options: Options | None = None):
     idx = select_slices(n, opts.max_slices)
     if len(idx) == 0:
         out.set_metric("delta_iqa_score", None, "no slices")
-        return out
-    probs = delta_iqa.predict_probs(model.net, volume.hu[idx], device=device, batch=opts.batch)
+        return out, None, device, None
+    return out, model, device, idx
+
+
+def _scored(out, idx, probs):
+    import numpy as np
+
+    from analysis import delta_iqa
+
+    per_slice = out.slice_metrics["delta_iqa_score"]
     per_slice[idx] = delta_iqa.expected_score(probs)
     out.set_metric("delta_iqa_score", float(np.mean(per_slice[idx])))
     return out
@@ -87,6 +133,8 @@ SPEC = ModelSpec(
     algorithm=ALGORITHM,
     version=VERSION,
     run=run,
+    run_many=run_many,
+    batch_of=batch_of,
     order=60,
     options=Options,
     requires=("torch",),

@@ -48,18 +48,20 @@ def not_installed(options: Options) -> str | None:
     return None
 
 
-def run(volume, ctx, options: Options | None = None):
-    """Per-slice and series LDCTIQA scores (means over the scored, evenly spaced slices)."""
-    import numpy as np
+def _loaded(ctx, opts):
+    """(device, loaded weights, the output without scores yet)."""
     import torch
 
     from analysis import ldctiqa
-    from analysis.results import ModelOutput
 
-    opts = options or Options()
-    opts.validate()
     device = "cuda" if ctx.device == "cuda" and torch.cuda.is_available() else "cpu"
     loaded = ldctiqa.load_weights(opts.weights or None, device)  # WeightsNotInstalled -> null metrics
+    return device, loaded
+
+
+def _new_output(loaded):
+    from analysis.results import ModelOutput
+
     out = ModelOutput(name="ldctiqa", algorithm=ALGORITHM, version=VERSION, weights_sha256=loaded.sha256)
     if loaded.labels not in (None, "site"):  # e.g. synthetic-label weights of `qa-node train ldctiqa --labels synthetic`
         out.parameters.append(f"labels={loaded.labels}")
@@ -67,6 +69,17 @@ def run(volume, ctx, options: Options | None = None):
 
         logging.getLogger(__name__).warning(
             "ldctiqa: the weights %s were trained on %s labels, not on raters' Likert scores", loaded.path, loaded.labels)
+    return out
+
+
+def run(volume, ctx, options: Options | None = None):
+    """Per-slice and series LDCTIQA scores (means over the scored, evenly spaced slices)."""
+    from analysis import ldctiqa
+
+    opts = options or Options()
+    opts.validate()
+    device, loaded = _loaded(ctx, opts)
+    out = _new_output(loaded)
     n = volume.n_slices
     if n == 0:
         for key in ("ldctiqa_score", "ldctiqa_expected_score"):
@@ -74,6 +87,45 @@ def run(volume, ctx, options: Options | None = None):
         return out
     res = ldctiqa.score_series(loaded.net, volume.hu, device=device, max_slices=opts.max_slices,
                                batch_size=opts.batch)
+    return _scored(out, res, n)
+
+
+def run_many(volumes, ctx, options: Options | None = None):
+    """Series batching: the scored slices of several series share passes of the full batch
+    (``analysis.ldctiqa.score_many``); one output per series, with ``series_batch=on``."""
+    from analysis import ldctiqa
+
+    opts = options or Options()
+    opts.validate()
+    device, loaded = _loaded(ctx, opts)
+    outs = [_new_output(loaded) for _ in volumes]
+    scored = [i for i, v in enumerate(volumes) if v.n_slices > 0]
+    for i, v in enumerate(volumes):
+        if v.n_slices == 0:
+            for key in ("ldctiqa_score", "ldctiqa_expected_score"):
+                outs[i].set_metric(key, None, "no slices")
+    if scored:
+        res, _passes = ldctiqa.score_many(loaded.net, [volumes[i].hu for i in scored], device=device,
+                                          max_slices=opts.max_slices, batch_size=opts.batch)
+        for i, r in zip(scored, res):
+            _scored(outs[i], r, volumes[i].n_slices)
+    for out in outs:
+        out.parameters.append("series_batch=on")
+    return outs
+
+
+def batch_of(options: Options, device: str) -> int:
+    """Scored slices per pass on ``device`` (the fill target of series batching)."""
+    from analysis import ldctiqa
+
+    return ldctiqa.resolved_batch(options.batch, device)
+
+
+def _scored(out, res, n: int):
+    import numpy as np
+
+    from analysis import ldctiqa
+
     out.slice_metrics["ldctiqa_score"] = np.asarray(res.slice_score, float)
     out.slice_metrics["ldctiqa_expected_score"] = np.asarray(res.slice_expected_score, float)
     out.set_metric("ldctiqa_score", res.series_score, "no slice scored")
@@ -92,6 +144,8 @@ SPEC = ModelSpec(
     algorithm=ALGORITHM,
     version=VERSION,
     run=run,
+    run_many=run_many,
+    batch_of=batch_of,
     order=50,
     options=Options,
     requires=("torch",),

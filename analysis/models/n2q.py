@@ -37,26 +37,67 @@ class Options:
         validate_amp(self.amp)
 
 
-def run(volume, ctx, options: Options | None = None):
-    """N2Q over one series: a quality map per slice and the body summary (see ``analysis.n2q``)."""
+def _device(ctx) -> str:
     import logging
 
-    import numpy as np
     import torch
 
-    from analysis import n2q
-    from analysis.mask import volume_body_masks
-    from analysis.results import MapOutput, ModelOutput, SeriesSkipped
-
-    opts = options or Options()
-    opts.validate()
     device = "cuda" if ctx.device == "cuda" and torch.cuda.is_available() else "cpu"
     if ctx.device == "cuda" and device == "cpu":
         logging.getLogger(__name__).warning("CUDA requested but not available: N2Q runs on the CPU")
+    return device
+
+
+def run(volume, ctx, options: Options | None = None):
+    """N2Q over one series: a quality map per slice and the body summary (see ``analysis.n2q``)."""
+    from analysis import n2q
+    from analysis.results import SeriesSkipped
+
+    opts = options or Options()
+    opts.validate()
+    device = _device(ctx)
     if volume.n_slices == 0:
         raise SeriesSkipped("no slices")
     quality, probs, sha = n2q.predict_quality(volume.hu, weights=opts.weights or None, device=device,
                                               batch=opts.batch, amp=opts.amp, channels_last=opts.channels_last)
+    return _output(volume, quality, probs, sha, device, opts)
+
+
+def run_many(volumes, ctx, options: Options | None = None):
+    """Series batching: N2Q over several series at once, their slices sharing passes of the full
+    batch (``analysis.n2q.predict_quality_many``); one output per series, as ``run`` gives it but
+    for the float rounding of the fixed pass shape (the parameter ``series_batch=on`` says so)."""
+    from analysis import n2q
+    from analysis.results import SeriesSkipped
+
+    opts = options or Options()
+    opts.validate()
+    device = _device(ctx)
+    if any(v.n_slices == 0 for v in volumes):
+        raise SeriesSkipped("no slices")
+    qs, probs, sha, _passes = n2q.predict_quality_many([v.hu for v in volumes], weights=opts.weights or None,
+                                                       device=device, batch=opts.batch, amp=opts.amp,
+                                                       channels_last=opts.channels_last)
+    outs = [_output(v, q, p, sha, device, opts) for v, q, p in zip(volumes, qs, probs)]
+    for out in outs:
+        out.parameters.append("series_batch=on")
+    return outs
+
+
+def batch_of(options: Options, device: str) -> int:
+    """Slices per pass on ``device`` (the fill target of series batching)."""
+    from analysis import n2q
+
+    return n2q.resolved_batch(options.batch, device)
+
+
+def _output(volume, quality, probs, sha, device, opts):
+    import numpy as np
+
+    from analysis import n2q
+    from analysis.mask import volume_body_masks
+    from analysis.results import MapOutput, ModelOutput
+
     body = volume_body_masks(volume)  # = body_mask per slice, computed once per volume for all models
     out = ModelOutput(name="n2q", algorithm=ALGORITHM, version=VERSION, weights_sha256=sha)
     if device == "cuda":  # the precision is part of the result's provenance (the CPU is always fp32)
@@ -85,6 +126,8 @@ SPEC = ModelSpec(
     algorithm=ALGORITHM,
     version=VERSION,
     run=run,
+    run_many=run_many,
+    batch_of=batch_of,
     order=30,
     options=Options,
     requires=("torch",),

@@ -11,6 +11,8 @@ node's code catalogue read every spec without loading any model. A spec names:
   ``maps`` (pixel-wise maps sent as Parametric Maps);
 - its ``run`` function ``run(volume, ctx, options) -> ModelOutput``: heavy imports (torch) happen
   inside it, never at module import;
+- optionally ``run_many(volumes, ctx, options) -> [ModelOutput]`` and ``batch_of(options, device)``:
+  several series in shared passes of the model's batch (series batching, ``analysis.batching.run_across``);
 - for a learned model, its ``training`` distribution (from its model card) for the
   out-of-distribution flag, and ``startup_check(options)`` (e.g. "weights not installed").
 """
@@ -151,6 +153,11 @@ class ModelSpec:
     startup_check: Callable[[Any], str | None] | None = None
     # old flat [analysis] keys of this model -> the key of [analysis.<name>] they became
     moved_keys: dict[str, str] = field(default_factory=dict)
+    # series batching (docs/series_batching.md): run_many(volumes, ctx, options) -> [ModelOutput],
+    # one per volume, their slices sharing passes of the full batch; batch_of(options, device) -> the
+    # slices per pass on that device (the fill target). None: the model runs one series at a time.
+    run_many: Callable[..., Any] | None = None
+    batch_of: Callable[[Any, str], int] | None = None
 
     def __post_init__(self) -> None:
         if not self.algorithm or not self.version:
