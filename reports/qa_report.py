@@ -220,7 +220,19 @@ def build_report(
     if protocols is not None:
         charts_all = [c for c in charts_all if c.key.protocol in protocols]
 
-    row_stmt = select(
+    def reported(stmt):
+        """``stmt`` limited to the scanner's rows this report covers: the metric asked for (or the
+        trended ones) and the protocols matched."""
+        stmt = stmt.where(TrendPoint.scanner == scanner)
+        if metric is not None:
+            stmt = stmt.where(TrendPoint.metric == metric)
+        elif "*" not in settings.metrics:
+            stmt = stmt.where(TrendPoint.metric.in_(sorted(set(settings.metrics) | set(settings.limits))))
+        if protocols is not None:
+            stmt = stmt.where(TrendPoint.protocol.in_(protocols))
+        return stmt
+
+    row_stmt = reported(select(
         TrendPoint.scanner,
         TrendPoint.protocol,
         TrendPoint.size_band,
@@ -228,22 +240,10 @@ def build_report(
         TrendPoint.series_instance_uid,
         TrendPoint.acquired_at,
         TrendPoint.value,
-    ).where(TrendPoint.scanner == scanner, TrendPoint.acquired_at >= t0, TrendPoint.acquired_at < t1)
-    if metric is not None:
-        row_stmt = row_stmt.where(TrendPoint.metric == metric)
-    elif "*" not in settings.metrics:
-        row_stmt = row_stmt.where(TrendPoint.metric.in_(sorted(set(settings.metrics) | set(settings.limits))))
-    if protocols is not None:
-        row_stmt = row_stmt.where(TrendPoint.protocol.in_(protocols))
+    )).where(TrendPoint.acquired_at >= t0, TrendPoint.acquired_at < t1)
     rows = tuple(tuple(r) for r in session.execute(row_stmt.order_by(TrendPoint.acquired_at, TrendPoint.id)))
     # Series left out by their acquisition date (same filters): said in every report, never dropped silently.
-    outside = select(func.count(distinct(TrendPoint.series_instance_uid))).where(TrendPoint.scanner == scanner)
-    if metric is not None:
-        outside = outside.where(TrendPoint.metric == metric)
-    elif "*" not in settings.metrics:
-        outside = outside.where(TrendPoint.metric.in_(sorted(set(settings.metrics) | set(settings.limits))))
-    if protocols is not None:
-        outside = outside.where(TrendPoint.protocol.in_(protocols))
+    outside = reported(select(func.count(distinct(TrendPoint.series_instance_uid))))
     n_before = session.scalar(outside.where(TrendPoint.acquired_at < t0)) or 0
     n_after = session.scalar(outside.where(TrendPoint.acquired_at >= t1)) or 0
     if not rows:
