@@ -73,7 +73,10 @@ DOSE_DESCRIPTIONS = ("*dose report*", "*dose info*", "*dose summary*", "*dose re
 _RANGE_KEYS = {"slice_thickness_mm": "slice thickness", "rows": "rows", "columns": "columns"}
 _PATTERN_KEYS = {"scanner": "scanner", "kernel": "ConvolutionKernel", "protocol": "ProtocolName",
                  "series_description": "SeriesDescription", "body_part": "BodyPartExamined"}
-RULE_KEYS = ("name", "models", "action", "image_type", "min_slices", *_RANGE_KEYS, *_PATTERN_KEYS)
+RULE_KEYS = ("name", "models", "action", "include", "image_type", "min_slices", *_RANGE_KEYS, *_PATTERN_KEYS)
+# what an analyse rule's ``include`` may ask for: the default categories it then analyses too
+INCLUDE_CATEGORIES = {"reformats": "derived reformat", "dose_screens": "dose screen",
+                      "duplicates": "duplicate reconstruction"}
 
 
 class SelectionError(ValueError):
@@ -174,8 +177,9 @@ def _glob(pattern: str, value: str) -> bool:
 @dataclass(frozen=True)
 class Rule:
     name: str
-    models: tuple[str, ...] = ()  # empty: every model
+    models: tuple[str, ...] = ()  # empty: every model (an analyse rule: every model but basic)
     action: str = ANALYSE
+    include: tuple[str, ...] = ()  # INCLUDE_CATEGORIES keys: defaults this analyse rule overrides
     image_type: tuple[tuple[str, ...], ...] = ()  # each pattern split into its values
     slice_thickness_mm: tuple[float, float] | None = None
     rows: tuple[float, float] | None = None
@@ -188,7 +192,12 @@ class Rule:
     body_part: tuple[str, ...] = ()
 
     def applies_to(self, model: str) -> bool:
-        return not self.models or model in self.models
+        """An analyse rule is a whitelist: one without ``models`` leaves ``basic`` alone (a series it
+        does not match keeps its basic statistics and trend row); a skip rule without ``models``
+        skips every model."""
+        if self.models:
+            return model in self.models
+        return model != BASIC or self.action == SKIP
 
     def mismatch(self, f: SeriesFacts) -> str | None:
         """None when the series matches every condition, else the first condition it fails."""
@@ -268,6 +277,15 @@ def parse_rule(raw: Any, known_models: Iterable[str], index: int = 0) -> Rule:
         if raw["action"] not in (ANALYSE, SKIP):
             raise SelectionError(f"key '{pre}.action' must be \"analyse\" or \"skip\", got {raw['action']!r}")
         kwargs["action"] = raw["action"]
+    if "include" in raw:
+        inc = raw["include"]
+        if (not isinstance(inc, list) or not inc or not all(isinstance(x, str) for x in inc)
+                or any(x not in INCLUDE_CATEGORIES for x in inc)):
+            raise SelectionError(f"key '{pre}.include' must be a non-empty list of {', '.join(INCLUDE_CATEGORIES)}, "
+                                 f"got {inc!r}")
+        if kwargs.get("action", ANALYSE) != ANALYSE:
+            raise SelectionError(f"key '{pre}.include' applies to analyse rules only (this rule skips)")
+        kwargs["include"] = tuple(inc)
     if "image_type" in raw:
         kwargs["image_type"] = tuple(_upper_values(p) for p in _patterns(raw["image_type"], f"{pre}.image_type"))
     for key in _RANGE_KEYS:
@@ -334,8 +352,15 @@ class SelectionPolicy:
         for r in applicable:
             why = r.mismatch(facts)
             if why is None:
-                verb = "selected" if r.action == ANALYSE else "skipped"
-                return Decision(model, r.action == ANALYSE, r.name, f"{verb} by [[selection]] rule {r.name!r}")
+                if r.action == SKIP:
+                    return Decision(model, False, r.name, f"skipped by [[selection]] rule {r.name!r}")
+                cat = default_category(facts, duplicate_of)
+                if cat is not None and cat[0] not in (INCLUDE_CATEGORIES[k] for k in r.include):
+                    # a rule matching on other grounds does not pull in what the defaults leave out
+                    key = next((k for k, v in INCLUDE_CATEGORIES.items() if v == cat[0]), None)
+                    ask = f" (rule {r.name!r} matches; include = [\"{key}\"] would analyse it)" if key else ""
+                    return self._default(model, cat, ask)
+                return Decision(model, True, r.name, f"selected by [[selection]] rule {r.name!r}")
             misses.append(f"{r.name}: {why}")
         if any(r.action == ANALYSE for r in applicable):
             return Decision(model, False, "(no matching rule)",
@@ -343,11 +368,15 @@ class SelectionPolicy:
         cat = default_category(facts, duplicate_of)
         if cat is None:
             return Decision(model, True, "default", "default: an acquired axial CT series")
+        return self._default(model, cat)
+
+    @staticmethod
+    def _default(model: str, cat: tuple[str, str], note: str = "") -> Decision:
         category, reason = cat
         if category == "derived reformat" and model == BASIC:
             return Decision(model, True, f"default: {category}",
                             f"default: basic statistics are kept for a {reason}")
-        return Decision(model, False, f"default: {category}", f"default: skipped, {reason}")
+        return Decision(model, False, f"default: {category}", f"default: skipped, {reason}{note}")
 
 
 def load_skip_decisions(reason: str, models: Sequence[str]) -> list[Decision]:

@@ -15,7 +15,7 @@ import pytest
 
 from analysis.pipeline import analyse_series
 from analysis.results import RunContext
-from analysis.selection import SelectionPolicy, SeriesFacts, facts_from_volume, parse_rules, summarise
+from analysis.selection import SelectionError, SelectionPolicy, SeriesFacts, facts_from_volume, parse_rules, summarise
 from analysis.volume import load_series
 from node.config import ConfigError, settings_from_dict
 from tests.helpers import PHANTOM_1MM, PHANTOM_5MM, SHARED_DATA, require
@@ -110,7 +110,7 @@ def test_every_condition_key_on_the_real_header(thick):
 
 
 def test_offline_files_have_no_scanner_so_a_scanner_rule_does_not_match(thick):
-    d = policy({"name": "ct1", "scanner": "CT1"}).decide_one(replace(thick, scanner=None), "basic")
+    d = policy({"name": "ct1", "scanner": "CT1"}).decide_one(replace(thick, scanner=None), "classical")
     assert not d.selected and "scanner absent (rule wants CT1)" in d.reason
 
 
@@ -134,9 +134,14 @@ def test_defaults_for_reformats_dose_screens_and_duplicates(thick):
     assert ds["classical"].reason == "default: skipped, derived reformat (ImageType DERIVED\\SECONDARY\\AXIAL\\MPR)"
     skipped, why = summarise(list(ds.values()), MODELS)
     assert skipped and why.startswith("not selected: classical, n2q, d2iqa: default: skipped, derived reformat")
-    # an analyse rule that matches is "asked": the reformat is analysed
-    asked = policy({"name": "mpr too", "image_type": "DERIVED\\SECONDARY"})
-    assert asked.decide_one(mpr, "classical").selected
+    # an analyse rule that matches the reformat analyses it only when it asks for reformats
+    matching = policy({"name": "mpr", "image_type": "DERIVED\\SECONDARY"})
+    d = matching.decide_one(mpr, "classical")
+    assert not d.selected and d.rule == "default: derived reformat"
+    assert d.reason.endswith("(rule 'mpr' matches; include = [\"reformats\"] would analyse it)")
+    asked = policy({"name": "mpr too", "image_type": "DERIVED\\SECONDARY", "include": ["reformats"]})
+    d = asked.decide_one(mpr, "classical")
+    assert d.selected and d.rule == "mpr too"
     dose = replace(thick, image_type=("DERIVED", "SECONDARY", "OTHER"), series_description="Dose Report")
     d = SelectionPolicy().decide_one(dose, "basic")
     assert not d.selected and d.reason == "default: skipped, dose screen (SeriesDescription 'Dose Report')"
@@ -219,6 +224,51 @@ def test_cli_exits_2_with_one_line_for_a_bad_rule(tmp_path):
 
 def test_facts_reject_nothing_for_missing_attributes():
     f = SeriesFacts(n_slices=3)
-    d = policy({"name": "k", "kernel": "B*"}).decide_one(f, "basic")
+    d = policy({"name": "k", "kernel": "B*"}).decide_one(f, "classical")
     assert not d.selected and "ConvolutionKernel absent (rule wants B*)" in d.reason
     assert SelectionPolicy().decide_one(f, "basic").selected
+
+
+def test_a_broad_rule_does_not_pull_in_dose_screens_duplicates_or_reformats(thick):
+    """A rule selecting on the scanner (the README's kind of rule) analyses CT1's acquired series
+    only: a dose screen, a duplicate reconstruction and a MIP of CT1 stay with the defaults unless
+    the rule's include asks for them; each include brings in its category alone."""
+    ct1 = replace(thick, scanner="CT1")
+    dose = replace(ct1, series_description="Dose Report")
+    mip = replace(ct1, image_type=("DERIVED", "SECONDARY", "AXIAL", "MIP"))
+    broad = policy({"name": "ct1", "models": ["n2q", "d2iqa"], "scanner": "CT1"})
+    assert [d.selected for d in broad.decide(ct1, ["n2q", "d2iqa"])] == [True, True]
+    for facts, dup, rule in [(dose, None, "default: dose screen"), (ct1, "1.2.3", "default: duplicate reconstruction"),
+                             (mip, None, "default: derived reformat")]:
+        for d in broad.decide(facts, ["n2q", "d2iqa"], duplicate_of=dup):
+            assert not d.selected and d.rule == rule, d
+    for include, facts, dup in [("dose_screens", dose, None), ("duplicates", ct1, "1.2.3"), ("reformats", mip, None)]:
+        asking = policy({"name": "ct1", "models": ["n2q"], "scanner": "CT1", "include": [include]})
+        assert asking.decide_one(facts, "n2q", duplicate_of=dup).selected, include
+        others = [f for f in (dose, mip) if f is not facts]
+        assert not any(asking.decide_one(f, "n2q").selected for f in others), include
+
+
+def test_an_analyse_rule_without_models_leaves_basic_to_the_defaults(thick):
+    """A whitelist over every model does not cost a series it misses its basic statistics (and trend
+    row); a skip rule without models skips basic too; a rule naming basic whitelists it."""
+    ct1_only = policy({"name": "ct1", "scanner": "CT1"})
+    ct2 = replace(thick, scanner="CT2")
+    ds = by_model(ct1_only.decide(ct2, MODELS))
+    assert ds["basic"].selected and ds["basic"].rule == "default"
+    assert not any(ds[m].selected for m in MODELS if m != "basic")
+    assert not policy({"name": "no ct2", "action": "skip", "scanner": "CT2"}).decide_one(ct2, "basic").selected
+    assert not policy({"name": "b", "models": ["basic"], "scanner": "CT1"}).decide_one(ct2, "basic").selected
+
+
+@pytest.mark.parametrize("rule,message", [
+    ({"name": "x", "include": "reformats"}, "key 'selection[0].include' must be a non-empty list of reformats, "
+                                             "dose_screens, duplicates, got 'reformats'"),
+    ({"name": "x", "include": ["mips"]}, "key 'selection[0].include' must be a non-empty list"),
+    ({"name": "x", "action": "skip", "include": ["reformats"]},
+     "key 'selection[0].include' applies to analyse rules only (this rule skips)"),
+])
+def test_bad_include_is_one_line_naming_the_key(rule, message):
+    with pytest.raises(SelectionError) as exc:
+        parse_rules([rule], MODELS)
+    assert message in str(exc.value)
