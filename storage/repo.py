@@ -823,22 +823,31 @@ class QueueStats:
                 "eta_s": self.eta_s}
 
 
+ACTIVE_WINDOW = timedelta(minutes=10)  # a worker that finished a job this recently is taken as alive
+
+
 def queue_stats(db: Database, now: datetime | None = None, *, configured_workers: int = 0,
                 recent: int = 20) -> QueueStats:
     """Queue depth, the oldest waiting job's age, jobs per worker (running now, finished - done or
     failed - in the last hour), the mean duration of the jobs finished in the last hour (else of
-    the last ``recent`` finished jobs) and an ETA for the waiting jobs: depth x mean / workers,
-    where workers are those seen in the last hour (running or finishing a job), else
-    ``configured_workers``; None when there is no mean or no worker."""
+    the last ``recent`` finished jobs) and an ETA for the waiting jobs: depth x mean / workers.
+    A running job whose lease has expired is waiting (any worker may claim it again), not running.
+    Workers for the ETA are those running a job under a live lease now, else those that finished one
+    in the last ``ACTIVE_WINDOW`` (between two jobs), else ``configured_workers``: a worker restarted
+    under a new name does not count twice. None when there is no mean or no worker."""
     from sqlalchemy import func
 
     now = now or utcnow()
     hour_ago = now - timedelta(hours=1)
     with db.session() as s:
-        depth = s.scalar(select(func.count()).select_from(Job).where(Job.state == JobState.PENDING)) or 0
-        oldest = s.scalar(select(func.min(Job.created_at)).where(Job.state == JobState.PENDING))
-        running = dict(s.execute(select(Job.worker, func.count()).where(Job.state == JobState.RUNNING)
+        expired = (Job.state == JobState.RUNNING) & Job.lease_until.is_not(None) & (Job.lease_until <= now)
+        waiting = (Job.state == JobState.PENDING) | expired
+        depth = s.scalar(select(func.count()).select_from(Job).where(waiting)) or 0
+        oldest = s.scalar(select(func.min(Job.created_at)).where(waiting))
+        running = dict(s.execute(select(Job.worker, func.count()).where(Job.state == JobState.RUNNING, ~expired)
                                  .group_by(Job.worker)).all())
+        just_finished = set(s.scalars(select(Job.finished_by).distinct().where(
+            Job.finished_at >= now - ACTIVE_WINDOW, Job.finished_by.is_not(None))))
         done = dict(s.execute(select(Job.finished_by, func.count())
                               .where(Job.state.in_((JobState.DONE, JobState.FAILED)), Job.finished_at >= hour_ago,
                                      Job.finished_by.is_not(None))
@@ -858,7 +867,7 @@ def queue_stats(db: Database, now: datetime | None = None, *, configured_workers
     mean = sum(durations) / len(durations) if durations else None
     names = sorted({w for w in running if w} | set(done))
     workers = [WorkerLoad(w, running.get(w, 0), done.get(w, 0)) for w in names]
-    n_workers = len(workers) or configured_workers
+    n_workers = len({w for w in running if w}) or len(just_finished) or configured_workers
     eta = None
     if depth == 0:
         eta = 0.0

@@ -9,6 +9,7 @@ from email import message_from_bytes
 from email.policy import default as default_policy
 
 import pytest
+from sqlalchemy import update
 
 from node.cli import print_queue
 from node.config import settings_from_dict
@@ -28,15 +29,19 @@ def _db(tmp_path) -> Database:
     return db
 
 
+def _series(s, n: int) -> list[int]:
+    series = [Series(series_instance_uid=f"1.2.3.{i}", study_instance_uid="1.2.3", n_instances=3,
+                     state="complete") for i in range(n)]
+    s.add_all(series)
+    s.flush()
+    return [x.id for x in series]
+
+
 def _fill(db: Database, now: datetime) -> None:
     """5 waiting jobs (the oldest 50 min old), 2 running (one per worker), finished in the last hour:
     W1 3 jobs of 60, 90 and 120 s, W2 1 failed job of 30 s; one older job (2 h ago, 600 s) is outside the hour."""
     with db.session() as s:
-        series = [Series(series_instance_uid=f"1.2.3.{i}", study_instance_uid="1.2.3", n_instances=3,
-                         state="complete") for i in range(12)]
-        s.add_all(series)
-        s.flush()
-        sid = iter(x.id for x in series)
+        sid = iter(_series(s, 12))
 
         def job(state, created_min, **kw):
             s.add(Job(series_id=next(sid), generation=1, state=state, models="basic",
@@ -73,12 +78,40 @@ def test_queue_stats_quiet_hour_and_empty_queue(tmp_path):
     later = NOW + timedelta(hours=3)  # nothing finished in the last hour: the mean is over the last 20 finished
     q = queue_stats(db, later, configured_workers=3)
     assert q.n_recent == 5 and q.mean_job_s == pytest.approx((60 + 90 + 120 + 30 + 600) / 5)
-    assert [(w.worker, w.running, w.done_last_hour) for w in q.workers] == [(W1, 1, 0), (W2, 1, 0)]
-    assert q.oldest_wait_s == pytest.approx(3000.0 + 3 * 3600)
-    assert q.eta_s == pytest.approx(5 * 180.0 / 2)
+    # the two running jobs' leases ran out meanwhile: they wait to be claimed again, nobody runs them
+    assert q.workers == [] and (q.depth, q.running) == (7, 0)
+    assert q.oldest_wait_s == pytest.approx(3600.0 + 3 * 3600)  # theirs, created 60 min before NOW
+    assert q.n_workers == 3 and q.eta_s == pytest.approx(7 * 180.0 / 3)  # nobody seen lately: the configured 3
     (tmp_path / "e").mkdir()
     empty = queue_stats(_db(tmp_path / "e"), NOW, configured_workers=2)
     assert (empty.depth, empty.oldest_wait_s, empty.eta_s, empty.mean_job_s, empty.n_workers) == (0, None, 0.0, None, 2)
+    db.dispose()
+
+
+def test_a_restarted_worker_is_not_counted_twice_in_the_eta(tmp_path):
+    """One worker process restarted twice finished jobs under three names in the last hour; it runs
+    one job now: the ETA divides by 1 (it divided by the 3 names seen)."""
+    db = _db(tmp_path)
+    with db.session() as s:
+        sid = iter(_series(s, 12))
+        for m in range(4):
+            s.add(Job(series_id=next(sid), generation=1, state="pending", models="basic",
+                      created_at=NOW - timedelta(minutes=m)))
+        for i, name in enumerate(("qa1:201:a", "qa1:202:b", "qa1:203:c")):
+            end = NOW - timedelta(minutes=50 - 20 * i)
+            s.add(Job(series_id=next(sid), generation=1, state="done", models="basic", created_at=end,
+                      finished_by=name, started_at=end - timedelta(seconds=100), finished_at=end, outcome="done"))
+        s.add(Job(series_id=next(sid), generation=1, state="running", models="basic", created_at=NOW,
+                  worker="qa1:203:c", started_at=NOW, lease_until=NOW + timedelta(seconds=60)))
+    q = queue_stats(db, NOW, configured_workers=1)
+    assert (q.depth, q.running, q.n_workers) == (4, 1, 1)
+    assert q.eta_s == pytest.approx(4 * 100.0)
+    assert [w.worker for w in q.workers] == ["qa1:201:a", "qa1:202:b", "qa1:203:c"]  # each one's last hour shown
+    # between two jobs (nothing running) the worker that finished in the last 10 minutes counts
+    with db.session() as s:
+        s.execute(update(Job).where(Job.state == "running").values(state="done", finished_by="qa1:203:c",
+                                                                   finished_at=NOW, outcome="done"))
+    assert queue_stats(db, NOW + timedelta(minutes=1), configured_workers=5).n_workers == 1
     db.dispose()
 
 
