@@ -187,6 +187,7 @@ class BacklogWatch:
         self.clock = clock
         self.warned = False
         self.alerted = False
+        self.mail_failed = False  # the failed alert e-mail was logged (once per backlog)
 
     def __call__(self) -> bool:
         """Returns whether the backlog is over the limit now."""
@@ -196,7 +197,7 @@ class BacklogWatch:
         if not over:
             if self.warned:
                 log.info("analysis backlog cleared: %d job(s) waiting", stats.depth)
-            self.warned = self.alerted = False
+            self.warned = self.alerted = self.mail_failed = False
             return False
         if not self.warned:
             self.warned = True
@@ -215,7 +216,11 @@ class BacklogWatch:
         try:
             (self.send or send_message)(alerts, msg)
         except AlertDeliveryError as exc:
-            log.warning("%s; the backlog alert is retried at the next check", exc)
+            if not self.mail_failed:  # one WARNING while the mail server stays unreachable, not one per check
+                log.warning("%s; the backlog alert is retried at every check", exc)
+                self.mail_failed = True
+            else:
+                log.debug("%s; backlog alert still not sent", exc)
             return False
         log.info("backlog alert e-mailed to %d recipient(s)", len(alerts.smtp_to))
         return True

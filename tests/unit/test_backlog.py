@@ -193,6 +193,34 @@ def test_backlog_warns_and_alerts_once_until_it_clears(tmp_path, caplog, smtp_se
     db.dispose()
 
 
+def test_an_unreachable_mail_server_is_one_warning_and_the_alert_is_sent_when_it_is_back(tmp_path, caplog):
+    from reports.alerts import AlertDeliveryError
+
+    db = _db(tmp_path)
+    _fill(db, NOW)
+    sent, up = [], {"ok": False}
+
+    def send(alerts, msg):
+        if not up["ok"]:
+            raise AlertDeliveryError("alert e-mail not sent: 127.0.0.1:9 refused the connection")
+        sent.append(msg)
+
+    watch = BacklogWatch(_settings(tmp_path, 1800.0, 9), db, send=send, clock=lambda: NOW)
+    caplog.set_level(logging.INFO, logger="node.workers")
+    assert watch() and watch() and watch()
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 2 and warnings[0].startswith("analysis backlog: 5 job(s) waiting")
+    assert warnings[1] == ("alert e-mail not sent: 127.0.0.1:9 refused the connection; the backlog alert is "
+                           "retried at every check")
+    assert sent == []
+    up["ok"] = True
+    caplog.clear()
+    assert watch() and watch()
+    assert len(sent) == 1  # sent once when the server is back, not again
+    assert [r.getMessage() for r in caplog.records] == ["backlog alert e-mailed to 1 recipient(s)"]
+    db.dispose()
+
+
 def test_backlog_under_the_limit_is_quiet(tmp_path, caplog):
     db = _db(tmp_path)
     _fill(db, NOW)
