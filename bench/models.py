@@ -249,11 +249,13 @@ def main() -> int:
         r.vol = full
         times: dict[str, list[float]] = {key: [] for key, _, _ in variants}
         outs = {}
-        for _ in range(args.rounds):
+        for k in range(args.rounds):
             for key, b, cl in variants:
                 t0 = time.perf_counter()
                 outs[key] = r.run(b, cl)
                 times[key].append(time.perf_counter() - t0)
+                print(f"{'':<10} round {k + 1} {key}: {times[key][-1]:.1f} s (load average {os.getloadavg()[0]:.2f})",
+                      flush=True)  # as it goes: a run cut short keeps its rounds
         t_b, t_1 = statistics.median(times["batched"]), statistics.median(times["batch1"])
         same, diff = r.compare(outs["batched"], outs["batch1"])
         rate_b, rate_1 = args.slices / t_b, args.slices / t_1
