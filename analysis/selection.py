@@ -331,11 +331,25 @@ def default_category(f: SeriesFacts, duplicate_of: str | None = None) -> tuple[s
         return "duplicate reconstruction", (
             f"duplicate reconstruction: same ImageType, kernel, slice thickness, pixel spacing, matrix, slice "
             f"count and z range as series {duplicate_of} of this study, already analysed")
-    reformat = [v for v in it[2:] if v in REFORMAT_VALUES]
+    reformat = reformat_of(it)
+    if reformat == "DERIVED SECONDARY":
+        return "derived reformat", f"derived secondary image (ImageType {chr(92).join(it)})"
     if reformat:
         return "derived reformat", f"derived reformat (ImageType {chr(92).join(it)})"
-    if len(it) >= 2 and it[0] == "DERIVED" and it[1] == "SECONDARY":
-        return "derived reformat", f"derived secondary image (ImageType {chr(92).join(it)})"
+    return None
+
+
+def reformat_of(image_type: Any) -> str | None:
+    """What makes a series a derived reformat: its first ImageType value (3rd or later) that marks a
+    reformat or projection (``"MIP"``, ``"MPR"``...), else ``"DERIVED SECONDARY"`` for
+    DERIVED\\SECONDARY; None for acquired slices (``DERIVED\\PRIMARY`` included). ``image_type``: the
+    attribute's value (a backslash-joined string or the values) or SeriesFacts.image_type."""
+    it = image_type if isinstance(image_type, tuple) else _upper_values(image_type)
+    marks = [v for v in it[2:] if v in REFORMAT_VALUES]
+    if marks:
+        return marks[0]
+    if it[:2] == ("DERIVED", "SECONDARY"):
+        return "DERIVED SECONDARY"
     return None
 
 

@@ -26,6 +26,19 @@ class Judged(dict):
         self.centres: dict[str, float] = dict(centres or {})
 
 
+def _first(*values):
+    return next((v for v in values if v is not None), None)
+
+
+def reformat_marker(volume) -> str | None:
+    """The trend key's reformat marker of an analysed series (``analysis.selection.reformat_of`` of
+    its ImageType), None for acquired slices."""
+    from analysis.selection import reformat_of
+
+    header = getattr(volume, "header", None)
+    return reformat_of(getattr(header, "ImageType", None) if header is not None else None)
+
+
 def record_and_evaluate(settings: Settings, db: Database, job_id: int, result: SeriesResult) -> dict[str, str]:
     """Record one analysed series and evaluate it. Returns metric -> "within" | "outside" (a
     ``Judged`` dict that also carries the baseline centres). A series without a configured scanner
@@ -39,7 +52,10 @@ def record_and_evaluate(settings: Settings, db: Database, job_id: int, result: S
         metrics = result.metrics
         protocol = protocol_key(series.protocol_name or meta.get("protocol"),
                                 series.series_description or meta.get("series_description"),
-                                meta.get("kernel"), metrics.get("kvp"), metrics.get("slice_thickness_mm"))
+                                # the header's kVp and thickness when classical did not run (basic only)
+                                meta.get("kernel"), _first(metrics.get("kvp"), meta.get("kvp")),
+                                _first(metrics.get("slice_thickness_mm"), meta.get("slice_thickness_mm")),
+                                reformat=reformat_marker(result.volume))
         record_series(s, scanner=series.scanner_name, protocol=protocol, size_band=size_band(metrics.get("wed_cm")),
                       series_instance_uid=series.series_instance_uid,
                       acquired_at=series.acquired_at or utcnow(), metrics=metrics)

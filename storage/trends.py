@@ -151,8 +151,12 @@ def protocol_key(
     kernel: str | Sequence[str] | None,
     kvp: float | None,
     slice_thickness_mm: float | None,
+    reformat: str | None = None,
 ) -> str:
     """A stable key for "the same protocol": normalised name + kernel + kVp + slice thickness.
+
+    ``reformat`` (e.g. ``"MIP"``, for a derived reformat) is appended to the name in brackets, so a
+    reformat that keeps its source's description and reconstruction gets a trend of its own.
 
     The name is ProtocolName, or SeriesDescription when ProtocolName is empty, upper-cased with
     whitespace and underscores collapsed. Kernel keeps its case (vendors distinguish it); a
@@ -160,6 +164,7 @@ def protocol_key(
     | 5 mm"``. Missing parts read ``?``.
     """
     name = _norm_text(protocol_name) or _norm_text(series_description) or "UNNAMED"
+    marker = f" [{_norm_text(reformat)}]" if reformat and _norm_text(reformat) else ""
     if kernel is None or (not isinstance(kernel, str) and len(kernel) == 0):
         kern = "?"
     elif isinstance(kernel, str):
@@ -174,10 +179,10 @@ def protocol_key(
         st = "? mm"
     else:
         st = f"{round(float(slice_thickness_mm), 2):g} mm"
-    key = f"{name} | {kern} | {kv} | {st}"
+    key = f"{name}{marker} | {kern} | {kv} | {st}"
     if len(key) > PROTOCOL_LEN:
         # keep the technical suffix, shorten the name
-        suffix = f" | {kern} | {kv} | {st}"
+        suffix = f"{marker} | {kern} | {kv} | {st}"
         key = name[: max(1, PROTOCOL_LEN - len(suffix))] + suffix
         key = key[:PROTOCOL_LEN]
     return key

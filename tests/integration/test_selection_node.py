@@ -139,6 +139,13 @@ def test_which_rule_selected_or_skipped_each_series_for_each_model(node, tmp_pat
     assert "body_mean_hu" in trend[mpr_uid] and "body_mean_hu" in trend[thin_uid]
     assert "ctdivol_mgy" in trend[original_uid]
     assert trend[dup_uid] == [] and trend[dose_uid] == []
+    # the MPR keeps its source's description and reconstruction but trends apart from it
+    with node.db.session() as s:
+        protocol = {uid: set(s.scalars(select(TrendPoint.protocol).where(TrendPoint.series_instance_uid == uid)))
+                    for uid in (original_uid, mpr_uid)}
+    (orig_key,), (mpr_key,) = protocol[original_uid], protocol[mpr_uid]
+    name, rest = orig_key.split(" | ", 1)
+    assert mpr_key == f"{name} [MPR] | {rest}"
 
     # the text form names the rules too
     r = qa_node("--config", str(node.config_file), "status", cwd=tmp_path)

@@ -96,6 +96,13 @@ def test_protocol_key_normalises():
     assert protocol_key("Head", None, "H30s", 120, 5) != protocol_key("Head", None, "H60s", 120, 5)
     assert protocol_key("Head", None, "H30s", 120, 5) != protocol_key("Head", None, "H30s", 120, 3)
     assert len(protocol_key("X" * 500, None, "B30f", 120, 5)) <= 200
+    # a reformat of the same protocol trends apart; a long name is shortened, the marker kept
+    assert protocol_key("Head", None, "H30s", 120, 5, reformat="MIP") == "HEAD [MIP] | H30s | 120 kV | 5 mm"
+    assert protocol_key("Head", None, "H30s", 120, 5, reformat="DERIVED SECONDARY") == \
+        "HEAD [DERIVED SECONDARY] | H30s | 120 kV | 5 mm"
+    assert protocol_key("Head", None, "H30s", 120, 5, reformat=None) == "HEAD | H30s | 120 kV | 5 mm"
+    long = protocol_key("X" * 500, None, "B30f", 120, 5, reformat="MPR")
+    assert len(long) == 200 and long.endswith("X [MPR] | B30f | 120 kV | 5 mm")
 
 
 # ------------------------------------------------------------------------------------------ storage
