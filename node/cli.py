@@ -704,8 +704,15 @@ def build_parser() -> argparse.ArgumentParser:
     sp.set_defaults(func=cmd_serve)
 
     sp = sub.add_parser("worker", help="run analysis workers only (against the configured database and a "
-                        "data folder shared with the receiving node)")
-    sp.add_argument("--workers", type=int, help="worker processes (default: analysis.workers)")
+                        "data folder shared with the receiving node)",
+                        description="Analyse series received by another node: claim jobs from the configured "
+                        "database (PostgreSQL across machines), read the instances from the shared node.data_dir, "
+                        "build and send the outputs to this config's [[destinations]], record trends and alerts. "
+                        "Use the receiving node's config.toml (same database, data folder, selection, models, "
+                        "destinations); the receiving node runs serve with analysis.workers = 0. Stops on SIGTERM/"
+                        "Ctrl-C, handing its running jobs back.")
+    sp.add_argument("--workers", type=int, help="how many workers: 1 = one in this process, N >= 2 = N worker "
+                    "processes (default: analysis.workers, which must then be >= 1)")
     sp.set_defaults(func=cmd_worker)
 
     sp = sub.add_parser("analyze", help="run the analysis pipeline on files or folders, without the network")
@@ -721,8 +728,13 @@ def build_parser() -> argparse.ArgumentParser:
                     help="run every requested model on every series: no [[selection]] rules, no defaults")
     sp.set_defaults(func=cmd_analyze)
 
-    sp = sub.add_parser("status", help="show received series, their state and analysis jobs")
-    sp.add_argument("--json", action="store_true")
+    sp = sub.add_parser("status", help="show received series, their state and analysis jobs",
+                        description="The analysis queue (waiting and running jobs, the oldest waiting job's age, "
+                        "jobs per worker, an ETA, a BACKLOG mark over analysis.backlog_warn_s), then each "
+                        "received series: state, instances, job outcome, outputs and which [[selection]] rule "
+                        "or default selected or skipped it for which model.")
+    sp.add_argument("--json", action="store_true", help="print one JSON object: queue and series (with each "
+                    "series' selection decisions)")
     sp.set_defaults(func=cmd_status)
 
     sp = sub.add_parser("outbox", help="list result deliveries: pending, sent and dead")
