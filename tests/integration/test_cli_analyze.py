@@ -59,3 +59,61 @@ def test_analyze_skips_non_ct_and_rejects_bad_requests(tmp_path):
     assert r.returncode == 2 and "Unknown model 'nonsense'" in r.stderr and "Traceback" not in r.stderr
     r = qa_node("analyze", str(tmp_path / "missing"), cwd=tmp_path)
     assert r.returncode == 2 and "no such file or folder" in r.stderr
+
+
+def _mip_copy(files, folder):
+    """The same slices as a MIP (DERIVED\\SECONDARY\\AXIAL\\MIP) under a new Series UID."""
+    import pydicom
+    from pydicom.uid import generate_uid
+
+    folder.mkdir(parents=True)
+    series_uid = generate_uid()
+    for f in files:
+        ds = pydicom.dcmread(f)
+        ds.ImageType = ["DERIVED", "SECONDARY", "AXIAL", "MIP"]
+        ds.SeriesInstanceUID = series_uid
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        ds.save_as(folder / f.name)
+    return series_uid
+
+
+def test_analyze_json_says_which_rule_selected_or_skipped_each_model(tmp_path):
+    phantom = require(PHANTOM_5MM)
+    files = sorted(p for p in phantom.iterdir() if p.name.startswith("I"))[:4]
+    work = tmp_path / "in"
+    (work / "orig").mkdir(parents=True)
+    for f in files:
+        shutil.copy(f, work / "orig" / f.name)
+    mip_uid = _mip_copy(files, work / "mip")
+    cfg = tmp_path / "config.toml"
+    cfg.write_text(f'[node]\ndata_dir = "{tmp_path / "var"}"\n\n[analysis]\ndevice = "cpu"\nmodels = ["basic", "classical"]\n\n'
+                   '[[scanners]]\nname = "CT1"\nae_title = "CT1"\n\n'
+                   '[[selection]]\nname = "ct1 classical"\nmodels = ["classical"]\nscanner = "CT1"\n')
+
+    def run(*extra):
+        r = qa_node("--config", str(cfg), "analyze", "--json", *extra, str(work), cwd=tmp_path)
+        assert r.returncode == 0, r.stderr
+        return {("mip" if it["series_instance_uid"] == mip_uid else "orig"): it for it in json.loads(r.stdout)}
+
+    def decisions(item):
+        return {d["model"]: (d["selected"], d["rule"]) for d in item["selection"]}
+
+    with_scanner = run("--scanner", "CT1")
+    assert decisions(with_scanner["orig"]) == {"basic": (True, "default"), "classical": (True, "ct1 classical")}
+    assert with_scanner["orig"]["status"] == "done" and "global_noise_hu" in with_scanner["orig"]["metrics"]
+    mip = with_scanner["mip"]
+    assert decisions(mip) == {"basic": (True, "default: derived reformat"),
+                              "classical": (False, "default: derived reformat")}
+    assert mip["status"] == "skipped" and "global_noise_hu" not in mip["metrics"]
+    (why,) = [d["reason"] for d in mip["selection"] if d["model"] == "classical"]
+    assert why.endswith("(rule 'ct1 classical' matches; include = [\"reformats\"] would analyse it)")
+    # without --scanner the files come from no scanner: the whitelist rule does not match
+    no_scanner = run()
+    (why,) = [d["reason"] for d in no_scanner["orig"]["selection"] if d["model"] == "classical"]
+    assert decisions(no_scanner["orig"])["classical"] == (False, "(no matching rule)")
+    assert "scanner absent (rule wants CT1)" in why
+    # --all-models: no rules, no defaults; both series run both models
+    everything = run("--all-models")
+    for item in everything.values():
+        assert item["status"] == "done" and "global_noise_hu" in item["metrics"]
+        assert all(sel for sel, _ in decisions(item).values()), item["selection"]
