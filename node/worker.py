@@ -10,7 +10,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from analysis.pipeline import SeriesResult, analyse_series, parse_models
+from analysis.pipeline import SeriesResult, analyse_series, finish_series, parse_models, prepare_series, run_prepared
 from analysis.results import RunContext
 from analysis.selection import record_json
 from node.calibrate import apply_calibrations, current_calibrations
@@ -18,7 +18,8 @@ from node.config import Settings
 from storage.db import Database
 from storage.filestore import FileStore
 from storage.models import JobState, OutputsState
-from storage.repo import RunRecord, claim_job, claim_reconstruction, finish_job, holds_job, job_files, renew_lease
+from storage.repo import RunRecord, claim_job, claim_reconstruction, finish_job, holds_job, job_files, job_size, \
+    renew_lease
 
 log = logging.getLogger(__name__)
 
@@ -39,12 +40,32 @@ def resolve_device(requested: str) -> str:
     return "cuda" if has_cuda else "cpu"
 
 
+def series_batch_on(mode: str, device: str) -> bool:
+    """[analysis] series_batch with the resolved device: ``on``, ``off``, or ``auto`` = on only on CUDA."""
+    return mode == "on" or (mode == "auto" and device == "cuda")
+
+
 def run_context(settings: Settings, device: str | None = None) -> RunContext:
-    """[analysis] -> what every model run gets: the device, torch_threads, and each model's options
-    (its table [analysis.<name>], validated by node.config)."""
+    """[analysis] -> what every model run gets: the device, torch_threads, each model's options
+    (its table [analysis.<name>], validated by node.config) and whether series batching is on."""
     a = settings.analysis
-    return RunContext(device=resolve_device(device or a.device), options=dict(a.model_options),
-                      torch_threads=a.torch_threads)
+    resolved = resolve_device(device or a.device)
+    return RunContext(device=resolved, options=dict(a.model_options), torch_threads=a.torch_threads,
+                      series_batch=series_batch_on(a.series_batch, resolved))
+
+
+# series batching: at most this many jobs held together by one worker
+MAX_GROUP = 8
+
+
+def fill_target(models: list[str], ctx: RunContext) -> int:
+    """The slices one pass holds for these models (the largest resolved batch of those with
+    ``run_many``): how many instances a worker gathers from small jobs; 0 when none batches series."""
+    from analysis.models import get
+
+    sizes = [get(n).batch_of(ctx.options_for(n), ctx.device) for n in models
+             if get(n).run_many is not None and get(n).batch_of is not None]
+    return max(sizes, default=0)
 
 
 def startup_warnings(settings: Settings) -> list[str]:
@@ -149,15 +170,62 @@ class AnalysisWorker:
                 self._wake.wait(self.poll_s)
                 self._wake.clear()
                 continue
+            group = self._fill(job_id)
+            if len(group) > 1:
+                try:
+                    self.process_group(group)
+                except Exception as exc:  # noqa: BLE001 - each job closes alone; this is a last resort
+                    for j in group:
+                        self._fail_unexpected(j, exc)
+                continue
             try:
                 self.process(job_id)
             except Exception as exc:  # the worker outlives any one job; the job records why it failed
-                log.exception("analysis job %d failed unexpectedly", job_id)
-                try:
-                    finish_job(self.db, job_id, self.worker_id, state=JobState.FAILED,
-                               error=f"{type(exc).__name__}: {exc}", outcome="failed")
-                except SQLAlchemyError as db_exc:  # left running: re-queued at the next start
-                    log.error("analysis job %d could not be marked failed (%s)", job_id, type(db_exc).__name__)
+                self._fail_unexpected(job_id, exc)
+
+    def _fail_unexpected(self, job_id: int, exc: Exception) -> None:
+        from sqlalchemy.exc import SQLAlchemyError
+
+        log.error("analysis job %d failed unexpectedly", job_id, exc_info=exc)
+        try:
+            finish_job(self.db, job_id, self.worker_id, state=JobState.FAILED,
+                       error=f"{type(exc).__name__}: {exc}", outcome="failed")
+        except SQLAlchemyError as db_exc:  # left running: re-queued at the next start
+            log.error("analysis job %d could not be marked failed (%s)", job_id, type(db_exc).__name__)
+
+    def _context(self) -> RunContext:
+        if self._ctx is None:
+            self._ctx = run_context(self.settings)
+        return self._ctx
+
+    def _fill(self, job_id: int) -> list[int]:
+        """Series batching: the claimed job, and further pending jobs claimed while their series fit
+        in the rest of a pass (``claim_job(..., max_instances=room)``), at most ``MAX_GROUP``. Just
+        the job when series batching is off or its models do not batch series."""
+        from sqlalchemy.exc import SQLAlchemyError
+
+        try:
+            ctx = self._context()
+            if not ctx.series_batch:
+                return [job_id]
+            models, n = job_size(self.db, job_id)
+            room = fill_target(parse_models(models), ctx) - n
+        except (ValueError, SQLAlchemyError):  # the job itself says why when it runs
+            return [job_id]
+        group = [job_id]
+        while room >= 1 and len(group) < MAX_GROUP:
+            try:
+                more = claim_job(self.db, self.worker_id, lease_s=self.lease_s, max_instances=room)
+                if more is None:
+                    break
+                group.append(more)
+                room -= job_size(self.db, more)[1]
+            except SQLAlchemyError as exc:  # the jobs held so far run; the rest stay in the queue
+                log.warning("analysis worker: no further job claimed for series batching (%s)", type(exc).__name__)
+                break
+        if len(group) > 1:
+            log.info("series batching: jobs %s analysed together", ", ".join(map(str, group)))
+        return group
 
     def _duplicate_of(self, job_id: int, series_id: int, facts, claim: bool = True) -> str | None:
         """The series of the same study that analyses (or analysed) the same reconstruction, or None
@@ -181,20 +249,77 @@ class AnalysisWorker:
         job, series, rel_paths = job_files(self.db, job_id)
         _test_delay(series.series_instance_uid)
         try:
-            if self._ctx is None:
-                self._ctx = run_context(self.settings)
             models = parse_models(job.models)
-            result = analyse_series([self.store.abs(p) for p in rel_paths], models, self._ctx,
-                                    series_instance_uid=series.series_instance_uid,
-                                    study_instance_uid=series.study_instance_uid,
-                                    selection=self.settings.selection_policy, scanner=series.scanner_name,
-                                    duplicate_of=lambda facts, claim=True: self._duplicate_of(
-                                        job_id, series.id, facts, claim))
+            result = analyse_series([self.store.abs(p) for p in rel_paths], models, self._context(),
+                                    **self._series_args(job_id, series))
             apply_calibrations(result, current_calibrations(self.db))  # <metric>_likert (qa-node calibrate)
         except ValueError as exc:  # bad model list or device: a configuration problem, not the data's
-            finish_job(self.db, job_id, self.worker_id, state=JobState.FAILED, error=str(exc), outcome="failed")
-            log.error("series %s: analysis failed: %s", series.series_instance_uid, exc)
-            return None
+            return self._fail_config(job_id, series, exc)
+        return self._close(job_id, beat, series, rel_paths, result)
+
+    def _series_args(self, job_id: int, series) -> dict:
+        return dict(series_instance_uid=series.series_instance_uid, study_instance_uid=series.study_instance_uid,
+                    selection=self.settings.selection_policy, scanner=series.scanner_name,
+                    duplicate_of=lambda facts, claim=True: self._duplicate_of(job_id, series.id, facts, claim))
+
+    def _fail_config(self, job_id: int, series, exc: ValueError) -> None:
+        finish_job(self.db, job_id, self.worker_id, state=JobState.FAILED, error=str(exc), outcome="failed")
+        log.error("series %s: analysis failed: %s", series.series_instance_uid, exc)
+        return None
+
+    def process_group(self, job_ids: list[int]) -> list[SeriesResult | None]:
+        """Series batching: several claimed jobs analysed together (``analysis.pipeline``: prepared
+        one by one, the models with ``run_many`` run once over all of them, finished one by one),
+        then closed one by one in claim order exactly as ``process`` closes one. Each job keeps its
+        own lease and heartbeat: a job whose lease was lost is discarded alone; a job that fails
+        fails alone."""
+        beats = {j: _Heartbeat(self.db, j, self.worker_id, self.lease_s) for j in job_ids}
+        for beat in beats.values():
+            beat.start()
+        try:
+            return self._process_group(job_ids, beats)
+        finally:
+            for beat in beats.values():
+                beat.stop()
+
+    def _process_group(self, job_ids: list[int], beats: dict) -> list[SeriesResult | None]:
+        results: dict[int, SeriesResult | None] = {j: None for j in job_ids}
+        held = []  # (job_id, series, rel_paths, prepared), in claim order
+        for job_id in job_ids:
+            try:
+                job, series, rel_paths = job_files(self.db, job_id)
+                _test_delay(series.series_instance_uid)
+                try:
+                    models = parse_models(job.models)
+                    prepared = prepare_series([self.store.abs(p) for p in rel_paths], models, self._context(),
+                                              **self._series_args(job_id, series))
+                except ValueError as exc:
+                    self._fail_config(job_id, series, exc)
+                    continue
+            except Exception as exc:  # noqa: BLE001 - this job fails alone
+                self._fail_unexpected(job_id, exc)
+                continue
+            held.append((job_id, series, rel_paths, prepared))
+        run_prepared([h[3] for h in held], self._context())
+        for job_id, series, rel_paths, prepared in held:
+            try:
+                if prepared.error is not None:
+                    raise prepared.error
+                try:
+                    result = finish_series(prepared)
+                    apply_calibrations(result, current_calibrations(self.db))
+                except ValueError as exc:
+                    self._fail_config(job_id, series, exc)
+                    continue
+                results[job_id] = self._close(job_id, beats[job_id], series, rel_paths, result)
+            except Exception as exc:  # noqa: BLE001 - this job fails alone
+                self._fail_unexpected(job_id, exc)
+        return [results[j] for j in job_ids]
+
+    def _close(self, job_id: int, beat: _Heartbeat, series, rel_paths: list[str],
+               result: SeriesResult) -> SeriesResult | None:
+        """Write an analysed series' outputs and results and close its job (nothing when the job is
+        no longer this worker's)."""
         vol = result.volume
         refs = list(zip(vol.sop_instance_uids, vol.frame_numbers)) if vol is not None else []
         state = JobState.FAILED if result.status == "failed" else JobState.DONE

@@ -345,20 +345,27 @@ def _claimable(now: datetime):
                and_(Job.state == JobState.RUNNING, Job.lease_until.is_not(None), Job.lease_until < now))
 
 
-def claim_job(db: Database, worker: str, *, lease_s: float = DEFAULT_LEASE_S, now: datetime | None = None) -> int | None:
+def claim_job(db: Database, worker: str, *, lease_s: float = DEFAULT_LEASE_S, now: datetime | None = None,
+              max_instances: int | None = None) -> int | None:
     """Atomically take the oldest pending job, or a running one whose worker's lease expired (the
     worker died: killed, its machine down). Returns its id or None. The claim holds a lease of
     ``lease_s`` seconds that the worker renews (``renew_lease``) while it runs the job.
 
     PostgreSQL: ``SELECT ... FOR UPDATE SKIP LOCKED`` so that concurrent workers take different
     jobs without waiting on each other; SQLite (one machine): writes are serialised and the guarded
-    UPDATE decides. A job whose lease expired ``MAX_ATTEMPTS`` times is failed with the reason."""
+    UPDATE decides. A job whose lease expired ``MAX_ATTEMPTS`` times is failed with the reason.
+
+    ``max_instances`` (series batching: a worker holding a job fills the rest of its pass): only a job
+    whose series has at most that many instances (the same claim, joined to ``series``; on
+    PostgreSQL only the job row is locked)."""
     now = now or utcnow()
     pg = db.engine.dialect.name != "sqlite"
     with db.session() as s:
         for _ in range(5):
             q = select(Job.id, Job.state, Job.attempts, Job.worker).where(_claimable(now)).order_by(Job.id)
-            rows = s.execute(q.limit(1).with_for_update(skip_locked=True) if pg else q.limit(5)).all()
+            if max_instances is not None:
+                q = q.join(Series, Series.id == Job.series_id).where(Series.n_instances <= max_instances)
+            rows = s.execute(q.limit(1).with_for_update(skip_locked=True, of=Job) if pg else q.limit(5)).all()
             if not rows:
                 return None
             for job_id, state, attempts, old_worker in rows:
@@ -401,6 +408,14 @@ def holds_job(db: Database, job_id: int, worker: str) -> bool:
     with db.engine.connect() as conn:
         return conn.scalar(select(Job.id).where(Job.id == job_id, Job.state == JobState.RUNNING,
                                                 Job.worker == worker)) is not None
+
+
+def job_size(db: Database, job_id: int) -> tuple[str, int]:
+    """(the job's models, its series' instance count): what series batching needs before loading."""
+    with db.engine.connect() as conn:
+        row = conn.execute(select(Job.models, Series.n_instances).join(Series, Series.id == Job.series_id)
+                           .where(Job.id == job_id)).one()
+    return row.models, int(row.n_instances or 0)
 
 
 def job_files(db: Database, job_id: int) -> tuple[Job, Series, list[str]]:
