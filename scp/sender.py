@@ -31,6 +31,7 @@ from pydicom.errors import InvalidDicomError
 from pydicom.filereader import read_file_meta_info
 from pynetdicom import AE, _config, evt
 
+from scp.connection import on_conn_open
 from storage.db import Database
 from storage.filestore import FileStore
 from storage.outbox import DueDelivery, RetryPolicy, due_deliveries, mark_failed_many, mark_sent
@@ -174,17 +175,6 @@ def _connect_reason(reason: str, dest: Destination) -> str:
     return f"cannot connect to {dest.host}:{dest.port}: {reason}"
 
 
-def _on_conn_open(event) -> None:
-    # As on the SCP side: without TCP_NODELAY every C-STORE waits ~40 ms for a delayed ACK (Nagle),
-    # and pynetdicom's DUL idles 1 ms per loop; together they cap a pass at ~20 objects/s.
-    from scp.server import DUL_LOOP_DELAY_S
-
-    sock = getattr(getattr(event.assoc.dul, "socket", None), "socket", None)
-    if sock is not None:
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    event.assoc.dul._run_loop_delay = DUL_LOOP_DELAY_S
-
-
 class _StreamedSends:
     """pynetdicom streams a file given to ``send_c_store`` by its path (the dataset's own bytes after
     the File Meta Information, never decoded) only while its process-wide flag
@@ -243,7 +233,7 @@ def send_batch(calling_ae: str, dest: Destination, items: Sequence[Outgoing], ti
     with _PeerErrors(timeout_s) as errors:
         try:
             assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title, tls_args=tls_args,
-                                 evt_handlers=[(evt.EVT_CONN_OPEN, _on_conn_open)])
+                                 evt_handlers=[(evt.EVT_CONN_OPEN, on_conn_open)])  # as the SCP's
         except (OSError, socket.error) as exc:
             return fail_all(SendOutcome(False, False, _connect_reason(str(exc), dest)))
         if assoc.is_rejected:

@@ -32,6 +32,7 @@ from pynetdicom.pdu_primitives import A_RELEASE
 from pynetdicom.sop_class import Verification
 from pynetdicom.transport import ThreadedAssociationServer
 
+from scp.connection import on_conn_open
 from scp.ingest import ACCEPTED_SOP_CLASSES, Ingestor, StoreResult, StoreStatus
 
 log = logging.getLogger(__name__)
@@ -52,9 +53,6 @@ TRANSFER_SYNTAXES = [
     "1.2.840.10008.1.2.4.91",  # JPEG 2000
     "1.2.840.10008.1.2.2",  # Explicit VR Big Endian (retired, still sent by old scanners)
 ]
-
-
-DUL_LOOP_DELAY_S = 0.0001
 
 
 class _PeerValueEcho(logging.Filter):
@@ -381,7 +379,7 @@ class StorageSCP:
         self._stores = ThreadPoolExecutor(max_workers=max(1, self.ae.maximum_associations),
                                           thread_name_prefix="ingest-store")
         handlers = [
-            (evt.EVT_CONN_OPEN, self._on_conn_open),
+            (evt.EVT_CONN_OPEN, on_conn_open),  # TCP_NODELAY, DUL loop delay
             (evt.EVT_REQUESTED, self._on_requested),
             (evt.EVT_RELEASED, self._on_closed),
             (evt.EVT_ABORTED, self._on_closed),
@@ -455,15 +453,6 @@ class StorageSCP:
         self.ingestor.close()  # the index rows still queued are committed
 
     # -- handlers -----------------------------------------------------------------------------
-    def _on_conn_open(self, event) -> None:
-        # pynetdicom never sets TCP_NODELAY: without it small PDUs (C-STORE-RSP) wait for Nagle.
-        sock = getattr(getattr(event.assoc.dul, "socket", None), "socket", None)
-        if sock is not None:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        # pynetdicom's DUL thread sleeps 1 ms whenever it finds no event; between two C-STOREs that
-        # idle sleep alone costs ~20% of the throughput. 0.1 ms keeps latency low at little CPU.
-        event.assoc.dul._run_loop_delay = DUL_LOOP_DELAY_S
-
     def _on_requested(self, event) -> None:
         assoc = event.assoc
         rq = assoc.requestor.primitive
