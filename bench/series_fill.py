@@ -16,7 +16,12 @@ depends on the *shape* of the pass or on the *other slices* in it: series 0 run 
 other series (bit-identical means: sharing a pass of a fixed shape is invisible to a series).
 
     .venv/bin/python bench/series_fill.py [--device cpu|cuda] [--models n2q,ldctiqa,delta_iqa]
-        [--series 4] [--slices 2] [--batch 8] [--threads 2] [--rounds 1] [--json PATH]
+        [--series 4] [--slices 2] [--batch 8] [--threads 2] [--rounds 1] [--built] [--json PATH]
+
+``--built``: also the node's series batching as built (``[analysis] series_batch = "on"``: each
+model's ``*_many`` runner over ``analysis.batching.run_across``, every pass padded to ``--batch``),
+all series together against each series alone through the same runner, with the largest
+|difference| between the two per series (0 = bit-identical, what the node relies on).
 
 N2Q: ``analysis.n2q.predict_quality`` (shipped weights); LDCTIQA: ``analysis.ldctiqa.predict`` with
 seeded random weights (the published file is not shipped; same FLOPs); Delta-IQA:
@@ -74,6 +79,32 @@ def runner(name: str, device: str):
     raise LookupError(f"unknown model {name!r}")
 
 
+def built_runner(name: str, device: str):
+    """name -> fn(list of hu (n_i, H, W), batch) -> list of per-slice result arrays: the node's
+    series-batching runner of that model (fixed-shape passes across series)."""
+    import numpy as np
+    import torch
+
+    if name == "n2q":
+        from analysis import n2q
+
+        return lambda hus, b: n2q.predict_quality_many(hus, device=device, batch=b)[0]
+    if name == "ldctiqa":
+        from analysis import ldctiqa
+
+        torch.manual_seed(0)
+        net = ldctiqa.MultiHeadSwin().eval().to(device)
+        return lambda hus, b: [r.probabilities for r in ldctiqa.score_many(net, hus, device=device, max_slices=0,
+                                                                           batch_size=b)[0]]
+    if name == "delta_iqa":
+        from analysis import delta_iqa
+
+        torch.manual_seed(0)
+        net = delta_iqa.build_network(1.0).eval().to(device)
+        return lambda hus, b: [np.asarray(p) for p in delta_iqa.predict_probs_many(net, hus, device=device, batch=b)[0]]
+    raise LookupError(f"unknown model {name!r}")
+
+
 def maxdiff(a, b) -> float:
     import numpy as np
 
@@ -96,6 +127,7 @@ def main() -> int:
     ap.add_argument("--batch", type=int, default=8, help="slices per pass")
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--rounds", type=int, default=1, help="interleaved rounds; the median time is shown")
+    ap.add_argument("--built", action="store_true", help="also time the node's series batching as built")
     ap.add_argument("--json", default="")
     args = ap.parse_args()
 
@@ -143,6 +175,23 @@ def main() -> int:
                    ratio_filled_to_one_at_a_time=m_one / m_fill, ratio_filled_to_batch1=m_ref / m_fill,
                    max_diff_filled_vs_one_at_a_time_per_series=per_series, max_diff_filled_vs_batch1=to_ref,
                    max_diff_fixed_shape_alone_vs_shared=shape_vs_others)
+        if args.built:
+            with torch.inference_mode():
+                many = built_runner(name, args.device)
+                many([series[0][:1]], 1)  # warm-up
+                t_balone, t_bjoint = [], []
+                for _ in range(args.rounds):
+                    t, b_alone = timed(lambda: [many([s], args.batch)[0] for s in series])
+                    sync()
+                    t_balone.append(t)
+                    t, b_joint = timed(lambda: many(series, args.batch))
+                    sync()
+                    t_bjoint.append(t)
+            m_ba, m_bj = statistics.median(t_balone), statistics.median(t_bjoint)
+            b_diff = [maxdiff(x, y) for x, y in zip(b_joint, b_alone)]
+            row.update(built_alone_s=m_ba, built_together_s=m_bj, built_alone_slices_per_s=n / m_ba,
+                       built_together_slices_per_s=n / m_bj, ratio_built_together_to_alone=m_ba / m_bj,
+                       max_diff_built_together_vs_alone_per_series=b_diff)
         figures.append(row)
         print(f"{name:<10} one at a time {m_one:6.2f} s = {n / m_one:6.2f} slices/s | filled {m_fill:6.2f} s = "
               f"{n / m_fill:6.2f} slices/s | batch 1 {m_ref:6.2f} s = {n / m_ref:6.2f} slices/s | ratio filled/one "
@@ -150,6 +199,12 @@ def main() -> int:
         print(f"{'':<10} filled vs one at a time, per series max |diff|: "
               f"{', '.join(f'{d:.2g}' for d in per_series)}; filled vs batch 1: {to_ref:.2g}; "
               f"same pass shape, alone (zero-padded) vs shared: {shape_vs_others:.2g}")
+        if args.built:
+            print(f"{'':<10} built (series_batch on): alone {row['built_alone_s']:6.2f} s = "
+                  f"{row['built_alone_slices_per_s']:6.2f} slices/s | together {row['built_together_s']:6.2f} s = "
+                  f"{row['built_together_slices_per_s']:6.2f} slices/s | ratio "
+                  f"{row['ratio_built_together_to_alone']:.2f}; together vs alone, per series max |diff|: "
+                  f"{', '.join(f'{d:.2g}' for d in row['max_diff_built_together_vs_alone_per_series'])}")
     if args.json:
         Path(args.json).write_text(json.dumps({"args": vars(args), "figures": figures}, indent=1) + "\n")
         print(f"wrote {args.json}")
