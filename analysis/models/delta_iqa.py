@@ -74,8 +74,9 @@ def run_many(volumes, ctx, options: Options | None = None):
 
 
 def batch_of(options: Options, device: str) -> int:
-    """Scored slices per pass (the fill target of series batching): ``batch`` on every device."""
-    return options.batch
+    """Scored slices per pass (the fill target of series batching): ``batch`` on every device; 0
+    without weights (nothing is scored)."""
+    return options.batch if options.weights else 0
 
 
 def _start(volume, ctx, opts):

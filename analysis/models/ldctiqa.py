@@ -115,10 +115,10 @@ def run_many(volumes, ctx, options: Options | None = None):
 
 
 def batch_of(options: Options, device: str) -> int:
-    """Scored slices per pass on ``device`` (the fill target of series batching)."""
+    """Scored slices per pass on ``device`` (the fill target of series batching); 0 without weights."""
     from analysis import ldctiqa
 
-    return ldctiqa.resolved_batch(options.batch, device)
+    return ldctiqa.resolved_batch(options.batch, device) if options.weights else 0
 
 
 def _scored(out, res, n: int):

@@ -345,3 +345,17 @@ def test_a_series_failing_in_a_joint_run_fails_alone(tmp_path, weights, monkeypa
                            run_context(node.settings), series_instance_uid=uids[0])
     (n2q_out,) = [o for o in alone.outputs if o.name == "n2q"]
     assert got == n2q_out.series_metrics and got["n2q_mean_quality"] is not None
+
+
+def test_fill_target_is_the_largest_batch_of_the_models_that_batch_series(weights):
+    from node.worker import fill_target
+
+    def target(models, analysis):
+        return fill_target(models, run_context(_settings({"device": "cpu", "series_batch": "on", **analysis})))
+
+    assert target(["basic", "classical", "d2iqa"], {}) == 0  # none of them batches series
+    assert target(["basic", "n2q"], {}) == 1  # N2Q's CPU default
+    assert target(["n2q", "ldctiqa", "delta_iqa"], {}) == 1  # LDCTIQA and Delta-IQA without weights score nothing
+    assert target(["n2q", "ldctiqa", "delta_iqa"], {"ldctiqa": {"weights": weights["ldctiqa"]},
+                                                    "delta_iqa": {"weights": weights["delta_iqa"]}}) == 8
+    assert target(["n2q", "ldctiqa"], {"n2q": {"batch": 16}, "ldctiqa": {"weights": weights["ldctiqa"]}}) == 16
