@@ -32,7 +32,7 @@ from tests.helpers import PHANTOM_5MM, NodeProcess, pacs_destination, qa_node, r
     wait_until, write_config
 from tests.integration.test_trends_postgres import pg_url  # noqa: F401 - the fixture
 
-N_SERIES = 6  # the slow one and five the two workers share while it runs
+N_SERIES = 12  # the slow one and eleven the two workers share while it runs (the issue: 12 series)
 LEASE_S = 3
 SLOW_S = 6  # the slow series' job, in each attempt
 
