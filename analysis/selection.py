@@ -407,7 +407,12 @@ def summarise(decisions: Sequence[Decision], requested: Sequence[str]) -> tuple[
     ``basic`` where more were asked. The reason names the models skipped and why."""
     selected = [d.model for d in decisions if d.selected]
     skipped = [d for d in decisions if not d.selected]
+    reformat_basic = [d for d in decisions if d.selected and d.rule == "default: derived reformat"]
     if not skipped:
+        if reformat_basic and len(reformat_basic) == len(selected):
+            # only basic was asked: a reformat keeps its statistics and trend row but, as with more
+            # models asked, gets no outputs
+            return True, f"not selected: {reformat_basic[0].reason}"
         return False, None
     by_reason: dict[str, list[str]] = {}
     for d in skipped:

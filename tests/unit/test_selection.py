@@ -134,6 +134,11 @@ def test_defaults_for_reformats_dose_screens_and_duplicates(thick):
     assert ds["classical"].reason == "default: skipped, derived reformat (ImageType DERIVED\\SECONDARY\\AXIAL\\MPR)"
     skipped, why = summarise(list(ds.values()), MODELS)
     assert skipped and why.startswith("not selected: classical, n2q, d2iqa: default: skipped, derived reformat")
+    # only basic asked: the reformat keeps basic, ends skipped as well (no outputs)
+    assert summarise(SelectionPolicy().decide(mpr, ["basic"]), ["basic"]) == (
+        True, "not selected: default: basic statistics are kept for a derived reformat "
+              "(ImageType DERIVED\\SECONDARY\\AXIAL\\MPR)")
+    assert summarise(SelectionPolicy().decide(thick, ["basic"]), ["basic"]) == (False, None)
     # an analyse rule that matches the reformat analyses it only when it asks for reformats
     matching = policy({"name": "mpr", "image_type": "DERIVED\\SECONDARY"})
     d = matching.decide_one(mpr, "classical")
