@@ -111,9 +111,18 @@ def test_orthanc_forwards_a_study_in_its_stored_syntaxes(tmp_path):
         assert {r["scanner"] for r in st["series"]} == {"ROUTER"}
         assert sorted(r["n_instances"] for r in st["series"]) == [1, 1, 6, 6, 28]
         assert all(r["completions"] == 1 for r in st["series"])
-        # every one of them is analysed: the phantom and each wg04 series (the same slice in several syntaxes)
-        assert [(r["n_instances"], r["job"]["state"], r["job"]["outcome"]) for r in st["series"]
-                if (r["job"]["state"], r["job"]["outcome"]) != ("done", "done")] == []
+        # every one of them is analysed (the phantom and each wg04 series: the same slice in several
+        # syntaxes); those whose first image is DERIVED\SECONDARY (the lossy copies of CT2 and both RLE
+        # copies) keep their basic statistics as derived secondary images and end skipped (no outputs)
+        outcomes = sorted((r["n_instances"], r["job"]["state"], r["job"]["outcome"]) for r in st["series"])
+        assert outcomes == [(1, "done", "skipped"), (1, "done", "skipped"), (6, "done", "done"),
+                            (6, "done", "skipped"), (28, "done", "done")], outcomes
+        for r in st["series"]:
+            if r["job"]["outcome"] == "skipped":
+                assert r["job"]["error"].startswith("not selected: default: basic statistics are kept for a "
+                                                    "derived secondary image (ImageType DERIVED\\SECONDARY"), r
+                assert r["selection"] == [{"model": "basic", "selected": True, "rule": "default: derived reformat",
+                                           "reason": r["job"]["error"].removeprefix("not selected: ")}]
         for f in phantom:
             uid = pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID
             np.testing.assert_array_equal(pydicom.dcmread(stored[uid]).pixel_array, pydicom.dcmread(f).pixel_array)
