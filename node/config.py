@@ -93,7 +93,7 @@ class AnalysisSettings:
 
     device: str = "auto"
     models: list[str] = field(default_factory=_default_models)
-    workers: int = 1  # analysis worker processes (1: a thread of `serve`; 0: serve only receives and sends)
+    workers: int = 1  # analysis worker processes of `serve` (0: serve only receives and sends)
     torch_threads: int = 0  # 0 = torch's default (the CPU cores available to the process)
     lease_s: float = 120.0  # a running job's lease, renewed by its live worker; then claimed again
     backlog_warn_s: float = 3600.0  # the oldest waiting job this old: one WARNING and an alert; 0 = off

@@ -143,7 +143,8 @@ def write_and_judge_outputs(settings: Settings, db: Database, store: FileStore, 
 def after_job(settings: Settings, db: Database, store: FileStore, job_id: int, result) -> AfterJob:
     """For an analysed series: trends recorded, outputs written and queued for every destination.
     Returns the outputs state for the job (the analysis results are kept regardless). Runs in the
-    worker that analysed the series (a thread of ``serve`` or a worker process, node.workers)."""
+    worker that analysed the series (a worker process of ``serve`` or of ``qa-node worker``, node.workers,
+    or the one worker of ``qa-node worker --workers 1``)."""
     from sqlalchemy.exc import SQLAlchemyError
 
     from node.trending import record_and_evaluate
@@ -188,7 +189,7 @@ class Node:
         self.scp: StorageSCP | None = None
         self.scheduler: BackgroundScheduler | None = None
         self.worker: AnalysisWorker | None = None
-        self.pool = None  # node.workers.WorkerPool when analysis.workers >= 2
+        self.pool = None  # node.workers.WorkerPool when analysis.workers >= 1
         self.receivers: ReceiverPool | None = None  # node.receivers >= 2
         self.stopped = threading.Event()
         self.lock = NodeLock(settings.node.data_dir, settings.node.database)
@@ -221,11 +222,12 @@ class Node:
     def start(self, *, run_worker: bool = True) -> int:
         self.prepare()
         n_workers = self.settings.analysis.workers if run_worker else 0
-        # one worker: a thread of this process; several: worker processes (node.workers); none: this
-        # node only receives and sends (`qa-node worker` analyses, here or on other machines)
-        self.worker = (AnalysisWorker(self.settings, self.db, self.store, after_job=self._after_job)
-                       if n_workers == 1 else None)
-        if n_workers >= 2:
+        # analysis in worker processes (node.workers), one included: as a thread of this process it
+        # shared the GIL with receiving, which then ran at 0.71-0.88 of the speed it has beside a
+        # worker process (bench/ingest_while_analysing.py); none: this node only receives and sends
+        # (`qa-node worker` analyses, here or on other machines)
+        self.worker = None
+        if n_workers >= 1:
             from node.workers import WorkerPool
 
             self.pool = WorkerPool(self.settings, n_workers)
