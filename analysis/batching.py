@@ -97,6 +97,20 @@ def amp_dtype(device: str | torch.device, amp: str) -> torch.dtype | None:
     return None if not is_cuda(device) or amp == "off" else _dtype(amp)
 
 
+def _halved_after_oom(batch: int, device: str | torch.device, what: str, warned: bool) -> tuple[int, bool]:
+    """Called while handling a CUDA out-of-memory error: (the halved batch, warned); re-raises the
+    error at batch 1 or off CUDA. One WARNING per run (``warned``)."""
+    import torch
+
+    if batch == 1 or not is_cuda(device):
+        raise  # noqa: PLE0704 - the out-of-memory error being handled
+    torch.cuda.empty_cache()
+    batch = max(1, batch // 2)
+    if not warned:
+        log.warning("%s: CUDA out of memory, batch reduced to %d", what, batch)
+    return batch, True
+
+
 def run_batches(fn: Callable[[int, int], T], n: int, batch: int, device: str | torch.device,
                 what: str = "model") -> list[T]:
     """``[fn(0, b), fn(b, 2b), ...]`` over ``range(n)``; on a CUDA out-of-memory error the batch is
@@ -113,13 +127,7 @@ def run_batches(fn: Callable[[int, int], T], n: int, batch: int, device: str | t
         try:
             out.append(fn(i, stop))
         except torch.cuda.OutOfMemoryError:
-            if batch == 1 or not is_cuda(device):
-                raise
-            torch.cuda.empty_cache()
-            batch = max(1, batch // 2)
-            if not warned:
-                log.warning("%s: CUDA out of memory, batch reduced to %d", what, batch)
-                warned = True
+            batch, warned = _halved_after_oom(batch, device, what, warned)
             continue
         i = stop
     return out
@@ -179,13 +187,7 @@ def run_across(counts: list[int], batch: int, device: str | torch.device,
                 x = torch.cat([x, x.new_zeros((batch - n_items, *x.shape[1:]))])
             outs = forward(x)
         except torch.cuda.OutOfMemoryError:
-            if batch == 1 or not is_cuda(device):
-                raise
-            torch.cuda.empty_cache()
-            batch = max(1, batch // 2)
-            if not warned:
-                log.warning("%s: CUDA out of memory, batch reduced to %d", what, batch)
-                warned = True
+            batch, warned = _halved_after_oom(batch, device, what, warned)
             continue
         passes += 1
         o = 0

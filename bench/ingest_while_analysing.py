@@ -39,7 +39,7 @@ from pydicom.uid import generate_uid
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from tests.helpers import PHANTOM_1MM, NodeProcess, node_sql, write_config  # noqa: E402
+from tests.helpers import PHANTOM_1MM, NodeProcess, node_sql, wait_until, write_config  # noqa: E402
 
 MODES = ("idle", "thread", "process")
 
@@ -65,15 +65,6 @@ def push(port: int, folder: Path) -> float:
     if r.returncode != 0:
         raise RuntimeError(f"storescu failed: {r.stderr[-500:]}")
     return time.perf_counter() - t0
-
-
-def wait_for(pred, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return
-        time.sleep(0.2)
-    raise TimeoutError(what)
 
 
 THREAD_TREE: Path | None = None
@@ -108,7 +99,7 @@ def one_round(mode: str, work: Path, analysed: Path, timed: Path, models: str) -
         running = "SELECT count(*) FROM jobs WHERE state = 'running'"
         if mode != "idle":
             push(port, analysed)
-            wait_for(lambda: (node_sql(node, running) or [(0,)])[0][0] == 1, 60, "the analysis did not start")
+            wait_until(lambda: (node_sql(node, running) or [(0,)])[0][0] == 1, 60, 0.2, "the analysis to start")
             time.sleep(1.0)
         n = len(list(timed.iterdir()))
         dt = push(port, timed)
@@ -118,8 +109,8 @@ def one_round(mode: str, work: Path, analysed: Path, timed: Path, models: str) -
         job_s = None
         if mode != "idle":
             first = "SELECT state, started_at, finished_at FROM jobs ORDER BY id LIMIT 1"
-            wait_for(lambda: (node_sql(node, first) or [("",)])[0][0] in ("done", "failed"), 600,
-                     "the analysis did not finish")
+            wait_until(lambda: (node_sql(node, first) or [("",)])[0][0] in ("done", "failed"), 600, 0.2,
+                       "the analysis to finish")
             state, started, finished = node_sql(node, first)[0]
             job_s = (_when(finished) - _when(started)).total_seconds() if state == "done" else None
         return n / dt, during, job_s

@@ -61,30 +61,16 @@ def test_analyze_skips_non_ct_and_rejects_bad_requests(tmp_path):
     assert r.returncode == 2 and "no such file or folder" in r.stderr
 
 
-def _mip_copy(files, folder):
-    """The same slices as a MIP (DERIVED\\SECONDARY\\AXIAL\\MIP) under a new Series UID."""
-    import pydicom
-    from pydicom.uid import generate_uid
-
-    folder.mkdir(parents=True)
-    series_uid = generate_uid()
-    for f in files:
-        ds = pydicom.dcmread(f)
-        ds.ImageType = ["DERIVED", "SECONDARY", "AXIAL", "MIP"]
-        ds.SeriesInstanceUID = series_uid
-        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
-        ds.save_as(folder / f.name)
-    return series_uid
-
-
 def test_analyze_json_says_which_rule_selected_or_skipped_each_model(tmp_path):
+    from tests.integration.test_selection_node import copy_series
+
     phantom = require(PHANTOM_5MM)
     files = sorted(p for p in phantom.iterdir() if p.name.startswith("I"))[:4]
     work = tmp_path / "in"
     (work / "orig").mkdir(parents=True)
     for f in files:
         shutil.copy(f, work / "orig" / f.name)
-    mip_uid = _mip_copy(files, work / "mip")
+    mip_uid, _ = copy_series(files, work / "mip", ImageType=["DERIVED", "SECONDARY", "AXIAL", "MIP"])
     cfg = tmp_path / "config.toml"
     cfg.write_text(f'[node]\ndata_dir = "{tmp_path / "var"}"\n\n[analysis]\ndevice = "cpu"\nmodels = ["basic", "classical"]\n\n'
                    '[[scanners]]\nname = "CT1"\nae_title = "CT1"\n\n'

@@ -23,28 +23,7 @@ from storage.models import AnalysisRun, Job, OutputObject, Series, SeriesMetric,
 from storage.repo import claim_job, complete_due_series
 from tests.helpers import PHANTOM_5MM, require, wait_until
 from tests.integration.test_node_pipeline import make_node, push_files
-
-
-def make_series(src, out, n: int, slices: int) -> list[str]:
-    """``n`` series of ``slices`` different slices each (series i: the phantom's slices i * slices
-    onwards), each in a study of its own, with new UIDs."""
-    from pydicom.uid import generate_uid
-
-    files = sorted((p for p in src.iterdir() if p.name.startswith("I")),
-                   key=lambda p: int(pydicom.dcmread(p, stop_before_pixels=True).InstanceNumber))
-    uids = []
-    for i in range(n):
-        series_uid, study_uid = generate_uid(), generate_uid()
-        uids.append(series_uid)
-        folder = out / f"s{i:02d}"
-        folder.mkdir(parents=True)
-        for j, f in enumerate(files[10 + i * slices:10 + (i + 1) * slices]):
-            ds = pydicom.dcmread(f)
-            ds.SeriesInstanceUID, ds.StudyInstanceUID = series_uid, study_uid
-            ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
-            ds.SeriesNumber = 100 + i
-            ds.save_as(folder / f"{j}.dcm", enforce_file_format=True)
-    return uids
+from tests.integration.test_workers_postgres import make_series
 
 
 def _settings(analysis: dict, tmp_path=None):
@@ -208,7 +187,7 @@ def _same_bits(a: dict, b: dict) -> None:
 
 def _compare_joint_with_one_at_a_time(tmp_path, weights, spy, device: str) -> None:
     passes, sizes = spy
-    make_series(require(PHANTOM_5MM), tmp_path / "push", 2, slices=2)
+    make_series(require(PHANTOM_5MM), tmp_path / "push", 2, slices=2, distinct=True)
     files = sorted((tmp_path / "push").rglob("*.dcm"))
     # (a) both series pending: the worker's loop claims both and runs them together
     joint = make_node(tmp_path / "a", analysis=_analysis(weights, device))
@@ -270,7 +249,7 @@ def test_two_short_series_run_together_bit_identical_to_one_at_a_time_cuda(tmp_p
 def test_lost_lease_on_one_job_of_a_group_discards_that_job_alone(tmp_path, weights, monkeypatch):
     from analysis import n2q
 
-    make_series(require(PHANTOM_5MM), tmp_path / "push", 2, slices=2)
+    make_series(require(PHANTOM_5MM), tmp_path / "push", 2, slices=2, distinct=True)
     node = make_node(tmp_path, analysis=_analysis(weights, "cpu", models=("basic", "n2q")))
     first, second = _pending(node, sorted((tmp_path / "push").rglob("*.dcm")))
     real = n2q.predict_quality_many
@@ -308,7 +287,7 @@ def test_a_series_failing_in_a_joint_run_fails_alone(tmp_path, weights, monkeypa
     from analysis import n2q
     from analysis.pipeline import analyse_series
 
-    uids = make_series(require(PHANTOM_5MM), tmp_path / "push", 2, slices=2)
+    uids = make_series(require(PHANTOM_5MM), tmp_path / "push", 2, slices=2, distinct=True)
     bad = tmp_path / "push" / "s01"
     for f in bad.iterdir():  # the second series' pixel values far beyond any CT's range
         ds = pydicom.dcmread(f)

@@ -37,17 +37,20 @@ LEASE_S = 3
 SLOW_S = 6  # the slow series' job, in each attempt
 
 
-def make_series(src: Path, out: Path, n: int, slices: int = 3) -> list[str]:
+def make_series(src: Path, out: Path, n: int, slices: int = 3, distinct: bool = False) -> list[str]:
     """``n`` series of ``slices`` slices each, copies of the phantom with new Study/Series/SOP UIDs
-    (each in its own study: a copy in the same study would be skipped as a duplicate reconstruction)."""
-    files = sorted((p for p in src.iterdir() if p.name.startswith("I")),
-                   key=lambda p: int(pydicom.dcmread(p, stop_before_pixels=True).InstanceNumber))[:slices]
+    (each in its own study: a copy in the same study would be skipped as a duplicate reconstruction).
+    The same first slices for every series, or with ``distinct`` different ones (series i: the
+    phantom's slices 10 + i * slices onwards)."""
+    ordered = sorted((p for p in src.iterdir() if p.name.startswith("I")),
+                     key=lambda p: int(pydicom.dcmread(p, stop_before_pixels=True).InstanceNumber))
     uids = []
     for i in range(n):
         series_uid, study_uid = generate_uid(), generate_uid()
         uids.append(series_uid)
         folder = out / f"s{i:02d}"
         folder.mkdir(parents=True)
+        files = ordered[10 + i * slices:10 + (i + 1) * slices] if distinct else ordered[:slices]
         for j, f in enumerate(files):
             ds = pydicom.dcmread(f)
             ds.SeriesInstanceUID, ds.StudyInstanceUID = series_uid, study_uid
