@@ -34,7 +34,7 @@ def _now():
 _NEVER_IDLE_S = 10 * 365 * 86400.0
 
 
-def sweep_completed_series(db: Database, stable_age_s: float, models: list[str], worker: AnalysisWorker | None,
+def sweep_completed_series(db: Database, stable_age_s: float, models: list[str],
                            started: float | None = None) -> list[str]:
     """Scheduler job: complete idle (or fully counted) series and queue their analysis.
 
@@ -47,8 +47,6 @@ def sweep_completed_series(db: Database, stable_age_s: float, models: list[str],
     done = complete_due_series(db, age, models)
     for uid in done:
         log.info("series %s complete; analysis queued", uid)
-    if done and worker is not None:
-        worker.wake()
     return done
 
 
@@ -188,7 +186,7 @@ class Node:
         self.models = parse_models(settings.analysis.models)
         self.scp: StorageSCP | None = None
         self.scheduler: BackgroundScheduler | None = None
-        self.worker: AnalysisWorker | None = None
+        self.worker: AnalysisWorker | None = None  # an in-process worker the tests attach (serve has none)
         self.pool = None  # node.workers.WorkerPool when analysis.workers >= 1
         self.receivers: ReceiverPool | None = None  # node.receivers >= 2
         self.stopped = threading.Event()
@@ -226,7 +224,6 @@ class Node:
         # shared the GIL with receiving, which then ran at 0.71-0.88 of the speed it has beside a
         # worker process (bench/ingest_while_analysing.py); none: this node only receives and sends
         # (`qa-node worker` analyses, here or on other machines)
-        self.worker = None
         if n_workers >= 1:
             from node.workers import WorkerPool
 
@@ -255,7 +252,7 @@ class Node:
         self.scheduler.add_job(
             _Guarded(sweep_completed_series, "series completion sweep"), "interval", seconds=interval,
             id="sweep_completed_series", name="sweep_completed_series",
-            args=[self.db, self.settings.node.stable_age_s, self.models, self.worker, time.monotonic()],
+            args=[self.db, self.settings.node.stable_age_s, self.models, time.monotonic()],
             coalesce=True, max_instances=1, misfire_grace_time=60,
         )
         if self.settings.destinations:
@@ -286,8 +283,6 @@ class Node:
                                    "interval", seconds=max(1.0, min(60.0, self.settings.analysis.backlog_warn_s / 10)),
                                    id="backlog_check", coalesce=True, max_instances=1, misfire_grace_time=60)
         self.scheduler.start()
-        if self.worker is not None:
-            self.worker.start()
         if self.pool is not None:
             self.pool.start()
         return port
@@ -308,13 +303,13 @@ class Node:
             self.scp.stop()
         if self.scheduler is not None:
             self.scheduler.shutdown(wait=False)
-        if self.worker is not None:
+        if self.worker is not None:  # an attached in-process worker: its unfinished job goes back
             self.worker.stop()
             n = requeue_running_jobs(self.db, self.worker.worker_id)
             if n:
                 log.info("re-queued %d unfinished analysis job(s)", n)
         if self.pool is not None:
-            self.pool.stop()
+            self.pool.stop()  # its workers' unfinished jobs go back in the queue
         self.db.dispose()
         if self._locked:
             self.lock.release()

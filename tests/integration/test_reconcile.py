@@ -124,7 +124,7 @@ def test_downtime_does_not_complete_a_series(tmp_path):
     with node.db.session() as s:  # last instance an hour ago: the node was down meanwhile
         s.execute(update(Series).values(last_received_at=utcnow() - timedelta(hours=1)))
     started = time.monotonic()
-    assert sweep_completed_series(node.db, 30.0, ["basic"], None, started) == []
-    assert sweep_completed_series(node.db, 30.0, ["basic"], None, started - 31.0) == [str(
+    assert sweep_completed_series(node.db, 30.0, ["basic"], started) == []
+    assert sweep_completed_series(node.db, 30.0, ["basic"], started - 31.0) == [str(
         pydicom.dcmread(files[0], stop_before_pixels=True).SeriesInstanceUID)]
     node.stop()
