@@ -49,6 +49,7 @@ _ITEM, _ITEM_END, _SEQ_END = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
 PIXEL_DATA = 0x7FE00010
 SPECIFIC_CHARACTER_SET = 0x00080005
 EXTENDED_OFFSET_TABLE = 0x7FE00001
+EXTENDED_OFFSET_LENGTHS = 0x7FE00002
 
 _LONG_VRS = frozenset(b"OB OD OF OL OV OW SQ UC UN UR UT SV UV".split())
 _VRS = _LONG_VRS | frozenset(b"AE AS AT CS DA DS DT FD FL IS LO LT PN SH SL SS ST TM UI UL US".split())
@@ -124,6 +125,7 @@ class Structure:
     extended_offset_table: bytes | None
     n_elements: int
     dataset_bytes: int  # inflated size for Deflated
+    extended_offset_lengths: bytes | None = None  # (7FE0,0002), required beside the table
 
     # -- decoded attribute values ------------------------------------------------------------
     def text(self, keyword: str) -> str | None:
@@ -330,6 +332,7 @@ def _walk(src, ts: str, max_bytes: int) -> Structure:
     raw: dict[str, tuple[bytes | None, bytes]] = {}
     pixel: PixelInfo | None = None
     eot: bytes | None = None
+    eot_lengths: bytes | None = None
     n_elements = 0
     # stack entries: [kind, end (absolute position or None), implicit, little, pixel info or None]
     stack: list[list] = [[_DATASET, None, implicit0, little0, None]]
@@ -458,14 +461,20 @@ def _walk(src, ts: str, max_bytes: int) -> Structure:
                 if encapsulated_ts:
                     raise DatasetError(f"native Pixel Data in the encapsulated transfer syntax {ts}")
                 pixel = PixelInfo(native_length=length, complete=True)
-            elif tag == EXTENDED_OFFSET_TABLE and length <= _OFFSET_TABLE_MAX:
-                eot = read(length)
+            elif tag in (EXTENDED_OFFSET_TABLE, EXTENDED_OFFSET_LENGTHS):
+                if length > _OFFSET_TABLE_MAX:
+                    raise DatasetError(f"an Extended Offset Table of {length} bytes (more than "
+                                       f"{_OFFSET_TABLE_MAX // 8} frames)")
+                if tag == EXTENDED_OFFSET_TABLE:
+                    eot = read(length)
+                else:
+                    eot_lengths = read(length)
                 continue
         skip(length)
 
     if len(stack) > 1:
         raise DatasetError("dataset ends inside a sequence or item")
-    return Structure(ts, little0, raw, pixel, eot, n_elements, src.pos)
+    return Structure(ts, little0, raw, pixel, eot, n_elements, src.pos, eot_lengths)
 
 
 def _check_fits(src, end: int | None, length: int, max_bytes: int) -> None:
@@ -508,6 +517,13 @@ def check_pixel_data(s: Structure) -> None:
         if frames is None or frames < 1:
             raise DatasetError("NumberOfFrames invalid")
     p = s.pixel
+    if s.extended_offset_table is not None:
+        # PS3.5 A.4: the table indexes encapsulated frames and comes with its lengths (7FE0,0002);
+        # readers fail on one without the other (pydicom raises AttributeError decoding it)
+        if p.native_length is not None:
+            raise DatasetError("an Extended Offset Table beside native Pixel Data (it indexes encapsulated frames only)")
+        if s.extended_offset_lengths is None or len(s.extended_offset_lengths) != len(s.extended_offset_table):
+            raise DatasetError("an Extended Offset Table without Extended Offset Table Lengths of the same size")
     if p.native_length is not None:
         bits = rows * cols * spp * ba * frames
         expected = bits // 8 + (bits % 8 > 0)

@@ -64,6 +64,8 @@ def test_fuzz_validation_path_for_a_bounded_time(tmp_path):
         env=dict(os.environ, CTQA_FUZZ_SPOOL=str(tmp_path / "spool")))
     out = r.stdout + r.stderr
     crashes = sorted(tmp_path.glob("crash-*")) + sorted(tmp_path.glob("timeout-*")) + sorted(tmp_path.glob("oom-*"))
-    assert r.returncode == 0 and not crashes, f"fuzzer found a failing input {crashes[:1]}:\n{out[-4000:]}"
+    seed = re.search(r"INFO: Seed: (\d+)", out)  # rerun with -seed=N to replay the same mutations
+    assert r.returncode == 0 and not crashes, \
+        f"fuzzer (seed {seed and seed.group(1)}) found a failing input {crashes[:1]}:\n{out[-4000:]}"
     runs = int(re.search(r"stat::number_of_executed_units:\s*(\d+)", out).group(1))
     assert n == 11 and runs > 20 * n, out[-2000:]  # it really mutated and ran, not just loaded the seeds

@@ -142,16 +142,32 @@ def test_encapsulated_fragments_and_offset_tables(tmp_path):
     eot = lambda offsets: struct.pack("<HH2s2xI", 0x7FE0, 0x0001, b"OV", 8 * len(offsets)) + struct.pack(  # noqa: E731
         f"<{len(offsets)}Q", *offsets)
 
-    def with_eot(offsets, name):
+    lengths = lambda values: struct.pack("<HH2s2xI", 0x7FE0, 0x0002, b"OV", 8 * len(values)) + struct.pack(  # noqa: E731
+        f"<{len(values)}Q", *values)
+
+    def with_eot(offsets, name, frame_lengths=(1004, 1004, 1004), pixel=None):
         body = encode(ds, EXPLICIT)
         at = pixel_data_offset(body)
-        body = body[:at] + eot(offsets) + struct.pack("<HH2s2xI", 0x7FE0, 0x0010, b"OB", 0xFFFFFFFF)
-        return write_instance(tmp_path / name, body + item(b"") + b"".join(map(item, split)) + end, ts, CT_IMAGE,
-                              str(ds.SOPInstanceUID))
+        tables = eot(offsets) + (lengths(frame_lengths) if frame_lengths is not None else b"")
+        pixel = pixel if pixel is not None else (struct.pack("<HH2s2xI", 0x7FE0, 0x0010, b"OB", 0xFFFFFFFF)
+                                                 + item(b"") + b"".join(map(item, split)) + end)
+        return write_instance(tmp_path / name, body[:at] + tables + pixel, ts, CT_IMAGE, str(ds.SOPInstanceUID))
 
-    assert info_of(with_eot([0, 1020, 2032], "eot.dcm"), ts).number_of_frames == 3
+    f = with_eot([0, 1020, 2032], "eot.dcm")
+    assert info_of(f, ts).number_of_frames == 3
+    read = pydicom.dcmread(f)
+    assert struct.unpack("<3Q", read.ExtendedOffsetTableLengths) == (1004, 1004, 1004)
     with pytest.raises(DatasetError, match="Extended Offset Table does not give one fragment start per frame"):
         info_of(with_eot([0, 1012, 2024], "badeot.dcm"), ts)
+    # the table needs its lengths, of its size (pydicom raises AttributeError decoding a table without them)
+    with pytest.raises(DatasetError, match="without Extended Offset Table Lengths of the same size"):
+        info_of(with_eot([0, 1020, 2032], "eot_nolengths.dcm", frame_lengths=None), ts)
+    with pytest.raises(DatasetError, match="without Extended Offset Table Lengths of the same size"):
+        info_of(with_eot([0, 1020, 2032], "eot_shortlengths.dcm", frame_lengths=(1004, 1004)), ts)
+    # and it indexes encapsulated frames only: beside native Pixel Data it is refused (found by the fuzzer)
+    native = struct.pack("<HH2s2xI", 0x7FE0, 0x0010, b"OW", 3 * 512 * 512 * 2) + bytes(3 * 512 * 512 * 2)
+    with pytest.raises(DatasetError, match="beside native Pixel Data"):
+        info_of(with_eot([0, 524288, 1048576], "eot_native.dcm", pixel=native), EXPLICIT)
     with pytest.raises(DatasetError, match="2 Pixel Data fragments for 3 frames and no offset table"):
         info_of(instance(item(b"") + b"".join(map(item, frames[:2])) + end, "few.dcm"), ts)
     with pytest.raises(DatasetError, match="dataset ends early"):
