@@ -189,6 +189,7 @@ class Node:
         self.worker: AnalysisWorker | None = None  # an in-process worker the tests attach (serve has none)
         self.pool = None  # node.workers.WorkerPool when analysis.workers >= 1
         self.receivers: ReceiverPool | None = None  # node.receivers >= 2
+        self._wake = None  # node.workers.OutboxWakeListener: worker processes wake the outbox sender
         self.stopped = threading.Event()
         self.lock = NodeLock(settings.node.data_dir, settings.node.database)
         self._locked = False
@@ -225,9 +226,11 @@ class Node:
         # worker process (bench/ingest_while_analysing.py); none: this node only receives and sends
         # (`qa-node worker` analyses, here or on other machines)
         if n_workers >= 1:
-            from node.workers import WorkerPool
+            from node.workers import OutboxWakeListener, WorkerPool
 
-            self.pool = WorkerPool(self.settings, n_workers)
+            if self.settings.destinations:  # a worker process's outputs are sent at once, not at the next poll
+                self._wake = OutboxWakeListener(self._wake_outbox).start()
+            self.pool = WorkerPool(self.settings, n_workers, wake_port=self._wake.port if self._wake else None)
         tls = self.settings.tls
         server_ctx = client_ctx = None
         if tls is not None:
@@ -290,9 +293,13 @@ class Node:
     def _after_job(self, job_id: int, result) -> AfterJob:
         """For an analysed series: ``after_job``, then the outbox sender is woken."""
         after = after_job(self.settings, self.db, self.store, job_id, result)
+        self._wake_outbox()
+        return after
+
+    def _wake_outbox(self) -> None:
+        """The outbox sender's next pass now (outputs were queued), not at its next poll."""
         if self.scheduler is not None and self.scheduler.get_job("send_outbox") is not None:
             self.scheduler.modify_job("send_outbox", next_run_time=_now())
-        return after
 
     def stop(self) -> None:
         """Stop receiving, stop the scheduler and worker, and put unfinished work back in the queue."""
@@ -310,6 +317,9 @@ class Node:
                 log.info("re-queued %d unfinished analysis job(s)", n)
         if self.pool is not None:
             self.pool.stop()  # its workers' unfinished jobs go back in the queue
+        if self._wake is not None:
+            self._wake.stop()
+            self._wake = None
         self.db.dispose()
         if self._locked:
             self.lock.release()

@@ -54,16 +54,90 @@ def _die_with_parent() -> None:
         pass
 
 
-def make_worker(settings: Settings, db: Database, store):
+class OutboxWake:
+    """How a worker process tells the receiving node that outputs wait in the outbox, so that they
+    are sent at once rather than at the sender's next poll (outbox.poll_s): one UDP datagram on
+    loopback to the node's wake port. A datagram cannot be left half-sent or lock anything when its
+    sender is killed (a multiprocessing Event can), is never waited for, and a lost one only means
+    the next poll sends the outputs. Its content is ignored: a stray datagram costs one early pass."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self._sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self._sock.setblocking(False)
+
+    def __call__(self) -> None:
+        try:
+            self._sock.sendto(b"outbox", ("127.0.0.1", self.port))
+        except OSError as exc:  # (the node stopping) the poll sends them
+            log.debug("outbox wake not sent: %s", exc)
+
+
+class OutboxWakeListener:
+    """The receiving node's side of OutboxWake: a loopback UDP port and a thread that calls
+    ``on_wake`` for each datagram (several arriving together: once)."""
+
+    def __init__(self, on_wake) -> None:
+        self.on_wake = on_wake
+        self._sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self._sock.bind(("127.0.0.1", 0))
+        self._sock.settimeout(0.5)
+        self.port = self._sock.getsockname()[1]
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="outbox-wake", daemon=True)
+
+    def start(self) -> "OutboxWakeListener":
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self._sock.recv(64)
+                self._sock.setblocking(False)
+                try:
+                    while self._sock.recv(64):  # drain: one pass for all that arrived together
+                        pass
+                except (BlockingIOError, InterruptedError):
+                    pass
+                finally:
+                    self._sock.settimeout(0.5)
+            except (TimeoutError, socket.timeout):
+                continue
+            except OSError:
+                return  # closed
+            try:
+                self.on_wake()
+            except Exception as exc:  # noqa: BLE001 - the sender's poll still runs
+                log.debug("outbox wake failed: %s", exc)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=2)
+        self._sock.close()
+
+
+def make_worker(settings: Settings, db: Database, store, *, wake_port: int | None = None):
     """An AnalysisWorker whose results stage is node.service.after_job on this process's own
-    Database and FileStore."""
+    Database and FileStore; with ``wake_port``, the receiving node's outbox sender is woken after
+    each job's results stage (OutboxWake)."""
     from node.service import after_job
     from node.worker import AnalysisWorker
 
-    return AnalysisWorker(settings, db, store, after_job=partial(after_job, settings, db, store))
+    stage = partial(after_job, settings, db, store)
+    if wake_port:
+        wake = OutboxWake(wake_port)
+
+        def stage(job_id, result, _after=stage):
+            try:
+                return _after(job_id, result)
+            finally:
+                wake()
+    return AnalysisWorker(settings, db, store, after_job=stage)
 
 
-def worker_process_main(settings: Settings, index: int, n_workers: int, parent_pid: int) -> None:
+def worker_process_main(settings: Settings, index: int, n_workers: int, parent_pid: int,
+                        wake_port: int | None = None) -> None:
     """Entry point of one worker process (spawned): runs until SIGTERM (after the job in hand) or
     until the parent dies. (No multiprocessing Event: a process SIGKILLed while waiting on one
     leaves it unusable for the others.)"""
@@ -75,7 +149,7 @@ def worker_process_main(settings: Settings, index: int, n_workers: int, parent_p
     setup_logging(settings.node.log_level)
     settings = worker_settings(settings, n_workers)
     db = Database(settings.node.database)
-    worker = make_worker(settings, db, FileStore(settings.node.data_dir))
+    worker = make_worker(settings, db, FileStore(settings.node.data_dir), wake_port=wake_port)
 
     def _stop(*_args) -> None:
         worker.stop()
@@ -105,12 +179,15 @@ class WorkerPool(SupervisedPool):
     supervisor_name = "worker-pool"
     kill_wait_s = 5.0
 
-    def __init__(self, settings: Settings, n_workers: int, *, stop_timeout_s: float = 5.0) -> None:
+    def __init__(self, settings: Settings, n_workers: int, *, stop_timeout_s: float = 5.0,
+                 wake_port: int | None = None) -> None:
         super().__init__(settings, n_workers, stop_timeout_s=stop_timeout_s)
         self._host = socket.gethostname()
+        self.wake_port = wake_port  # the receiving node's OutboxWakeListener, if it sends outputs
 
     def _spawn(self, i: int) -> None:
-        self._start_child(i, worker_process_main, f"qa-node-worker-{i + 1}", (self.settings, i, self.n, os.getpid()))
+        self._start_child(i, worker_process_main, f"qa-node-worker-{i + 1}",
+                          (self.settings, i, self.n, os.getpid(), self.wake_port))
 
     def start(self) -> None:
         for i in range(self.n):

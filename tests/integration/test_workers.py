@@ -4,6 +4,7 @@ expiry, a stale worker refused) on the repository functions."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import socket
@@ -86,6 +87,42 @@ def test_two_worker_processes_share_the_queue(tmp_path):
             assert s.scalar(select(func.count()).select_from(OutputObject)) == 12
     finally:
         node.stop()
+
+
+def test_a_worker_process_wakes_the_outbox_sender(tmp_path):
+    """Outputs written by a worker process reach the PACS at once, not at the sender's next poll
+    (outbox.poll_s, 300 s here: the first poll would come 5 minutes after the start)."""
+    from node.orthanc import LocalOrthanc
+    from storage.models import Delivery
+    from tests.helpers import require_tool
+
+    require_tool("Orthanc")
+    make_series(require(PHANTOM_5MM), tmp_path / "push", 2, slices=2)
+    with LocalOrthanc(known_aes={"CTQA": ("127.0.0.1", 104)}, workdir=tmp_path / "orthanc") as pacs:
+        settings = _settings(tmp_path, workers=1)
+        settings = dataclasses.replace(
+            settings, destinations=[dataclasses.replace(settings.destinations[0], port=pacs.dicom_port)],
+            outbox=dataclasses.replace(settings.outbox, poll_s=300.0))
+        node = Node(settings)
+        node.start()
+        try:
+            assert node.pool is not None and node.worker is None
+            push_files(node, sorted((tmp_path / "push").rglob("*.dcm")))
+
+            def sent():
+                with node.db.session() as s:
+                    rows = s.execute(select(Delivery.state, Delivery.sent_at)).all()
+                return len(rows) == 6 and all(r.state == "sent" for r in rows) and rows
+            wait_until(sent, timeout=120, what="the outputs of 2 series sent without waiting for the poll")
+            with node.db.session() as s:
+                finished = s.scalars(select(Job.finished_at)).all()
+                sent_at = s.scalars(select(Delivery.sent_at)).all()
+            assert len(finished) == 2
+            # each series' outputs left within seconds of its job ending (the poll would wait ~300 s)
+            assert (max(sent_at) - max(finished)).total_seconds() < 30
+            assert pacs.get("/statistics")["CountInstances"] == 6  # SR, map and report of each series
+        finally:
+            node.stop()
 
 
 @pytest.fixture()
