@@ -11,7 +11,8 @@ database connections. A process already serving associations waits a little befo
 ``node.max_associations`` is shared out: each process accepts at most ceil(max_associations / N).
 The TLS port, when configured, is served by the serve process alone. Start-up work (spool
 cleaning, reconciliation, the single-node lock) stays in the serve process, which starts the
-receivers once its own listener is bound, restarts one that dies and stops them (SIGTERM: the
+receivers once its own listener is bound, restarts one that dies (and reconciles the files it may
+have acknowledged without their index rows: ``ReceiverPool._reconcile_after``) and stops them (SIGTERM: the
 process stops its listener and aborts its associations, as the serve process does, and commits
 its queued index rows) before it stops its own.
 """
@@ -30,6 +31,10 @@ from node.supervise import SupervisedPool
 from storage.db import Database
 
 log = logging.getLogger(__name__)
+
+# how long after a receiver's death its files are reconciled, and how old a file must be then: 25x
+# the group commit's 0.2 s window, so a live receiver's own row is written first
+RECONCILE_SETTLE_S = 5.0
 
 
 def make_storage_scp(settings: Settings, db: Database, store, *, min_free_bytes: int = 0, server_ctx=None,
@@ -105,11 +110,13 @@ class ReceiverPool(SupervisedPool):
         super().__init__(settings, n, stop_timeout_s=stop_timeout_s)
         self.listen_socket = listen_socket
         self.min_free_bytes = min_free_bytes
+        self._started_at = [0.0] * n  # epoch seconds each child was started
 
     def _spawn(self, i: int):
         """Start receiver i (the serve process is receiver 1); returns the end of the pipe on which
         it says it is ready."""
         theirs, ours = self._ctx.Pipe(duplex=False)
+        self._started_at[i] = time.time()
         self._start_child(i, receiver_process_main, f"qa-node-receiver-{i + 2}",
                           (self.settings, self.listen_socket, i + 1, os.getpid(), self.min_free_bytes, ours))
         ours.close()
@@ -138,4 +145,28 @@ class ReceiverPool(SupervisedPool):
 
     def _exited(self, i: int, p) -> None:
         log.error("receiver process %d (pid %d) exited with code %s; restarting (acknowledged files whose "
-                  "index rows it had not committed are indexed by reconciliation at the next start)", i + 2, p.pid, p.exitcode)
+                  "index rows it had not committed are indexed in %.0f s)", i + 2, p.pid, p.exitcode, RECONCILE_SETTLE_S)
+        threading.Thread(target=self._reconcile_after, args=(i + 2, self._started_at[i]),
+                         name="receiver-reconcile", daemon=True).start()
+
+    def _reconcile_after(self, number: int, since: float) -> None:
+        """A dead receiver may have acknowledged instances whose index rows its group commit had not
+        written yet (within ~0.2 s of their Success): once RECONCILE_SETTLE_S have passed, the store's
+        series folders changed since it started are reconciled (node.reconcile), leaving out newer
+        files, which live receivers are still indexing."""
+        if self._stopping.wait(RECONCILE_SETTLE_S):
+            return  # stopping: the next start reconciles the whole store
+        from node.reconcile import reconcile_store
+        from storage.filestore import FileStore
+
+        db = Database(self.settings.node.database)
+        try:
+            out = reconcile_store(db, FileStore(self.settings.node.data_dir), since=since - 1.0,
+                                  settle_s=RECONCILE_SETTLE_S, why=f"receiver process {number} exit")
+            if not (out.indexed or out.quarantined):
+                log.info("receiver process %d exit reconciliation: every stored file is indexed", number)
+        except Exception as exc:  # noqa: BLE001 - the next start reconciles the whole store
+            log.error("receiver process %d exit reconciliation failed (%s: %s); the next start does it",
+                      number, type(exc).__name__, str(exc)[:200])
+        finally:
+            db.dispose()

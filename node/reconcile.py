@@ -14,17 +14,21 @@ the group commit (``scp.ingest``). At start-up every such file is either
   elsewhere). Quarantined files are counted by ``qa-node status``; nothing is deleted.
 
 One log line gives the counts (no patient data); the reasons per file are logged at DEBUG.
+
+The same runs while the node runs, narrowed, after a receiver process (``node.receivers``) died:
+the series folders changed since it started, files older than a few seconds (node.receivers).
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from storage.db import Database
-from storage.filestore import FileStore, is_valid_uid, sha256_file
+from storage.filestore import TMP_PREFIX, FileStore, is_valid_uid, sha256_file
 from storage.repo import StoreOutcome, add_instance, indexed_rel_paths
 
 log = logging.getLogger(__name__)
@@ -63,11 +67,42 @@ def _check(store: FileStore, path: Path):
     return info, rel
 
 
-def reconcile_store(db: Database, store: FileStore) -> Reconciled:
-    """Index or quarantine every file in the store that has no index row (see module doc)."""
+def _recent_store_files(store: FileStore, since: float, settled_before: float) -> list[Path]:
+    """Files of series folders changed at or after ``since`` (a file renamed in changes its folder's
+    mtime) last modified before ``settled_before`` (epoch seconds)."""
+    out: list[Path] = []
+    if not store.store.exists():
+        return out
+    for study in store.store.iterdir():
+        if not study.is_dir():
+            continue
+        for series in study.iterdir():
+            try:
+                if not series.is_dir() or series.stat().st_mtime < since:
+                    continue
+                files = list(series.iterdir())
+            except FileNotFoundError:
+                continue
+            for f in files:
+                try:
+                    if f.is_file() and not f.name.startswith(TMP_PREFIX) and f.stat().st_mtime < settled_before:
+                        out.append(f)
+                except FileNotFoundError:
+                    continue
+    return sorted(out)
+
+
+def reconcile_store(db: Database, store: FileStore, *, since: float | None = None, settle_s: float = 0.0,
+                    why: str = "start-up") -> Reconciled:
+    """Index or quarantine every file in the store that has no index row (see module doc).
+
+    With ``since`` (epoch seconds; while the node runs, after a receiver process died): only the
+    series folders changed since then, and only files older than ``settle_s``, so that a live
+    receiver's file whose row its group commit is about to write is left to it."""
     out = Reconciled()
     known: dict[Path, set[str]] = {}
-    for path in store.store_files():
+    files = store.store_files() if since is None else _recent_store_files(store, since, time.time() - settle_s)
+    for path in files:
         rel = str(path.relative_to(store.root))
         series_dir = path.parent
         if series_dir not in known:
@@ -88,8 +123,8 @@ def reconcile_store(db: Database, store: FileStore) -> Reconciled:
         out.quarantined += 1
         out.reasons[detail] += 1
     if out.indexed or out.quarantined:
-        why = ", ".join(f"{n} {r}" for r, n in sorted(out.reasons.items()))
-        log.warning("start-up reconciliation: %d file(s) in the store had no index row: %d indexed, "
-                    "%d quarantined in %s%s", out.indexed + out.quarantined, out.indexed, out.quarantined,
-                    store.quarantine, f" ({why})" if why else "")
+        reasons = ", ".join(f"{n} {r}" for r, n in sorted(out.reasons.items()))
+        log.warning("%s reconciliation: %d file(s) in the store had no index row: %d indexed, "
+                    "%d quarantined in %s%s", why, out.indexed + out.quarantined, out.indexed, out.quarantined,
+                    store.quarantine, f" ({reasons})" if reasons else "")
     return out

@@ -7,7 +7,9 @@ reconciliation puts back from the durable files into the durable series, scanner
 
 from __future__ import annotations
 
+import os
 import shutil
+import time
 
 import pydicom
 from sqlalchemy import delete, event, select, update
@@ -116,6 +118,38 @@ def test_rows_a_power_loss_takes_come_back_from_the_durable_files(tmp_path):
         assert series.n_instances == 5 and series.scanner_name == "CT1" and series.calling_ae == "CT1"
         uids = set(s.scalars(select(Instance.sop_instance_uid)))
     assert uids == {str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID) for f in files}
+    node.db.dispose()
+
+
+def test_reconciliation_while_running_takes_only_settled_files_of_recently_changed_series(tmp_path):
+    """reconcile_store(since=, settle_s=) (after a receiver process died): files of series folders
+    changed since ``since`` and older than ``settle_s`` are indexed; a newer file (a live receiver's,
+    its row about to be written) and the folders changed before ``since`` are left alone."""
+    node = _node(tmp_path)
+    files = _phantom_files(4)
+    _ingest(node, files)
+    with node.db.session() as s:
+        rows = s.scalars(select(Instance).order_by(Instance.id)).all()
+        lost = {r.sop_instance_uid: node.store.abs(r.rel_path) for r in rows[1:]}
+        s.execute(delete(Instance).where(Instance.id != rows[0].id))
+        s.execute(update(Series).values(n_instances=1))
+    now = time.time()
+    paths = list(lost.values())
+    for f in paths[:2]:
+        os.utime(f, (now - 60, now - 60))  # acknowledged a minute ago
+    os.utime(paths[2], (now, now))  # just now: a live receiver's, not settled
+    folder = paths[0].parent
+    os.utime(folder, (now - 30, now - 30))  # the folder last changed 30 s ago
+    out = reconcile_store(node.db, node.store, since=now - 10, settle_s=5, why="test")
+    assert (out.indexed, out.quarantined) == (0, 0)  # the folder changed before `since`: not looked at
+    out = reconcile_store(node.db, node.store, since=now - 40, settle_s=5, why="test")
+    assert (out.indexed, out.quarantined) == (2, 0)
+    with node.db.session() as s:
+        indexed = set(s.scalars(select(Instance.sop_instance_uid)))
+        assert s.scalar(select(Series.n_instances)) == 3
+    uids = list(lost)
+    assert indexed == {rows[0].sop_instance_uid, uids[0], uids[1]}  # not the unsettled one
+    assert all(p.exists() for p in paths)  # nothing quarantined or moved
     node.db.dispose()
 
 

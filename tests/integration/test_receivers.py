@@ -177,3 +177,53 @@ def test_a_refused_instance_is_still_refused_by_every_receiver(tmp_path):
     assert len(set(_released_by(node.log()))) == 2, node.log()
     assert not list((tmp_path / "n" / "var" / "store").rglob("*.dcm"))
     assert not list((tmp_path / "n" / "var" / "spool").iterdir())
+
+
+def test_a_dead_receivers_unindexed_files_are_indexed_while_the_node_runs(tmp_path):
+    """A receiver process killed after acknowledging an instance whose row its group commit had not
+    written: the file lies in the store without an index row. The serve process restarts the
+    receiver and, RECONCILE_SETTLE_S later, indexes that file (it used to wait for the next start).
+    The acknowledged-but-unindexed file is put there by the test as the dead receiver would have left
+    it (the reconciliation cannot tell who wrote it)."""
+    import os
+    import signal
+    import shutil
+    import time
+
+    from node.receivers import RECONCILE_SETTLE_S
+    from tests.helpers import wait_until
+
+    src = _phantom(1)[0]
+    node = _node_with_receivers(tmp_path, 2)
+    try:
+        pid = int(wait_until(lambda: re.search(r"receiver process 2/2 started \(pid (\d+)\)", node.log()),
+                             timeout=30, what="receiver 2 started").group(1))
+        store = FileStore(tmp_path / "var")
+        ds = pydicom.dcmread(src, stop_before_pixels=True)
+        dst = store.abs(store.instance_rel_path(str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID),
+                                                str(ds.SOPInstanceUID)))
+        dst.parent.mkdir(parents=True)
+        shutil.copyfile(src, dst)
+        os.kill(pid, signal.SIGKILL)
+        t_kill = time.monotonic()
+        line = wait_until(lambda: re.search(r"receiver process 2 exit reconciliation: .*", node.log()),
+                          timeout=RECONCILE_SETTLE_S + 30, what="the exit reconciliation").group(0)
+        assert time.monotonic() - t_kill >= RECONCILE_SETTLE_S  # it waited for live receivers' commits
+        assert "1 file(s) in the store had no index row: 1 indexed, 0 quarantined" in line, node.log()
+        assert re.search(r"receiver process 2 \(pid %d\) exited with code -9; restarting" % pid, node.log())
+        con = sqlite3.connect(tmp_path / "var" / "ctqa.sqlite")
+        try:
+            rows = con.execute("select sop_instance_uid, rel_path from instances").fetchall()
+            series = con.execute("select series_instance_uid, n_instances, state from series").fetchall()
+        finally:
+            con.close()
+        assert rows == [(str(ds.SOPInstanceUID), store.instance_rel_path(
+            str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID), str(ds.SOPInstanceUID)))]
+        assert series == [(str(ds.SeriesInstanceUID), 1, "receiving")]  # completed and analysed as usual
+        # the restarted receiver serves: an association to the port is answered
+        ae = _ae()
+        assoc = ae.associate("127.0.0.1", node.port, ae_title="CTQA")
+        assert assoc.is_established
+        assoc.release()
+    finally:
+        node.stop()
