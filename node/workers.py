@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import select
 import signal
 import socket
 import threading
@@ -81,7 +82,7 @@ class OutboxWakeListener:
         self.on_wake = on_wake
         self._sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         self._sock.bind(("127.0.0.1", 0))
-        self._sock.settimeout(0.5)
+        self._sock.setblocking(False)
         self.port = self._sock.getsockname()[1]
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="outbox-wake", daemon=True)
@@ -93,18 +94,14 @@ class OutboxWakeListener:
     def _run(self) -> None:
         while not self._stop.is_set():
             try:
-                self._sock.recv(64)
-                self._sock.setblocking(False)
-                try:
-                    while self._sock.recv(64):  # drain: one pass for all that arrived together
-                        pass
-                except (BlockingIOError, InterruptedError):
-                    pass
-                finally:
-                    self._sock.settimeout(0.5)
-            except (TimeoutError, socket.timeout):
-                continue
-            except OSError:
+                ready, _, _ = select.select([self._sock], [], [], 0.5)
+                if not ready:
+                    continue
+                while True:  # drain: one pass for all that arrived together
+                    self._sock.recv(64)
+            except (BlockingIOError, InterruptedError):
+                pass
+            except (OSError, ValueError):
                 return  # closed
             try:
                 self.on_wake()
