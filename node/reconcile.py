@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from storage.db import Database
-from storage.filestore import TMP_PREFIX, FileStore, is_valid_uid, sha256_file
+from storage.filestore import FileStore, is_valid_uid, sha256_file
 from storage.repo import StoreOutcome, add_instance, indexed_rel_paths
 
 log = logging.getLogger(__name__)
@@ -67,31 +67,6 @@ def _check(store: FileStore, path: Path):
     return info, rel
 
 
-def _recent_store_files(store: FileStore, since: float, settled_before: float) -> list[Path]:
-    """Files of series folders changed at or after ``since`` (a file renamed in changes its folder's
-    mtime) last modified before ``settled_before`` (epoch seconds)."""
-    out: list[Path] = []
-    if not store.store.exists():
-        return out
-    for study in store.store.iterdir():
-        if not study.is_dir():
-            continue
-        for series in study.iterdir():
-            try:
-                if not series.is_dir() or series.stat().st_mtime < since:
-                    continue
-                files = list(series.iterdir())
-            except FileNotFoundError:
-                continue
-            for f in files:
-                try:
-                    if f.is_file() and not f.name.startswith(TMP_PREFIX) and f.stat().st_mtime < settled_before:
-                        out.append(f)
-                except FileNotFoundError:
-                    continue
-    return sorted(out)
-
-
 def reconcile_store(db: Database, store: FileStore, *, since: float | None = None, settle_s: float = 0.0,
                     why: str = "start-up") -> Reconciled:
     """Index or quarantine every file in the store that has no index row (see module doc).
@@ -101,7 +76,8 @@ def reconcile_store(db: Database, store: FileStore, *, since: float | None = Non
     receiver's file whose row its group commit is about to write is left to it."""
     out = Reconciled()
     known: dict[Path, set[str]] = {}
-    files = store.store_files() if since is None else _recent_store_files(store, since, time.time() - settle_s)
+    files = store.store_files() if since is None else \
+        store.store_files(series_changed_since=since, modified_before=time.time() - settle_s)
     for path in files:
         rel = str(path.relative_to(store.root))
         series_dir = path.parent

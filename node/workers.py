@@ -121,16 +121,17 @@ def make_worker(settings: Settings, db: Database, store, *, wake_port: int | Non
     from node.service import after_job
     from node.worker import AnalysisWorker
 
-    stage = partial(after_job, settings, db, store)
-    if wake_port:
-        wake = OutboxWake(wake_port)
+    results = partial(after_job, settings, db, store)
+    if not wake_port:
+        return AnalysisWorker(settings, db, store, after_job=results)
+    wake = OutboxWake(wake_port)
 
-        def stage(job_id, result, _after=stage):
-            try:
-                return _after(job_id, result)
-            finally:
-                wake()
-    return AnalysisWorker(settings, db, store, after_job=stage)
+    def results_then_wake(job_id, result):
+        try:
+            return results(job_id, result)
+        finally:
+            wake()
+    return AnalysisWorker(settings, db, store, after_job=results_then_wake)
 
 
 def worker_process_main(settings: Settings, index: int, n_workers: int, parent_pid: int,

@@ -79,6 +79,21 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
+def _mtime(path: Path) -> float:
+    """``path``'s mtime; +inf once it is gone (a file removed meanwhile is never older than a bound)."""
+    try:
+        return path.stat().st_mtime
+    except FileNotFoundError:
+        return float("inf")
+
+
+def _entries(folder: Path) -> list[Path]:
+    try:
+        return list(folder.iterdir()) if folder.is_dir() else []
+    except FileNotFoundError:
+        return []
+
+
 class FileStore:
     def __init__(self, data_dir: str | Path) -> None:
         self.root = Path(data_dir)
@@ -161,11 +176,27 @@ class FileStore:
                     n += 1
         return n
 
-    def store_files(self) -> list[Path]:
-        """Every file under store/ except the temporary files of interrupted writes."""
+    def store_files(self, *, series_changed_since: float | None = None,
+                    modified_before: float | None = None) -> list[Path]:
+        """Every file under store/ except the temporary files of interrupted writes. With
+        ``series_changed_since`` (epoch seconds): only the files of series folders changed since then
+        (a file renamed in changes its folder's mtime); with ``modified_before``: only files last
+        modified before then. Files and folders removed meanwhile are left out."""
         if not self.store.exists():
             return []
-        return sorted(p for p in self.store.rglob("*") if p.is_file() and not p.name.startswith(TMP_PREFIX))
+        if series_changed_since is None:
+            candidates: Iterable[Path] = self.store.rglob("*")
+        else:
+            candidates = [f for d in self.store.glob("*/*") if _mtime(d) >= series_changed_since
+                          for f in _entries(d)]
+        out = []
+        for f in candidates:
+            if f.name.startswith(TMP_PREFIX) or not f.is_file():
+                continue
+            if modified_before is not None and _mtime(f) >= modified_before:
+                continue
+            out.append(f)
+        return sorted(out)
 
     def quarantine_file(self, path: Path) -> Path:
         """Move ``path`` (a file under the data folder) aside into quarantine/, named by the time,
