@@ -6,7 +6,6 @@ stored once and indexed, a refused instance still refused."""
 from __future__ import annotations
 
 import re
-import sqlite3
 import threading
 from pathlib import Path
 
@@ -17,7 +16,7 @@ from scp.ingest import Ingestor, StoreStatus
 from scp.server import AllowedPeer, StorageSCP
 from storage.db import Database
 from storage.filestore import FileStore
-from tests.helpers import PHANTOM_5MM, NodeProcess, require, write_config
+from tests.helpers import PHANTOM_5MM, NodeProcess, node_sql, require, write_config
 
 CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
 EXPLICIT_LE = "1.2.840.10008.1.2.1"
@@ -142,12 +141,8 @@ def test_receiver_processes_take_concurrent_associations_and_store_each_instance
     uids = {str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID) for f in files}
     stored = list((tmp_path / "var" / "store").rglob("*.dcm"))
     assert sorted(p.stem for p in stored) == sorted(uids)  # each once, under its own UID
-    con = sqlite3.connect(tmp_path / "var" / "ctqa.sqlite")
-    try:
-        rows = con.execute("select sop_instance_uid from instances").fetchall()
-        n_series = con.execute("select n_instances from series").fetchall()
-    finally:
-        con.close()
+    rows = node_sql(node, "select sop_instance_uid from instances")
+    n_series = node_sql(node, "select n_instances from series")
     assert sorted(r[0] for r in rows) == sorted(uids)
     assert n_series == [(len(files),)]
     # the four associations were served by both processes
@@ -200,8 +195,8 @@ def test_a_dead_receivers_unindexed_files_are_indexed_while_the_node_runs(tmp_pa
                              timeout=30, what="receiver 2 started").group(1))
         store = FileStore(tmp_path / "var")
         ds = pydicom.dcmread(src, stop_before_pixels=True)
-        dst = store.abs(store.instance_rel_path(str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID),
-                                                str(ds.SOPInstanceUID)))
+        rel = store.instance_rel_path(str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID), str(ds.SOPInstanceUID))
+        dst = store.abs(rel)
         dst.parent.mkdir(parents=True)
         shutil.copyfile(src, dst)
         os.kill(pid, signal.SIGKILL)
@@ -211,14 +206,9 @@ def test_a_dead_receivers_unindexed_files_are_indexed_while_the_node_runs(tmp_pa
         assert time.monotonic() - t_kill >= RECONCILE_SETTLE_S  # it waited for live receivers' commits
         assert "1 file(s) in the store had no index row: 1 indexed, 0 quarantined" in line, node.log()
         assert re.search(r"receiver process 2 \(pid %d\) exited with code -9; restarting" % pid, node.log())
-        con = sqlite3.connect(tmp_path / "var" / "ctqa.sqlite")
-        try:
-            rows = con.execute("select sop_instance_uid, rel_path from instances").fetchall()
-            series = con.execute("select series_instance_uid, n_instances, state from series").fetchall()
-        finally:
-            con.close()
-        assert rows == [(str(ds.SOPInstanceUID), store.instance_rel_path(
-            str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID), str(ds.SOPInstanceUID)))]
+        rows = node_sql(node, "select sop_instance_uid, rel_path from instances")
+        series = node_sql(node, "select series_instance_uid, n_instances, state from series")
+        assert rows == [(str(ds.SOPInstanceUID), rel)]
         assert series == [(str(ds.SeriesInstanceUID), 1, "receiving")]  # completed and analysed as usual
         # the restarted receiver serves: an association to the port is answered
         ae = _ae()
