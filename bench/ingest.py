@@ -6,7 +6,7 @@ before Success; a series' first index row committed durably, later rows group-co
 C-STORE statuses) and (d) Orthanc, the PACS a site
 would otherwise point its scanners at (its storage area synced, ``SyncStorageArea``).
 
-Rounds alternate the receivers (storescp, Orthanc, minimal pynetdicom, node); prints slices/s per
+Rounds alternate the receivers (storescp, Orthanc, minimal pynetdicom, the same with fsync, node); prints slices/s per
 round, the medians and the ratios.
 Targets: qa-node >= Orthanc and >= 0.9 of the minimal pynetdicom SCP. TCP_NODELAY=1 is set for
 DCMTK everywhere, Orthanc included (DCMTK leaves Nagle on, and Orthanc's DICOM side is DCMTK: without
@@ -16,7 +16,10 @@ it each PDU waits for the delayed ACK and Orthanc stalls at ~20 slices/s; Orthan
 A third receiver, (c) a minimal pynetdicom SCP in the node's configuration (chunked receive,
 TCP_NODELAY, 1 MiB max PDU, 0.1 ms DUL loop delay) whose C-STORE handler only deletes the spooled file,
 is timed in the same rotation: it is the ceiling that pynetdicom itself puts on any node built on it,
-before header parsing, hashing, fsync and the index.
+before header parsing, hashing, fsync and the index. The same SCP with the node's durability and
+nothing else (``minimal_durable``: its handler fdatasyncs the spooled file, renames it into one folder
+and fsyncs that folder before Success) separates what the disk costs from what the node's own work
+costs: qa-node / minimal pynetdicom + fsync is the node's overhead at equal durability.
 
 ``--associations K`` (K >= 2) splits the series into K parts pushed at once, one storescu
 association each (a PACS forwarding, or several scanners): slices/s is all K parts over the wall
@@ -25,7 +28,7 @@ twice, as configured by default (``node``: node.receivers = 1, every association
 process) and with ``node.receivers = K`` (``node_procs``: one receiving process per association).
 
     .venv/bin/python bench/ingest.py [--series FOLDER | --slices N] [--runs 3] [--associations K]
-                                     [--only storescp,orthanc,minimal,node,node_procs]
+                                     [--only storescp,orthanc,minimal,minimal_durable,node,node_procs]
 """
 
 from __future__ import annotations
@@ -174,8 +177,20 @@ tempfile.tempdir = sys.argv[2]
 def on_open(event):
     event.assoc.dul.socket.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     event.assoc.dul._run_loop_delay = 0.0001
+STORE = sys.argv[3] if len(sys.argv) > 3 else None
 def on_store(event):
-    os.unlink(event.dataset_path)
+    path = event.dataset_path
+    if STORE is None:  # the ceiling: nothing kept
+        os.unlink(path)
+        return 0x0000
+    # the node's durability and nothing else: the file's data, its rename, its folder, before Success
+    fd = os.open(path, os.O_RDONLY)
+    os.fdatasync(fd)
+    os.close(fd)
+    os.rename(path, os.path.join(STORE, path.name))
+    fd = os.open(STORE, os.O_RDONLY | os.O_DIRECTORY)
+    os.fsync(fd)
+    os.close(fd)
     return 0x0000
 ae = AE(ae_title="MINIMAL")
 ae.maximum_pdu_size = 1048576
@@ -188,12 +203,13 @@ server.shutdown()
 """
 
 
-def run_minimal_pynetdicom(folder: Path, work: Path, n: int) -> float:
-    spool = work / "minimal-spool"
-    shutil.rmtree(spool, ignore_errors=True)
-    spool.mkdir()
-    proc = subprocess.Popen([sys.executable, "-c", MINIMAL_SCP, "", str(spool)], stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, text=True)
+def run_minimal_pynetdicom(folder: Path, work: Path, n: int, durable: bool = False) -> float:
+    spool, store = work / "minimal-spool", work / "minimal-store"
+    for d in (spool, store):
+        shutil.rmtree(d, ignore_errors=True)
+        d.mkdir()
+    argv = [sys.executable, "-c", MINIMAL_SCP, "", str(spool)] + ([str(store)] if durable else [])
+    proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
         port = int(proc.stdout.readline())
         settle(proc.pid)
@@ -201,7 +217,14 @@ def run_minimal_pynetdicom(folder: Path, work: Path, n: int) -> float:
     finally:
         proc.stdin.close()
         proc.wait(30)
+    if durable:
+        kept = sum(1 for _ in store.iterdir())
+        assert kept == n, f"the durable minimal SCP kept {kept} of {n} slices"
     return n / dt
+
+
+def run_minimal_durable(folder: Path, work: Path, n: int) -> float:
+    return run_minimal_pynetdicom(folder, work, n, durable=True)
 
 
 def run_orthanc(folder: Path, work: Path, n: int) -> float:
@@ -265,11 +288,12 @@ def _children(pid: int) -> list[int]:
 
 
 SHARED_SERIES = PHANTOM_1MM  # (bench/ingest_breakdown.py's default too)
-RECEIVERS = {"storescp": run_storescp, "orthanc": run_orthanc, "minimal": run_minimal_pynetdicom, "node": run_node,
-             "node_procs": run_node_procs}
+RECEIVERS = {"storescp": run_storescp, "orthanc": run_orthanc, "minimal": run_minimal_pynetdicom,
+             "minimal_durable": run_minimal_durable, "node": run_node, "node_procs": run_node_procs}
 LABELS = {"storescp": "storescp", "node": "qa-node", "minimal": "minimal pynetdicom", "orthanc": "Orthanc",
-          "node_procs": "qa-node receivers=K"}
-ONE_ASSOCIATION = ("storescp", "orthanc", "minimal", "node")  # the default rotation on one association
+          "minimal_durable": "minimal pynetdicom + fsync", "node_procs": "qa-node receivers=K"}
+# the default rotation on one association
+ONE_ASSOCIATION = ("storescp", "orthanc", "minimal", "minimal_durable", "node")
 
 
 def load_note() -> str:
@@ -330,7 +354,7 @@ def main() -> int:
         for node in ("node", "node_procs"):
             if node not in med:
                 continue
-            for ref, target in (("orthanc", 1.0), ("minimal", 0.9), ("storescp", None)):
+            for ref, target in (("orthanc", 1.0), ("minimal", 0.9), ("minimal_durable", None), ("storescp", None)):
                 if ref in med:
                     goal = f" (target >= {target})" if target else ""
                     print(f"{LABELS[node]} / {LABELS[ref]}: {med[node] / med[ref]:.2f}{goal}")
