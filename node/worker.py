@@ -10,7 +10,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from analysis.pipeline import SeriesResult, analyse_series, finish_series, parse_models, prepare_series, run_prepared
+from analysis.pipeline import SeriesResult, finish_series, parse_models, prepare_series, run_prepared
 from analysis.results import RunContext
 from analysis.selection import record_json
 from node.calibrate import apply_calibrations, current_calibrations
@@ -171,17 +171,11 @@ class AnalysisWorker:
                 self._wake.clear()
                 continue
             group = self._fill(job_id)
-            if len(group) > 1:
-                try:
-                    self.process_group(group)
-                except Exception as exc:  # noqa: BLE001 - each job closes alone; this is a last resort
-                    for j in group:
-                        self._fail_unexpected(j, exc)
-                continue
             try:
-                self.process(job_id)
-            except Exception as exc:  # the worker outlives any one job; the job records why it failed
-                self._fail_unexpected(job_id, exc)
+                self.process_group(group)
+            except Exception as exc:  # noqa: BLE001 - each job closes alone; the worker outlives any one
+                for j in group:
+                    self._fail_unexpected(j, exc)
 
     def _fail_unexpected(self, job_id: int, exc: Exception) -> None:
         from sqlalchemy.exc import SQLAlchemyError
@@ -237,25 +231,8 @@ class AnalysisWorker:
                                     job_id=job_id, take=claim)
 
     def process(self, job_id: int) -> SeriesResult | None:
-        """Run one claimed job, renewing its lease from a heartbeat thread meanwhile."""
-        beat = _Heartbeat(self.db, job_id, self.worker_id, self.lease_s)
-        beat.start()
-        try:
-            return self._process(job_id, beat)
-        finally:
-            beat.stop()
-
-    def _process(self, job_id: int, beat: _Heartbeat) -> SeriesResult | None:
-        job, series, rel_paths = job_files(self.db, job_id)
-        _test_delay(series.series_instance_uid)
-        try:
-            models = parse_models(job.models)
-            result = analyse_series([self.store.abs(p) for p in rel_paths], models, self._context(),
-                                    **self._series_args(job_id, series))
-            apply_calibrations(result, current_calibrations(self.db))  # <metric>_likert (qa-node calibrate)
-        except ValueError as exc:  # bad model list or device: a configuration problem, not the data's
-            return self._fail_config(job_id, series, exc)
-        return self._close(job_id, beat, series, rel_paths, result)
+        """Run one claimed job (``process_group`` of one: the same stages and the same closing)."""
+        return self.process_group([job_id])[0]
 
     def _series_args(self, job_id: int, series) -> dict:
         return dict(series_instance_uid=series.series_instance_uid, study_instance_uid=series.study_instance_uid,
@@ -268,9 +245,9 @@ class AnalysisWorker:
         return None
 
     def process_group(self, job_ids: list[int]) -> list[SeriesResult | None]:
-        """Series batching: several claimed jobs analysed together (``analysis.pipeline``: prepared
-        one by one, the models with ``run_many`` run once over all of them, finished one by one),
-        then closed one by one in claim order exactly as ``process`` closes one. Each job keeps its
+        """Claimed jobs analysed together (``analysis.pipeline``: prepared one by one, the models with
+        ``run_many`` run once over all of them (series batching), finished one by one), then closed
+        one by one in claim order; one job is the group of one (``process``). Each job keeps its
         own lease and heartbeat: a job whose lease was lost is discarded alone; a job that fails
         fails alone."""
         beats = {j: _Heartbeat(self.db, j, self.worker_id, self.lease_s) for j in job_ids}
@@ -303,12 +280,12 @@ class AnalysisWorker:
         run_prepared([h[3] for h in held], self._context())
         for job_id, series, rel_paths, prepared in held:
             try:
-                if prepared.error is not None:
-                    raise prepared.error
                 try:
+                    if prepared.error is not None:
+                        raise prepared.error
                     result = finish_series(prepared)
-                    apply_calibrations(result, current_calibrations(self.db))
-                except ValueError as exc:
+                    apply_calibrations(result, current_calibrations(self.db))  # <metric>_likert (qa-node calibrate)
+                except ValueError as exc:  # bad model list or device: a configuration problem, not the data's
                     self._fail_config(job_id, series, exc)
                     continue
                 results[job_id] = self._close(job_id, beats[job_id], series, rel_paths, result)

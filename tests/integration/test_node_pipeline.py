@@ -252,3 +252,49 @@ def test_serving_node_schedules_nightly_reports_and_outbox(tmp_path):
         assert "hour='2'" in trigger and "minute='0'" in trigger  # the default "0 2 * * *"
     finally:
         node.stop()
+
+
+def test_an_unexpected_error_after_the_models_fails_that_job_alone(node, monkeypatch):
+    """An exception outside the models (here in the finishing step of the first job) fails that job
+    with its reason and writes no results or outputs for it; the worker's next job closes done."""
+    import node.worker as worker_mod
+    from storage.repo import claim_job
+
+    files = phantom_slices(6)
+    push_files(node, files[:3])
+    # a second series: the same slices under other UIDs
+    from pydicom.uid import generate_uid
+    series2, tmp = generate_uid(), node.store.spool.parent / "copy"
+    tmp.mkdir()
+    copies = []
+    for f in files[3:]:
+        ds = pydicom.dcmread(f)
+        ds.SeriesInstanceUID, ds.SOPInstanceUID = series2, generate_uid()
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        ds.save_as(tmp / f.name)
+        copies.append(tmp / f.name)
+    push_files(node, copies)
+    assert len(complete_due_series(node.db, 0.0, node.models)) == 2
+    first, second = claim_job(node.db, node.worker.worker_id), claim_job(node.db, node.worker.worker_id)
+    real_finish, calls = worker_mod.finish_series, []
+
+    def finish_failing_first(prepared):
+        calls.append(prepared)
+        if len(calls) == 1:
+            raise RuntimeError("finishing broke")
+        return real_finish(prepared)
+    monkeypatch.setattr(worker_mod, "finish_series", finish_failing_first)
+
+    assert node.worker.process(first) is None
+    with node.db.session() as s:
+        job = s.get(Job, first)
+        assert (job.state, job.outcome) == ("failed", "failed")
+        assert job.error == "RuntimeError: finishing broke"
+        assert s.scalars(select(OutputObject).where(OutputObject.job_id == first)).all() == []
+        assert s.scalars(select(AnalysisRun).where(AnalysisRun.job_id == first)).all() == []
+    result = node.worker.process(second)
+    assert result is not None and result.status == "done"
+    with node.db.session() as s:
+        job = s.get(Job, second)
+        assert (job.state, job.outcome, job.error) == ("done", "done", None)
+        assert {r.model for r in s.scalars(select(AnalysisRun).where(AnalysisRun.job_id == second))} == {"basic", "classical"}
