@@ -513,13 +513,20 @@ class Ingestor:
         placed: list[bool] = []
 
         def place() -> None:
-            self._place(spooled, rel, flushed, replace=True)
+            # never over a file already there: with no index row for it, it is another receiving
+            # process's copy, acknowledged, whose row that process has not committed yet
+            try:
+                self._place(spooled, rel, flushed, replace=False)
+            except _NoLink:  # a file system with neither renameat2 nor hard links: replace
+                self._place(spooled, rel, flushed, replace=True)
             placed.append(True)
 
         try:
             outcome, series_id = add_instance(self.db, info, rel_path=rel, size_bytes=size, sha256=sha,
                                               scanner=scanner, calling_ae=calling_ae, peer_host=peer_host,
                                               place_file=place)
+        except FileExistsError:
+            return self._held_elsewhere(info, rel, sha, calling_ae)
         except (SQLAlchemyError, OSError) as exc:  # disk full, write error, database down: acknowledge nothing
             if placed:
                 self.store.abs(rel).unlink(missing_ok=True)
@@ -530,6 +537,19 @@ class Ingestor:
         if outcome == StoreOutcome.STORED:
             return StoreResult(StoreStatus.SUCCESS, outcome, series_id=series_id)
         return self._duplicate(info, sha, outcome, series_id, calling_ae)
+
+    def _held_elsewhere(self, info: InstanceInfo, rel: str, sha: str, calling_ae: str | None) -> StoreResult:
+        """The store has a file of this SOP Instance UID that the index does not know yet (another
+        receiving process stored it a moment ago; its row follows): that copy is the first, kept
+        untouched, and this one is a duplicate or a conflict by its bytes, as against an indexed copy."""
+        try:
+            first = sha256_file(self.store.abs(rel))
+        except OSError as exc:
+            log.error("C-STORE failed: the stored copy of this instance is unreadable (%s)",
+                      os.strerror(exc.errno) if exc.errno else exc)
+            return StoreResult(StoreStatus.OUT_OF_RESOURCES, detail="stored copy unreadable")
+        outcome = StoreOutcome.DUPLICATE if first == sha else StoreOutcome.CONFLICT
+        return self._duplicate(info, sha, outcome, durable_series_id(self.db, info.series_instance_uid), calling_ae)
 
     @staticmethod
     def _not_stored(exc: Exception) -> StoreResult:

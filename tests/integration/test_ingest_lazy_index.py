@@ -203,7 +203,9 @@ def test_file_and_its_name_fsynced_before_success_and_an_fsync_error_stores_noth
     monkeypatch.setattr(os, "replace", replace)
     monkeypatch.setattr(scp.ingest, "move_noreplace", move_noreplace)
     ing = Ingestor(node.db, node.store, group_commit=True)
-    for f, how in zip(files[:2], ("rename", "rename-noreplace")):  # the series' first instance, a later one
+    # the series' first instance, a later one: both put there without replacing (an os.replace
+    # would show as "rename")
+    for f, how in zip(files[:2], ("rename-noreplace", "rename-noreplace")):
         events.clear()
         _ingest_with(ing, node, [f])
         uid = str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID)
@@ -378,4 +380,59 @@ def test_postgresql_group_commit(tmp_path, pg_cluster):
     with node.db.session() as s:
         assert s.scalar(select(Series.n_instances)) == 4 and len(s.scalars(select(Instance.id)).all()) == 4
     node.lock.release()
+    node.db.dispose()
+
+
+def test_two_receivers_same_uid_within_one_commit_window_first_copy_kept(tmp_path, monkeypatch):
+    """Two receiving processes (two Ingestors, each with its own database connection, as
+    node.receivers = 2 runs them) get the same SOP Instance UID while the first copy's row is still
+    queued in the first one's group commit (its file stored and acknowledged). The second copy never
+    replaces that file: with other bytes it is a conflict (counted), with the same bytes a duplicate;
+    the index ends with the first copy's hash and the store with its bytes."""
+    import hashlib
+
+    import scp.ingest
+    from storage.db import Database
+    from storage.models import InstanceConflict
+
+    monkeypatch.setattr(scp.ingest._Committer, "GATHER_S", 5.0)  # the first receiver's row waits
+    node = _node(tmp_path)
+    files = _phantom_files(3)
+    first = Ingestor(node.db, node.store, group_commit=True)
+    second_db = Database(node.db.url)
+    second = Ingestor(second_db, node.store, group_commit=True)
+    _ingest_with(first, node, files[:1])  # the series' first row, durable
+    _ingest_with(second, node, files[1:2])  # the second receiver's first row of that series, durable
+    assert [r.outcome for r in _ingest_with(first, node, files[2:3])] == ["stored"]  # row queued
+    ds = pydicom.dcmread(files[2])
+    uid = str(ds.SOPInstanceUID)
+    with node.db.session() as s:
+        assert uid not in set(s.scalars(select(Instance.sop_instance_uid)))  # not committed yet
+    rel = node.store.instance_rel_path(str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID), uid)
+    original = hashlib.sha256(files[2].read_bytes()).hexdigest()
+
+    ds.ImageComments = "another copy"
+    spooled = node.store.spool / "in-other.dcm"
+    ds.save_as(spooled)
+    other = hashlib.sha256(spooled.read_bytes()).hexdigest()
+    args = dict(affected_sop_class=str(ds.SOPClassUID), affected_sop_instance=uid,
+                transfer_syntax=str(ds.file_meta.TransferSyntaxUID), scanner="CT1", calling_ae="CT2",
+                peer_host="127.0.0.1")
+    r = second.store_file(spooled, **args)
+    assert (r.status, r.outcome) == (StoreStatus.SUCCESS, "conflict")
+    assert hashlib.sha256(node.store.abs(rel).read_bytes()).hexdigest() == original
+    assert [r.outcome for r in _ingest_with(second, node, files[2:3])] == ["duplicate"]
+    assert not list(node.store.spool.iterdir())
+
+    assert first.flush() and second.flush()
+    with node.db.session() as s:
+        assert s.scalar(select(Instance.sha256).where(Instance.sop_instance_uid == uid)) == original
+        conflicts = s.scalars(select(InstanceConflict)).all()
+        assert [(c.sop_instance_uid, c.sha256, c.calling_ae) for c in conflicts] == [(uid, other, "CT2")]
+        assert s.scalar(select(Series.n_instances)) == 3
+    assert hashlib.sha256(node.store.abs(rel).read_bytes()).hexdigest() == original
+    assert len(list(node.store.store_files())) == 3
+    first.close()
+    second.close()
+    second_db.dispose()
     node.db.dispose()
