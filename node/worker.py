@@ -194,8 +194,9 @@ class AnalysisWorker:
 
     def _fill(self, job_id: int) -> list[int]:
         """Series batching: the claimed job, and further pending jobs claimed while their series fit
-        in the rest of a pass (``claim_job(..., max_instances=room)``), at most ``MAX_GROUP``. Just
-        the job when series batching is off or its models do not batch series."""
+        in the rest of a pass (``claim_job(..., max_frames=room)``: a series adds its frames, one per
+        instance of a classic series), at most ``MAX_GROUP``. Just the job when series batching is off
+        or its models do not batch series."""
         from sqlalchemy.exc import SQLAlchemyError
 
         try:
@@ -209,7 +210,7 @@ class AnalysisWorker:
         group = [job_id]
         while room >= 1 and len(group) < MAX_GROUP:
             try:
-                more = claim_job(self.db, self.worker_id, lease_s=self.lease_s, max_instances=room)
+                more = claim_job(self.db, self.worker_id, lease_s=self.lease_s, max_frames=room)
                 if more is None:
                     break
                 group.append(more)

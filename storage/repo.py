@@ -10,7 +10,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
-from sqlalchemy import bindparam, delete, insert, select, update
+from sqlalchemy import bindparam, delete, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -345,8 +345,15 @@ def _claimable(now: datetime):
                and_(Job.state == JobState.RUNNING, Job.lease_until.is_not(None), Job.lease_until < now))
 
 
+def _series_frames():
+    """The frames of a series' stored instances (a correlated subquery on ``series``): the slices an
+    analysis pass gets from it, one per instance of a classic series, all of an enhanced one's."""
+    return (select(func.coalesce(func.sum(Instance.number_of_frames), 0)).where(Instance.series_id == Series.id)
+            .correlate(Series).scalar_subquery())
+
+
 def claim_job(db: Database, worker: str, *, lease_s: float = DEFAULT_LEASE_S, now: datetime | None = None,
-              max_instances: int | None = None) -> int | None:
+              max_frames: int | None = None) -> int | None:
     """Atomically take the oldest pending job, or a running one whose worker's lease expired (the
     worker died: killed, its machine down). Returns its id or None. The claim holds a lease of
     ``lease_s`` seconds that the worker renews (``renew_lease``) while it runs the job.
@@ -355,16 +362,16 @@ def claim_job(db: Database, worker: str, *, lease_s: float = DEFAULT_LEASE_S, no
     jobs without waiting on each other; SQLite (one machine): writes are serialised and the guarded
     UPDATE decides. A job whose lease expired ``MAX_ATTEMPTS`` times is failed with the reason.
 
-    ``max_instances`` (series batching: a worker holding a job fills the rest of its pass): only a job
-    whose series has at most that many instances (the same claim, joined to ``series``; on
-    PostgreSQL only the job row is locked)."""
+    ``max_frames`` (series batching: a worker holding a job fills the rest of its pass): only a job
+    whose series has at most that many frames (the same claim, joined to ``series``; on PostgreSQL
+    only the job row is locked)."""
     now = now or utcnow()
     pg = db.engine.dialect.name != "sqlite"
     with db.session() as s:
         for _ in range(5):
             q = select(Job.id, Job.state, Job.attempts, Job.worker).where(_claimable(now)).order_by(Job.id)
-            if max_instances is not None:
-                q = q.join(Series, Series.id == Job.series_id).where(Series.n_instances <= max_instances)
+            if max_frames is not None:
+                q = q.join(Series, Series.id == Job.series_id).where(_series_frames() <= max_frames)
             rows = s.execute(q.limit(1).with_for_update(skip_locked=True, of=Job) if pg else q.limit(5)).all()
             if not rows:
                 return None
@@ -411,11 +418,11 @@ def holds_job(db: Database, job_id: int, worker: str) -> bool:
 
 
 def job_size(db: Database, job_id: int) -> tuple[str, int]:
-    """(the job's models, its series' instance count): what series batching needs before loading."""
+    """(the job's models, its series' frame count): what series batching needs before loading."""
     with db.engine.connect() as conn:
-        row = conn.execute(select(Job.models, Series.n_instances).join(Series, Series.id == Job.series_id)
-                           .where(Job.id == job_id)).one()
-    return row.models, int(row.n_instances or 0)
+        row = conn.execute(select(Job.models, _series_frames().label("frames"))
+                           .join(Series, Series.id == Job.series_id).where(Job.id == job_id)).one()
+    return row.models, int(row.frames or 0)
 
 
 def job_files(db: Database, job_id: int) -> tuple[Job, Series, list[str]]:
@@ -554,8 +561,6 @@ def latest_jobs(session: Session) -> dict[int, Job]:
 
 def output_counts(session: Session) -> dict[int, int]:
     """job id -> number of output objects recorded for it."""
-    from sqlalchemy import func
-
     return dict(session.execute(select(OutputObject.job_id, func.count()).group_by(OutputObject.job_id)).all())
 
 

@@ -1,5 +1,5 @@
 """Series batching (docs/series_batching.md, issue 15 item 4): ``[analysis] series_batch``; a worker
-claims further small pending jobs (``claim_job(..., max_instances=room)``) and runs N2Q, LDCTIQA and
+claims further small pending jobs (``claim_job(..., max_frames=room)``) and runs N2Q, LDCTIQA and
 Delta-IQA over their slices in shared passes of the full batch; every series' stored results are
 bit-identical to the same series run one at a time with the switch on; a lost lease or a failing
 series affects that job alone. CPU runs (``series_batch = "on"``); the CUDA comparison skips
@@ -19,7 +19,7 @@ from analysis import batching
 from node.config import ConfigError, settings_from_dict
 from node.worker import PARAMETERS_INFO_KEY, AnalysisWorker, run_context, series_batch_on
 from storage.db import Database
-from storage.models import AnalysisRun, Job, OutputObject, Series, SeriesMetric, SliceMetric
+from storage.models import AnalysisRun, Instance, Job, OutputObject, Series, SeriesMetric, SliceMetric
 from storage.repo import claim_job, complete_due_series
 from tests.helpers import PHANTOM_5MM, require, wait_until
 from tests.integration.test_node_pipeline import make_node, push_files
@@ -50,15 +50,26 @@ def test_series_batch_key_values_and_error():
     assert run_context(_settings({"device": "cpu", "series_batch": "on"})).series_batch is True
 
 
+def _add_series(s, uid: str, study: str, frames: tuple[int, ...]) -> None:
+    """A receiving series whose instances have these frame counts (index rows only)."""
+    series = Series(series_instance_uid=uid, study_instance_uid=study, state="receiving", n_instances=len(frames))
+    s.add(series)
+    s.flush()
+    for k, f in enumerate(frames):
+        s.add(Instance(series_id=series.id, sop_instance_uid=f"{uid}.{k + 1}", sop_class_uid="1.2.840.10008.5.1.4.1.1.2",
+                       transfer_syntax_uid="1.2.840.10008.1.2.1", rel_path=f"x/{uid}/{k}.dcm", size_bytes=1,
+                       sha256="0" * 64, number_of_frames=f))
+
+
 @pytest.fixture()
 def small_queue(tmp_path):
-    """Three pending jobs (series of 2, 3 and 2 instances, models basic + n2q) in an SQLite queue."""
+    """Three pending jobs (models basic + n2q) in an SQLite queue: a series of 2 classic instances,
+    an enhanced one (1 instance of 3 frames) and another of 2 classic instances."""
     db = Database(f"sqlite:///{tmp_path / 'q.sqlite'}")
     db.create_all()
     with db.session() as s:
-        for i, n in enumerate((2, 3, 2)):
-            s.add(Series(series_instance_uid=f"1.2.3.{i}", study_instance_uid=f"1.2.{i}", state="receiving",
-                         n_instances=n))
+        for i, frames in enumerate(((1, 1), (3,), (1, 1))):
+            _add_series(s, f"1.2.3.{i}", f"1.2.{i}", frames)
     assert len(complete_due_series(db, 0.0, ["basic", "n2q"])) == 3
     yield db
     db.dispose()
@@ -76,7 +87,7 @@ def test_fill_claims_small_pending_jobs_only_when_on(tmp_path, small_queue):
     first = claim_job(small_queue, auto.worker_id)
     assert first == jobs[0] and auto._fill(first) == [first]
     on = worker("on")
-    # room 4 - 2 = 2: the 3-instance series does not fit, the next 2-instance one does
+    # room 4 - 2 = 2: the enhanced series (1 instance, 3 frames) does not fit, the next 2-instance one does
     assert on._fill(first) == [first, jobs[2]]
     with small_queue.session() as s:
         state = {j.id: (j.state, j.worker) for j in s.scalars(select(Job))}
@@ -84,20 +95,19 @@ def test_fill_claims_small_pending_jobs_only_when_on(tmp_path, small_queue):
                      jobs[2]: ("running", on.worker_id)}
 
 
-def test_claim_job_max_instances_on_postgresql(pg_cluster):
+def test_claim_job_max_frames_on_postgresql(pg_cluster):
     db = Database(pg_cluster.fresh_database("series_batch_claim"))
     try:
         db.create_all()
         with db.session() as s:
-            for i, n in enumerate((5, 2)):
-                s.add(Series(series_instance_uid=f"1.2.9.{i}", study_instance_uid=f"1.2.9{i}", state="receiving",
-                             n_instances=n))
+            _add_series(s, "1.2.9.0", "1.2.90", (5,))  # enhanced: 1 instance, 5 frames
+            _add_series(s, "1.2.9.1", "1.2.91", (1, 1))
         complete_due_series(db, 0.0, ["basic"])
         with db.session() as s:
             small = s.scalar(select(Job.id).join(Series).where(Series.n_instances == 2))
-        assert claim_job(db, "w:1:a", max_instances=1) is None
-        assert claim_job(db, "w:1:a", max_instances=4) == small
-        assert claim_job(db, "w:1:a", max_instances=4) is None
+        assert claim_job(db, "w:1:a", max_frames=1) is None
+        assert claim_job(db, "w:1:a", max_frames=4) == small
+        assert claim_job(db, "w:1:a", max_frames=4) is None
         assert claim_job(db, "w:1:a") is not None  # the big one, without the bound
     finally:
         db.dispose()
