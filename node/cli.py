@@ -407,7 +407,9 @@ def cmd_status(args) -> int:
     oc = data["outputs"]
     print("outputs: " + (", ".join(f"{k} {v}" for k, v in sorted(oc.items())) or "none")
           + (f"  <- {oc['failed']} series without results in PACS: see `qa-node rebuild-outputs --failed`"
-             if oc.get("failed") else ""))
+             if oc.get("failed") else "")
+          + (f"  <- {oc['partial']} series with an output missing by an error: see `qa-node rebuild-outputs "
+             f"--failed --reanalyse`" if oc.get("partial") else ""))
     print(f"instance conflicts (same UID, different bytes): {data['instance_conflicts']}")
     if data["quarantined"] is not None:
         print(f"quarantined files (invalid instances found in the store at start-up): {data['quarantined']}")
@@ -758,7 +760,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "maps included.")
     what = sp.add_mutually_exclusive_group(required=True)
     what.add_argument("--series", metavar="UID", help="one series (Series Instance UID)")
-    what.add_argument("--failed", action="store_true", help="every series whose outputs failed (see `qa-node status`)")
+    what.add_argument("--failed", action="store_true", help="every series whose outputs failed or partly failed (see `qa-node status`)")
     sp.add_argument("--reanalyse", action="store_true",
                     help="re-run the models instead (queues a new analysis job; maps are rebuilt too)")
     sp.set_defaults(func=cmd_rebuild_outputs)

@@ -122,7 +122,7 @@ def _run_demo(settings: Settings, *, series_dir: Path, out: TextIO, stable_age_s
                 out.write(f"  analysis  {job.outcome}{'  (' + job.error + ')' if job.error else ''}\n")
                 out.write(f"  outputs   {job.outputs or '-'}"
                           f"{'  (' + job.outputs_error + ')' if job.outputs_error else ''}\n")
-                outputs_failed = outputs_failed or job.outputs == "failed"
+                outputs_failed = outputs_failed or job.outputs in ("failed", "partial")
                 for name, (value, reason) in current_metrics(s, sid).items():
                     shown = "-" if value is None else f"{value:.4g}"
                     out.write(f"  {name:<26} {shown:>12}{'   ' + reason if value is None and reason else ''}\n")

@@ -52,6 +52,16 @@ class BuiltOutputs:
 
     objects: list[tuple[str, object]] = field(default_factory=list)
     failures: list[tuple[str, str]] = field(default_factory=list)
+    # the kinds among ``failures`` whose builder failed by an error, not by a limit of the source
+    # (``MapNotPossible``, e.g. no Frame of Reference): the node should have made them
+    errors: list[str] = field(default_factory=list)
+
+    def fail(self, kind: str, exc: BaseException) -> str:
+        reason = _one_line(exc)
+        self.failures.append((kind, reason))
+        if not isinstance(exc, MapNotPossible):
+            self.errors.append(kind)
+        return reason
 
 
 @dataclass
@@ -60,6 +70,7 @@ class OutputsWritten:
 
     written: list[WrittenOutput] = field(default_factory=list)
     failures: list[tuple[str, str]] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)  # as ``BuiltOutputs.errors``
 
 
 def _encode(ds) -> bytes:
@@ -132,7 +143,7 @@ def build_outputs(result: SeriesResult, scanner_name: str | None,
     try:
         sources = prepare_sources(vol.headers)
     except ValueError as exc:
-        built.failures.append(("sr", _one_line(exc)))
+        built.fail("sr", exc)
         return built
     src_label = source_series_label(sources[0])
     evals = {k: Evaluation(v) for k, v in (evaluations or {}).items()}
@@ -156,8 +167,7 @@ def build_outputs(result: SeriesResult, scanner_name: str | None,
                 first_map = first_map or m
             except (ValueError, TypeError, AttributeError, KeyError, IndexError) as exc:
                 log.warning("series %s: Parametric Map %s not built: %s", result.series_instance_uid, m.name,
-                            _one_line(exc))
-                built.failures.append((kind, _one_line(exc)))
+                            built.fail(kind, exc))
             i += 1
 
     try:
@@ -179,8 +189,7 @@ def build_outputs(result: SeriesResult, scanner_name: str | None,
             baselines=dict(getattr(evaluations, "centres", None) or {}), omitted_outputs=list(built.failures),
             series_description=f"QA report (PDF), {src_label}"[:64], **uids("pdf"))))
     except (ValueError, TypeError, AttributeError, KeyError, IndexError, RuntimeError) as exc:
-        log.warning("series %s: readable report not built: %s", result.series_instance_uid, _one_line(exc))
-        built.failures.append(("pdf", _one_line(exc)))
+        log.warning("series %s: readable report not built: %s", result.series_instance_uid, built.fail("pdf", exc))
     try:
         series_metrics, slice_metrics, seen = [], [], set()
         for out in result.outputs:
@@ -202,8 +211,7 @@ def build_outputs(result: SeriesResult, scanner_name: str | None,
             series_description=f"CT QA measurements, {src_label}"[:64], not_computed=not_computed,
             omitted_outputs=omitted, **uids("sr"))))
     except (ValueError, TypeError, AttributeError, KeyError, IndexError) as exc:
-        log.warning("series %s: measurement report not built: %s", result.series_instance_uid, _one_line(exc))
-        built.failures.append(("sr", _one_line(exc)))
+        log.warning("series %s: measurement report not built: %s", result.series_instance_uid, built.fail("sr", exc))
 
     return built
 
@@ -233,4 +241,4 @@ def write_outputs(settings: Settings, db: Database, store: FileStore, job_id: in
     log.info("series %s: %d output object(s) written%s%s", result.series_instance_uid, len(written),
              f", queued for {', '.join(destinations)}" if destinations else " (no destinations configured)",
              f"; not built: {', '.join(k for k, _ in built.failures)}" if built.failures else "")
-    return OutputsWritten(written, list(built.failures))
+    return OutputsWritten(written, list(built.failures), list(built.errors))

@@ -125,7 +125,7 @@ def write_missing_outputs(settings: Settings, db: Database, store: FileStore, jo
         n_new += 1
     log.info("series %s: outputs rebuilt from stored results: %d new object(s), %d kept as written",
              result.series_instance_uid, n_new, len(written) - n_new)
-    return OutputsWritten(written, list(built.failures))
+    return OutputsWritten(written, list(built.failures), list(built.errors))
 
 
 MAPS_NOT_STORED = "rebuilt from stored results: Parametric Maps are not stored (qa-node rebuild-outputs --reanalyse)"

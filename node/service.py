@@ -113,9 +113,11 @@ def write_and_judge_outputs(settings: Settings, db: Database, store: FileStore, 
                             evaluations=None, *, writer=None) -> tuple[str, str | None]:
     """Build, write and queue the outputs of an analysed series; return (outputs state, reason).
 
-    ``written`` when the SR and whatever else could be built are written and queued; an output left
-    out (e.g. a map for a source without Frame of Reference) is named in the reason but is not a
-    failure of the rest. ``failed`` when nothing, or no SR, could be written, with one ERROR line.
+    ``written`` when the SR and whatever else could be built are written and queued; an output the
+    source cannot hold (e.g. a map for a source without Frame of Reference) is named in the reason
+    but is not a failure of the rest. ``partial`` when the SR is written but another output failed
+    to build by an error (named in the reason, one ERROR line): ``rebuild-outputs --failed`` takes
+    it again. ``failed`` when nothing, or no SR, could be written, with one ERROR line.
     ``writer`` replaces ``node.outputs.write_outputs`` (same signature and result)."""
     from node.outputs import write_outputs
 
@@ -135,6 +137,11 @@ def write_and_judge_outputs(settings: Settings, db: Database, store: FileStore, 
         error = f"{what} could be built" + (f": {left_out}" if left_out else "")
         log.error("series %s: outputs failed: %s", uid, error)
         return OutputsState.FAILED, error
+    errors = list(getattr(res, "errors", []) or [])
+    if errors:
+        log.error("series %s: outputs partly failed: %s not built (an error, see the WARNING above)", uid,
+                  ", ".join(errors))
+        return OutputsState.PARTIAL, left_out
     return OutputsState.WRITTEN, left_out
 
 

@@ -229,6 +229,15 @@ def build_parametric_map(
             plane_orientation=hd.PlaneOrientationSequence("PATIENT", image_orientation=[float(x) for x in iop0]),
             pixel_measures=hd.PixelMeasuresSequence(pixel_spacing=[ps0[0] * f, ps0[1] * f], slice_thickness=th0),
         )
+    if not multiframe and "SliceThickness" not in sources[0]:
+        # highdicom reads the first source's Slice Thickness (Type 2, left out by some writers): a
+        # copy of that header with it empty gives the map's Pixel Measures no thickness
+        first = Dataset()  # (Dataset(ds) and copy.copy share the source's elements dict)
+        first.update(sources[0])
+        if hasattr(sources[0], "file_meta"):
+            first.file_meta = sources[0].file_meta
+        first.SliceThickness = None
+        sources = [first, *sources[1:]]
 
     unit = CodedConcept(unit_code, "UCUM", unit_meaning)
     rwvm = RealWorldValueMapping(

@@ -40,6 +40,9 @@ class OutputsState:
 
     PENDING = "pending"  # not built yet (job pending or running)
     WRITTEN = "written"  # written and queued for every destination; outputs_error lists any left out
+    # the SR and the rest written and queued, but an output the source could hold failed to build
+    # (an error, not a limit of the source): outputs_error names it; rebuild-outputs --failed retries
+    PARTIAL = "partial"
     FAILED = "failed"  # nothing (or no SR) could be built, written or queued: outputs_error says why
     NONE = "none"  # no outputs are due: the series was skipped or its analysis failed
 

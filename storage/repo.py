@@ -601,7 +601,7 @@ def stored_runs(db: Database, series_id: int, n_slices: int) -> list[StoredRun]:
 
 def series_for_rebuild(db: Database, *, series_uid: str | None = None, failed: bool = False) -> list[tuple[int, int]]:
     """(series id, newest job id) of analysed series to rebuild: one by UID, or every series whose
-    newest job's outputs failed. An unknown UID or a series never analysed raises ValueError."""
+    newest job's outputs failed or partly failed (``partial``). An unknown UID or a series never analysed raises ValueError."""
     with db.session() as s:
         last = latest_jobs(s)
         counts = output_counts(s)
@@ -616,7 +616,7 @@ def series_for_rebuild(db: Database, *, series_uid: str | None = None, failed: b
             return [(sid, job.id)]
         return [(sid, job.id) for sid, job in sorted(last.items())
                 if failed and job.state == JobState.DONE and job.outcome == "done"
-                and outputs_state(job, counts.get(job.id, 0))[0] == OutputsState.FAILED]
+                and outputs_state(job, counts.get(job.id, 0))[0] in (OutputsState.FAILED, OutputsState.PARTIAL)]
 
 
 def queue_reanalysis(db: Database, series_id: int, models: Sequence[str]) -> int:

@@ -169,6 +169,50 @@ def test_unwritable_outputs_fail_and_rebuild_says_maps_need_reanalyse(setup, cap
     assert status(capsys, cfg)["series"][0]["outputs"] == "written"
 
 
+@pytest.mark.parametrize("raised", ["error", "limit"])
+def test_a_map_failed_by_an_error_is_partial_and_retried_a_map_the_source_cannot_hold_is_not(
+        setup, capsys, caplog, monkeypatch, raised):
+    """A map whose builder fails by an error (a bug, a library's surprise) leaves the series'
+    outputs ``partial``, named, with one ERROR line, and ``rebuild-outputs --failed --reanalyse``
+    takes it again and brings the map back; a map the source cannot hold (``MapNotPossible``, e.g.
+    no Frame of Reference) is a note of an otherwise ``written`` set, not retried."""
+    from reports.pmap import MapNotPossible
+
+    n, cfg, files = setup
+    real = node.outputs.build_parametric_map
+
+    def broken(*_a, **_k):
+        if raised == "error":
+            raise AttributeError("'Dataset' object has no attribute 'SliceThickness'")
+        raise MapNotPossible("the source slices have no FrameOfReferenceUID: a Parametric Map needs a Frame of Reference")
+
+    monkeypatch.setattr(node.outputs, "build_parametric_map", broken)
+    with caplog.at_level(logging.INFO):
+        push_and_analyse(n, files)
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert sorted(outputs_of(n)) == ["pdf", "sr"]
+    row = status(capsys, cfg)["series"][0]
+    assert "pmap:local_noise_sd: " in row["outputs_error"]
+    rc, out, _ = cli(capsys, "--config", str(cfg), "status")
+    if raised == "limit":
+        assert errors == [] and row["outputs"] == "written"
+        assert "outputs: written 1" in out and "<-" not in out
+        rc, out, _ = cli(capsys, "--config", str(cfg), "rebuild-outputs", "--failed")
+        assert rc == 0 and out.strip() == "no series with failed outputs"
+        return
+    assert errors == [f"series {_series_uid(n)}: outputs partly failed: pmap:local_noise_sd not built "
+                      "(an error, see the WARNING above)"]
+    assert row["outputs"] == "partial" and "AttributeError: 'Dataset' object has no attribute" in row["outputs_error"]
+    assert "outputs: partial 1  <- 1 series with an output missing by an error" in out
+    monkeypatch.setattr(node.outputs, "build_parametric_map", real)  # the fix is installed
+    rc, out, _ = cli(capsys, "--config", str(cfg), "rebuild-outputs", "--failed", "--reanalyse")
+    assert rc == 0 and out.startswith("1 series queued for a new analysis with basic, classical"), out
+    run_pending(n)
+    assert sorted(outputs_of(n)) == ["pdf", "pmap", "sr"]  # the same objects (same UIDs), the map now among them
+    row = status(capsys, cfg)["series"][0]
+    assert row["outputs"] == "written" and row["outputs_error"] is None
+
+
 def _series_uid(n: Node) -> str:
     from storage.models import Series
 

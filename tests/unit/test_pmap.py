@@ -291,6 +291,37 @@ def test_source_without_frame_of_reference_is_refused_with_the_reason(headers, v
                              unit_meaning=HU[1], algorithm=ALGO, series_number=1)
 
 
+@pytest.mark.parametrize("how", ["removed", "empty"])
+def test_source_without_slice_thickness_gives_a_map_without_it(headers, values, how) -> None:
+    """Some writers leave Slice Thickness out (or empty, Type 2): the map is built, with the source's
+    Pixel Spacing and no thickness, its frames on their source slices."""
+    thin = []
+    for h in headers:
+        c = pydicom.dcmread(io.BytesIO(_bytes(h)))
+        if how == "removed":
+            del c.SliceThickness
+        else:
+            c.SliceThickness = None
+        thin.append(c)
+    for downsample in (1, 2):
+        ds = roundtrip(build_parametric_map(thin, values, name="local_noise_sd", label="Local noise SD",
+                                            unit_code=HU[0], unit_meaning=HU[1], algorithm=ALGO, series_number=1,
+                                            downsample=downsample))
+        measures = ds.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0]
+        np.testing.assert_allclose([float(x) for x in measures.PixelSpacing],
+                                   [downsample * float(x) for x in headers[0].PixelSpacing])
+        assert "SliceThickness" not in measures
+        assert ("SliceThickness" in thin[0]) == (how == "empty")  # the caller's headers untouched
+        assert int(ds.NumberOfFrames) == len(headers)
+        index = _frames_by_source(ds)
+        assert set(index) == {(h.SOPInstanceUID, None) for h in headers}
+        if downsample == 1:
+            pixels = map_values(ds)
+            for i, h in enumerate(headers):
+                np.testing.assert_allclose(pixels[index[(h.SOPInstanceUID, None)]], values[i], rtol=0,
+                                           atol=0.5 * _step(values) * 1.001)
+
+
 def _bytes(ds: pydicom.Dataset) -> bytes:
     buf = io.BytesIO()
     ds.save_as(buf, enforce_file_format=True)
