@@ -43,6 +43,17 @@ def setup_logging(level: str = "INFO") -> None:
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
     logging.getLogger("apscheduler").setLevel(logging.WARNING)
     logging.getLogger("highdicom").setLevel(logging.WARNING)
+    quiet_pydicom_reads()
+
+
+def quiet_pydicom_reads() -> None:
+    """pydicom checks every value it reads and warns per element, per file, twice (a log line and a
+    UserWarning): one over-long attribute in a 300-slice series gives hundreds of lines. The node
+    checks what it copies into an output itself and says it once per attribute, without the value
+    (``reports.common.prepare_sources``), so pydicom's read-time checks are off in its processes."""
+    from pydicom import config
+
+    config.settings.reading_validation_mode = config.IGNORE
 
 
 def _load(args) -> Settings:

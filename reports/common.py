@@ -151,6 +151,19 @@ def _copied_keywords() -> tuple[str, ...]:
 _COPIED: tuple[str, ...] | None = None
 
 
+def _max_vm(tag) -> int | None:
+    """The most values the data dictionary allows the attribute ("1" -> 1, "1-3" -> 3), None when
+    unbounded ("1-n", "2-2n") or unknown."""
+    from pydicom.datadict import dictionary_VM
+
+    try:
+        vm = dictionary_VM(tag)
+    except KeyError:
+        return None
+    top = vm.split("-")[-1]
+    return int(top) if top.isdigit() else None
+
+
 def _invalid_reason(elem) -> str | None:
     """Why a (non-sequence) element's value may not be written, or None when it is valid."""
     from pydicom import config
@@ -159,6 +172,9 @@ def _invalid_reason(elem) -> str | None:
     vr = elem.VR
     if vr not in _TEXT_VRS or elem.value is None or elem.value == "":
         return None
+    allowed = _max_vm(elem.tag)
+    if allowed is not None and elem.VM > allowed:
+        return f"{elem.VM} values where the standard allows {allowed}"
     values = elem.value if isinstance(elem.value, (list, tuple)) or elem.VM > 1 else [elem.value]
     for v in values:
         if v is None or v == "":

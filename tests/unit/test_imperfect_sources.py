@@ -113,6 +113,34 @@ def test_invalid_date_dropped_with_one_warning_without_values(caplog) -> None:
     assert len(lines) == 1 and "StudyDate not a valid DA value" in lines[0] and "00000000" not in lines[0]
 
 
+def test_an_invalid_value_in_every_slice_is_said_once(caplog, monkeypatch, tmp_path) -> None:
+    """An over-long Accession Number in each of 5 slices: with the node's process settings pydicom
+    says nothing while the slices are read; preparing the outputs' sources says it once, without
+    the value."""
+    from pydicom import config
+
+    from node.cli import quiet_pydicom_reads
+    from reports.common import prepare_sources
+
+    monkeypatch.setattr(config.settings, "reading_validation_mode", config.settings.reading_validation_mode)
+    files = []
+    for i, f in enumerate(_files("pylibjpeg-data/GE_coreload_693_J2K_lossy")[:1] * 5):
+        ds = pydicom.dcmread(f, stop_before_pixels=True)
+        ds.AccessionNumber = "ACC" + "7" * 27  # SH: 16 at most
+        ds.SOPInstanceUID = pydicom.uid.generate_uid()
+        files.append(tmp_path / f"{i}.dcm")
+        ds.save_as(files[-1])
+    quiet_pydicom_reads()
+    caplog.clear()  # (pydicom warned when the test wrote the value)
+    with caplog.at_level(logging.WARNING):
+        headers = [pydicom.dcmread(f, stop_before_pixels=True) for f in files]
+        assert all(len(str(h.AccessionNumber)) == 30 for h in headers)  # read (and converted) as sent
+        prepare_sources(headers)
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 1 and "AccessionNumber longer than the 16 characters SH allows" in lines[0], lines
+    assert "7777" not in lines[0]
+
+
 def test_too_long_string_and_bad_sex_dropped() -> None:
     src = pydicom.dcmread(_files("pylibjpeg-data/GE_coreload_693_J2K_lossy")[0], stop_before_pixels=True)
     src.PatientID = "X" * 65  # LO: 64 at most
@@ -123,6 +151,24 @@ def test_too_long_string_and_bad_sex_dropped() -> None:
     assert "PatientID" in out and not out.PatientID and "PatientSex" in out and not out.PatientSex
     assert float(out.PatientWeight) == 70.0  # a valid Type 3 value stays
     assert problems["PatientID"] == "longer than the 64 characters LO allows: written empty"
+
+
+def test_more_values_than_the_standard_allows_are_not_copied() -> None:
+    """Two referring physicians in a VM 1 attribute (seen from a RIS), a two-valued Institution Name:
+    the Type 2 one written empty, the Type 3 one left out; a multi-valued attribute within its VM
+    (Image Type, 2-n) and a one-valued one stay."""
+    src = pydicom.dcmread(_files("pylibjpeg-data/GE_coreload_693_J2K_lossy")[0], stop_before_pixels=True)
+    src.ReferringPhysicianName = ["Who^Doctor", "Watson^John"]
+    src.InstitutionName = ["Hospital A", "Hospital B"]
+    src.StationName = "CT01"
+    problems: dict[str, str] = {}
+    out = clean_source(src, problems)
+    assert "ReferringPhysicianName" in out and out.ReferringPhysicianName in (None, "")
+    assert "InstitutionName" not in out and out.StationName == "CT01"
+    assert problems["ReferringPhysicianName"] == "2 values where the standard allows 1: written empty"
+    assert problems["InstitutionName"] == "2 values where the standard allows 1: left out"
+    assert "StationName" not in problems and "ImageType" not in problems
+    assert list(src.ReferringPhysicianName) == ["Who^Doctor", "Watson^John"]  # the source untouched
 
 
 def test_negative_spacing_between_slices_is_not_copied() -> None:
