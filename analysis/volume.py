@@ -518,6 +518,34 @@ def check_plausible_hu(hu: np.ndarray, sop_instance_uids: Sequence[str] | None =
             )
 
 
+def _spacing_note(steps: np.ndarray, n: int) -> str:
+    """What a reader of the results must know of uneven slice positions: missing slices (steps of
+    1.5 or more times the series' usual spacing) or, else, the range of the spacing."""
+    usual = float(np.median(steps))
+    if usual > 0:
+        gaps = steps[steps >= 1.5 * usual]
+        if gaps.size:
+            missing = int(sum(round(float(g) / usual) - 1 for g in gaps))
+            return (f"slice gap: about {missing} slice(s) missing at {gaps.size} place(s) (a step of up to "
+                    f"{float(gaps.max()):.1f} mm where the series' spacing is {usual:.1f} mm); the metrics are "
+                    f"from the {n} slices present")
+    return f"uneven slice spacing ({float(np.min(steps)):.2f} to {float(np.max(steps)):.2f} mm)"
+
+
+def series_notes(meta: dict) -> list[str]:
+    """Notes on how complete and regular a loaded series is (``load_series``' meta), for the SR,
+    ``analyze --json`` and the log: missing or unevenly spaced slices, slices at one position,
+    files left out. Empty for a regular series."""
+    notes = []
+    if meta.get("spacing_note"):
+        notes.append(str(meta["spacing_note"]))
+    if meta.get("duplicate_positions"):
+        notes.append("two or more slices at the same position")
+    if meta.get("ignored_files"):
+        notes.append(f"{meta['ignored_files']} file(s) left out: {meta.get('ignored_reasons') or 'not usable'}")
+    return notes
+
+
 def load_series(paths: Sequence[str | Path]) -> CTVolume:
     """Read the files of one CT series into a sorted HU volume (see the module docstring)."""
     if isinstance(paths, (str, Path)):
@@ -605,6 +633,7 @@ def load_series(paths: Sequence[str | Path]) -> CTVolume:
     meta["n_files"] = len(paths)
     meta["ignored_files"] = len(ignored)
     meta["ignored_reasons"] = "; ".join(sorted(set(ignored))) or None
+    meta["spacing_note"] = _spacing_note(steps, len(ordered)) if meta["uneven_spacing"] else None
     if meta["uneven_spacing"]:
         log.warning("series has uneven slice spacing (%.3f to %.3f mm)", float(np.min(steps)), float(np.max(steps)))
     return CTVolume(

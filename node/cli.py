@@ -181,6 +181,8 @@ def slices_to_json(result) -> list[dict]:
 
 
 def result_to_json(result, scanner: str | None = None, per_slice: bool = False) -> dict:
+    from analysis.volume import series_notes
+
     hdr = result.volume.header if result.volume is not None else None
     metrics = {k: (None if v is None or not math.isfinite(v) else v) for k, v in result.metrics.items()}
     # the out-of-distribution flag beside each score of a model whose training did not cover the series
@@ -197,6 +199,7 @@ def result_to_json(result, scanner: str | None = None, per_slice: bool = False) 
         "metrics": metrics,
         "metric_reasons": result.reasons,
         "info": result.info,
+        "series_notes": series_notes(result.volume.meta) if result.volume is not None else [],
         "metric_flags": flags,
         "models": [{"name": o.name, "algorithm": o.algorithm, "version": o.version,
                     "weights_sha256": o.weights_sha256, "parameters": list(o.parameters),

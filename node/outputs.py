@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from analysis.pipeline import SeriesResult
+from analysis.volume import series_notes
 from node.config import Settings
 from analysis.models import report_keys
 from node import catalogue as _catalogue  # noqa: F401  (installs the model specs' codes)
@@ -187,6 +188,7 @@ def build_outputs(result: SeriesResult, scanner_name: str | None,
             first_map.label if first_map is not None else None, PDF_SERIES_NUMBER,
             map_unit=_unit_display(first_map) if first_map is not None else None,
             baselines=dict(getattr(evaluations, "centres", None) or {}), omitted_outputs=list(built.failures),
+            notes=series_notes(vol.meta),
             series_description=f"QA report (PDF), {src_label}"[:64], **uids("pdf"))))
     except (ValueError, TypeError, AttributeError, KeyError, IndexError, RuntimeError) as exc:
         log.warning("series %s: readable report not built: %s", result.series_instance_uid, built.fail("pdf", exc))
@@ -209,7 +211,7 @@ def build_outputs(result: SeriesResult, scanner_name: str | None,
         built.objects.insert(0, ("sr", build_measurement_report(
             sources, series_metrics, slice_metrics, series_number=SR_SERIES_NUMBER,
             series_description=f"CT QA measurements, {src_label}"[:64], not_computed=not_computed,
-            omitted_outputs=omitted, **uids("sr"))))
+            omitted_outputs=omitted, series_notes=series_notes(vol.meta), **uids("sr"))))
     except (ValueError, TypeError, AttributeError, KeyError, IndexError) as exc:
         log.warning("series %s: measurement report not built: %s", result.series_instance_uid, built.fail("sr", exc))
 

@@ -62,6 +62,8 @@ OUTSIDE_CONTROL_LIMITS = private("OUTSIDE_CL", "Outside control limits")
 #: Concept name of that qualitative evaluation is the metric's own concept (see sr.py).
 #: TEXT item of the SR's Qualitative Evaluations: an output (a Parametric Map) left out, and why.
 OUTPUT_NOT_PRODUCED = private("OUTPUT_OMITTED", "Output not produced")
+#: TEXT item of the same container: how complete and regular the source series is (a slice gap).
+SERIES_NOTE = private("SERIES_NOTE", "Source series note")
 #: TID 1500 row 12 container holding those TEXT items and the "not computed" reasons.
 QUALITATIVE_EVALUATIONS = Code("C0034375", "UMLS", "Qualitative Evaluations")
 

@@ -137,6 +137,7 @@ def report_figure(
     map_unit: str | None = None,
     baselines: dict[str, float] | None = None,
     omitted_outputs: Sequence[tuple[str, str]] = (),
+    notes: Sequence[str] = (),
 ) -> Figure:
     """The one A4 page of the readable report. Every text is wrapped to its column, so nothing runs
     off the page."""
@@ -193,6 +194,12 @@ def report_figure(
                 for t in _wrap(f"{label}: {text}", _RIGHT - _LEFT, fs - 0.5):
                     put(_LEFT, yy, t, fontsize=fs - 0.5, color="0.2")
                     yy -= line * 0.95
+        if notes:
+            yy -= line * 0.6
+            for note in notes:
+                for t in _wrap(f"Source series: {note}", _RIGHT - _LEFT, fs - 0.5):
+                    put(_LEFT, yy, t, fontsize=fs - 0.5, color="#a05000")
+                    yy -= line * 0.95
         if omitted_outputs:
             yy -= line * 0.6
             for kind, why in omitted_outputs:
@@ -247,6 +254,7 @@ def build_readable_report(
     baselines: dict[str, float] | None = None,
     omitted_outputs: Sequence[tuple[str, str]] = (),
     series_description: str = "QA report (PDF)",
+    notes: Sequence[str] = (),
 ) -> Dataset:
     """Build an Encapsulated PDF Storage object (modality DOC) in the study of ``source_images``.
 
@@ -269,7 +277,7 @@ def build_readable_report(
     src = sources[0]
     created = (created or datetime.now(timezone.utc)).astimezone(timezone.utc)
     pdf = render_pdf(src, metrics, scanner_name, map_values, map_label, device=device, created=created,
-                     map_unit=map_unit, baselines=baselines, omitted_outputs=omitted_outputs)
+                     map_unit=map_unit, baselines=baselines, omitted_outputs=omitted_outputs, notes=notes)
 
     with no_person_name_warnings():
         ds = hd.SOPClass(

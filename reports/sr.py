@@ -66,6 +66,7 @@ from reports.codes import (
     OUTPUT_NOT_PRODUCED,
     PROCEDURE_IMAGE_QUALITY_ANALYSIS,
     QUALITATIVE_EVALUATIONS,
+    SERIES_NOTE,
     evaluation_code,
     metric_code,
     private_coding_scheme,
@@ -386,6 +387,7 @@ def build_measurement_report(
     sop_instance_uid: str | None = None,
     not_computed: Mapping[str, str] | None = None,
     omitted_outputs: Sequence[tuple[str, str]] = (),
+    series_notes: Sequence[str] = (),
 ) -> Comprehensive3DSR:
     """Build the TID 1500 Measurement Report SR of one analysed series.
 
@@ -396,7 +398,9 @@ def build_measurement_report(
     ``MetricValue.evaluation``; the two must not contradict). ``not_computed``: metric key -> why
     it has no value, and ``omitted_outputs``: (output kind, why it was not produced): each a TEXT
     item in the TID 1500 "Qualitative Evaluations" container (the metric's own concept, resp.
-    99CTQA OUTPUT_OMITTED), so a reader sees why a value or a map is missing. Returns a highdicom
+    99CTQA OUTPUT_OMITTED), so a reader sees why a value or a map is missing; ``series_notes``:
+    what a reader must know of the source series (a slice gap), TEXT items 99CTQA SERIES_NOTE
+    there too (``analysis.volume.series_notes``). Returns a highdicom
     ``Comprehensive3DSR`` (a pydicom Dataset with file meta) ready for ``save_as``.
     """
     if not isinstance(series_number, int) or series_number < 1:
@@ -513,6 +517,9 @@ def build_measurement_report(
         TextContentItem(name=_cc(OUTPUT_NOT_PRODUCED), value=_text(f"{_output_name(kind)} not produced: {why}"),
                         relationship_type=RelationshipTypeValues.CONTAINS)
         for kind, why in omitted_outputs
+    ] + [
+        TextContentItem(name=_cc(SERIES_NOTE), value=_text(note), relationship_type=RelationshipTypeValues.CONTAINS)
+        for note in series_notes
     ]
     if notes:
         container = ContainerContentItem(name=_cc(QUALITATIVE_EVALUATIONS),
@@ -584,7 +591,8 @@ def _output_name(kind: str) -> str:
 
 def read_notes(dataset: Dataset) -> dict[str, str]:
     """The TEXT items of the Qualitative Evaluations container written by
-    ``build_measurement_report``: metric key (or "output") -> text, several outputs joined by " | "."""
+    ``build_measurement_report``: metric key (or "output", or "series" for the source series'
+    notes) -> text, several joined by " | "."""
     reverse = {(m.concept.scheme_designator, m.concept.value): key for key, m in CATALOGUE.items()}
     out: dict[str, str] = {}
     for item in dataset.ContentSequence:
@@ -596,7 +604,7 @@ def read_notes(dataset: Dataset) -> dict[str, str]:
             if child.ValueType != "TEXT":
                 continue
             c = child.ConceptNameCodeSequence[0]
-            key = "output" if c.CodeValue == OUTPUT_NOT_PRODUCED.value else reverse.get(
+            key = {OUTPUT_NOT_PRODUCED.value: "output", SERIES_NOTE.value: "series"}.get(c.CodeValue) or reverse.get(
                 (c.CodingSchemeDesignator, c.CodeValue), c.CodeMeaning)
             out[key] = f"{out[key]} | {child.TextValue}" if key in out else str(child.TextValue)
     return out

@@ -227,3 +227,38 @@ def test_output_series_descriptions_name_the_source_series() -> None:
     assert source_series_label(back5) == "series 201 STD BRAIN 5MM"
     long = f"CT QA measurements, {source_series_label(other)}"[:64]
     assert len(long) == 64 and "\\" not in long
+
+
+def test_a_slice_gap_is_said_in_the_sr_the_pdf_and_the_json() -> None:
+    """The 5 mm phantom series with 3 of its 28 slices missing in the middle (a transfer cut short,
+    a deleted slice): analysed from the 25 present, and the SR, the PDF and ``analyze --json`` say
+    so; the complete series has no such note."""
+    from node.cli import result_to_json
+    from tests.helpers import PHANTOM_5MM, require
+
+    files = sorted((p for p in require(PHANTOM_5MM).iterdir() if p.name.startswith("I")),
+                   key=lambda p: float(pydicom.dcmread(p, stop_before_pixels=True).ImagePositionPatient[2]))
+    assert len(files) == 28
+    ctx = RunContext(device="cpu")
+    full = analyse_series(files, ["basic", "classical"], ctx)
+    assert full.status == "done" and result_to_json(full)["series_notes"] == []
+    built = build_outputs(full, "CT1", uid_seed="test:full")
+    assert "series" not in read_notes(dict(built.objects)["sr"])
+
+    gap = analyse_series(files[:12] + files[15:], ["basic", "classical"], ctx)
+    assert gap.status == "done"
+    expected = ("slice gap: about 3 slice(s) missing at 1 place(s) (a step of up to 20.0 mm where the series' "
+                "spacing is 5.0 mm); the metrics are from the 25 slices present")
+    assert result_to_json(gap)["series_notes"] == [expected]
+    built = build_outputs(gap, "CT1", uid_seed="test:gap")
+    objects = dict(built.objects)
+    buf = io.BytesIO()
+    objects["sr"].save_as(buf, enforce_file_format=True)
+    assert read_notes(pydicom.dcmread(io.BytesIO(buf.getvalue())))["series"] == expected
+    import subprocess
+
+    out = subprocess.run(["gs", "-q", "-dNOPAUSE", "-dBATCH", "-dSAFER", "-sDEVICE=txtwrite", "-sOutputFile=-", "-"],
+                         input=bytes(objects["pdf"].EncapsulatedDocument), capture_output=True, check=True,
+                         timeout=60).stdout.decode("utf-8", "replace")
+    text = " ".join(out.split())
+    assert "Source series: slice gap: about 3 slice(s) missing" in text
