@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import io
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -125,10 +125,16 @@ def _one_line(exc: BaseException) -> str:
 
 
 def build_outputs(result: SeriesResult, scanner_name: str | None,
-                  evaluations: Mapping[str, str] | None = None, *, uid_seed: str) -> BuiltOutputs:
+                  evaluations: Mapping[str, str] | None = None, *, uid_seed: str, generation: int = 1,
+                  previous_reports: Sequence = ()) -> BuiltOutputs:
     """Build (kind, dataset) for every output of one analysed series. ``uid_seed`` (source series UID
     and generation) makes the new series and instance UIDs deterministic: rebuilding the outputs of
     the same analysis yields the same objects, never duplicates in the PACS.
+
+    A series re-opened by late instances is analysed again as its next ``generation``: from the
+    second on, every output's Series Description says "analysis N", and the SR references the
+    earlier generation's SR(s) (``previous_reports``, headers) in its Predecessor Documents
+    Sequence, so that a PACS user can tell the current results from those they replace.
 
     Each builder runs on its own: a map the source cannot hold (no Frame of Reference) or a builder
     error is recorded in ``failures`` and named in the SR; the other objects are still returned."""
@@ -147,6 +153,8 @@ def build_outputs(result: SeriesResult, scanner_name: str | None,
         built.fail("sr", exc)
         return built
     src_label = source_series_label(sources[0])
+    if generation > 1:
+        src_label = f"analysis {generation}, {src_label}"
     evals = {k: Evaluation(v) for k, v in (evaluations or {}).items()}
 
     # maps first, then the PDF, then the SR: the later ones name what could not be made
@@ -211,11 +219,40 @@ def build_outputs(result: SeriesResult, scanner_name: str | None,
         built.objects.insert(0, ("sr", build_measurement_report(
             sources, series_metrics, slice_metrics, series_number=SR_SERIES_NUMBER,
             series_description=f"CT QA measurements, {src_label}"[:64], not_computed=not_computed,
-            omitted_outputs=omitted, series_notes=series_notes(vol.meta), **uids("sr"))))
+            omitted_outputs=omitted, series_notes=series_notes(vol.meta), previous_versions=previous_reports,
+            **uids("sr"))))
     except (ValueError, TypeError, AttributeError, KeyError, IndexError) as exc:
         log.warning("series %s: measurement report not built: %s", result.series_instance_uid, built.fail("sr", exc))
 
     return built
+
+
+def previous_reports(db: Database, store: FileStore, series_id: int, generation: int) -> list:
+    """Headers of the SR(s) this node wrote for the newest earlier generation of the series (read
+    from the outputs store); one that cannot be read is left out with a WARNING."""
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+    from sqlalchemy import select
+
+    from storage.models import OutputObject
+
+    with db.session() as s:
+        rows = s.execute(select(OutputObject.rel_path, Job.generation).join(Job, Job.id == OutputObject.job_id)
+                         .where(OutputObject.series_id == series_id, OutputObject.kind == "sr",
+                                Job.generation < generation)).all()
+    if not rows:
+        return []
+    newest = max(g for _, g in rows)
+    out = []
+    for rel, g in rows:
+        if g != newest:
+            continue
+        try:
+            out.append(pydicom.dcmread(store.abs(rel), stop_before_pixels=True, specific_tags=[
+                "SOPClassUID", "SOPInstanceUID", "SeriesInstanceUID", "StudyInstanceUID"]))
+        except (OSError, InvalidDicomError) as exc:
+            log.warning("earlier measurement report not referenced as predecessor: %s", _one_line(exc))
+    return out
 
 
 def _unit_display(m) -> str:
@@ -231,9 +268,11 @@ def write_outputs(settings: Settings, db: Database, store: FileStore, job_id: in
         series_id = job.series_id
         scanner = job.series.scanner_name
         seed = f"{job.series.series_instance_uid}:{job.generation}"
+        generation = job.generation
     written = []
     destinations = [d.name for d in settings.destinations]
-    built = build_outputs(result, scanner, evaluations, uid_seed=seed)
+    built = build_outputs(result, scanner, evaluations, uid_seed=seed, generation=generation,
+                          previous_reports=previous_reports(db, store, series_id, generation))
     for kind, ds in built.objects:
         rel = store.output_rel_path(str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID), str(ds.SOPInstanceUID))
         store.write_bytes(rel, _encode(ds))

@@ -99,7 +99,7 @@ def write_missing_outputs(settings: Settings, db: Database, store: FileStore, jo
     queued twice. Returns the same ``OutputsWritten`` (kept objects count as written)."""
     from sqlalchemy import select
 
-    from node.outputs import OutputsWritten, WrittenOutput, _encode, build_outputs
+    from node.outputs import OutputsWritten, WrittenOutput, _encode, build_outputs, previous_reports
     from storage.models import Job, OutputObject
     from storage.outbox import record_output
 
@@ -107,10 +107,12 @@ def write_missing_outputs(settings: Settings, db: Database, store: FileStore, jo
         job = s.get(Job, job_id)
         series_id, scanner = job.series_id, job.series.scanner_name
         seed = f"{job.series.series_instance_uid}:{job.generation}"
+        generation = job.generation
         recorded = {o.sop_instance_uid: o for o in s.scalars(select(OutputObject)
                                                               .where(OutputObject.series_id == series_id))}
     destinations = [d.name for d in settings.destinations]
-    built = build_outputs(result, scanner, evaluations, uid_seed=seed)
+    built = build_outputs(result, scanner, evaluations, uid_seed=seed, generation=generation,
+                          previous_reports=previous_reports(db, store, series_id, generation))
     written, n_new = [], 0
     for kind, ds in built.objects:
         sop = str(ds.SOPInstanceUID)

@@ -388,6 +388,7 @@ def build_measurement_report(
     not_computed: Mapping[str, str] | None = None,
     omitted_outputs: Sequence[tuple[str, str]] = (),
     series_notes: Sequence[str] = (),
+    previous_versions: Sequence[Dataset] = (),
 ) -> Comprehensive3DSR:
     """Build the TID 1500 Measurement Report SR of one analysed series.
 
@@ -400,7 +401,9 @@ def build_measurement_report(
     item in the TID 1500 "Qualitative Evaluations" container (the metric's own concept, resp.
     99CTQA OUTPUT_OMITTED), so a reader sees why a value or a map is missing; ``series_notes``:
     what a reader must know of the source series (a slice gap), TEXT items 99CTQA SERIES_NOTE
-    there too (``analysis.volume.series_notes``). Returns a highdicom
+    there too (``analysis.volume.series_notes``). ``previous_versions``: the reports this one
+    replaces (headers with SOP Class/Instance, Series and Study UIDs), referenced in its Predecessor
+    Documents Sequence. Returns a highdicom
     ``Comprehensive3DSR`` (a pydicom Dataset with file meta) ready for ``save_as``.
     """
     if not isinstance(series_number, int) or series_number < 1:
@@ -540,6 +543,7 @@ def build_measurement_report(
             institutional_department_name=device.institutional_department_name,
             coding_schemes=[private_coding_scheme()],
             series_description=series_description,
+            previous_versions=list(previous_versions) or None,
         )
     _attach_content(sr, root)
     if device.station_name:

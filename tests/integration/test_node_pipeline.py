@@ -200,6 +200,41 @@ def test_reanalysis_supersedes_and_recreates_the_same_objects(node):
         assert current_n == len(files)
 
 
+def test_a_series_reopened_by_late_slices_gets_outputs_that_name_the_ones_they_replace(node):
+    """Slices arriving after a series was analysed re-open it (generation 2): its new SR, map and
+    PDF are new objects whose Series Description says "analysis 2", and the SR references the first
+    analysis' SR in its Predecessor Documents Sequence; the first generation's objects are unchanged."""
+    files = phantom_slices(6)
+    push_and_analyse(node, files[:3])
+    with node.db.session() as s:
+        first = {o.kind: (o.sop_instance_uid, o.rel_path) for o in s.scalars(select(OutputObject))}
+    first_bytes = {k: node.store.abs(rel).read_bytes() for k, (_, rel) in first.items()}
+    first_sr = pydicom.dcmread(node.store.abs(first["sr"][1]))
+    assert "analysis" not in first_sr.SeriesDescription and "PredecessorDocumentsSequence" not in first_sr
+    push_files(node, files[3:])  # the late slices: generation 2
+    assert len(complete_due_series(node.db, 0.0, node.models)) == 1
+    run_pending(node)
+    with node.db.session() as s:
+        rows = s.execute(select(OutputObject.kind, OutputObject.sop_instance_uid, OutputObject.rel_path, Job.generation)
+                         .join(Job, Job.id == OutputObject.job_id)).all()
+    second = {k: (uid, rel) for k, uid, rel, g in rows if g == 2}
+    assert sorted(second) == sorted(first) == ["pdf", "pmap", "sr"]
+    assert {uid for uid, _ in second.values()}.isdisjoint(uid for uid, _ in first.values())
+    for k, (_, rel) in first.items():
+        assert node.store.abs(rel).read_bytes() == first_bytes[k]
+    for k, (_, rel) in second.items():
+        ds = pydicom.dcmread(node.store.abs(rel), stop_before_pixels=True)
+        assert "analysis 2, series " in ds.SeriesDescription, (k, ds.SeriesDescription)
+    sr = pydicom.dcmread(node.store.abs(second["sr"][1]))
+    (study_item,) = sr.PredecessorDocumentsSequence
+    assert study_item.StudyInstanceUID == first_sr.StudyInstanceUID
+    (series_item,) = study_item.ReferencedSeriesSequence
+    assert series_item.SeriesInstanceUID == first_sr.SeriesInstanceUID
+    (ref,) = series_item.ReferencedSOPSequence
+    assert (ref.ReferencedSOPClassUID, ref.ReferencedSOPInstanceUID) == (first_sr.SOPClassUID, first_sr.SOPInstanceUID)
+    assert sr.SeriesNumber == first_sr.SeriesNumber  # the same place in the study's series list
+
+
 def test_series_outside_control_limits_is_flagged_in_sr_and_alert(tmp_path):
     node = make_node(tmp_path)
     files = phantom_slices(8)
