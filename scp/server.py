@@ -33,6 +33,7 @@ from pynetdicom.sop_class import Verification
 from pynetdicom.transport import ThreadedAssociationServer
 
 from scp.connection import on_conn_open
+from scp.negotiation import prefer_requestor_syntaxes
 from scp.ingest import ACCEPTED_SOP_CLASSES, Ingestor, StoreResult, StoreStatus
 
 log = logging.getLogger(__name__)
@@ -351,6 +352,7 @@ class StorageSCP:
         self._lock = threading.Lock()
         self._stores: ThreadPoolExecutor | None = None  # each complete C-STORE's storing, started at once
 
+        prefer_requestor_syntaxes()  # each context: the first syntax the sender proposed (scp.negotiation)
         ae = AE(ae_title=ae_title)
         ae.maximum_pdu_size = max_pdu
         ae.maximum_associations = max_associations
@@ -476,26 +478,6 @@ class StorageSCP:
             return
         with self._lock:
             self._stats[id(assoc)] = _AssocStats(peer.name, calling, host)
-        self._prefer_requestor_syntaxes(assoc)
-
-    @staticmethod
-    def _prefer_requestor_syntaxes(assoc) -> None:
-        """Accept, for each context, the first transfer syntax the SCU proposed that we support.
-
-        pynetdicom picks by the acceptor's order; a scanner lists its native (as-stored) syntax
-        first, and choosing it is what lets us store every instance exactly as the scanner has it
-        (an SCU asked for a syntax it cannot convert to fails the store). The order is taken per SOP
-        class: contexts of different SOP classes may rank their syntaxes differently."""
-        order: dict[str, list[str]] = {}
-        for rq_cx in assoc.requestor.primitive.presentation_context_definition_list or []:
-            ranked = order.setdefault(str(rq_cx.abstract_syntax), [])
-            for ts in rq_cx.transfer_syntax:
-                if str(ts) not in ranked:
-                    ranked.append(str(ts))
-        for cx in assoc.acceptor.supported_contexts:
-            theirs = order.get(str(cx.abstract_syntax), [])
-            ours = list(cx.transfer_syntax)
-            cx.transfer_syntax = [ts for ts in theirs if ts in ours] + [ts for ts in ours if ts not in theirs]
 
     def _on_rejected(self, event) -> None:
         rq = event.assoc.requestor.primitive

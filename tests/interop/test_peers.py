@@ -138,3 +138,33 @@ def test_orthanc_forwards_a_study_in_its_stored_syntaxes(tmp_path):
                 np.testing.assert_array_equal(hu[f"{ct}_{ts}"], hu[f"{ct}_UNC"], err_msg=f"{ct}_{ts}")
     finally:
         node.stop()
+
+
+def test_dcmsend_one_context_per_encoding_each_file_stored_as_sent(tmp_path):
+    """DCMTK dcmsend proposes one presentation context per encoding of its input files ([JPEG
+    Lossless, Explicit VR LE], [RLE, Explicit VR LE], ...). The node accepts each context's first
+    syntax, so every WG04 file arrives in its own encoding (dcmsend converts nothing) and is stored
+    with its pixel data as compressed by its writer (DCMTK re-encodes the rest of the dataset on
+    sending); pynetdicom alone would pick Explicit VR LE for every context of the SOP class."""
+    import shutil
+
+    exe = shutil.which("dcmsend") or pytest.skip("dcmsend (DCMTK) not installed")
+    files = [p for p in dicom_files(require(WG04)) if p.name.startswith("CT1_")]
+    node = NodeProcess(write_config(tmp_path / "config.toml", data_dir=tmp_path / "var", stable_age_s=600), tmp_path)
+    node.start()
+    try:
+        out = subprocess.run([exe, "-v", "-aet", "CT1", "-aec", "CTQA", "127.0.0.1", str(node.port), *map(str, files)],
+                             capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stderr[-2000:]
+        assert "Converting transfer syntax" not in out.stdout + out.stderr
+        stored = stored_by_uid(node)
+        syntaxes = set()
+        for f in files:
+            src = pydicom.dcmread(f)
+            kept = pydicom.dcmread(stored[str(src.SOPInstanceUID)])
+            assert kept.file_meta.TransferSyntaxUID == src.file_meta.TransferSyntaxUID, f.name
+            assert kept.PixelData == src.PixelData, f.name  # the same (compressed) pixel bytes
+            syntaxes.add(str(src.file_meta.TransferSyntaxUID))
+        assert len(syntaxes) >= 5  # uncompressed, RLE, JPEG Lossless, JPEG-LS, JPEG 2000 ...
+    finally:
+        node.stop()
