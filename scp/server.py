@@ -104,6 +104,9 @@ class SpoolFile:
         self.received = 0
         self.flushed = None  # concurrent.futures.Future of the file's flush, once complete
         self.stored = None  # concurrent.futures.Future of its store_file result, once started
+        # (Affected SOP Class UID, Affected SOP Instance UID) as the sender wrote them in the command
+        # (``_keep_association`` may give pynetdicom other values); None until the message is complete
+        self.command: tuple[str, str] | None = None
         self._fd: int | None = None
         self.name = str(spool_dir / f"in-{secrets.token_hex(8)}.dcm")
         if min_free_bytes and self._free() < min_free_bytes:
@@ -518,21 +521,46 @@ class StorageSCP:
         spool = getattr(event.message, "_data_set_file", None)
         if not isinstance(spool, SpoolFile):
             return
+        cs = event.message.command_set
+        spool.command = (str(cs.get("AffectedSOPClassUID", "") or ""), str(cs.get("AffectedSOPInstanceUID", "") or ""))
+        self._keep_association(event.assoc, event.message)
         spool.complete(self.ingestor.start_flush)
         if spool.flushed is None or self._stores is None:
             return  # (receiving failed, or no helper thread): the handler does it all
         try:
             msg = event.message
-            cs = msg.command_set
             ts = event.assoc._accepted_cx[msg.context_id].transfer_syntax[0]
             st = self._stats.get(id(event.assoc))
             spool.stored = self._stores.submit(
                 self.ingestor.store_file, Path(spool.name),
-                affected_sop_class=str(cs.AffectedSOPClassUID), affected_sop_instance=str(cs.AffectedSOPInstanceUID),
+                affected_sop_class=spool.command[0], affected_sop_instance=spool.command[1],
                 transfer_syntax=str(ts), scanner=st.scanner if st else None, calling_ae=st.calling_ae if st else None,
                 peer_host=st.host if st else None, flushed=spool.flushed)
         except Exception as exc:  # (e.g. stopping) the handler stores it itself
             log.debug("early store not started: %s", exc)
+
+    @staticmethod
+    def _keep_association(assoc, msg) -> None:
+        """pynetdicom aborts the whole association, without a status for the sender and losing its
+        later instances, on a C-STORE-RQ whose Affected SOP Instance UID is over 64 characters (it
+        cannot build the request) or whose Affected SOP Class UID has no service class (e.g. "31" or
+        an unknown private UID). The node refuses such an instance instead (0xC220, resp. 0xA900
+        when the dataset's SOP class differs): pynetdicom gets values it accepts, the context's SOP
+        class and a stand-in UID (the response then carries them), while the C-STORE checks take
+        the sender's own from the spool file (``SpoolFile.command``)."""
+        from pynetdicom.service_class import StorageServiceClass
+        from pynetdicom.sop_class import uid_to_service_class
+
+        cs = msg.command_set
+        cx = assoc._accepted_cx.get(msg.context_id)
+        if cx is None:
+            return  # pynetdicom answers an unknown context itself
+        sop_class = str(cs.get("AffectedSOPClassUID", "") or "")
+        if not sop_class or uid_to_service_class(sop_class) is not StorageServiceClass:
+            cs.AffectedSOPClassUID = str(cx.abstract_syntax)
+        instance = str(cs.get("AffectedSOPInstanceUID", "") or "")
+        if not instance or len(instance) > 64:
+            cs.AffectedSOPInstanceUID = "2.25.0"
 
     def _on_echo(self, event) -> int:
         return 0x0000
@@ -583,10 +611,12 @@ class StorageSCP:
         except AttributeError:  # chunked receive disabled by someone: write the bytes to the spool
             path = self.spool_dir / f"in-{secrets.token_hex(8)}.dcm"
             path.write_bytes(event.encoded_dataset())
+        command = getattr(getattr(req, "_dataset_file", None), "command", None)
+        sop_class, sop_instance = command or (str(req.AffectedSOPClassUID), str(req.AffectedSOPInstanceUID))
         return self.ingestor.store_file(
             path,
-            affected_sop_class=str(req.AffectedSOPClassUID),
-            affected_sop_instance=str(req.AffectedSOPInstanceUID),
+            affected_sop_class=sop_class,
+            affected_sop_instance=sop_instance,
             transfer_syntax=str(event.context.transfer_syntax),
             scanner=st.scanner if st else None,
             calling_ae=st.calling_ae if st else None,

@@ -148,6 +148,9 @@ def test_negotiation_first_proposed_syntax_and_unlisted_ones_refused(node):
     ae.add_requested_context(ENHANCED_CT, ["1.2.840.10008.1.2.4.80", "1.2.840.10008.1.2.1"])
     ae.add_requested_context("1.2.840.10008.5.1.4.1.1.2.2", ["1.2.840.10008.1.2"])  # Legacy Converted
     ae.add_requested_context(CTImageStorage, ["1.2.840.10008.1.2.4.55", "1.2.840.10008.1.2.4.53"])  # retired JPEG
+    # one context per encoding of the same SOP class, as dcmsend proposes: each gets its own first
+    ae.add_requested_context(CTImageStorage, ["1.2.840.10008.1.2.5", "1.2.840.10008.1.2.1"])  # RLE first
+    ae.add_requested_context(CTImageStorage, ["1.2.840.10008.1.2.4.80", "1.2.840.10008.1.2.1"])  # JPEG-LS first
     ae.add_requested_context(MRImageStorage)
     ae.add_requested_context(Verification)
     assoc = ae.associate("127.0.0.1", node.port, ae_title="CTQA")
@@ -156,6 +159,8 @@ def test_negotiation_first_proposed_syntax_and_unlisted_ones_refused(node):
         accepted = {(cx.abstract_syntax, tuple(cx.transfer_syntax)) for cx in assoc.accepted_contexts}
         rejected = {(cx.abstract_syntax, tuple(cx.transfer_syntax)) for cx in assoc.rejected_contexts}
         assert (CTImageStorage, ("1.2.840.10008.1.2.2",)) in accepted  # the first proposed, not ours first
+        assert (CTImageStorage, ("1.2.840.10008.1.2.5",)) in accepted
+        assert (CTImageStorage, ("1.2.840.10008.1.2.4.80",)) in accepted
         assert (ENHANCED_CT, ("1.2.840.10008.1.2.4.80",)) in accepted
         assert ("1.2.840.10008.5.1.4.1.1.2.2", ("1.2.840.10008.1.2",)) in accepted
         assert {cx[0] for cx in rejected} == {CTImageStorage, MRImageStorage}
@@ -163,6 +168,56 @@ def test_negotiation_first_proposed_syntax_and_unlisted_ones_refused(node):
         assert int(assoc.send_c_echo().Status) == 0x0000  # Verification SCP
     finally:
         assoc.release()
+
+
+def _store_with_command(assoc, sop_class: str, sop_instance: str, data: bytes) -> int | None:
+    """Send ``data`` (an encoded dataset) in a C-STORE-RQ whose command carries these Affected SOP
+    Class and Instance UIDs, unchecked (pynetdicom's setters would refuse them); the status, or None
+    when no response came."""
+    import io
+    import time
+
+    from pydicom.uid import UID
+    from pynetdicom.dimse_primitives import C_STORE
+
+    cx = next(c for c in assoc.accepted_contexts if c.abstract_syntax == CT_IMAGE and c.transfer_syntax[0] == EXPLICIT)
+    req = C_STORE()
+    req.MessageID = 7
+    req._affected_sop_class_uid = UID(sop_class)
+    req._affected_sop_instance_uid = UID(sop_instance)
+    req.Priority = 2
+    req.DataSet = io.BytesIO(data)
+    req._context_id = cx.context_id
+    assoc._reactor_checkpoint.clear()  # (what send_c_store does: the reactor leaves the messages to us)
+    try:
+        while not assoc._is_paused:
+            time.sleep(0.0001)
+        assoc.dimse.send_msg(req, cx.context_id)
+        _, rsp = assoc.dimse.get_msg(block=True)
+    finally:
+        assoc._reactor_checkpoint.set()
+    status = getattr(rsp, "Status", None)
+    return int(status) if status is not None else None
+
+
+def test_a_command_pynetdicom_cannot_serve_is_refused_and_the_association_goes_on(node):
+    """An Affected SOP Class UID with no service class ("31", as DCMTK's dcmsend writes for one
+    corpus file, or an unknown 1.2.3.4) and an Affected SOP Instance UID over 64 characters: pynetdicom
+    alone aborts the association (no status, the sender's later instances lost). The node answers
+    0xA900 (the dataset's SOP class is not the command's), 0xC220 (not a valid UID), stores neither,
+    and the next instance on the same association is stored."""
+    files = sorted(p for p in require(PHANTOM_5MM).iterdir() if p.name.startswith("I"))[:4]
+    uids = [str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID) for f in files]
+    with scu(node.port, [(CT_IMAGE, [EXPLICIT])]) as assoc:
+        assert _store_with_command(assoc, "31", uids[0], dataset_bytes(files[0])) == 0xA900
+        assert _store_with_command(assoc, "1.2.3.4", uids[1], dataset_bytes(files[1])) == 0xA900
+        assert _store_with_command(assoc, "1." + "2" * 65, uids[2], dataset_bytes(files[2])) == 0xA900
+        assert _store_with_command(assoc, CT_IMAGE, "1." + "2" * 65, dataset_bytes(files[2])) == 0xC220
+        assert assoc.is_established
+        assert _store_with_command(assoc, CT_IMAGE, uids[3], dataset_bytes(files[3])) == 0x0000
+    assert sorted(stored(node)) == [uids[3]]
+    log = node.log()
+    assert "Traceback" not in log and "No supported service class" not in log
 
 
 def _raw_instance(tmp_path: Path, name: str, body: bytes, *, ts: str = EXPLICIT, sop_class: str = CT_IMAGE,
