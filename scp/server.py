@@ -197,6 +197,12 @@ _SCP_BY_AE: "weakref.WeakValueDictionary[int, StorageSCP]" = weakref.WeakValueDi
 _NamedTemporaryFile = tempfile.NamedTemporaryFile
 
 
+def _uid_name(uid) -> str:
+    """A UID's name where the data dictionary knows it (CT Image Storage), else the UID."""
+    name = getattr(uid, "name", "") or ""
+    return name if name and name != str(uid) else str(uid)
+
+
 def _spool_file_factory(*args, **kwargs):
     assoc = getattr(threading.current_thread(), "assoc", None)
     scp = _SCP_BY_AE.get(id(getattr(assoc, "ae", None))) if assoc is not None else None
@@ -373,6 +379,13 @@ class StorageSCP:
         """Start serving in background threads; returns the bound plain port (useful with port 0),
         or the TLS port when there is no plain listener."""
         self.spool_dir.mkdir(parents=True, exist_ok=True)
+        if self.min_free_bytes:
+            st = os.statvfs(self.spool_dir)
+            free = st.f_bavail * st.f_frsize
+            if free < self.min_free_bytes:
+                log.warning("free disk space (%d MiB) is below the configured minimum (%d MiB, --min-free-mb): "
+                            "every C-STORE is refused (0xA700) until space is freed", free >> 20,
+                            self.min_free_bytes >> 20)
         _quiet_peer_value_echoes()
         # pynetdicom's chunked receive writes each incoming dataset to a NamedTemporaryFile in the
         # default temp dir: ours goes to our spool (so that the final rename stays on one filesystem)
@@ -389,6 +402,7 @@ class StorageSCP:
             (evt.EVT_RELEASED, self._on_closed),
             (evt.EVT_ABORTED, self._on_closed),
             (evt.EVT_REJECTED, self._on_rejected),
+            (evt.EVT_ACCEPTED, self._on_accepted),
             (evt.EVT_C_ECHO, self._on_echo),
             (evt.EVT_C_STORE, self._on_store),
             (evt.EVT_ACSE_RECV, self._on_acse_recv),
@@ -485,9 +499,30 @@ class StorageSCP:
     def _on_rejected(self, event) -> None:
         rq = event.assoc.requestor.primitive
         called = (rq.called_ae_title or "").strip() if rq is not None else ""
+        calling = (rq.calling_ae_title or "").strip() if rq is not None else ""
         if called != self.ae_title:
             log.warning("association rejected: called AE title %r is not ours (from %s)", called,
                         event.assoc.requestor.address)
+        elif id(event.assoc) not in self._stats:
+            return  # rejected by the node itself (unknown caller, host, certificate): logged there
+        else:
+            with self._lock:
+                self._stats.pop(id(event.assoc), None)
+            active = sum(1 for a in self.ae.active_associations if a.is_acceptor)
+            why = (f"the association limit ({self.ae.maximum_associations}, node.max_associations) is reached"
+                   if active > self.ae.maximum_associations else "refused by the DICOM layer")
+            log.warning("association rejected: %s (calling AE %r from %s)", why, calling, event.assoc.requestor.address)
+
+    def _on_accepted(self, event) -> None:
+        refused = getattr(event.assoc, "_rejected_cx", None) or []
+        if not refused:
+            return
+        why = {0x01: "user rejection", 0x02: "no reason", 0x03: "abstract syntax not supported",
+               0x04: "transfer syntaxes not supported"}
+        names = sorted({f"{_uid_name(cx.abstract_syntax)} ({why.get(cx.result, cx.result)})" for cx in refused})
+        st = self._stats.get(id(event.assoc))
+        log.info("association accepted from %s (AE %s): %d presentation context(s) refused: %s",
+                 event.assoc.requestor.address, st.calling_ae if st else "?", len(refused), "; ".join(names))
 
     def _on_closed(self, event) -> None:
         # A peer gone in the middle of a C-STORE (abort, connection lost) leaves its partial dataset

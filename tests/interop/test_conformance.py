@@ -164,6 +164,9 @@ def test_negotiation_first_proposed_syntax_and_unlisted_ones_refused(node):
         assert (ENHANCED_CT, ("1.2.840.10008.1.2.4.80",)) in accepted
         assert ("1.2.840.10008.5.1.4.1.1.2.2", ("1.2.840.10008.1.2",)) in accepted
         assert {cx[0] for cx in rejected} == {CTImageStorage, MRImageStorage}
+        wait_until(lambda: re.search(r"association accepted from 127\.0\.0\.1 \(AE CT1\): 2 presentation context\(s\) "
+                                     r"refused: CT Image Storage \(transfer syntaxes not supported\); MR Image Storage "
+                                     r"\(abstract syntax not supported\)", node.log()), timeout=5, what="refusals logged")
         assert (CTImageStorage, ("1.2.840.10008.1.2.4.55",)) in rejected  # (pynetdicom shows the first proposed)
         assert int(assoc.send_c_echo().Status) == 0x0000  # Verification SCP
     finally:
@@ -317,6 +320,8 @@ def test_out_of_resources_below_min_free_space(tmp_path):
             assert status_of(assoc, src) == 0xA700
         assert stored(node) == {}
         assert node.proc.poll() is None
+        assert re.search(r"free disk space \(\d+ MiB\) is below the configured minimum \(\d+ MiB, --min-free-mb\): "
+                         r"every C-STORE is refused", node.log())  # said at start, before any store
     finally:
         node.stop()
 
@@ -339,6 +344,8 @@ def test_max_associations_max_pdu_and_max_instance_mb(tmp_path):
         assert held[0].acceptor.maximum_length == 16384  # node.max_pdu, as the node announces it
         third = ae.associate("127.0.0.1", node.port, ae_title="CTQA")
         assert third.is_rejected  # A-ASSOCIATE-RJ: local limit exceeded (transient)
+        wait_until(lambda: "association rejected: the association limit (2, node.max_associations) is reached "
+                           "(calling AE 'CT1' from 127.0.0.1)" in node.log(), timeout=5, what="the limit's log line")
         held[0].release()  # the node frees the slot when its side of the release is done (a moment later)
         again = wait_until(lambda: (a := ae.associate("127.0.0.1", node.port, ae_title="CTQA")).is_established and a,
                            timeout=10, interval=0.2, what="a free association slot after a release")
