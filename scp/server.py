@@ -264,6 +264,15 @@ class RejectReason:
 
     CALLING_AE_NOT_RECOGNISED = (0x01, 0x01, 0x03)
     CALLED_AE_NOT_RECOGNISED = (0x01, 0x01, 0x07)
+    LOCAL_LIMIT_EXCEEDED = (0x02, 0x03, 0x02)  # transient: the sender retries later
+
+
+# node.max_associations counts associations a caller asked for; a TCP connection that has not sent
+# its A-ASSOCIATE-RQ yet (a port scan, a stuck or hostile client) waits at most REQUEST_WAIT_S and
+# takes one of UNREQUESTED_ALLOWANCE slots of pynetdicom's own limit beside them, so that idle
+# connections cannot keep the registered scanners out
+REQUEST_WAIT_S = 10.0
+UNREQUESTED_ALLOWANCE = 32
 
 
 @dataclass(frozen=True)
@@ -352,6 +361,7 @@ class StorageSCP:
         self.ingestor = ingestor
         self.spool_dir = Path(spool_dir)
         self.min_free_bytes = min_free_bytes  # receiving stops (0xA700) below this much free space
+        self.max_associations = max_associations  # requested associations at once (node.max_associations)
         self._server = None
         # the plain listener shared with receiver processes (node.receivers): bound here
         # (shared_listener) or adopted from the serve process (listen_socket)
@@ -364,7 +374,7 @@ class StorageSCP:
         prefer_requestor_syntaxes()  # each context: the first syntax the sender proposed (scp.negotiation)
         ae = AE(ae_title=ae_title)
         ae.maximum_pdu_size = max_pdu
-        ae.maximum_associations = max_associations
+        ae.maximum_associations = max_associations + UNREQUESTED_ALLOWANCE  # the node counts requests itself
         ae.require_called_aet = True  # a wrong called AE title gets A-ASSOCIATE-RJ (0x07)
         ae.network_timeout = 60
         ae.acse_timeout = 30
@@ -394,15 +404,16 @@ class StorageSCP:
         dimse_messages.NamedTemporaryFile = _spool_file_factory
         _SCP_BY_AE[id(self.ae)] = self
         # one at a time per association: as many threads as associations
-        self._stores = ThreadPoolExecutor(max_workers=max(1, self.ae.maximum_associations),
+        self._stores = ThreadPoolExecutor(max_workers=max(1, self.max_associations),
                                           thread_name_prefix="ingest-store")
         handlers = [
-            (evt.EVT_CONN_OPEN, on_conn_open),  # TCP_NODELAY, DUL loop delay
+            (evt.EVT_CONN_OPEN, self._on_conn_open),  # TCP_NODELAY, DUL loop delay, the request's wait
             (evt.EVT_REQUESTED, self._on_requested),
             (evt.EVT_RELEASED, self._on_closed),
             (evt.EVT_ABORTED, self._on_closed),
             (evt.EVT_REJECTED, self._on_rejected),
             (evt.EVT_ACCEPTED, self._on_accepted),
+            (evt.EVT_CONN_CLOSE, self._on_conn_close),
             (evt.EVT_C_ECHO, self._on_echo),
             (evt.EVT_C_STORE, self._on_store),
             (evt.EVT_ACSE_RECV, self._on_acse_recv),
@@ -472,8 +483,19 @@ class StorageSCP:
         self.ingestor.close()  # the index rows still queued are committed
 
     # -- handlers -----------------------------------------------------------------------------
+    @staticmethod
+    def _on_conn_open(event) -> None:
+        on_conn_open(event)
+        event.assoc.acse_timeout = REQUEST_WAIT_S  # the wait for its A-ASSOCIATE-RQ (see UNREQUESTED_ALLOWANCE)
+
+    def _on_conn_close(self, event) -> None:
+        # (normally gone at its release or abort: a slot of node.max_associations must never leak)
+        with self._lock:
+            self._stats.pop(id(event.assoc), None)
+
     def _on_requested(self, event) -> None:
         assoc = event.assoc
+        assoc.acse_timeout = self.ae.acse_timeout  # requested: the ACSE's own timeout from here on
         rq = assoc.requestor.primitive
         calling = (rq.calling_ae_title or "").strip()
         called = (rq.called_ae_title or "").strip()
@@ -494,7 +516,14 @@ class StorageSCP:
             assoc.kill()  # as pynetdicom's own ACSE does: lets the DUL deliver the A-ASSOCIATE-RJ
             return
         with self._lock:
-            self._stats[id(assoc)] = _AssocStats(peer.name, calling, host)
+            full = len(self._stats) >= self.max_associations
+            if not full:
+                self._stats[id(assoc)] = _AssocStats(peer.name, calling, host)
+        if full:
+            log.warning("association rejected: the association limit (%d, node.max_associations) is reached "
+                        "(calling AE %r from %s)", self.max_associations, calling, host)
+            assoc.acse.send_reject(*RejectReason.LOCAL_LIMIT_EXCEEDED)
+            assoc.kill()
 
     def _on_rejected(self, event) -> None:
         rq = event.assoc.requestor.primitive
@@ -509,7 +538,7 @@ class StorageSCP:
             with self._lock:
                 self._stats.pop(id(event.assoc), None)
             active = sum(1 for a in self.ae.active_associations if a.is_acceptor)
-            why = (f"the association limit ({self.ae.maximum_associations}, node.max_associations) is reached"
+            why = (f"too many open connections ({active}, of which some never asked for an association)"
                    if active > self.ae.maximum_associations else "refused by the DICOM layer")
             log.warning("association rejected: %s (calling AE %r from %s)", why, calling, event.assoc.requestor.address)
 

@@ -339,8 +339,23 @@ def test_max_associations_max_pdu_and_max_instance_mb(tmp_path):
         ae = AE(ae_title="CT1")
         ae.add_requested_context(CTImageStorage, [EXPLICIT])
         ae.add_requested_context(ENHANCED_CT, [EXPLICIT])
+        # connections that never ask for an association (a port scan, a hostile client) do not take
+        # the registered scanners' slots, and are closed after scp.server.REQUEST_WAIT_S
+        import socket
+        import time
+
+        from scp.server import REQUEST_WAIT_S
+
+        idle = [socket.create_connection(("127.0.0.1", node.port)) for _ in range(6)]
+        time.sleep(0.5)
         held = [ae.associate("127.0.0.1", node.port, ae_title="CTQA") for _ in range(2)]
         assert all(a.is_established for a in held)
+        t0 = time.monotonic()
+        for sock in idle:
+            sock.settimeout(REQUEST_WAIT_S + 20)
+            assert sock.recv(1) == b""  # closed by the node
+            sock.close()
+        assert time.monotonic() - t0 < REQUEST_WAIT_S + 5
         assert held[0].acceptor.maximum_length == 16384  # node.max_pdu, as the node announces it
         third = ae.associate("127.0.0.1", node.port, ae_title="CTQA")
         assert third.is_rejected  # A-ASSOCIATE-RJ: local limit exceeded (transient)
