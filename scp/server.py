@@ -413,7 +413,9 @@ class StorageSCP:
             (evt.EVT_ABORTED, self._on_closed),
             (evt.EVT_REJECTED, self._on_rejected),
             (evt.EVT_ACCEPTED, self._on_accepted),
-            (evt.EVT_CONN_CLOSE, self._on_conn_close),
+            # (normally logged at its release or abort; a connection lost may close first: a slot of
+            # node.max_associations must never leak)
+            (evt.EVT_CONN_CLOSE, self._on_closed),
             (evt.EVT_C_ECHO, self._on_echo),
             (evt.EVT_C_STORE, self._on_store),
             (evt.EVT_ACSE_RECV, self._on_acse_recv),
@@ -487,11 +489,6 @@ class StorageSCP:
     def _on_conn_open(event) -> None:
         on_conn_open(event)
         event.assoc.acse_timeout = REQUEST_WAIT_S  # the wait for its A-ASSOCIATE-RQ (see UNREQUESTED_ALLOWANCE)
-
-    def _on_conn_close(self, event) -> None:
-        # (normally gone at its release or abort: a slot of node.max_associations must never leak)
-        with self._lock:
-            self._stats.pop(id(event.assoc), None)
 
     def _on_requested(self, event) -> None:
         assoc = event.assoc
