@@ -153,6 +153,7 @@ def build_outputs(result: SeriesResult, scanner_name: str | None,
         built.fail("sr", exc)
         return built
     src_label = source_series_label(sources[0])
+    notes = series_notes(vol.meta)
     if generation > 1:
         src_label = f"analysis {generation}, {src_label}"
     evals = {k: Evaluation(v) for k, v in (evaluations or {}).items()}
@@ -196,7 +197,7 @@ def build_outputs(result: SeriesResult, scanner_name: str | None,
             first_map.label if first_map is not None else None, PDF_SERIES_NUMBER,
             map_unit=_unit_display(first_map) if first_map is not None else None,
             baselines=dict(getattr(evaluations, "centres", None) or {}), omitted_outputs=list(built.failures),
-            notes=series_notes(vol.meta),
+            notes=notes,
             series_description=f"QA report (PDF), {src_label}"[:64], **uids("pdf"))))
     except (ValueError, TypeError, AttributeError, KeyError, IndexError, RuntimeError) as exc:
         log.warning("series %s: readable report not built: %s", result.series_instance_uid, built.fail("pdf", exc))
@@ -219,7 +220,7 @@ def build_outputs(result: SeriesResult, scanner_name: str | None,
         built.objects.insert(0, ("sr", build_measurement_report(
             sources, series_metrics, slice_metrics, series_number=SR_SERIES_NUMBER,
             series_description=f"CT QA measurements, {src_label}"[:64], not_computed=not_computed,
-            omitted_outputs=omitted, series_notes=series_notes(vol.meta), previous_versions=previous_reports,
+            omitted_outputs=omitted, series_notes=notes, previous_versions=previous_reports,
             **uids("sr"))))
     except (ValueError, TypeError, AttributeError, KeyError, IndexError) as exc:
         log.warning("series %s: measurement report not built: %s", result.series_instance_uid, built.fail("sr", exc))

@@ -26,7 +26,9 @@ from pydicom import Dataset
 from pydicom.sr.codedict import codes as pydicom_codes
 
 from reports.codes import BODY_PARTS, map_code
-from reports.common import is_multiframe, n_frames, new_instance_arguments, no_person_name_warnings, prepare_sources
+from reports.common import (
+    _shallow_copy, is_multiframe, n_frames, new_instance_arguments, no_person_name_warnings, prepare_sources,
+)
 from reports.inputs import AlgorithmId, DeviceInfo
 
 logger = logging.getLogger(__name__)
@@ -232,10 +234,7 @@ def build_parametric_map(
     if not multiframe and "SliceThickness" not in sources[0]:
         # highdicom reads the first source's Slice Thickness (Type 2, left out by some writers): a
         # copy of that header with it empty gives the map's Pixel Measures no thickness
-        first = Dataset()  # (Dataset(ds) and copy.copy share the source's elements dict)
-        first.update(sources[0])
-        if hasattr(sources[0], "file_meta"):
-            first.file_meta = sources[0].file_meta
+        first = _shallow_copy(sources[0])  # (Dataset(ds) and copy.copy share the source's elements)
         first.SliceThickness = None
         sources = [first, *sources[1:]]
 
